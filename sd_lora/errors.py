@@ -1,0 +1,21 @@
+"""Errors meant for the person running sd_lora, not for a traceback.
+
+A `UserError` says what is wrong, with which file or value, and what to do about it. The CLI entry points
+print its message and exit with status 2; anything else is our bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (files, options, models) that they can fix."""
+
+
+class ConfigError(UserError):
+    """One or more invalid options, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        noun = "problem" if len(self.problems) == 1 else "problems"
+        super().__init__(f"{len(self.problems)} configuration {noun}:\n{lines}")
