@@ -1,0 +1,386 @@
+"""Training options: one typed declaration per option.
+
+Each field of `TrainConfig` is declared once with `option(...)`; from that declaration come the CLI flag
+(`learning_rate` -> `--learning-rate`), the TOML key (`learning-rate`, `learning_rate` also accepted), the
+`--help` text, validation of type, choices and range, and the `ss_*` metadata key written into the LoRA file.
+
+Precedence: defaults < TOML file given with `--config` < flags on the command line. Every problem is
+collected and reported together (`ConfigError`) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, UserError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    ss: str | None = None,
+    metavar: str | None = None,
+    group: str = "training",
+) -> Any:
+    """Declare one option. `ss` names the kohya metadata key it is saved under, if any."""
+    meta = dict(
+        help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, ss=ss, metavar=metavar, group=group
+    )
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------------
+    data: Path | None = option(None, "Folder of captioned images (kohya `N_name` repeat folders allowed).", group="data")
+    caption_extension: str = option(".txt", "Extension of sidecar caption files.", group="data")
+    skip_bad_images: bool = option(False, "Skip (and count) unreadable images instead of stopping.", group="data")
+    resolution: int | None = option(
+        None, "Training resolution in pixels (bucket area is about resolution^2). Default: the model's native size.",
+        min=8, max=4096, ss="ss_resolution", group="data",
+    )
+    buckets: bool = option(True, "Aspect-ratio bucketing; --no-buckets trains on square centre crops.", ss="ss_enable_bucket", group="data")
+    min_bucket_side: int | None = option(None, "Smallest bucket side in px. Default: resolution/2.", min=8, ss="ss_min_bucket_reso", group="data")
+    max_bucket_side: int | None = option(None, "Largest bucket side in px. Default: resolution*2.", min=8, ss="ss_max_bucket_reso", group="data")
+    no_upscale: bool = option(False, "Never upscale small images; they get a bucket that fits inside them.", ss="ss_bucket_no_upscale", group="data")
+    random_crop: bool = option(False, "Random instead of centre crops (needs fresh pixels each step: no latent cache).", ss="ss_random_crop", group="data")
+    flip: bool = option(False, "Random horizontal flips (both variants are cached).", ss="ss_flip_aug", group="data")
+    shuffle_tags: bool = option(False, "Shuffle comma-separated caption tags every step.", ss="ss_shuffle_caption", group="data")
+    keep_tokens: int = option(0, "With --shuffle-tags, keep this many leading tags in place.", min=0, ss="ss_keep_tokens", group="data")
+    caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", min=0, max=1, ss="ss_caption_dropout_rate", group="data")
+    cache_latents: bool | None = option(
+        None, "Encode every image with the VAE once before training. Default: on unless --random-crop.", ss="ss_cache_latents", group="data"
+    )
+    num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process).", min=0, max=64, group="data")
+    # --- model --------------------------------------------------------------------------------------
+    model: str | None = option(None, "Base model: a Hugging Face id or a local diffusers folder (SD1.x / SD2.x).", ss="ss_sd_model_name", group="model")
+    prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model")
+    clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model")
+    mixed_precision: str = option("no", "Compute precision of the frozen base model (fp16 needs a CUDA GPU).", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
+    xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", ss="ss_gradient_checkpointing", group="model")
+    # --- LoRA ---------------------------------------------------------------------------------------
+    rank: int = option(16, "LoRA rank (network dim).", min=1, max=1024, ss="ss_network_dim", group="lora")
+    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", min=0, max=1, ss="ss_network_dropout", group="lora")
+    targets: str = option("attn-mlp", "U-Net modules that get LoRA.", choices=TARGET_PRESETS, group="lora")
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder (six linears per layer).", group="lora")
+    # --- optimisation -------------------------------------------------------------------------------
+    seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed")
+    batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device")
+    max_steps: int | None = option(None, "Optimizer steps to train (overrides --epochs when both are set in one place).", min=1, ss="ss_max_train_steps")
+    epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given).", min=1, ss="ss_num_epochs")
+    learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate")
+    text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr")
+    lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
+    lr_warmup_steps: int = option(0, "Linear warm-up steps.", min=0, ss="ss_lr_warmup_steps")
+    optimizer: str = option("adamw", "Optimizer (adamw8bit needs bitsandbytes and a CUDA GPU).", choices=OPTIMIZERS, ss="ss_optimizer")
+    weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0, ss="ss_max_grad_norm")
+    min_snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is typical.", min=0, min_exclusive=True, ss="ss_min_snr_gamma")
+    noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise; 0.05-0.1 typical).", min=0, max=1, ss="ss_noise_offset")
+    # --- outputs ------------------------------------------------------------------------------------
+    output_dir: Path = option(Path("out"), "Folder for the LoRA file, samples, metrics and the resolved config.", group="output")
+    output_name: str | None = option(None, "File name (without .safetensors). Default: the data folder's name.", ss="ss_output_name", group="output")
+    save_every: int = option(0, "Also save <name>-stepNNNNNNNN.safetensors every N steps (0: only at the end).", min=0, group="output")
+    save_precision: str = option("fp16", "Precision of the saved LoRA tensors.", choices=SAVE_PRECISIONS, group="output")
+    training_comment: str = option("", "Free text stored as ss_training_comment.", ss="ss_training_comment", group="output")
+    sample_every: int = option(100, "Write a sample grid every N steps, plus at step 0 and at the end (0 disables sampling).", min=0, group="sampling")
+    sample_prompts: Path | None = option(None, "Prompt file, one per line, kohya options --n --w --h --s --l --d. Default: dataset captions.", group="sampling")
+    sample_steps: int = option(20, "Denoising steps per sample.", min=1, max=1000, group="sampling")
+    sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
+    sample_sampler: str = option("ddim", "Sampler used for sample grids.", choices=SAMPLERS, group="sampling")
+    sample_seeds: int = option(2, "Seeds (grid columns) per prompt; seeds are 0..N-1.", min=1, max=16, group="sampling")
+    config: Path | None = option(None, "TOML file with any of these options (kebab-case keys); flags override it.", metavar="FILE", group="output")
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    @property
+    def use_latent_cache(self) -> bool:
+        return (not self.random_crop) if self.cache_latents is None else self.cache_latents
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, JSON/TOML-friendly values; `load_config` reads it back unchanged."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[_key(f.name)] = str(value) if isinstance(value, Path) else value
+        return out
+
+    def to_toml(self) -> str:
+        lines = ["# Resolved sd_lora training configuration (unset options are omitted)."]
+        for key, value in self.to_dict().items():
+            if value is None or key == "config":
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def ss_metadata(self) -> dict[str, str]:
+        """The options that have a kohya `ss_*` key, as the strings kohya writes (None -> "None")."""
+        out = {}
+        for f in dataclasses.fields(self):
+            ss = f.metadata.get("ss")
+            if ss:
+                out[ss] = _ss_value(getattr(self, f.name))
+        out["ss_network_alpha"] = _ss_value(self.effective_alpha)
+        out["ss_text_encoder_lr"] = _ss_value(self.effective_text_encoder_lr if self.train_text_encoder else None)
+        out["ss_unet_lr"] = _ss_value(self.learning_rate)
+        return out
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string literal is a valid TOML basic string
+
+
+def _ss_value(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(python type, optional?) of a field annotation such as `int | None`."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+# --- conversion and validation ---------------------------------------------------------------------
+
+
+def _convert(name: str, value: Any, source: str, problems: list[str]) -> Any:
+    """Check/convert one raw value (from TOML or argparse) to the field's type; record problems."""
+    f = FIELDS[name]
+    kind, optional = _base_type(f)
+    where = f"{source}: {_key(name)}"
+    if value is None:
+        if optional:
+            return None
+        problems.append(f"{where} cannot be empty")
+        return dataclasses.MISSING
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where} = {value!r} must be true or false")
+        return dataclasses.MISSING
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            problems.append(f"{where} = {value!r} must be a whole number")
+            return dataclasses.MISSING
+        try:
+            return int(value)
+        except ValueError:
+            problems.append(f"{where} = {value!r} must be a whole number")
+            return dataclasses.MISSING
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            problems.append(f"{where} = {value!r} must be a number")
+            return dataclasses.MISSING
+        try:
+            number = float(value)
+        except ValueError:
+            problems.append(f"{where} = {value!r} must be a number")
+            return dataclasses.MISSING
+        if not math.isfinite(number):
+            problems.append(f"{where} = {value!r} must be a finite number")
+            return dataclasses.MISSING
+        return number
+    if kind is Path:
+        if not isinstance(value, (str, Path)) or str(value) == "":
+            problems.append(f"{where} = {value!r} must be a path")
+            return dataclasses.MISSING
+        return Path(value)
+    if not isinstance(value, str):
+        problems.append(f"{where} = {value!r} must be a string")
+        return dataclasses.MISSING
+    return value
+
+
+def _check_range(config: TrainConfig, problems: list[str]) -> None:
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        meta = f.metadata
+        if value is None or isinstance(value, bool):
+            continue
+        flag = f"--{_key(name)}"
+        if meta["choices"] and value not in meta["choices"]:
+            close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{flag} {value!r} is not supported{hint}; choose one of: {', '.join(meta['choices'])}")
+        lo, hi = meta["min"], meta["max"]
+        if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
+            op = ">" if meta["min_exclusive"] else ">="
+            problems.append(f"{flag} {value} is out of range: it must be {op} {lo:g}")
+        if hi is not None and value > hi:
+            problems.append(f"{flag} {value} is out of range: it must be <= {hi:g}")
+
+
+def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
+    if c.data is None:
+        problems.append("--data is required: the folder of captioned images to train on")
+    elif not c.data.exists():
+        problems.append(f"--data {c.data}: folder not found")
+    elif not c.data.is_dir():
+        problems.append(f"--data {c.data}: is a file, not a folder of images")
+    if c.sample_prompts is not None and not c.sample_prompts.is_file():
+        problems.append(f"--sample-prompts {c.sample_prompts}: file not found")
+    if c.config is not None and not c.config.is_file():
+        problems.append(f"--config {c.config}: file not found")
+    if c.max_steps is not None and c.epochs is not None:
+        problems.append(f"--max-steps {c.max_steps} and --epochs {c.epochs} are both set; set only one of them")
+    if c.max_steps is not None and c.lr_warmup_steps > c.max_steps:
+        problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
+    if c.keep_tokens and not c.shuffle_tags:
+        problems.append(f"--keep-tokens {c.keep_tokens} only has an effect with --shuffle-tags; add it or drop --keep-tokens")
+    if c.random_crop and c.cache_latents:
+        problems.append("--cache-latents cannot be combined with --random-crop (each step needs a fresh crop); drop one")
+    if c.resolution is not None and c.min_bucket_side is not None and c.min_bucket_side > c.resolution:
+        problems.append(f"--min-bucket-side {c.min_bucket_side} is larger than --resolution {c.resolution}")
+    if c.resolution is not None and c.max_bucket_side is not None and c.max_bucket_side < c.resolution:
+        problems.append(f"--max-bucket-side {c.max_bucket_side} is smaller than --resolution {c.resolution}")
+    if c.text_encoder_lr is not None and not c.train_text_encoder:
+        problems.append("--text-encoder-lr is set but the text encoder is not trained; add --train-text-encoder")
+    if not c.caption_extension.startswith(".") or len(c.caption_extension) < 2:
+        problems.append(f"--caption-extension {c.caption_extension!r} must start with a dot, e.g. '.txt' or '.caption'")
+    if c.output_name is not None and (not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|')):
+        problems.append(f"--output-name {c.output_name!r} must be a plain file name without path separators")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise one ConfigError listing every problem in `config`."""
+    problems: list[str] = []
+    _check_range(config, problems)
+    _check_combinations(config, problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+# --- sources: TOML and argparse ----------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file into {field_name: raw value}; unknown keys are errors (with a suggestion)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; a config must be TOML text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML ({e}); see configs/ for examples") from None
+    problems, values = [], {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS or name == "config":
+            known = [_key(n) for n in FIELDS if n != "config"]
+            close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{path}: unknown key {key!r}{hint}")
+            continue
+        if isinstance(value, dict):
+            problems.append(f"{path}: [{key}] tables are not used; write `{key} = value` at the top level")
+            continue
+        values[name] = value
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sd_lora.train",
+        description="Train a Stable Diffusion LoRA from a folder of captioned images.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given override the TOML file
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kind, _ = _base_type(f)
+        default = f.default
+        shown = f" (default: {default})" if default not in (None, "", False) else ""
+        flag = f"--{_key(name)}"
+        if kind is bool and name.startswith("no_"):  # `--no-upscale`: a negative name gets no `--no-no-upscale`
+            group.add_argument(flag, action="store_true", help=meta["help"])
+        elif kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=meta["help"] + shown)
+        else:
+            group.add_argument(
+                flag,
+                metavar=meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else kind.__name__.upper()),
+                help=meta["help"] + shown,
+            )
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """CLI arguments (+ optional TOML via --config) -> validated TrainConfig. Raises ConfigError/UserError."""
+    args = vars(build_parser().parse_args(argv))
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    config_path = args.get("config")
+    if config_path:
+        for name, raw in read_toml(Path(config_path)).items():
+            converted = _convert(name, raw, str(config_path), problems)
+            if converted is not dataclasses.MISSING:
+                values[name] = converted
+    cli = args
+    for name, raw in cli.items():
+        converted = _convert(name, raw, "command line", problems)
+        if converted is not dataclasses.MISSING:
+            values[name] = converted
+    # --max-steps on the command line replaces --epochs from a config file (and vice versa), so a
+    # config's run length can be overridden without editing it.
+    if "max_steps" in cli and "epochs" not in cli:
+        values.pop("epochs", None)
+    if "epochs" in cli and "max_steps" not in cli:
+        values.pop("max_steps", None)
+    config = TrainConfig(**values)  # fields that failed conversion keep their defaults ...
+    _check_range(config, problems)  # ... so the remaining checks still run and report together
+    _check_combinations(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config

@@ -1,0 +1,86 @@
+"""The noise-prediction objective as pure functions (DDPM, Ho et al. 2020; v-prediction, Salimans & Ho 2022).
+
+Every function takes tensors (and a seeded generator where it draws) and returns tensors: no devices,
+no modules, no state. `alphas_cumprod` is the scheduler's cumulative product of (1 - beta), shape (T,).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniform integer timesteps in [0, T), shape (B,)."""
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device, dtype=torch.long)
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like `latents`, plus `noise_offset` x per-(sample, channel) constant noise.
+
+    The offset lets the model change an image's mean brightness, which plain noise almost never teaches
+    (Guttenberg, "Diffusion with Offset Noise", 2023).
+    """
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        b, c = latents.shape[:2]
+        offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod[t] broadcast to `like`'s rank: (B,) -> (B, 1, 1, 1)."""
+    a = alphas_cumprod.to(device=like.device, dtype=torch.float32)[timesteps]
+    return a.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (forward process q(x_t | x_0))."""
+    a = _gather(alphas_cumprod, timesteps, latents)
+    return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+
+
+def velocity(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(a_t) eps - sqrt(1 - a_t) x_0, the v-prediction target."""
+    a = _gather(alphas_cumprod, timesteps, latents)
+    return (a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()).to(latents.dtype)
+
+
+def training_target(
+    prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """What the U-Net must predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(latents, noise, timesteps, alphas_cumprod)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t), shape (B,)."""
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return a / (1 - a)
+
+
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556), shape (B,).
+
+    For epsilon targets the weight is min(SNR, gamma) / SNR; for v targets, whose loss already carries a
+    factor (SNR + 1), it is min(SNR, gamma) / (SNR + 1).
+    """
+    s = snr(timesteps, alphas_cumprod)
+    clipped = torch.clamp(s, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / s
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32, averaged per sample, optionally weighted per sample, then over the batch."""
+    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()

@@ -1,0 +1,120 @@
+"""Load a Stable Diffusion base model (SD1.x / SD2.x) from a Hugging Face id or a local diffusers folder.
+
+The result is a `BaseModel`: the components we train around plus the facts the rest of the trainer needs
+(family, prediction type, native resolution, the pixel step that bucket sizes must respect).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class BaseModel:
+    name: str  # what the user passed: a Hub id or a folder path
+    family: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    alphas_cumprod: torch.Tensor  # (T,) float32, from the training (DDPM) schedule
+    num_train_timesteps: int
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: 2 per VAE down block after the first (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_step(self) -> int:
+        """Image sides must be multiples of this (64 px for SD): VAE factor x U-Net downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """Resolution the model was trained at (512 for SD1.5, 768 for SD2.1-v)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+
+def _check_local_folder(path: Path) -> None:
+    if path.is_file():
+        hint = (
+            "single-file checkpoints (.safetensors/.ckpt) are not supported yet; pass a diffusers folder "
+            "(model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hugging Face id"
+        )
+        raise UserError(f"--model {path}: {hint}")
+    if not (path / "model_index.json").is_file():
+        raise UserError(
+            f"--model {path}: not a diffusers model folder (no model_index.json). Pass the folder that holds "
+            "model_index.json, or a Hugging Face id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise UserError(f"--model {path}: the diffusers folder lacks {', '.join(m + '/' for m in missing)}; it is incomplete or not a Stable Diffusion model")
+
+
+def detect_family(unet_config: dict, model_index: dict, where: str) -> str:
+    """'sd1' or 'sd2' from the U-Net config; SDXL and other architectures are refused with a clear message."""
+    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
+        raise UserError(f"--model {where}: this is an SDXL-family model, which this version does not train yet (SD1.x and SD2.x only)")
+    cross = unet_config.get("cross_attention_dim")
+    if cross == 768:
+        return "sd1"
+    if cross == 1024:
+        return "sd2"
+    # Smaller research/test models: SD2 introduced linear projections in the transformer blocks.
+    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+def load_base_model(name: str, *, prediction_type: str | None = None) -> BaseModel:
+    """Load every component in fp32 on the CPU; the caller moves and casts them."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_local_folder(path)
+        source = str(path)
+        model_index = json.loads((path / "model_index.json").read_text())
+    elif _HUB_ID.match(name):
+        source = name
+        model_index = {}
+    else:
+        raise UserError(f"--model {name}: no such folder, and not a Hugging Face id of the form 'org/name'")
+
+    def load(cls, sub):
+        try:
+            return cls.from_pretrained(source, subfolder=sub)
+        except OSError as e:  # missing files, no network for a Hub id, gated repo ...
+            raise UserError(f"--model {name}: cannot load {sub}/ ({str(e).splitlines()[0]})") from None
+
+    unet = load(UNet2DConditionModel, "unet")
+    family = detect_family(dict(unet.config), model_index, name)
+    scheduler = load(DDPMScheduler, "scheduler")
+    model = BaseModel(
+        name=name,
+        family=family,
+        prediction_type=prediction_type or scheduler.config.get("prediction_type", "epsilon"),
+        unet=unet,
+        vae=load(AutoencoderKL, "vae"),
+        text_encoder=load(CLIPTextModel, "text_encoder"),
+        tokenizer=load(CLIPTokenizer, "tokenizer"),
+        scheduler_config=dict(scheduler.config),
+        alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
+        num_train_timesteps=int(scheduler.config.num_train_timesteps),
+    )
+    if model.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"--model {name}: prediction type {model.prediction_type!r} is not supported (epsilon or v_prediction)")
+    return model

@@ -1,0 +1,61 @@
+"""Loading base models from diffusers folders, and the refusals for everything else."""
+
+import json
+
+import pytest
+import torch
+
+from sd_lora.errors import UserError
+from sd_lora.models.load import detect_family, load_base_model
+from sd_lora.models.text import encode_tokens, tokenize
+
+
+def test_loads_tiny_sd1_folder(tiny_model_dir):
+    m = load_base_model(str(tiny_model_dir))
+    assert (m.family, m.prediction_type) == ("sd1", "epsilon")
+    assert m.vae_scale_factor == 2 and m.pixel_step == 4 and m.native_resolution == 32
+    assert m.alphas_cumprod.shape == (1000,) and m.num_train_timesteps == 1000
+    assert m.tokenizer.model_max_length == 77
+
+
+def test_v_prediction_read_from_scheduler_and_overridable(tiny_v_model_dir):
+    assert load_base_model(str(tiny_v_model_dir)).prediction_type == "v_prediction"
+    assert load_base_model(str(tiny_v_model_dir), prediction_type="epsilon").prediction_type == "epsilon"
+    assert load_base_model(str(tiny_v_model_dir)).family == "sd2"
+
+
+def test_family_detection_from_full_size_configs():
+    assert detect_family({"cross_attention_dim": 768}, {}, "x") == "sd1"
+    assert detect_family({"cross_attention_dim": 1024, "use_linear_projection": True}, {}, "x") == "sd2"
+    with pytest.raises(UserError, match="SDXL"):
+        detect_family({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, {}, "x")
+    with pytest.raises(UserError, match="SDXL"):
+        detect_family({"cross_attention_dim": 2048}, {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "x")
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(UserError, match="no such folder, and not a Hugging Face id"):
+        load_base_model(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="not a diffusers model folder"):
+        load_base_model(str(tmp_path))
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(UserError, match="single-file checkpoints"):
+        load_base_model(str(ckpt))
+    (tmp_path / "model_index.json").write_text(json.dumps({}))
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(UserError, match="lacks vae/, text_encoder/, tokenizer/, scheduler/"):
+        load_base_model(str(tmp_path))
+
+
+def test_clip_skip_uses_earlier_hidden_state(tiny_model_dir):
+    m = load_base_model(str(tiny_model_dir))
+    ids, truncated = tokenize(m.tokenizer, ["zkchar, a red circle", "a " * 100])
+    assert ids.shape == (2, 77) and truncated == 1
+    with torch.no_grad():
+        last = encode_tokens(m.text_encoder, ids, 1)
+        skip2 = encode_tokens(m.text_encoder, ids, 2)
+        hidden = m.text_encoder(ids, output_hidden_states=True).hidden_states
+    assert last.shape == skip2.shape == (2, 77, 32)
+    assert torch.allclose(skip2, m.text_encoder.final_layer_norm(hidden[-2]))
+    assert not torch.allclose(last, skip2)

@@ -1,0 +1,131 @@
+"""Options: CLI and TOML parsing from one declaration, validation reporting every problem at once."""
+
+import dataclasses
+
+import pytest
+
+from sd_lora.config import FIELDS, TrainConfig, build_parser, load_config, read_toml
+from sd_lora.errors import ConfigError, UserError
+
+REQUIRED_FLAGS = """data model output-dir output-name config resolution batch-size max-steps epochs learning-rate
+text-encoder-lr lr-scheduler lr-warmup-steps rank alpha lora-dropout targets train-text-encoder seed mixed-precision
+gradient-checkpointing gradient-accumulation-steps max-grad-norm optimizer min-snr-gamma noise-offset prediction-type
+caption-extension shuffle-tags keep-tokens caption-dropout flip no-buckets cache-latents sample-every sample-prompts
+save-every save-precision xformers random-crop no-upscale skip-bad-images""".split()
+
+
+def test_every_issue_flag_exists():
+    help_text = build_parser().format_help()
+    for flag in REQUIRED_FLAGS:
+        assert f"--{flag}" in help_text, flag
+
+
+def test_cli_values_are_typed(tmp_path):
+    c = load_config(["--data", str(tmp_path), "--rank", "8", "--learning-rate", "3e-4", "--flip", "--no-buckets"])
+    assert c.rank == 8 and isinstance(c.rank, int)
+    assert c.learning_rate == pytest.approx(3e-4)
+    assert c.flip is True and c.buckets is False
+    assert c.effective_alpha == 8.0  # alpha defaults to rank (scale 1)
+
+
+def test_toml_then_cli_override(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'data = "{tmp_path}"\nrank = 4\nlearning_rate = 5e-4\nshuffle-tags = true\nmax-steps = 50\n')
+    c = load_config(["--config", str(cfg), "--rank", "32"])
+    assert (c.rank, c.learning_rate, c.shuffle_tags, c.max_steps) == (32, 5e-4, True, 50)
+    # --epochs on the command line replaces the file's --max-steps instead of conflicting with it
+    c = load_config(["--config", str(cfg), "--epochs", "3"])
+    assert (c.epochs, c.max_steps) == (3, None)
+
+
+def test_unknown_toml_key_is_an_error_with_suggestion(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("learning-rat = 1e-4\nfoo = 1\n")
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    text = str(e.value)
+    assert "unknown key 'learning-rat'" in text and "did you mean 'learning-rate'" in text
+    assert "unknown key 'foo'" in text and len(e.value.problems) == 2
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    cfg = tmp_path / "broken.toml"
+    cfg.write_text("rank = = 3\n")
+    with pytest.raises(UserError, match="broken.toml: invalid TOML"):
+        read_toml(cfg)
+
+
+def test_all_problems_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config([
+            "--data", str(tmp_path / "missing"), "--rank", "0", "--lr-scheduler", "cosin",
+            "--learning-rate", "fast", "--caption-dropout", "1.5", "--mixed-precision", "fp8",
+            "--max-steps", "10", "--epochs", "2",
+        ])
+    problems = e.value.problems
+    assert len(problems) == 7, problems
+    joined = "\n".join(problems)
+    assert "folder not found" in joined
+    assert "--rank 0 is out of range: it must be >= 1" in joined
+    assert "did you mean 'cosine'" in joined
+    assert "'fast' must be a number" in joined
+    assert "--caption-dropout 1.5 is out of range: it must be <= 1" in joined
+    assert "fp8" in joined and "no, fp16, bf16" in joined
+    assert "set only one of them" in joined
+
+
+def test_toml_type_errors(tmp_path):
+    cfg = tmp_path / "types.toml"
+    cfg.write_text(f'data = "{tmp_path}"\nrank = "eight"\nflip = "yes"\nalpha = 0\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(cfg)])
+    joined = "\n".join(e.value.problems)
+    assert "rank = 'eight' must be a whole number" in joined
+    assert "flip = 'yes' must be true or false" in joined
+    assert "--alpha 0.0 is out of range: it must be > 0" in joined
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--keep-tokens", "1"], "only has an effect with --shuffle-tags"),
+        (["--random-crop", "--cache-latents"], "cannot be combined with --random-crop"),
+        (["--text-encoder-lr", "1e-5"], "add --train-text-encoder"),
+        (["--caption-extension", "txt"], "must start with a dot"),
+        (["--output-name", "a/b"], "plain file name"),
+        (["--resolution", "512", "--min-bucket-side", "768"], "larger than --resolution"),
+        (["--max-steps", "5", "--lr-warmup-steps", "10"], "longer than the run"),
+    ],
+)
+def test_combination_checks(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--data", str(tmp_path)] + args)
+
+
+def test_missing_data_is_reported():
+    with pytest.raises(ConfigError, match="--data is required"):
+        load_config([])
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    c = load_config(["--data", str(tmp_path), "--rank", "4", "--alpha", "2", "--sample-every", "0", "--flip"])
+    path = tmp_path / "config.toml"
+    path.write_text(c.to_toml())
+    again = load_config(["--config", str(path)])
+    assert dataclasses.replace(again, config=None) == c
+
+
+def test_metadata_keys_come_from_declarations(tmp_path):
+    c = load_config(["--data", str(tmp_path), "--rank", "4", "--alpha", "2", "--min-snr-gamma", "5", "--seed", "7"])
+    meta = c.ss_metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_seed"] == "7"
+    assert meta["ss_text_encoder_lr"] == "None"  # text encoder not trained
+    assert all(isinstance(v, str) for v in meta.values())
+    declared = {f.metadata["ss"] for f in FIELDS.values() if f.metadata["ss"]}
+    assert declared <= set(meta)
+
+
+def test_every_option_has_help():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"].strip(), f.name
