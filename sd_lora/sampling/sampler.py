@@ -1,0 +1,281 @@
+"""Sample images from the model being trained and lay them out as a grid.
+
+The sampling pipeline wraps the LIVE training modules (with their LoRA layers), so a grid shows exactly what
+the current weights do; nothing is copied. Each image gets its own CPU generator seeded with its seed, so an
+image depends only on (weights, prompt, size, steps, cfg, sampler, seed): not on the order of the prompts,
+on the other prompts, on the device's RNG, or on how many images were drawn before. Sampling never touches
+the global torch RNG, so it does not change the training run's noise either.
+
+Only SD1.x/SD2.x (`StableDiffusionPipeline`) for now. To add SDXL: a builder for
+`StableDiffusionXLPipeline` beside `build_sampling_pipeline`; `generate_grid` only uses the call arguments
+both pipelines share and switches every `torch.nn.Module` in `pipe.components` to eval mode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from sd_lora.fsio import atomic_write_bytes
+from sd_lora.sampling.grid import make_grid
+from sd_lora.sampling.prompts import SamplePrompt
+
+# name -> (diffusers scheduler class, config overrides). Built with `.from_config(training config)`, so
+# prediction_type (epsilon / v_prediction), betas and timestep settings carry over from the model.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+}
+SIZE_STEP = 8  # StableDiffusionPipeline refuses widths/heights that are not multiples of 8
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Defaults for every sample prompt; a prompt's own --w/--h/--s/--l/--n/--d override them."""
+
+    width: int
+    height: int
+    steps: int = 20
+    cfg: float = 7.5
+    seeds: tuple[int, ...] = (0, 1)
+    """One grid column per seed."""
+    negative: str = ""
+    sampler: str = "ddim"
+    """One of SAMPLERS."""
+    clip_skip: int = 1
+    """Text-encoder layer from the end, as in training (kohya convention: 2 = penultimate)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        _check_sampler(self.sampler)
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"width and height must be positive, got {self.width}x{self.height}")
+        if self.clip_skip < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {self.clip_skip}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.cfg < 0:
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be one or more non-negative integers, got {self.seeds}")
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; supported: {', '.join(SAMPLERS)}")
+
+
+def make_scheduler(sampler: str, scheduler_config):
+    """A fresh inference scheduler for `sampler`, configured from `scheduler_config` (a scheduler's `.config`)."""
+    import diffusers
+
+    _check_sampler(sampler)
+    class_name, overrides = SAMPLERS[sampler]
+    return getattr(diffusers, class_name).from_config(scheduler_config, **overrides)
+
+
+def _is_sampler(scheduler, sampler: str) -> bool:
+    class_name, overrides = SAMPLERS[sampler]
+    return type(scheduler).__name__ == class_name and all(
+        scheduler.config.get(k) == v for k, v in overrides.items()
+    )
+
+
+def build_sampling_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler_config, sampler: str):
+    """A `StableDiffusionPipeline` around the live modules (no copies: LoRA layers and later weight updates
+    show up in the samples). Pass unwrapped modules (`accelerator.unwrap_model`), all on one device.
+    `scheduler_config` is the training scheduler's `.config`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(sampler, scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One prompt with the settings filled in: exactly what gets sampled."""
+
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def resolve(cls, p: SamplePrompt, s: SampleSettings) -> _Row:
+        return cls(
+            prompt=p.prompt,
+            negative=p.negative or s.negative,  # an empty/absent --n keeps the default negative
+            width=p.width if p.width is not None else s.width,
+            height=p.height if p.height is not None else s.height,
+            steps=p.steps if p.steps is not None else s.steps,
+            cfg=p.cfg if p.cfg is not None else s.cfg,
+            # kohya-like: a prompt's --d seeds its first column, the next columns count up from it
+            seeds=tuple(p.seed + i for i in range(len(s.seeds))) if p.seed is not None else s.seeds,
+        )
+
+    def label(self, s: SampleSettings) -> str:
+        """The prompt, plus whatever this row does differently from the column headers and the title."""
+        notes = []
+        if (self.width, self.height) != (s.width, s.height):
+            notes.append(f"{self.width}x{self.height}")
+        if self.steps != s.steps:
+            notes.append(f"{self.steps} steps")
+        if self.cfg != s.cfg:
+            notes.append(f"cfg {self.cfg:g}")
+        if self.seeds != s.seeds:
+            notes.append(f"seeds {', '.join(map(str, self.seeds))}")
+        return f"{self.prompt} [{'; '.join(notes)}]" if notes else self.prompt
+
+
+def generate_images(
+    pipe, prompts: list[SamplePrompt], settings: SampleSettings
+) -> tuple[list[list[Image.Image]], list[dict]]:
+    """Sample `cells[row][col]` (one row per prompt, one column per seed) at their own sizes, and a log
+    entry per row. Switches `pipe.scheduler` to `settings.sampler` first if it is another one."""
+    if not prompts:
+        raise ValueError("no sample prompts")
+    rows = [_Row.resolve(p, settings) for p in prompts]
+    bad = [f"row {i}: {r.width}x{r.height}" for i, r in enumerate(rows) if r.width % SIZE_STEP or r.height % SIZE_STEP]
+    if bad:  # fail before sampling anything; callers should have checked with prompts.validate_size
+        raise ValueError(f"sample sizes must be multiples of {SIZE_STEP}: {'; '.join(bad)}")
+
+    if not _is_sampler(pipe.scheduler, settings.sampler):
+        pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    cells: list[list[Image.Image]] = []
+    with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe):
+        for row in rows:
+            images = []
+            for seed in row.seeds:
+                out = pipe(
+                    **_text_conditioning(pipe, row, settings.clip_skip),
+                    width=row.width,
+                    height=row.height,
+                    num_inference_steps=row.steps,
+                    guidance_scale=row.cfg,
+                    num_images_per_prompt=1,
+                    # Per image, on the CPU: same image whatever the device, order or batch. The pipeline
+                    # draws the latents with it and moves them to the model's device.
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="pil",
+                )
+                images.append(out.images[0])
+            cells.append(images)
+    return cells, [{**asdict(r), "seeds": list(r.seeds)} for r in rows]
+
+
+def _text_conditioning(pipe, row: _Row, clip_skip: int) -> dict:
+    """Prompt arguments for the pipeline call.
+
+    With clip_skip > 1 the embeddings are computed here, exactly as training computes them: diffusers'
+    own `clip_skip` counts differently (1 = penultimate) and reaches for `text_encoder.text_model`, which
+    transformers >= 5.6 no longer has on `CLIPTextModel`.
+    """
+    if clip_skip == 1:
+        return {"prompt": row.prompt, "negative_prompt": row.negative or None}
+    from sd_lora.models.text import encode_tokens, tokenize
+
+    device = next(pipe.text_encoder.parameters()).device
+    ids, _ = tokenize(pipe.tokenizer, [row.prompt, row.negative])
+    embeds = encode_tokens(pipe.text_encoder, ids.to(device), clip_skip)
+    return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+
+
+def generate_grid(
+    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = ""
+) -> tuple[Image.Image, dict]:
+    """Sample every prompt (row) with every seed (column) and return the grid and a log dict:
+    `sampler, scheduler, prediction_type, steps, cfg, seeds, negative, seconds` and `rows` (per row: prompt,
+    negative, width, height, steps, cfg, seeds).
+
+    Sharp edges: modules are in eval mode while sampling and get each submodule's previous train/eval flag
+    back afterwards, even on error; `pipe.scheduler` is replaced if it is not `settings.sampler`; the
+    pipeline's progress bar is turned off.
+    """
+    start = time.perf_counter()
+    cells, log_rows = generate_images(pipe, prompts, settings)
+    rows = [_Row.resolve(p, settings) for p in prompts]
+    grid = make_grid(
+        cells,
+        row_labels=[r.label(settings) for r in rows],
+        col_labels=[f"seed {s}" for s in settings.seeds],
+        title=title,
+    )
+    log = {
+        "sampler": settings.sampler,
+        "scheduler": type(pipe.scheduler).__name__,
+        "prediction_type": pipe.scheduler.config.get("prediction_type"),
+        "steps": settings.steps,
+        "cfg": settings.cfg,
+        "seeds": list(settings.seeds),
+        "negative": settings.negative,
+        "rows": log_rows,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return grid, log
+
+
+def save_grid(image: Image.Image, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write `image` as a PNG, atomically. `metadata` (e.g. generate_grid's log) is stored as JSON in the
+    PNG text chunk "sd_lora"."""
+    info = None
+    if metadata is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sd_lora", json.dumps(metadata, ensure_ascii=False))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextmanager
+def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """eval() for the duration; then every submodule gets its own previous `training` flag back (not just
+    the top module's: `.train(flag)` would flatten mixed train/eval states)."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _autocast_if_mixed(pipe):
+    """Autocast to the 16-bit dtype when the modules' dtypes differ (e.g. a bf16 U-Net with an fp32 text
+    encoder). The pipeline feeds the text encoder's dtype to the U-Net and the U-Net's output to the VAE,
+    which fails on mixed dtypes without it. With one dtype everywhere, nothing changes."""
+    modules = [pipe.components.get(name) for name in ("unet", "text_encoder", "vae")]
+    dtypes = {m.dtype for m in modules if m is not None}
+    if len(dtypes) <= 1:
+        return nullcontext()
+    low = [d for d in (pipe.unet.dtype, *dtypes) if d in (torch.float16, torch.bfloat16)]
+    if not low:
+        return nullcontext()
+    return torch.autocast(device_type=pipe.unet.device.type, dtype=low[0])

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sd_lora.errors import UserError
+from sd_lora.sampling.prompts import (
+    SamplePrompt,
+    default_prompts,
+    parse_prompt_line,
+    read_prompt_file,
+    validate_size,
+)
+
+WHERE = "prompts.txt:3"
+FULL = SamplePrompt(
+    prompt="a photo of zkchar, smiling",
+    negative="blurry, low quality",
+    width=512,
+    height=768,
+    steps=28,
+    cfg=7.5,
+    seed=42,
+)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a photo of zkchar, smiling --n blurry, low quality --w 512 --h 768 --s 28 --l 7.5 --d 42",
+        "a photo of zkchar, smiling --d 42 --l 7.5 --s 28 --h 768 --w 512 --n blurry, low quality",
+        "a photo of zkchar, smiling --w 512 --n blurry, low quality --d 42 --h 768 --l 7.5 --s 28",
+        "  a photo of zkchar, smiling   --W 512 --H 768  --n  blurry, low quality   --S 28 --L 7.5 --D 42  ",
+    ],
+)
+def test_options_in_any_order(line):
+    assert parse_prompt_line(line, WHERE) == FULL
+
+
+def test_prompt_without_options_uses_defaults():
+    assert parse_prompt_line("a red circle", WHERE) == SamplePrompt("a red circle")
+
+
+def test_double_dash_not_followed_by_a_letter_is_text():
+    p = parse_prompt_line("a x--y  b -- c --n bad -- hands, --2 blurry", WHERE)
+    assert p.prompt == "a x--y  b -- c"
+    assert p.negative == "bad -- hands, --2 blurry"
+
+
+def test_cfg_accepts_integers_and_exponents():
+    assert parse_prompt_line("a --l 7", WHERE).cfg == 7.0
+    assert parse_prompt_line("a --l 0", WHERE).cfg == 0.0
+    assert parse_prompt_line("a --l 1e1", WHERE).cfg == 10.0
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("a cat --q 3", "unknown option --q"),
+        ("a cat --ss euler", "unknown option --ss"),
+        ("a cat --w512", "write --w 512"),
+        ("a cat --w 0", "--w '0'"),
+        ("a cat --w -64", "--w '-64'"),
+        ("a cat --w 51.2", "--w '51.2'"),
+        ("a cat --w 1_000", "--w '1_000'"),
+        ("a cat --h abc", "--h 'abc'"),
+        ("a cat --s 0", "--s '0'"),
+        ("a cat --s 1001", "--s '1001'"),
+        ("a cat --s 2.5", "--s '2.5'"),
+        ("a cat --s", "--s has no value"),
+        ("a cat --l -1", "--l '-1'"),
+        ("a cat --l high", "--l 'high'"),
+        ("a cat --l nan", "--l 'nan'"),
+        ("a cat --l inf", "--l 'inf'"),
+        ("a cat --d -1", "--d '-1'"),
+        ("a cat --d 1.5", "--d '1.5'"),
+        ("a cat --d 9223372036854775808", "--d '9223372036854775808'"),
+        ("a cat --w 64 --w 128", "--w is given twice"),
+        ("--n blurry --w 64", "prompt text"),
+        ("   ", "prompt text"),
+    ],
+)
+def test_bad_lines_name_the_place_and_the_value(line, fragment):
+    with pytest.raises(UserError) as e:
+        parse_prompt_line(line, WHERE)
+    message = str(e.value)
+    assert message.startswith(WHERE + ":")
+    assert fragment in message
+
+
+def test_bad_values_say_what_is_expected():
+    with pytest.raises(UserError, match=r"expected sampling steps, an integer from 1 to 1000"):
+        parse_prompt_line("a --s 0", WHERE)
+    with pytest.raises(UserError) as e:
+        parse_prompt_line("a --q 1", WHERE)
+    for option in ("--n", "--w", "--h", "--s", "--l", "--d"):
+        assert option in str(e.value)  # the supported options are listed
+
+
+def test_all_problems_on_a_line_are_reported_together():
+    with pytest.raises(UserError) as e:
+        parse_prompt_line("a --q 1 --w 0 --l x", WHERE)
+    message = str(e.value)
+    assert "3 problems" in message
+    assert "--q" in message and "--w '0'" in message and "--l 'x'" in message
+
+
+def test_validate_size():
+    validate_size(SamplePrompt("a", width=512, height=768), 8, WHERE)
+    validate_size(SamplePrompt("a"), 8, WHERE)  # no own size: nothing to check
+    with pytest.raises(UserError) as e:
+        validate_size(SamplePrompt("a", width=500, height=768), 8, WHERE)
+    message = str(e.value)
+    assert message.startswith(WHERE) and "--w 500" in message and "496 or 504" in message
+    assert "--h" not in message
+    with pytest.raises(UserError, match="--h 30"):
+        validate_size(SamplePrompt("a", height=30), 4, WHERE)
+
+
+def test_read_prompt_file_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(
+        "\ufeff# sample prompts\r\n\r\na red circle --d 3\r\n   \n  # indented comment\nzkchar café --w 64\n".encode()
+    )
+    assert read_prompt_file(path) == [
+        SamplePrompt("a red circle", seed=3),
+        SamplePrompt("zkchar café", width=64),
+    ]
+
+
+def test_read_prompt_file_reports_every_bad_line_with_its_number(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# header\na good one\n\na cat --q 1\nfine --w 64\nbad --s 0\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_prompt_file(path)
+    message = str(e.value)
+    assert f"{path}:4: unknown option --q" in message
+    assert f"{path}:6: --s '0'" in message
+    assert f"{path}:2" not in message and f"{path}:5" not in message
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n", "# only\n# comments\n"])
+def test_file_without_prompts_is_an_error(tmp_path, content):
+    path = tmp_path / "prompts.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match="no prompts found") as e:
+        read_prompt_file(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_folder_and_undecodable_files(tmp_path):
+    with pytest.raises(UserError, match="prompt file not found") as e:
+        read_prompt_file(tmp_path / "nope.txt")
+    assert "nope.txt" in str(e.value)
+    with pytest.raises(UserError, match="is a folder"):
+        read_prompt_file(tmp_path)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a caf\u00e9 photo\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"not UTF-8 .*0xe9.*offset 5.*Re-save") as e:
+        read_prompt_file(latin1)
+    assert "latin1.txt" in str(e.value)
+    latin1.write_bytes(b"\xef\xbb\xbf" + "a caf\u00e9 photo\n".encode("latin-1"))  # offsets count the BOM
+    with pytest.raises(UserError, match=r"0xe9 at offset 8"):
+        read_prompt_file(latin1)
+    toml = tmp_path / "prompts.toml"
+    toml.write_text("[[prompt]]\n", encoding="utf-8")
+    with pytest.raises(UserError, match="plain-text"):
+        read_prompt_file(toml)
+
+
+CAPTIONS = [f"caption {i:02d}" for i in range(10)]
+
+
+def test_default_prompts_are_distinct_evenly_spaced_and_deterministic():
+    noisy = CAPTIONS + ["caption 03", " caption 05 ", "", "   "]
+    prompts = default_prompts(noisy, n=4)
+    # sorted unique list of 10, indices i * 10 // 4 = 0, 2, 5, 7
+    assert [p.prompt for p in prompts] == ["caption 00", "caption 02", "caption 05", "caption 07"]
+    shuffled = noisy[:]
+    random.Random(0).shuffle(shuffled)
+    assert default_prompts(shuffled, n=4) == prompts
+    assert all(p == SamplePrompt(p.prompt) for p in prompts)  # no options parsed from captions
+
+
+def test_default_prompts_with_few_captions():
+    assert [p.prompt for p in default_prompts(["b", "a", "b", ""], n=4)] == ["a", "b"]
+    assert default_prompts([], n=4) == []
+    assert default_prompts(CAPTIONS, n=0) == []
+    assert len(default_prompts(CAPTIONS, n=10)) == 10
+    assert default_prompts(["x --w 64"], n=1) == [SamplePrompt("x --w 64")]

@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd_lora.models.tiny import build_tiny_pipeline
+from sd_lora.sampling.prompts import SamplePrompt
+from sd_lora.sampling.sampler import (
+    SAMPLERS,
+    SampleSettings,
+    build_sampling_pipeline,
+    generate_grid,
+    generate_images,
+    make_scheduler,
+    save_grid,
+)
+
+FAST = SampleSettings(width=32, height=32, steps=2, seeds=(0, 1))
+CIRCLE = SamplePrompt("a red circle")
+SQUARE = SamplePrompt("a blue square")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_seed_gives_the_same_image_whatever_the_order_or_batch(sd1_pipe):
+    cells, _ = generate_images(sd1_pipe, [CIRCLE, SQUARE], FAST)
+    again, _ = generate_images(sd1_pipe, [SQUARE, CIRCLE], FAST)
+    assert np.array_equal(pixels(cells[0][0]), pixels(again[1][0]))
+    assert np.array_equal(pixels(cells[1][1]), pixels(again[0][1]))
+    alone, _ = generate_images(sd1_pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(1,)))
+    assert np.array_equal(pixels(cells[0][1]), pixels(alone[0][0]))
+
+
+def test_different_seeds_and_prompts_give_different_images(sd1_pipe):
+    cells, _ = generate_images(sd1_pipe, [CIRCLE, SQUARE], FAST)
+    assert not np.array_equal(pixels(cells[0][0]), pixels(cells[0][1]))
+    assert not np.array_equal(pixels(cells[0][0]), pixels(cells[1][0]))
+
+
+def test_prompt_options_override_the_settings(sd1_pipe):
+    prompts = [CIRCLE, SamplePrompt("a tall one", width=16, height=48, steps=3, cfg=2.0, seed=7, negative="blurry")]
+    cells, rows = generate_images(sd1_pipe, prompts, FAST)
+    assert [c.size for c in cells[0]] == [(32, 32), (32, 32)]
+    assert [c.size for c in cells[1]] == [(16, 48), (16, 48)]  # cell size before any grid scaling
+    assert rows[1] == {
+        "prompt": "a tall one", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0,
+        "seeds": [7, 8],
+    }
+    # the row's --d 7 seeds its first column: the same image as seed 7 in settings' first column
+    same, _ = generate_images(
+        sd1_pipe, [SamplePrompt("a tall one", width=16, height=48, steps=3, cfg=2.0, negative="blurry")],
+        SampleSettings(32, 32, steps=2, seeds=(7,)),
+    )
+    assert np.array_equal(pixels(cells[1][0]), pixels(same[0][0]))
+
+
+def test_settings_negative_is_used_unless_the_prompt_has_one(sd1_pipe):
+    settings = SampleSettings(32, 32, steps=2, seeds=(0,), negative="blurry")
+    _, rows = generate_images(sd1_pipe, [CIRCLE, SamplePrompt("x", negative="ugly")], settings)
+    assert [r["negative"] for r in rows] == ["blurry", "ugly"]
+    with_negative, _ = generate_images(sd1_pipe, [CIRCLE], settings)
+    without, _ = generate_images(sd1_pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    assert not np.array_equal(pixels(with_negative[0][0]), pixels(without[0][0]))
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_with_v_prediction(sd2v_pipe, sampler):
+    settings = SampleSettings(32, 32, steps=3, seeds=(0, 1), sampler=sampler)
+    grid, log = generate_grid(sd2v_pipe, [CIRCLE], settings, title=sampler)
+    assert grid.size == (128 + 2 * 132 + 4, 27 + 27 + 132)  # see test_grid: 32 px cells, with a title
+    assert log["sampler"] == sampler
+    assert log["scheduler"] == SAMPLERS[sampler][0] == type(sd2v_pipe.scheduler).__name__
+    assert log["prediction_type"] == "v_prediction"
+    cells, _ = generate_images(sd2v_pipe, [CIRCLE], settings)
+    assert pixels(cells[0][0]).std() > 0  # not a blank (NaN-decoded) image
+
+
+def test_schedulers_keep_the_training_prediction_type():
+    config = build_tiny_pipeline("sd2-v").scheduler.config
+    for sampler in SAMPLERS:
+        assert make_scheduler(sampler, config).config.prediction_type == "v_prediction"
+    assert make_scheduler("dpmsolver++", config).config.algorithm_type == "dpmsolver++"
+
+
+def test_unknown_sampler_lists_the_supported_ones(sd1_pipe):
+    with pytest.raises(ValueError, match=r"'unipc'.*ddim, euler, euler_a, dpmsolver\+\+"):
+        SampleSettings(32, 32, sampler="unipc")
+    with pytest.raises(ValueError, match="supported: ddim"):
+        make_scheduler("k_lms", sd1_pipe.scheduler.config)
+
+
+def test_build_sampling_pipeline_wraps_the_live_modules():
+    tiny = build_tiny_pipeline("sd1")
+    pipe = build_sampling_pipeline(
+        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+        scheduler_config=tiny.scheduler.config, sampler="euler_a",
+    )
+    assert pipe.unet is tiny.unet and pipe.vae is tiny.vae and pipe.text_encoder is tiny.text_encoder
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    # a change to the live weights shows up in the next sample
+    before, _ = generate_images(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,), sampler="euler_a"))
+    with torch.no_grad():
+        tiny.unet.conv_out.bias.add_(0.5)
+    after, _ = generate_images(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,), sampler="euler_a"))
+    assert not np.array_equal(pixels(before[0][0]), pixels(after[0][0]))
+
+
+def test_other_pipelines_get_the_settings_sampler():
+    tiny = build_tiny_pipeline("sd2-v")  # has the training DDPMScheduler
+    _, log = generate_grid(tiny, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,), sampler="euler"))
+    assert type(tiny.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert log["prediction_type"] == tiny.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_train_eval_modes_are_restored(fresh_sd1_pipe):
+    pipe = fresh_sd1_pipe
+    pipe.unet.train()
+    pipe.unet.conv_in.eval()  # mixed states inside one module survive too
+    pipe.text_encoder.eval()
+    pipe.vae.train()
+    before = {name: [m.training for m in module.modules()] for name, module in pipe.components.items()
+              if isinstance(module, torch.nn.Module)}
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append((m.training, pipe.vae.training)))
+    generate_grid(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    hook.remove()
+    assert seen and all(flags == (False, False) for flags in seen)  # eval while sampling
+    after = {name: [m.training for m in module.modules()] for name, module in pipe.components.items()
+             if isinstance(module, torch.nn.Module)}
+    assert after == before
+    assert pipe.unet.training and not pipe.unet.conv_in.training and not pipe.text_encoder.training
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    hook = pipe.unet.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_grid(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    hook.remove()
+    assert after == {name: [m.training for m in module.modules()] for name, module in pipe.components.items()
+                     if isinstance(module, torch.nn.Module)}
+
+
+def test_sampling_leaves_grad_mode_and_global_rng_alone(sd1_pipe, capfd):
+    state = torch.get_rng_state()
+    capfd.readouterr()
+    generate_grid(sd1_pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    assert torch.equal(torch.get_rng_state(), state)  # the training run's noise does not change
+    assert torch.is_grad_enabled()
+    assert "it/s" not in capfd.readouterr().err  # no progress bar
+
+
+def test_log_dict(sd1_pipe):
+    settings = SampleSettings(32, 32, steps=2, cfg=5.0, seeds=(3, 4), negative="blurry", sampler="ddim")
+    prompts = [CIRCLE, SamplePrompt("wide", width=48, seed=10)]
+    grid, log = generate_grid(sd1_pipe, prompts, settings, title="step 10")
+    assert grid.mode == "RGB"
+    seconds = log.pop("seconds")
+    assert isinstance(seconds, float) and seconds >= 0
+    assert log == {
+        "sampler": "ddim",
+        "scheduler": "DDIMScheduler",
+        "prediction_type": "epsilon",
+        "steps": 2,
+        "cfg": 5.0,
+        "seeds": [3, 4],
+        "negative": "blurry",
+        "rows": [
+            {"prompt": "a red circle", "negative": "blurry", "width": 32, "height": 32, "steps": 2, "cfg": 5.0,
+             "seeds": [3, 4]},
+            {"prompt": "wide", "negative": "blurry", "width": 48, "height": 32, "steps": 2, "cfg": 5.0,
+             "seeds": [10, 11]},
+        ],
+    }
+    json.dumps(log)  # loggable as is
+
+
+def test_sizes_are_checked_before_sampling(sd1_pipe):
+    calls = []
+    hook = sd1_pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"multiples of 8: row 1: 36x32"):
+            generate_images(sd1_pipe, [CIRCLE, SamplePrompt("x", width=36)], FAST)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_mixed_dtypes_sample_under_autocast(fresh_sd1_pipe):
+    pipe = fresh_sd1_pipe
+    pipe.unet.to(torch.bfloat16)  # text encoder and VAE stay float32, as with a bf16 U-Net in training
+    cells, _ = generate_images(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    assert cells[0][0].size == (32, 32) and pixels(cells[0][0]).std() > 0
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
+
+
+def test_settings_validation():
+    assert SampleSettings(32, 32, seeds=[5, 6]).seeds == (5, 6)
+    for bad in (dict(seeds=()), dict(seeds=(-1,)), dict(steps=0), dict(cfg=-1.0), dict(width=0)):
+        with pytest.raises(ValueError):
+            SampleSettings(**{"width": 32, "height": 32, **bad})
+
+
+def test_save_grid_writes_a_png_atomically(tmp_path):
+    image = Image.new("RGB", (20, 10), (1, 2, 3))
+    path = save_grid(image, tmp_path / "samples" / "step_000100.png", metadata={"sampler": "ddim", "note": "café"})
+    assert path == tmp_path / "samples" / "step_000100.png"
+    assert [p.name for p in path.parent.iterdir()] == ["step_000100.png"]  # no temporary file left behind
+    with Image.open(path) as loaded:
+        assert loaded.format == "PNG"
+        assert np.array_equal(pixels(loaded.convert("RGB")), pixels(image))
+        assert json.loads(loaded.text["sd_lora"]) == {"sampler": "ddim", "note": "café"}
+    save_grid(Image.new("RGB", (4, 4)), path)  # overwrites
+    with Image.open(path) as loaded:
+        assert loaded.size == (4, 4) and "sd_lora" not in loaded.text
+
+
+def test_clip_skip_changes_samples_and_matches_training_encoding(sd1_pipe):
+    """clip_skip > 1 conditions on the same hidden state training uses (kohya numbering)."""
+    from sd_lora.sampling.prompts import SamplePrompt
+    from sd_lora.sampling.sampler import SampleSettings, generate_images
+
+    prompts = [SamplePrompt("zkchar, a red circle")]
+    base = SampleSettings(width=32, height=32, steps=2, seeds=(0,))
+    skip1, _ = generate_images(sd1_pipe, prompts, base)
+    skip2, _ = generate_images(sd1_pipe, prompts, SampleSettings(width=32, height=32, steps=2, seeds=(0,), clip_skip=2))
+    again, _ = generate_images(sd1_pipe, prompts, SampleSettings(width=32, height=32, steps=2, seeds=(0,), clip_skip=2))
+    a, b, c = (np.asarray(x[0][0], dtype=np.int16) for x in (skip1, skip2, again))
+    assert np.abs(a - b).max() > 0  # a different conditioning layer gives a different image
+    assert np.array_equal(b, c)  # and it is deterministic
