@@ -1,0 +1,67 @@
+"""Model-family metadata for a LoRA file: kohya's `ss_base_model_version` / `ss_v2` and Stability's modelspec.
+
+A1111 decides a LoRA's family from `ss_base_model_version` / `ss_v2` and hides LoRAs that do not match the
+loaded checkpoint, so these must be right. Values follow kohya sd-scripts (`library/sai_model_spec.py`,
+`get_model_version_str_for_sd1_sd2`): architecture `stable-diffusion-v1/lora`, `stable-diffusion-v2-512/lora`
+(SD2 epsilon) or `stable-diffusion-v2-768-v/lora` (SD2 v-prediction), implementation `diffusers` for SD1/SD2
+LoRA, prediction type `epsilon` or `v`. Every value is a string (the safetensors header allows nothing else).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+FAMILIES = ("sd1", "sd2")  # SDXL later
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
+MODELSPEC_VERSION = "1.0.1"
+
+
+
+def family_metadata(
+    *, family: str, prediction_type: str, resolution: tuple[int, int], title: str, date: datetime | str
+) -> dict[str, str]:
+    """The family-dependent metadata of a LoRA file for `family` ("sd1" | "sd2").
+
+    `resolution` is (width, height) of training; `date` a datetime (written as ISO 8601 to the second) or an
+    ISO 8601 string (checked, written unchanged). An SD1 model fine-tuned for v-prediction is written the way
+    kohya writes it: `ss_base_model_version` `sd_v1_v`, architecture `stable-diffusion-v1/lora`.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    width, height = resolution
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise ValueError(f"resolution must be two positive integers (width, height), got {resolution!r}")
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a string, got {type(title).__name__}")
+    v_pred = prediction_type == "v_prediction"
+
+    version = "sd_v1" if family == "sd1" else "sd_v2"
+    if v_pred:
+        version += "_v"
+    if family == "sd1":
+        architecture = "stable-diffusion-v1"
+    else:
+        architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(family == "sd2"),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.date": _iso_date(date),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+
+
+def _iso_date(date: datetime | str) -> str:
+    if isinstance(date, datetime):
+        return date.replace(microsecond=0).isoformat()
+    try:
+        datetime.fromisoformat(date)
+    except (TypeError, ValueError):
+        raise ValueError(f"date must be a datetime or an ISO 8601 string, got {date!r}") from None
+    return date
