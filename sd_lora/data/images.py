@@ -1,0 +1,146 @@
+"""Open training images as RGB and check that a file really is a usable image.
+
+Every image goes through `open_image`, so whatever the file holds (alpha, palette, CMYK, 16-bit grey, an
+EXIF rotation) the model sees the picture a viewer shows: upright, RGB, transparent areas white.
+`check_image` runs once per file at scan time and fully decodes it, so a truncated download fails before
+training starts rather than an hour into it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sd_lora.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+"""Lower-case suffixes of the files a scan picks up (matched case-insensitively)."""
+
+MIN_IMAGE_SIDE = 16
+"""Images with a side shorter than this (after EXIF rotation) are refused: too little survives resizing."""
+
+_WHITE = (255, 255, 255)
+
+
+class ImageProblem(UserError):
+    """One image file that cannot be used. `problem` is the short text without the path."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}. Fix or remove the file.")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name ends in one of `IMAGE_EXTENSIONS` (any case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _decode_upright(path: Path) -> Image.Image:
+    """Fully decode `path` and apply its EXIF orientation; raises ImageProblem for anything that fails."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageProblem(path, "image is empty (0 bytes)")
+    except OSError as e:
+        raise ImageProblem(path, f"cannot read file ({e.strerror or e})") from e
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError as e:
+        raise ImageProblem(path, "not an image file (Pillow cannot identify it)") from e
+    except Image.DecompressionBombError as e:
+        raise ImageProblem(path, f"decompression bomb: {e}") from e
+    except Exception as e:  # OSError with an errno is the file system; anything else is the image data
+        raise ImageProblem(path, _describe(e)) from e
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning would scroll by unnoticed, so
+    # the check is done here explicitly (and without touching the process-wide warnings filter).
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = img.width * img.height
+    if limit is not None and pixels > limit:
+        img.close()
+        raise ImageProblem(path, f"decompression bomb: {pixels} pixels exceeds the limit of {limit}")
+    try:
+        with img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            if upright is img:  # no orientation tag: detach from the file before it closes
+                upright = img.copy()
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... for bad data
+        raise ImageProblem(path, _describe(e)) from e
+    return upright
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"cannot read file ({error.strerror or error})"
+    detail = str(error) or type(error).__name__
+    if "truncated" in detail.lower():
+        detail = "truncated file"
+    return f"cannot decode image ({detail})"
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, int]:
+    """Decode the whole file and return its (width, height) after EXIF orientation.
+
+    Raises `ImageProblem` (a `UserError`) with a short `problem` text for empty, unreadable, truncated or
+    non-image files, decompression bombs, and images smaller than `MIN_IMAGE_SIDE` on a side.
+    """
+    path = Path(path)
+    img = _decode_upright(path)
+    width, height = img.size
+    if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
+        raise ImageProblem(
+            path, f"image too small: {width}x{height} px (the minimum is {MIN_IMAGE_SIDE} px per side)"
+        )
+    return width, height
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open `path` upright (EXIF orientation applied) in mode "RGB".
+
+    Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white. 16-bit and 32-bit
+    grey modes are scaled so the format's full range maps to 0..255 (65535 -> 255), not clipped.
+    Raises `ImageProblem` for files that cannot be decoded.
+    """
+    path = Path(path)
+    return to_rgb(_decode_upright(path), path)
+
+
+def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
+    """Convert any Pillow mode to RGB as described in `open_image`; `path` only names the file in errors."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_bit_depth_to_rgb(img)
+    if mode == "P" and "transparency" in img.info:
+        mode, img = "RGBA", img.convert("RGBA")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV ...
+    except ValueError as e:
+        raise ImageProblem(path, f"unsupported colour mode {mode!r}; re-save the image as RGB") from e
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """Scale a one-channel integer/float image to 8 bits.
+
+    Integer modes ("I;16*", "I") are read as 16-bit: 0..65535 -> 0..255 (Pillow opens 16-bit PNG/TIFF grey
+    this way; `convert("RGB")` would clip everything above 255 to white). "F" has no fixed range: values are
+    taken as 0..1 if they all fit, else 0..255 if they fit, else 0..65535.
+    """
+    values = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(values.max(initial=0.0))
+        full_scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    else:
+        full_scale = 65535.0
+    grey = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")

@@ -1,0 +1,394 @@
+"""Scan a data folder into one `ImageRecord` per usable image: path, caption, repeats, size.
+
+Layouts understood (they can be mixed):
+  - kohya: `10_zkchar/a.png` repeats every image under the folder 10 times per epoch; "zkchar" is the
+    caption of images that have none of their own.
+  - sidecar captions: `a.png` + `a.txt` (the extension is configurable).
+  - Hugging Face imagefolder: a `metadata.jsonl` whose lines are {"file_name": "a.png", "text": "..."}.
+
+Every image is fully decoded once here, and every problem in the folder is reported in one error, so a
+broken file surfaces before training starts and the user can fix all of them in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from sd_lora.data.captions import split_tags
+from sd_lora.data.images import IMAGE_EXTENSIONS, ImageProblem, check_image, is_image_file
+from sd_lora.errors import UserError
+
+METADATA_FILE = "metadata.jsonl"
+MAX_LISTED_PROBLEMS = 50
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+_MANY_REPEATS = 1000  # above this a folder name like "20240101_photos" was probably not meant as repeats
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image."""
+
+    path: Path
+    """Absolute, symlinks resolved."""
+    caption: str
+    caption_source: str
+    """Where the caption came from: "sidecar", "metadata" or "folder"."""
+    repeats: int
+    """Times the image is seen per epoch (kohya `N_name` folders; 1 otherwise)."""
+    folder: str
+    """Dataset folder label, relative to the root in posix form ("." for the root): the repeat folder, else
+    the image's own folder. It keys kohya's `ss_dataset_dirs` and `ss_tag_frequency` metadata."""
+    width: int
+    height: int
+    """Size after EXIF orientation."""
+
+
+@dataclass
+class ScanResult:
+    records: list[ImageRecord]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """(absolute path, problem) of files left out with `skip_bad_images`."""
+    warnings: list[str] = field(default_factory=list)
+    """One summary line per kind of warning."""
+
+
+@dataclass
+class _Problems:
+    """Problems found so far. `files` can be skipped with --skip-bad-images; `setup` cannot."""
+
+    files: list[tuple[Path, Path, str]] = field(default_factory=list)  # (absolute, as shown, problem)
+    setup: list[str] = field(default_factory=list)
+
+
+def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False) -> ScanResult:
+    """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
+
+    Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` entry, then the folder
+    name. Raises one `UserError` listing every problem; with `skip_bad_images`, unreadable images and
+    caption files are left out and counted instead (metadata.jsonl and folder-name errors still raise).
+    """
+    shown_root = Path(root)
+    root_abs = _check_root(shown_root)
+    _check_caption_extension(caption_extension)
+    problems = _Problems()
+    images, jsonl_files, aliased_dirs = _walk(root_abs, shown_root, problems)
+    if not images and not problems.files:
+        raise UserError(
+            f"{shown_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
+            "in all sub-folders, skipping names that start with '.'). Put your images in this folder."
+        )
+    metadata = _read_metadata(root_abs, shown_root, jsonl_files, set(images), problems)
+    folders = {image: _dataset_folder(root_abs, shown_root, image, problems) for image in images}
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        sizes = list(pool.map(_checked_size, images))
+
+    records: list[ImageRecord] = []
+    fallback, empty, multiline = [], [], []
+    for image, size in zip(images, sizes):
+        shown = shown_root / image.relative_to(root_abs)
+        if isinstance(size, ImageProblem):
+            problems.files.append((image, shown, size.problem))
+            continue
+        folder_label, repeats, folder_caption = folders[image]
+        try:
+            sidecar = _read_sidecar(image.parent / (image.stem + caption_extension))
+        except UserError as e:
+            problems.files.append((image, shown, str(e)))
+            continue
+        if sidecar is not None:
+            caption, source = sidecar, "sidecar"
+            if not caption:
+                empty.append(shown)
+            elif "\n" in caption:
+                multiline.append(shown)
+        elif image in metadata:
+            caption, source = metadata[image], "metadata"
+        else:
+            caption, source = folder_caption, "folder"
+            fallback.append((shown, caption))
+        records.append(
+            ImageRecord(image.resolve(), caption, source, repeats, folder_label, size[0], size[1])
+        )
+
+    _raise_if_problems(problems, skip_bad_images)
+    warnings = _root_name_warning(shown_root, root_abs)
+    if fallback:
+        example, caption = fallback[0]
+        warnings.append(
+            f"{_count(len(fallback), 'image has', 'images have')} no caption file or metadata entry; "
+            f"using the folder name as caption (e.g. {example} -> {caption!r})"
+        )
+    if empty:
+        warnings.append(f"{_count(len(empty), 'caption file is', 'caption files are')} empty (e.g. "
+                        f"{empty[0]}); those images train with an empty caption")
+    if multiline:
+        warnings.append(f"{_count(len(multiline), 'caption file has', 'caption files have')} more than one "
+                        f"line (e.g. {multiline[0]}); all lines are used (kohya uses only the first)")
+    for label, repeats in sorted({(r.folder, r.repeats) for r in records if r.repeats > _MANY_REPEATS}):
+        warnings.append(f"folder {label!r} repeats its images {repeats} times per epoch (kohya N_name "
+                        "folder); rename it if the number is not meant as a repeat count")
+    if aliased_dirs:
+        warnings.append(f"{_count(len(aliased_dirs), 'folder is', 'folders are')} the same folder as one "
+                        f"already scanned (symlinks, e.g. {aliased_dirs[0]}); scanned once")
+    if problems.files:
+        warnings.append(f"skipped {_count(len(problems.files), 'bad file', 'bad files')} "
+                        f"(--skip-bad-images), e.g. {_file_line(problems.files[0])}")
+    if not records:
+        bad = _count(len(problems.files), "bad file", "bad files")
+        raise UserError(f"{shown_root}: no usable images ({bad}, e.g. {_file_line(problems.files[0])}); "
+                        "fix them and run again")
+    skipped = [(path, problem) for path, _, problem in problems.files]
+    return ScanResult(records=records, skipped=skipped, warnings=warnings)
+
+
+def dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
+    """kohya's dataset metadata, as JSON strings ready for a .safetensors header.
+
+    `ss_tag_frequency`: {folder: {tag: images with it}}, tags lower-cased like kohya; each image counts once,
+    not once per repeat. `ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`:
+    images per epoch, repeats included.
+    """
+    tag_frequency: dict[str, Counter] = {}
+    dataset_dirs: dict[str, dict[str, int]] = {}
+    for record in records:
+        tags = tag_frequency.setdefault(record.folder, Counter())
+        tags.update(tag.lower() for tag in split_tags(record.caption))
+        entry = dataset_dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return {
+        "ss_tag_frequency": json.dumps({folder: dict(tags) for folder, tags in tag_frequency.items()}),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_num_train_images": str(sum(record.repeats for record in records)),
+    }
+
+
+def _check_root(root: Path) -> Path:
+    if not root.exists():
+        raise UserError(f"{root}: data folder does not exist ({Path(os.path.abspath(root))}); check the path")
+    if not root.is_dir():
+        raise UserError(f"{root}: is a file, not a folder; pass the folder that holds the training images")
+    return Path(os.path.abspath(root))
+
+
+def _check_caption_extension(extension: str) -> None:
+    if not extension.startswith(".") or len(extension) < 2 or "/" in extension:
+        raise UserError(f"caption extension {extension!r} must start with a dot, e.g. '.txt' or '.caption'")
+    if extension.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"caption extension {extension!r} is an image extension; use e.g. '.txt'")
+
+
+def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path], list[Path], list[Path]]:
+    """Images and metadata.jsonl files under `root` (logical paths, sorted), and folders seen twice.
+
+    Symlinks are followed; a folder whose resolved path was already visited is not entered again, which
+    both stops symlink loops and keeps an image reachable twice from being trained twice.
+    """
+    images, jsonl_files, aliased = [], [], []
+    visited = {root.resolve()}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            shown = shown_root / folder.relative_to(root)
+            problems.files.append((folder, shown, f"cannot read folder ({e.strerror or e})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                is_dir = is_file = False  # e.g. a symlink pointing at itself
+            if not (is_dir or is_file):
+                if entry.is_symlink() and is_image_file(path):
+                    shown = shown_root / path.relative_to(root)
+                    problems.files.append((path, shown, f"broken symlink ({os.readlink(path)})"))
+                continue
+            if is_dir:
+                resolved = path.resolve()
+                if resolved in visited:
+                    aliased.append(shown_root / path.relative_to(root))
+                else:
+                    visited.add(resolved)
+                    pending.append(path)
+            elif is_file and is_image_file(path):
+                images.append(path)
+            elif is_file and entry.name == METADATA_FILE:
+                jsonl_files.append(path)
+    order = lambda p: p.relative_to(root).parts  # noqa: E731
+    return sorted(images, key=order), sorted(jsonl_files, key=order), sorted(aliased)
+
+
+def _read_metadata(
+    root: Path, shown_root: Path, jsonl_files: list[Path], images: set[Path], problems: _Problems
+) -> dict[Path, str]:
+    """Captions from every metadata.jsonl, keyed by the image's logical path. Problems go to `setup`."""
+    captions: dict[Path, str] = {}
+    origin: dict[Path, str] = {}
+    for jsonl in jsonl_files:
+        shown = shown_root / jsonl.relative_to(root)
+        try:
+            text = jsonl.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            problems.setup.append(
+                f"{shown}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8"
+            )
+            continue
+        except OSError as e:
+            problems.setup.append(f"{shown}: cannot read file ({e.strerror or e})")
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{shown}:{number}"
+            entry = _parse_metadata_line(line)
+            if isinstance(entry, str):
+                problems.setup.append(f"{where}: {entry}")
+                continue
+            file_name, caption = entry
+            target = _metadata_target(root, jsonl.parent, file_name, images)
+            if isinstance(target, str):
+                problems.setup.append(f"{where}: {target}")
+            elif target in origin:
+                problems.setup.append(
+                    f"{where}: {file_name!r} already has a caption from {origin[target]}; keep one entry"
+                )
+            else:
+                captions[target], origin[target] = caption, where
+    return captions
+
+
+def _parse_metadata_line(line: str) -> tuple[str, str] | str:
+    """(file_name, text) from one jsonl line, or the problem with it."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+    if not isinstance(entry, dict):
+        example = '{"file_name": "a.png", "text": "..."}'
+        return f"expected a JSON object like {example}, got {line.strip()[:60]}"
+    for key in ("file_name", "text"):
+        if key not in entry:
+            return f"missing key {key!r}; each line needs \"file_name\" and \"text\""
+        if not isinstance(entry[key], str):
+            return f"{key!r} must be a string, got {json.dumps(entry[key])[:60]}"
+    return entry["file_name"], entry["text"].strip()
+
+
+def _metadata_target(root: Path, base: Path, file_name: str, images: set[Path]) -> Path | str:
+    """The scanned image a metadata `file_name` names (relative to `base`), or the problem with it.
+
+    Paths are compared lexically with the scan's own (symlinks followed by the scan stay usable); a name
+    that leaves the data folder by `..`, an absolute path, or a symlink the scan does not follow is refused.
+    """
+    if not file_name:
+        return "'file_name' is empty"
+    if os.path.isabs(file_name) or PureWindowsPath(file_name).anchor:
+        return f"file_name {file_name!r} is absolute; write it relative to the folder of this {METADATA_FILE}"
+    target = Path(os.path.normpath(base / file_name))
+    if not _is_within(target, root):
+        return f"file_name {file_name!r} points outside the data folder; keep images inside it"
+    if target in images:
+        return target
+    if not target.exists():
+        return f"file_name {file_name!r} does not exist (looked for {target})"
+    if not _is_within(target.resolve(), root.resolve()):
+        return (f"file_name {file_name!r} resolves outside the data folder through a symlink; "
+                "copy the image in")
+    return (f"file_name {file_name!r} is not an image the scan uses (supported: "
+            f"{', '.join(IMAGE_EXTENSIONS)}; names starting with '.' are skipped)")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Problems) -> tuple[str, int, str]:
+    """(folder label, repeats, fallback caption) for an image, from its nearest kohya `N_name` folder."""
+    folders = image.relative_to(root).parts[:-1]
+    for depth in range(len(folders), 0, -1):
+        match = _REPEAT_FOLDER.match(folders[depth - 1])
+        if match:
+            label = PurePosixPath(*folders[:depth]).as_posix()
+            repeats = int(match[1])
+            if repeats < 1:
+                problem = (f"{shown_root / label}: folder gives {repeats} repeats; kohya repeat folders are "
+                           f"named N_name with N >= 1 (e.g. 1_{match[2]}); rename it")
+                if problem not in problems.setup:
+                    problems.setup.append(problem)
+            return label, max(repeats, 1), match[2]
+    label = PurePosixPath(*folders).as_posix() if folders else "."
+    name = folders[-1] if folders else root.name
+    match = _REPEAT_FOLDER.match(name)
+    return label, 1, match[2] if match else name.replace("_", " ")
+
+
+def _root_name_warning(shown_root: Path, root: Path) -> list[str]:
+    match = _REPEAT_FOLDER.match(root.name)
+    if not match:
+        return []
+    return [f"the data folder itself is named {root.name!r}, but repeat counts come from folders inside "
+            f"it, so its images repeat once; pass its parent folder ({shown_root.parent}) to repeat them "
+            f"{match[1]} times"]
+
+
+def _checked_size(path: Path) -> tuple[int, int] | ImageProblem:
+    try:
+        return check_image(path)
+    except ImageProblem as problem:
+        return problem
+
+
+def _read_sidecar(path: Path) -> str | None:
+    """The caption in `path` (BOM and surrounding whitespace stripped), None if there is no such file."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read caption file {path.name} ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"caption file {path.name} is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8"
+        ) from e
+
+
+def _raise_if_problems(problems: _Problems, skip_bad_images: bool) -> None:
+    listed_files = [] if skip_bad_images else [_file_line(entry) for entry in problems.files]
+    lines = problems.setup + listed_files
+    if not lines:
+        return
+    shown = lines[:MAX_LISTED_PROBLEMS]
+    if len(lines) > len(shown):
+        shown.append(f"and {len(lines) - len(shown)} more")
+    fixes = []
+    if problems.setup:
+        fixes.append(
+            "Fix the metadata.jsonl lines and folder names above (--skip-bad-images does not skip them)."
+        )
+    if listed_files:
+        fixes.append("Fix or remove these files, or pass --skip-bad-images to skip them.")
+    body = "\n".join(f"  {line}" for line in shown)
+    heading = f"{_count(len(lines), 'problem', 'problems')} in the training data:"
+    raise UserError(f"{heading}\n{body}\n" + "\n".join(fixes))
+
+
+def _file_line(entry: tuple[Path, Path, str]) -> str:
+    _, shown, problem = entry
+    return f"{shown}: {problem}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd_lora.data.images import MIN_IMAGE_SIDE, ImageProblem, check_image, is_image_file, open_image, to_rgb
+from sd_lora.errors import UserError
+
+from .conftest import BLUE, RED, write_halves, write_image, write_text
+
+
+def pixel(img: Image.Image, xy=(0, 0)) -> tuple[int, int, int]:
+    return tuple(int(v) for v in img.getpixel(xy))
+
+
+def test_extensions_match_in_any_case():
+    assert [is_image_file(n) for n in ("a.PNG", "b.JpEg", "c.webp", "d.bmp", "e.jpg", "f.gif", "g.txt")] == [
+        True, True, True, True, True, False, False]
+
+
+def test_rgba_transparent_pixel_becomes_white(tmp_path):
+    img = Image.new("RGBA", (16, 16), (10, 20, 30, 255))
+    img.putpixel((0, 0), (10, 20, 30, 0))
+    img.putpixel((1, 0), (0, 0, 0, 128))
+    img.save(tmp_path / "a.png")
+    out = open_image(tmp_path / "a.png")
+    assert out.mode == "RGB"
+    assert pixel(out, (0, 0)) == (255, 255, 255)
+    assert pixel(out, (2, 0)) == (10, 20, 30)
+    assert pixel(out, (1, 0)) == (127, 127, 127)  # half-transparent black over white
+
+
+def test_la_composited_on_white(tmp_path):
+    img = Image.new("LA", (16, 16), (40, 255))
+    img.putpixel((0, 0), (40, 0))
+    img.save(tmp_path / "a.png")
+    out = open_image(tmp_path / "a.png")
+    assert (pixel(out, (0, 0)), pixel(out, (1, 0))) == ((255, 255, 255), (40, 40, 40))
+
+
+def test_palette_with_transparency_composited_on_white(tmp_path):
+    img = Image.new("P", (16, 16), 1)
+    img.putpalette([0, 0, 0, 200, 0, 0] + [0] * (254 * 3))
+    img.putpixel((0, 0), 0)
+    img.save(tmp_path / "a.png", transparency=0)
+    assert Image.open(tmp_path / "a.png").mode == "P"
+    out = open_image(tmp_path / "a.png")
+    assert (pixel(out, (0, 0)), pixel(out, (1, 0))) == ((255, 255, 255), (200, 0, 0))
+
+
+def test_palette_without_transparency(tmp_path):
+    img = Image.new("P", (16, 16), 1)
+    img.putpalette([0, 0, 0, 0, 90, 0] + [0] * (254 * 3))
+    img.save(tmp_path / "a.png")
+    assert pixel(open_image(tmp_path / "a.png")) == (0, 90, 0)
+
+
+@pytest.mark.parametrize("mode,value,expected", [("L", 77, (77, 77, 77)), ("1", 1, (255, 255, 255))])
+def test_grey_and_bilevel_to_rgb(tmp_path, mode, value, expected):
+    Image.new(mode, (16, 16), value).save(tmp_path / "a.png")
+    assert pixel(open_image(tmp_path / "a.png")) == expected
+
+
+def test_cmyk_jpeg_to_rgb(tmp_path):
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "a.jpg", quality=100)
+    assert Image.open(tmp_path / "a.jpg").mode == "CMYK"
+    r, g, b = pixel(open_image(tmp_path / "a.jpg"))
+    assert r > 240 and g < 15 and b < 15
+
+
+def test_16_bit_grey_scaled_not_clipped(tmp_path):
+    values = np.zeros((16, 16), np.uint16)
+    values[0, :4] = [65535, 32768, 0, 1000]
+    Image.fromarray(values).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    out = np.asarray(open_image(tmp_path / "a.png"))
+    assert out[0, :4, 0].tolist() == [255, 128, 0, 4]
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_32_bit_modes_scaled():
+    as_int = Image.fromarray(np.full((16, 16), 65535, np.int32))
+    assert as_int.mode == "I" and pixel(to_rgb(as_int)) == (255, 255, 255)
+    unit_float = Image.fromarray(np.full((16, 16), 0.5, np.float32))
+    assert unit_float.mode == "F" and pixel(to_rgb(unit_float)) == (128, 128, 128)
+    wide_float = Image.fromarray(np.full((16, 16), 200.0, np.float32))
+    assert pixel(to_rgb(wide_float)) == (200, 200, 200)
+
+
+def test_exif_orientation_applied(tmp_path):
+    # Stored 64x32 with red on the left; orientation 6 means "rotate 90 degrees clockwise to display",
+    # which puts the stored left edge at the top.
+    write_halves(tmp_path / "src.png", (64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(tmp_path / "src.png").save(tmp_path / "a.jpg", exif=exif, quality=95)
+    assert check_image(tmp_path / "a.jpg") == (32, 64)
+    out = open_image(tmp_path / "a.jpg")
+    assert out.size == (32, 64)
+    top, bottom = np.asarray(out)[8, 16], np.asarray(out)[56, 16]
+    assert top[0] > 200 and top[2] < 60, top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def test_check_image_returns_size(tmp_path):
+    assert check_image(write_image(tmp_path / "a.webp", (40, 24))) == (40, 24)
+
+
+def truncated(path, fmt):
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(buffer, format=fmt)
+    data = buffer.getvalue()
+    return write_text(path, data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda p: write_text(p / "a.png", b""), "image is empty (0 bytes)"),
+    (lambda p: truncated(p / "a.png", "PNG"), "cannot decode image (truncated file)"),
+    (lambda p: truncated(p / "a.jpg", "JPEG"), "cannot decode image (truncated file)"),
+    (lambda p: write_text(p / "a.png", "not an image at all"),
+     "not an image file (Pillow cannot identify it)"),
+    (lambda p: write_image(p / "a.png", (8, 8)),
+     f"image too small: 8x8 px (the minimum is {MIN_IMAGE_SIDE} px per side)"),
+])
+def test_check_image_problems(tmp_path, make, problem):
+    path = make(tmp_path)
+    with pytest.raises(ImageProblem) as caught:
+        check_image(path)
+    assert caught.value.problem == problem
+    assert isinstance(caught.value, UserError)
+    assert str(caught.value).startswith(f"{path}: {problem}")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_an_error(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "a.png", (40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageProblem, match="decompression bomb: 1600 pixels exceeds the limit of 1000"):
+        check_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # over twice the limit Pillow raises itself
+    with pytest.raises(ImageProblem, match="decompression bomb"):
+        check_image(path)
+
+
+def test_open_image_plain_rgb_unchanged(tmp_path):
+    out = open_image(write_halves(tmp_path / "a.png", (32, 16)))
+    assert out.mode == "RGB" and pixel(out, (0, 0)) == RED and pixel(out, (31, 0)) == BLUE

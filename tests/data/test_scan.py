@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sd_lora.data.scan import MAX_LISTED_PROBLEMS, dataset_metadata, scan_dataset
+from sd_lora.errors import UserError
+
+from .conftest import write_image, write_text
+
+
+def rel(result, root):
+    return [r.path.relative_to(root.resolve()).as_posix() for r in result.records]
+
+
+def test_recursive_sorted_hidden_skipped(tmp_path):
+    root = tmp_path / "data"
+    for name in ["b/z.png", "b/a.JPG", "a.webp", "c/d/e.bmp", ".hidden/x.png", "b/.x.png", "b/readme.md",
+                 "b/y.gif"]:
+        write_image(root / name, fmt="PNG")
+    result = scan_dataset(root)
+    assert rel(result, root) == ["a.webp", "b/a.JPG", "b/z.png", "c/d/e.bmp"]
+    record = result.records[1]
+    assert record.path.is_absolute() and (record.width, record.height) == (32, 32)
+
+
+def test_kohya_repeat_folders_and_folder_captions(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "10_zk char" / "a.png")
+    write_image(root / "10_zk char" / "outdoor" / "b.png")
+    write_image(root / "chars" / "3_me" / "c.png")
+    write_image(root / "10_zk char" / "2_closeup" / "f.png")  # the nearest repeat folder wins
+    write_image(root / "my_pets" / "d.png")
+    write_image(root / "e.png")
+    result = scan_dataset(root)
+    got = {r.path.name: (r.repeats, r.folder, r.caption, r.caption_source) for r in result.records}
+    assert got == {
+        "a.png": (10, "10_zk char", "zk char", "folder"),
+        "b.png": (10, "10_zk char", "zk char", "folder"),
+        "c.png": (3, "chars/3_me", "me", "folder"),
+        "d.png": (1, "my_pets", "my pets", "folder"),
+        "e.png": (1, ".", "data", "folder"),
+        "f.png": (2, "10_zk char/2_closeup", "closeup", "folder"),
+    }
+    assert result.warnings == [
+        "6 images have no caption file or metadata entry; using the folder name as caption "
+        f"(e.g. {root / '10_zk char' / '2_closeup' / 'f.png'} -> 'closeup')"
+    ]
+
+
+def test_zero_repeats_is_an_error_naming_the_folder(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "0_x" / "a.png")
+    write_image(root / "0_x" / "b.png")
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root, skip_bad_images=True)
+    message = str(caught.value)
+    assert f"{root / '0_x'}: folder gives 0 repeats" in message
+    assert message.count("0 repeats") == 1 and "rename it" in message
+
+
+def test_root_named_like_a_repeat_folder_warns(tmp_path):
+    root = tmp_path / "5_me"
+    write_image(root / "a.png")
+    result = scan_dataset(root)
+    assert result.records[0].repeats == 1 and result.records[0].caption == "me"
+    assert any("data folder itself is named '5_me'" in w for w in result.warnings)
+
+
+def test_caption_priority_sidecar_then_metadata_then_folder(tmp_path):
+    root = tmp_path / "data"
+    for name in "abc":
+        write_image(root / "1_cls" / f"{name}.png")
+    write_text(root / "1_cls" / "a.txt", "  from sidecar \n")
+    write_text(root / "1_cls" / "metadata.jsonl",
+               '{"file_name": "a.png", "text": "meta a"}\n\n{"file_name": "b.png", "text": " meta b "}\n')
+    result = scan_dataset(root)
+    got = [(r.caption, r.caption_source) for r in result.records]
+    assert got == [("from sidecar", "sidecar"), ("meta b", "metadata"), ("cls", "folder")]
+    assert result.warnings[0].startswith("1 image has no caption file")
+
+
+def test_metadata_in_parent_folder_names_nested_files(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "sub" / "deep" / "a.png")
+    write_text(root / "metadata.jsonl", json.dumps({"file_name": "sub/deep/a.png", "text": "deep one"}))
+    write_text(root / "sub" / "metadata.jsonl", "")
+    [record] = scan_dataset(root).records
+    assert (record.caption, record.caption_source) == ("deep one", "metadata")
+
+
+def test_custom_caption_extension_and_bom(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    write_text(root / "a.txt", "ignored")
+    write_text(root / "a.caption", b"\xef\xbb\xbfred, dress\r\n")
+    [record] = scan_dataset(root, caption_extension=".caption").records
+    assert (record.caption, record.caption_source) == ("red, dress", "sidecar")
+
+
+@pytest.mark.parametrize("extension", ["txt", ".", ".png"])
+def test_bad_caption_extension(tmp_path, extension):
+    write_image(tmp_path / "a.png")
+    with pytest.raises(UserError, match="caption extension"):
+        scan_dataset(tmp_path, caption_extension=extension)
+
+
+def test_empty_and_multiline_captions_warned(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_text(tmp_path / "a.txt", "  \n")
+    write_image(tmp_path / "b.png")
+    write_text(tmp_path / "b.txt", "one\ntwo")
+    result = scan_dataset(tmp_path)
+    assert [r.caption for r in result.records] == ["", "one\ntwo"]
+    assert [w.split(" (")[0] for w in result.warnings] == [
+        "1 caption file is empty", "1 caption file has more than one line"]
+
+
+def test_metadata_errors_name_file_and_line(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    jsonl = write_text(root / "metadata.jsonl", "\n".join([
+        '{"file_name": "a.png", "text": "ok"}',
+        '{"file_name": "a.png", "text": ',
+        '{"text": "no name"}',
+        '{"file_name": "a.png", "text": 5}',
+        '["a.png", "list"]',
+        '{"file_name": "a.png", "text": "again"}',
+        '{"file_name": "missing.png", "text": "x"}',
+    ]))
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root, skip_bad_images=True)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "6 problems in the training data:"
+    assert [line.strip().split(": ")[0] for line in lines[1:7]] == [f"{jsonl}:{n}" for n in range(2, 8)]
+    assert "invalid JSON" in lines[1] and "missing key 'file_name'" in lines[2]
+    assert "'text' must be a string, got 5" in lines[3] and "expected a JSON object" in lines[4]
+    assert f"already has a caption from {jsonl}:1" in lines[5] and "does not exist" in lines[6]
+    assert "--skip-bad-images does not skip them" in lines[-1]
+
+
+def test_metadata_paths_cannot_leave_the_root(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    outside = write_image(tmp_path / "outside" / "x.png")
+    os.symlink(outside.parent, root / ".escape")
+    write_text(root / "metadata.jsonl", "\n".join(json.dumps({"file_name": name, "text": "t"}) for name in [
+        "../outside/x.png", str(outside), ".escape/x.png", "sub/../../outside/x.png"]))
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root)
+    message = str(caught.value)
+    assert message.count("points outside the data folder") == 2
+    assert "metadata.jsonl:2: file_name" in message and "is absolute" in message
+    assert ("metadata.jsonl:3: file_name '.escape/x.png' resolves outside the data folder through a symlink"
+            in message)
+
+
+def test_symlink_loop_does_not_hang(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a" / "x.png")
+    os.symlink("..", root / "a" / "loop")
+    os.symlink(root / "a", root / "b")
+    result = scan_dataset(root)
+    assert rel(result, root) == ["a/x.png"]
+    assert any("same folder as one already scanned" in w for w in result.warnings)
+
+
+def make_bad_files(root):
+    write_image(root / "ok.png")
+    write_text(root / "empty.png", b"")
+    write_text(root / "text.png", "hello")
+    good = write_image(root / "trunc.jpg", (64, 64))
+    good.write_bytes(good.read_bytes()[:200])
+    write_image(root / "cap.png")
+    write_text(root / "cap.txt", b"caf\xe9")
+
+
+def test_bad_files_reported_together(tmp_path):
+    root = tmp_path / "data"
+    make_bad_files(root)
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root)
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        "4 problems in the training data:",
+        f"  {root / 'cap.png'}: caption file cap.txt is not valid UTF-8 (unexpected end of data at byte 3); "
+        "re-save it as UTF-8",
+        f"  {root / 'empty.png'}: image is empty (0 bytes)",
+        f"  {root / 'text.png'}: not an image file (Pillow cannot identify it)",
+        f"  {root / 'trunc.jpg'}: cannot decode image (truncated file)",
+        "Fix or remove these files, or pass --skip-bad-images to skip them.",
+    ]
+
+
+def test_skip_bad_images(tmp_path):
+    root = tmp_path / "data"
+    make_bad_files(root)
+    result = scan_dataset(root, skip_bad_images=True)
+    assert rel(result, root) == ["ok.png"]
+    assert [(p.relative_to(root).as_posix(), problem) for p, problem in result.skipped] == [
+        ("cap.png", "caption file cap.txt is not valid UTF-8 (unexpected end of data at byte 3); "
+                    "re-save it as UTF-8"),
+        ("empty.png", "image is empty (0 bytes)"),
+        ("text.png", "not an image file (Pillow cannot identify it)"),
+        ("trunc.jpg", "cannot decode image (truncated file)"),
+    ]
+    assert result.warnings[-1].startswith("skipped 4 bad files (--skip-bad-images)")
+
+
+def test_broken_symlink_is_a_bad_file(tmp_path):
+    write_image(tmp_path / "a.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "b.png")
+    with pytest.raises(UserError, match=r"b\.png: broken symlink"):
+        scan_dataset(tmp_path)
+
+
+def test_all_images_bad(tmp_path):
+    write_text(tmp_path / "a.png", b"")
+    with pytest.raises(UserError, match=r"no usable images \(1 bad file, e.g. .*a.png: image is empty"):
+        scan_dataset(tmp_path, skip_bad_images=True)
+
+
+def test_problem_list_is_capped(tmp_path):
+    for i in range(MAX_LISTED_PROBLEMS + 5):
+        write_text(tmp_path / f"{i:03d}.png", b"")
+    with pytest.raises(UserError) as caught:
+        scan_dataset(tmp_path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{MAX_LISTED_PROBLEMS + 5} problems in the training data:"
+    assert len(lines) == MAX_LISTED_PROBLEMS + 3 and lines[-2] == "  and 5 more"
+
+
+def test_root_problems(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        scan_dataset(write_text(tmp_path / "f.txt", "x"))
+    write_text(tmp_path / "empty" / "notes.txt", "x")
+    with pytest.raises(UserError, match=r"no images found \(looked for .png, .jpg, .jpeg, .webp, .bmp"):
+        scan_dataset(tmp_path / "empty")
+
+
+def test_dataset_metadata(tmp_path):
+    root = tmp_path / "data"
+    for name, caption in [("a", "zk, Red hair, smile"), ("b", "zk, red hair,"), ("c", "zk")]:
+        write_image(root / "3_zk" / f"{name}.png")
+        write_text(root / "3_zk" / f"{name}.txt", caption)
+    write_image(root / "reg" / "r.png")
+    meta = dataset_metadata(scan_dataset(root).records)
+    assert json.loads(meta["ss_tag_frequency"]) == {
+        "3_zk": {"zk": 3, "red hair": 2, "smile": 1},
+        "reg": {"reg": 1},
+    }
+    assert json.loads(meta["ss_dataset_dirs"]) == {
+        "3_zk": {"n_repeats": 3, "img_count": 3},
+        "reg": {"n_repeats": 1, "img_count": 1},
+    }
+    assert meta["ss_num_train_images"] == "10"
+    assert all(isinstance(v, str) for v in meta.values())
