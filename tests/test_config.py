@@ -129,3 +129,14 @@ def test_metadata_keys_come_from_declarations(tmp_path):
 def test_every_option_has_help():
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"].strip(), f.name
+
+
+@pytest.mark.parametrize("name", ["sd15-character.toml", "sd15-style.toml"])
+def test_shipped_example_configs_validate(tmp_path, monkeypatch, name):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # their relative paths (sample prompts) are relative to the repo root
+    c = load_config(["--config", f"configs/{name}", "--data", str(tmp_path)])
+    assert c.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert c.lr_scheduler.startswith("cosine") and c.min_snr_gamma == 5.0

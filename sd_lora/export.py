@@ -1,0 +1,74 @@
+"""Write the trained LoRA as a portable kohya/WebUI `.safetensors` with its metadata.
+
+This is where training facts (config, dataset, model family, progress) meet the file format: the
+format module itself (`formats.kohya`) knows nothing about training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .formats.kohya import save_lora_file, to_kohya_state_dict
+from .formats.modelspec import family_metadata
+from .lora.inject import lora_weights
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def lora_components(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict:
+    """{component: {module path: LoraModuleWeights}} for every module that carries LoRA."""
+    components = {"unet": lora_weights(unet)}
+    if text_encoder is not None:
+        components["text_encoder"] = lora_weights(text_encoder)
+    return components
+
+
+def training_metadata(
+    config: TrainConfig,
+    *,
+    family: str,
+    prediction_type: str,
+    dataset_metadata: dict[str, str],
+    started_at: float,
+    step: int,
+    epoch: int,
+) -> dict[str, str]:
+    """All metadata strings for one saved file: options, dataset, family/modelspec, progress."""
+    resolution = (config.resolution, config.resolution)
+    meta = config.ss_metadata()
+    meta.update(dataset_metadata)
+    meta.update(
+        family_metadata(
+            family=family,
+            prediction_type=prediction_type,
+            resolution=resolution,
+            title=config.output_name,
+            date=datetime.fromtimestamp(started_at, tz=timezone.utc),
+        )
+    )
+    meta.update(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_args": json.dumps({"targets": config.targets, "train_text_encoder": config.train_text_encoder}),
+            "ss_resolution": str(resolution),
+            "ss_training_started_at": str(started_at),
+            "ss_training_finished_at": str(time.time()),
+            "ss_steps": str(step),
+            "ss_epoch": str(epoch),
+            "ss_text_encoder_trained": str(config.train_text_encoder),  # kohya writes it implicitly via network_train_*_only
+            "sd_lora_config": json.dumps(config.to_dict(), default=str),
+        }
+    )
+    return meta
+
+
+def export_lora(path: Path, components: dict, metadata: dict[str, str], save_precision: str) -> Path:
+    """Kohya tensors in `save_precision`, metadata plus `sshs_model_hash`, written atomically."""
+    state = to_kohya_state_dict(components, dtype=SAVE_DTYPES[save_precision])
+    return save_lora_file(path, state, metadata)

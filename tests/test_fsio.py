@@ -1,0 +1,47 @@
+"""Atomic writes: the previous file survives any failure before the rename."""
+
+import os
+import stat
+
+import pytest
+
+from sd_lora import fsio
+
+
+def test_writes_and_replaces(tmp_path):
+    target = tmp_path / "sub" / "f.bin"
+    fsio.atomic_write_bytes(target, b"one")
+    fsio.atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["f.bin"]  # no temporary left behind
+
+
+def test_failure_mid_write_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "lora.safetensors"
+    fsio.atomic_write_bytes(target, b"previous")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsio.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        fsio.atomic_write_bytes(target, b"new but never finished")
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+def test_interrupt_mid_write_cleans_up(tmp_path, monkeypatch):
+    target = tmp_path / "x.txt"
+    monkeypatch.setattr(fsio.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fsio.atomic_write_text(target, "hello")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_permissions_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = fsio.atomic_write_bytes(tmp_path / "p", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

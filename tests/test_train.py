@@ -1,0 +1,165 @@
+"""The real CLI end to end on tiny models: files, grids, metadata, config, metrics, exactness, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sd_lora.config import load_config
+from sd_lora.train import main, run
+
+FAST = ["--resolution", "32", "--batch-size", "2", "--sample-steps", "2", "--sample-seeds", "1", "--rank", "4"]
+
+
+def train_args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--model", str(model), "--output-dir", str(out), *FAST, *extra]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--sample-every", "2", "--save-every", "2",
+                      "--output-name", "zk", "--training-comment", "e2e test")
+    proc = subprocess.run([sys.executable, "-m", "sd_lora.train", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Summary before training, and the final line.
+    assert "images: 6 (12 per epoch with repeats)" in proc.stdout
+    assert "total steps: 4" in proc.stdout and "trainable parameters:" in proc.stdout
+    assert f"done: {out / 'zk.safetensors'}" in proc.stdout
+    # Files: final + intermediate LoRA, grids at 0, every 2 steps and the end, config, metrics.
+    assert (out / "zk.safetensors").is_file() and (out / "zk-step00000002.safetensors").is_file()
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["zk-step00000000.png", "zk-step00000002.png", "zk-step00000004.png"]
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["resolution"] == 32 and config["output-name"] == "zk" and config["prediction-type"] == "epsilon"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "elapsed", "epoch"} <= m.keys() and m["loss"] > 0 for m in metrics)
+    # The file: kohya keys only, fp16 by default, metadata.
+    with safe_open(str(out / "zk.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        assert f.get_tensor(next(k for k in keys if k.endswith("lora_up.weight"))).dtype == torch.float16
+    assert len(keys) == 48 * 3 and all(k.startswith("lora_unet_") for k in keys)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "zk"
+    assert meta["ss_training_comment"] == "e2e test"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 2, "img_count": 6}}
+    assert json.loads(meta["ss_tag_frequency"])["2_zkchar"]["zkchar"] == 6
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "32x32"
+
+
+def _unet_and_te_outputs(unet, text_encoder, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    ids = torch.randint(0, 600, (2, 77), generator=g)
+    with torch.no_grad():
+        hidden = text_encoder(ids).last_hidden_state
+        noise_pred = unet(latents, torch.tensor([10, 700]), hidden).sample
+    return noise_pred, hidden
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_v_model_dir"])
+def test_exported_file_reproduces_trained_model_in_diffusers(request, model_fixture, tiny_dataset, tmp_path):
+    """After real training steps (U-Net + text encoder), diffusers' load_lora_weights on the exported fp32
+    file gives the trained model's outputs, and so does merging W + (alpha/r) up @ down by hand."""
+    from diffusers import StableDiffusionPipeline
+
+    model_dir = request.getfixturevalue(model_fixture)
+    config = load_config(train_args(tiny_dataset, model_dir, tmp_path / "out", "--max-steps", "5", "--train-text-encoder",
+                                    "--learning-rate", "5e-2", "--alpha", "2", "--save-precision", "fp32", "--sample-every", "0"))
+    result = run(config)
+    result.unet.eval(), result.text_encoder.eval()
+    trained = _unet_and_te_outputs(result.unet, result.text_encoder)
+
+    base = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    untouched = _unet_and_te_outputs(base.unet, base.text_encoder)
+    assert (trained[0] - untouched[0]).abs().max() > 1e-3  # training really changed both models
+    assert (trained[1] - untouched[1]).abs().max() > 1e-3
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(result.path.parent), weight_name=result.path.name)
+    loaded = _unet_and_te_outputs(pipe.unet, pipe.text_encoder)
+    assert (loaded[0] - trained[0]).abs().max() < 1e-4
+    assert (loaded[1] - trained[1]).abs().max() < 1e-4
+
+    merged = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    _merge_kohya_by_hand(merged, result.path)
+    by_hand = _unet_and_te_outputs(merged.unet, merged.text_encoder)
+    assert (by_hand[0] - trained[0]).abs().max() < 1e-4
+    assert (by_hand[1] - trained[1]).abs().max() < 1e-4
+
+
+def _merge_kohya_by_hand(pipe, path: Path) -> None:
+    """W += (alpha / r) * up @ down for every module in the file, resolved by name against the modules."""
+    names = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+        module = getattr(pipe, component)
+        for module_path, m in module.named_modules():
+            full = module_path if component == "unet" or module_path.startswith("text_model.") else "text_model." + module_path
+            names[prefix + full.replace(".", "_")] = m
+    with safe_open(str(path), "pt") as f:
+        bases = {k.split(".")[0] for k in f.keys()}
+        assert bases <= names.keys()
+        for name in bases:
+            down, up = f.get_tensor(f"{name}.lora_down.weight"), f.get_tensor(f"{name}.lora_up.weight")
+            alpha, rank = f.get_tensor(f"{name}.alpha").item(), down.shape[0]
+            delta = (up.flatten(1) @ down.flatten(1)) * (alpha / rank)
+            weight = names[name].weight
+            with torch.no_grad():
+                weight += delta.reshape(weight.shape)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_keeps_lora_in_fp32(tiny_dataset, tiny_model_dir, tmp_path):
+    config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "2",
+                                    "--mixed-precision", "bf16", "--sample-every", "0", "--gradient-checkpointing"))
+    result = run(config)
+    lora = [p for n, p in result.unet.named_parameters() if "lora_" in n]
+    base = [p for n, p in result.unet.named_parameters() if "lora_" not in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(p.dtype == torch.bfloat16 for p in base)
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_counts_optimizer_steps(tiny_dataset, tiny_model_dir, tmp_path):
+    # 6 images x 2 repeats, batch 2 -> 6 batches per epoch (one bucket each); accumulation 4 -> 2 steps/epoch.
+    config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--epochs", "2",
+                                    "--gradient-accumulation-steps", "4", "--sample-every", "0", "--no-buckets"))
+    result = run(config)
+    assert result.state.step == 4 and result.state.epoch == 2
+
+
+def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    cases = [
+        ([], "--model is required for now"),
+        (["--model", str(tmp_path)], "not a diffusers model folder"),
+        (["--model", str(tiny_model_dir), "--mixed-precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--model", str(tiny_model_dir), "--resolution", "30"], "--resolution 30 must be a multiple of 4"),
+        (["--model", str(tiny_model_dir), "--optimizer", "adamw8bit", "--max-steps", "1"], "adamw8bit"),
+        (["--model", str(tiny_model_dir), "--xformers", "--max-steps", "1"], "--xformers needs the xformers package"),
+    ]
+    for extra, message in cases:
+        code = main(["--data", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), "--sample-every", "0", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (extra, err)
+        assert "Traceback" not in err
+
+
+def test_bad_images_are_listed_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    folder = tiny_dataset / "2_zkchar"
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (folder / "empty.jpg").write_bytes(b"")
+    code = main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--sample-every", "0"))
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.png" in err and "empty.jpg" in err and "--skip-bad-images" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained
