@@ -8,6 +8,10 @@ contract it follows is /work/shared/reference/lora-format.md:
   module, and every `<name>` starts with `lora_unet_`, `lora_te_`, `lora_te1_` or `lora_te2_`;
 - `<name>` = prefix + module path with `.` -> `_`; text encoder paths always in the nested Hugging Face form
   (`text_model.encoder.layers.N...`), even from a flattened transformers >= 5.6 `CLIPTextModel`;
+- SDXL: the U-Net module path is the original SGM one (`input_blocks.4.1...`, as kohya writes it), the text
+  encoders are `text_encoder_1` (`lora_te1_`) and `text_encoder_2` (`lora_te2_`). Callers pass
+  `sgm_paths=formats.sgm.sgm_module_map(unet)` to every naming function; without it U-Net names are the
+  diffusers paths (SD1.x / SD2.x);
 - `delta_W = (alpha / r) * up @ down`; a missing alpha means alpha = r;
 - `sshs_model_hash` is the sha256 of the tensor-data bytes (what follows the 8-byte length and JSON header).
 
@@ -22,6 +26,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,8 +35,8 @@ from sd_lora.errors import UserError
 from sd_lora.fsio import atomic_write_bytes
 from sd_lora.lora.inject import LoraModuleWeights
 
-# Component name (as in a diffusers pipeline) -> kohya key prefix.
-# SDXL (later): text_encoder_1/_2 names are final; its U-Net needs SGM block names, not implemented yet.
+# Component name (as in a diffusers pipeline) -> kohya key prefix. SDXL uses unet + text_encoder_1/_2, and
+# SGM names for the U-Net (the `sgm_paths` argument below).
 COMPONENT_PREFIXES = {
     "unet": "lora_unet",
     "text_encoder": "lora_te",
@@ -46,25 +51,38 @@ _FLATTENED_CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
 _KEY_RE = re.compile(r"(lora_(?:unet|te|te1|te2)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 
 
-def kohya_module_name(component: str, module_path: str) -> str:
+def kohya_module_name(component: str, module_path: str, *, sgm_paths: Mapping[str, str] | None = None) -> str:
     """`("unet", "down_blocks.0.attentions.0.proj_in")` -> `"lora_unet_down_blocks_0_attentions_0_proj_in"`.
 
     Text encoders: a flattened `CLIPTextModel` path (`encoder.layers.0.self_attn.q_proj`) gets its
     `text_model.` back, as every loader expects `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
+
+    SDXL: with `sgm_paths` (diffusers U-Net path -> SGM path, from `formats.sgm.sgm_module_map(unet)`) a
+    "unet" path is written under its SGM name: `down_blocks.1.attentions.0.proj_in` ->
+    `lora_unet_input_blocks_4_1_proj_in`. A U-Net path missing from `sgm_paths` raises `ValueError`.
     """
     if component not in COMPONENT_PREFIXES:
         raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENT_PREFIXES)}")
+    if component == "unet" and sgm_paths is not None:
+        if module_path not in sgm_paths:
+            raise ValueError(
+                f"U-Net module {module_path!r} has no entry in sgm_paths; build them with "
+                "sd_lora.formats.sgm.sgm_module_map(unet) from the same U-Net"
+            )
+        module_path = sgm_paths[module_path]
     if component != "unet" and module_path.startswith(_FLATTENED_CLIP_ROOTS):
         module_path = "text_model." + module_path
     return f"{COMPONENT_PREFIXES[component]}_{module_path.replace('.', '_')}"
 
 
-def _names_to_paths(module_paths: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+def _names_to_paths(
+    module_paths: dict[str, list[str]], sgm_paths: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, str]]:
     """kohya name -> (component, module path); refuses two paths that collapse onto one name."""
     lookup: dict[str, tuple[str, str]] = {}
     for component, paths in module_paths.items():
         for path in paths:
-            name = kohya_module_name(component, path)
+            name = kohya_module_name(component, path, sgm_paths=sgm_paths)
             if name in lookup and lookup[name] != (component, path):
                 raise ValueError(f"{lookup[name]} and {(component, path)} both map to the kohya name {name}")
             lookup[name] = (component, path)
@@ -72,19 +90,25 @@ def _names_to_paths(module_paths: dict[str, list[str]]) -> dict[str, tuple[str, 
 
 
 def to_kohya_state_dict(
-    components: dict[str, dict[str, LoraModuleWeights]], dtype: torch.dtype = torch.float32
+    components: dict[str, dict[str, LoraModuleWeights]],
+    dtype: torch.dtype = torch.float32,
+    *,
+    sgm_paths: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`{"unet": {path: weights}, "text_encoder": {...}}` -> the flat kohya state dict, ready to save.
+
+    SDXL: `{"unet": ..., "text_encoder_1": ..., "text_encoder_2": ...}` with
+    `sgm_paths=sgm_module_map(unet)`, so U-Net modules get kohya's SGM names (see `kohya_module_name`).
 
     `down`/`up` are stored in `dtype` (contiguous CPU copies). `alpha` is always stored as a float32 0-d
     tensor, whatever `dtype`: loaders read it with `.item()`, and an alpha like 0.3 would be rounded in
     fp16/bf16, silently changing the LoRA's scale (kohya itself stores alpha in the save dtype).
     """
-    _names_to_paths({c: list(w) for c, w in components.items()})  # collision check
+    _names_to_paths({c: list(w) for c, w in components.items()}, sgm_paths)  # collision check
     state: dict[str, torch.Tensor] = {}
     for component in sorted(components):
         for path, w in sorted(components[component].items()):
-            name = kohya_module_name(component, path)
+            name = kohya_module_name(component, path, sgm_paths=sgm_paths)
             if w.down.ndim not in (2, 4) or w.up.ndim != w.down.ndim or w.down.shape[0] != w.up.shape[1]:
                 raise ValueError(
                     f"{component} {path}: down {list(w.down.shape)} and up {list(w.up.shape)} are not a LoRA pair "
@@ -102,15 +126,20 @@ def _to_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def from_kohya_state_dict(
-    state: dict[str, torch.Tensor], module_paths: dict[str, list[str]], *, source: str = "LoRA file"
+    state: dict[str, torch.Tensor],
+    module_paths: dict[str, list[str]],
+    *,
+    source: str = "LoRA file",
+    sgm_paths: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, LoraModuleWeights]]:
     """The inverse of `to_kohya_state_dict`, resolved by name against each component's known module paths.
 
     `module_paths` is e.g. `{"unet": unet_target_modules(unet), "text_encoder": [...]}`. Returns one dict per
-    component in `module_paths` (empty when the file has nothing for it). `source` (the file path) names the
-    file in error messages.
+    component in `module_paths` (empty when the file has nothing for it), keyed by the diffusers module paths
+    (also for SDXL: pass `sgm_paths` from `sgm_module_map` of the same U-Net architecture). `source` (the file
+    path) names the file in error messages.
     """
-    lookup = _names_to_paths(module_paths)
+    lookup = _names_to_paths(module_paths, sgm_paths)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state.items():

@@ -4,7 +4,7 @@ Tests (and the interim demo) load these folders through exactly the code path a 
 so nothing is downloaded. The architectures are the real ones (`UNet2DConditionModel`, `AutoencoderKL`,
 `CLIPTextModel`, a CLIP BPE tokenizer), only narrow and shallow.
 
-    python -m sd_lora.models.tiny OUT_DIR [--family sd1|sd2|sd2-v] [--seed 0]
+    python -m sd_lora.models.tiny OUT_DIR [--family sd1|sd2|sd2-v|sdxl] [--seed 0]
 """
 
 from __future__ import annotations
@@ -185,13 +185,141 @@ def save_tiny_model(directory: Path, family: str = "sd1", seed: int = 0) -> Path
     return directory
 
 
+# Tiny SDXL widths. The two text encoders differ in width (and depth), so a LoRA written for one cannot
+# silently load into the other.
+SDXL_TEXT_ENCODER_1_HIDDEN = 32  # CLIPTextModel, quick_gelu, 3 layers (ViT-L's role)
+SDXL_TEXT_ENCODER_2_HIDDEN = 48  # CLIPTextModelWithProjection, gelu, 4 layers (bigG's role)
+SDXL_POOLED_DIM = 32  # TE2 projection_dim: the pooled text embedding the U-Net's add_embedding reads
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of the 6 micro-conditioning values -> 8 features
+TINY_SDXL_UNET_CONFIG = dict(  # SDXL base's layout (model-configs.md) with 2 of its 3 levels, narrow
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=SDXL_TEXT_ENCODER_1_HIDDEN + SDXL_TEXT_ENCODER_2_HIDDEN,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    norm_num_groups=8,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
+)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", tokenizer_dir: Path | None = None):
+    """A `StableDiffusionXLPipeline` with the SDXL architecture, a few MB in size.
+
+    Like SDXL base: two text encoders (`CLIPTextModel` + `CLIPTextModelWithProjection`) whose penultimate
+    hidden states are concatenated (cross_attention_dim = 32 + 48), "text_time" micro-conditioning
+    (projection_class_embeddings_input_dim = 6 * 8 + pooled 32), linear proj_in/out, a first down block
+    without attention and a deeper transformer in the second (transformer_layers_per_block (1, 2)), and an
+    Euler scheduler with SDXL's betas. `tokenizer_dir` (optional) holds `tokenizer/` and `tokenizer_2/`, written
+    there when missing; TE2's tokenizer pads with "!" as SDXL's does.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if tokenizer_dir is None:
+        import tempfile
+
+        tokenizer_dir = Path(tempfile.mkdtemp(prefix="sd_lora_sdxl_tok_"))
+    tokenizer_dir = Path(tokenizer_dir)
+    for sub, pad in (("tokenizer", None), ("tokenizer_2", "!")):
+        if not (tokenizer_dir / sub / "vocab.json").is_file():
+            write_clip_tokenizer(tokenizer_dir / sub)
+            if pad is not None:
+                _set_pad_token(tokenizer_dir / sub, pad)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir / "tokenizer_2"))
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.13025,  # SDXL's VAE
+    )
+
+    def clip_config(tok, hidden: int, layers: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act=act,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            projection_dim=SDXL_POOLED_DIM,
+        )
+
+    text_encoder = CLIPTextModel(clip_config(tokenizer, SDXL_TEXT_ENCODER_1_HIDDEN, 3, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, SDXL_TEXT_ENCODER_2_HIDDEN, 4, "gelu"))
+    scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler config
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def _set_pad_token(directory: Path, pad_token: str) -> None:
+    """Rewrite the pad token in the tokenizer files `write_clip_tokenizer` wrote."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / name
+        config = json.loads(path.read_text())
+        config["pad_token"] = pad_token
+        path.write_text(json.dumps(config, indent=2))
+
+
+def save_tiny_sdxl_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build a tiny SDXL pipeline and save it as a diffusers folder (safetensors weights)."""
+    directory = Path(directory)
+    pipe = build_tiny_sdxl_pipeline(seed, prediction_type)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+CLI_FAMILIES = FAMILIES + ("sdxl",)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sd_lora.models.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--family", choices=FAMILIES, default="sd1")
+    parser.add_argument("--family", choices=CLI_FAMILIES, default="sd1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    save_tiny_model(args.output_dir, args.family, args.seed)
+    if args.family == "sdxl":
+        save_tiny_sdxl_model(args.output_dir, args.seed)
+    else:
+        save_tiny_model(args.output_dir, args.family, args.seed)
     print(f"tiny {args.family} model written to {args.output_dir}")
 
 
