@@ -9,6 +9,7 @@ training starts rather than an hour into it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def _decode_upright(path: Path) -> Image.Image:
     except UnidentifiedImageError as e:
         raise ImageProblem(path, "not an image file (Pillow cannot identify it)") from e
     except Image.DecompressionBombError as e:
-        raise ImageProblem(path, f"decompression bomb: {e}") from e
+        sizes = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))  # Pillow's message has both
+        raise ImageProblem(path, _bomb(*map(int, sizes.groups())) if sizes else f"decompression bomb: {e}") from e
     except Exception as e:  # OSError with an errno is the file system; anything else is the image data
         raise ImageProblem(path, _describe(e)) from e
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning would scroll by unnoticed, so
@@ -60,7 +62,7 @@ def _decode_upright(path: Path) -> Image.Image:
     pixels = img.width * img.height
     if limit is not None and pixels > limit:
         img.close()
-        raise ImageProblem(path, f"decompression bomb: {pixels} pixels exceeds the limit of {limit}")
+        raise ImageProblem(path, _bomb(pixels, limit))
     try:
         with img:
             img.load()
@@ -70,6 +72,11 @@ def _decode_upright(path: Path) -> Image.Image:
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... for bad data
         raise ImageProblem(path, _describe(e)) from e
     return upright
+
+
+def _bomb(pixels: int, limit: int) -> str:
+    return (f"decompression bomb: {pixels} pixels exceeds the limit of {limit} "
+            "(Pillow's guard against huge or malicious files); downscale the image")
 
 
 def _describe(error: Exception) -> str:

@@ -16,6 +16,7 @@ import torch
 from ..errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -50,11 +51,11 @@ class BaseModel:
 
 def _check_local_folder(path: Path) -> None:
     if path.is_file():
-        hint = (
-            "single-file checkpoints (.safetensors/.ckpt) are not supported yet; pass a diffusers folder "
-            "(model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hugging Face id"
-        )
-        raise UserError(f"--model {path}: {hint}")
+        folder = "a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            raise UserError(f"--model {path}: single-file checkpoints ({'/'.join(CHECKPOINT_SUFFIXES)}) are not "
+                            f"supported yet; pass {folder} or a Hugging Face id")
+        raise UserError(f"--model {path}: is a file, not a model; pass {folder} or a Hugging Face id")
     if not (path / "model_index.json").is_file():
         raise UserError(
             f"--model {path}: not a diffusers model folder (no model_index.json). Pass the folder that holds "
@@ -63,6 +64,21 @@ def _check_local_folder(path: Path) -> None:
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise UserError(f"--model {path}: the diffusers folder lacks {', '.join(m + '/' for m in missing)}; it is incomplete or not a Stable Diffusion model")
+
+
+def _read_model_index(path: Path) -> dict:
+    index = path / "model_index.json"
+    try:
+        model_index = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--model {path}: {index.name} is not valid JSON ({e}); the download may be incomplete, "
+                        "fetch the model again") from None
+    except OSError as e:
+        raise UserError(f"--model {path}: cannot read {index.name} ({e.strerror or e})") from None
+    if not isinstance(model_index, dict):
+        raise UserError(f"--model {path}: {index.name} should hold a JSON object, not {type(model_index).__name__}; "
+                        "the folder is not a diffusers model")
+    return model_index
 
 
 def detect_family(unet_config: dict, model_index: dict, where: str) -> str:
@@ -87,18 +103,21 @@ def load_base_model(name: str, *, prediction_type: str | None = None) -> BaseMod
     if path.exists():
         _check_local_folder(path)
         source = str(path)
-        model_index = json.loads((path / "model_index.json").read_text())
+        model_index = _read_model_index(path)
     elif _HUB_ID.match(name):
         source = name
         model_index = {}
     else:
         raise UserError(f"--model {name}: no such folder, and not a Hugging Face id of the form 'org/name'")
 
+    fix = ("the folder is incomplete or damaged; download the model again" if path.exists() else
+           "check the id, your network and, for gated models, your Hugging Face login; or pass a local diffusers folder")
+
     def load(cls, sub):
         try:
             return cls.from_pretrained(source, subfolder=sub)
         except OSError as e:  # missing files, no network for a Hub id, gated repo ...
-            raise UserError(f"--model {name}: cannot load {sub}/ ({str(e).splitlines()[0]})") from None
+            raise UserError(f"--model {name}: cannot load {sub}/ ({str(e).splitlines()[0].strip().rstrip('.')}); {fix}") from None
 
     unet = load(UNet2DConditionModel, "unet")
     family = detect_family(dict(unet.config), model_index, name)
