@@ -44,10 +44,13 @@ def option(
     ss: str | None = None,
     metavar: str | None = None,
     group: str = "training",
+    fixed: bool = False,
 ) -> Any:
-    """Declare one option. `ss` names the kohya metadata key it is saved under, if any."""
+    """Declare one option. `ss` names the kohya metadata key it is saved under, if any; `fixed` options
+    cannot change when a run is resumed (the saved state would not fit them)."""
     meta = dict(
-        help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, ss=ss, metavar=metavar, group=group
+        help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, ss=ss, metavar=metavar, group=group,
+        fixed=fixed,
     )
     return field(default=default, metadata=meta)
 
@@ -55,17 +58,17 @@ def option(
 @dataclass
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------------
-    data: Path | None = option(None, "Folder of captioned images (kohya `N_name` repeat folders allowed).", group="data")
+    data: Path | None = option(None, "Folder of captioned images (kohya `N_name` repeat folders allowed).", group="data", fixed=True)
     caption_extension: str = option(".txt", "Extension of sidecar caption files.", group="data")
     skip_bad_images: bool = option(False, "Skip (and count) unreadable images instead of stopping.", group="data")
     resolution: int | None = option(
         None, "Training resolution in pixels (bucket area is about resolution^2). Default: the model's native size.",
-        min=8, max=4096, ss="ss_resolution", group="data",
+        min=8, max=4096, ss="ss_resolution", group="data", fixed=True,
     )
-    buckets: bool = option(True, "Aspect-ratio bucketing; --no-buckets trains on square centre crops.", ss="ss_enable_bucket", group="data")
-    min_bucket_side: int | None = option(None, "Smallest bucket side in px. Default: resolution/2.", min=8, ss="ss_min_bucket_reso", group="data")
-    max_bucket_side: int | None = option(None, "Largest bucket side in px. Default: resolution*2.", min=8, ss="ss_max_bucket_reso", group="data")
-    no_upscale: bool = option(False, "Never upscale small images; they get a bucket that fits inside them.", ss="ss_bucket_no_upscale", group="data")
+    buckets: bool = option(True, "Aspect-ratio bucketing; --no-buckets trains on square centre crops.", ss="ss_enable_bucket", group="data", fixed=True)
+    min_bucket_side: int | None = option(None, "Smallest bucket side in px. Default: resolution/2.", min=8, ss="ss_min_bucket_reso", group="data", fixed=True)
+    max_bucket_side: int | None = option(None, "Largest bucket side in px. Default: resolution*2.", min=8, ss="ss_max_bucket_reso", group="data", fixed=True)
+    no_upscale: bool = option(False, "Never upscale small images; they get a bucket that fits inside them.", ss="ss_bucket_no_upscale", group="data", fixed=True)
     random_crop: bool = option(False, "Random instead of centre crops (needs fresh pixels each step: no latent cache).", ss="ss_random_crop", group="data")
     flip: bool = option(False, "Random horizontal flips (both variants are cached).", ss="ss_flip_aug", group="data")
     shuffle_tags: bool = option(False, "Shuffle comma-separated caption tags every step.", ss="ss_shuffle_caption", group="data")
@@ -76,30 +79,30 @@ class TrainConfig:
     )
     num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
-    model: str | None = option(None, "Base model: a Hugging Face id or a local diffusers folder (SD1.x / SD2.x).", ss="ss_sd_model_name", group="model")
-    prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model")
-    clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model")
+    model: str | None = option(None, "Base model: a Hugging Face id or a local diffusers folder (SD1.x / SD2.x).", ss="ss_sd_model_name", group="model", fixed=True)
+    prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model", fixed=True)
+    clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
     mixed_precision: str = option("no", "Compute precision of the frozen base model (fp16 needs a CUDA GPU).", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
     xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", ss="ss_gradient_checkpointing", group="model")
     # --- LoRA ---------------------------------------------------------------------------------------
-    rank: int = option(16, "LoRA rank (network dim).", min=1, max=1024, ss="ss_network_dim", group="lora")
-    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora")
+    rank: int = option(16, "LoRA rank (network dim).", min=1, max=1024, ss="ss_network_dim", group="lora", fixed=True)
+    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora", fixed=True)
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.", min=0, max=1, ss="ss_network_dropout", group="lora")
-    targets: str = option("attn-mlp", "U-Net modules that get LoRA.", choices=TARGET_PRESETS, group="lora")
-    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder (six linears per layer).", group="lora")
+    targets: str = option("attn-mlp", "U-Net modules that get LoRA.", choices=TARGET_PRESETS, group="lora", fixed=True)
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder (six linears per layer).", group="lora", fixed=True)
     # --- optimisation -------------------------------------------------------------------------------
-    seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed")
-    batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device")
+    seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed", fixed=True)
+    batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device", fixed=True)
     max_steps: int | None = option(None, "Optimizer steps to train (overrides --epochs when both are set in one place).", min=1, ss="ss_max_train_steps")
     epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given).", min=1, ss="ss_num_epochs")
     learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
     lr_warmup_steps: int = option(0, "Linear warm-up steps.", min=0, ss="ss_lr_warmup_steps")
-    optimizer: str = option("adamw", "Optimizer (adamw8bit needs bitsandbytes and a CUDA GPU).", choices=OPTIMIZERS, ss="ss_optimizer")
+    optimizer: str = option("adamw", "Optimizer (adamw8bit needs bitsandbytes and a CUDA GPU).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
     weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0, ss="ss_max_grad_norm")
     min_snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is typical.", min=0, min_exclusive=True, ss="ss_min_snr_gamma")
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise; 0.05-0.1 typical).", min=0, max=1, ss="ss_noise_offset")
@@ -115,6 +118,14 @@ class TrainConfig:
     sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
     sample_sampler: str = option("ddim", "Sampler used for sample grids.", choices=SAMPLERS, group="sampling")
     sample_seeds: int = option(2, "Seeds (grid columns) per prompt; seeds are 0..N-1.", min=1, max=16, group="sampling")
+    # --- reliability --------------------------------------------------------------------------------
+    save_state_every: int = option(0, "Write a full training state (LoRA, optimizer, schedule, RNGs, data position) every N steps (0: only on interrupt).", min=0, group="reliability")
+    keep_states: int = option(2, "Keep only the newest K state folders.", min=1, group="reliability")
+    resume: str | None = option(None, "Continue from a state folder: 'latest' (newest in --output-dir) or its path.", metavar="latest|DIR", group="reliability")
+    nan_skip: int = option(0, "Skip up to N optimizer steps with a non-finite loss or gradient instead of stopping.", min=0, group="reliability")
+    validation_split: float = option(0.0, "Hold out this fraction of the images (chosen by --seed) for a validation loss.", min=0, max=0.5, group="reliability", fixed=True)
+    validation_data: Path | None = option(None, "Folder of captioned images used only for the validation loss.", group="reliability", fixed=True)
+    validate_every: int = option(50, "Compute the validation loss every N steps (and at the end) when validation images exist.", min=1, group="reliability")
     config: Path | None = option(None, "TOML file with any of these options (kebab-case keys); flags override it.", metavar="FILE", group="output")
 
     # ---------------------------------------------------------------------------------------------
@@ -281,6 +292,12 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--min-bucket-side {c.min_bucket_side} is larger than --resolution {c.resolution}")
     if c.resolution is not None and c.max_bucket_side is not None and c.max_bucket_side < c.resolution:
         problems.append(f"--max-bucket-side {c.max_bucket_side} is smaller than --resolution {c.resolution}")
+    if c.validation_split and c.validation_data is not None:
+        problems.append("--validation-split and --validation-data are both set; use one of them")
+    if c.validation_data is not None and not c.validation_data.is_dir():
+        problems.append(f"--validation-data {c.validation_data}: folder not found")
+    if c.resume not in (None, "latest") and not Path(c.resume).is_dir():
+        problems.append(f"--resume {c.resume}: no such state folder; pass 'latest' or a folder like {c.output_dir}/state-00000100")
     if c.text_encoder_lr is not None and not c.train_text_encoder:
         problems.append("--text-encoder-lr is set but the text encoder is not trained; add --train-text-encoder")
     if not c.caption_extension.startswith(".") or len(c.caption_extension) < 2:
@@ -314,14 +331,15 @@ def read_toml(path: Path) -> dict[str, Any]:
     problems, values = [], {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if isinstance(value, dict):  # kohya_ss configs group keys in [sections]
+            problems.append(f"{path}: [{key}] tables are not used; write its keys ({', '.join(value)}) at the "
+                            f"top level, without the [{key}] line")
+            continue
         if name not in FIELDS or name == "config":
             known = [_key(n) for n in FIELDS if n != "config"]
             close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{path}: unknown key {key!r}{hint}")
-            continue
-        if isinstance(value, dict):
-            problems.append(f"{path}: [{key}] tables are not used; write `{key} = value` at the top level")
             continue
         values[name] = value
     if problems:
@@ -329,8 +347,29 @@ def read_toml(path: Path) -> dict[str, Any]:
     return values
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Raises a UserError instead of printing the whole usage and exiting, so main() prints one
+    `sd_lora: error:` line and returns 2, also when called in-process (notebooks, tests)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see python -m sd_lora.train --help")
+
+
+def _unknown_flags(unknown: list[str]) -> list[str]:
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
+    if not flags:
+        return [f"unexpected argument {unknown[0]!r}; options are written --flag VALUE"]
+    known = [f"--{_key(n)}" for n in FIELDS]
+    problems = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"unknown option {flag}{hint}; see python -m sd_lora.train --help")
+    return problems
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python -m sd_lora.train",
         description="Train a Stable Diffusion LoRA from a folder of captioned images.",
         argument_default=argparse.SUPPRESS,  # only flags actually given override the TOML file
@@ -358,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """CLI arguments (+ optional TOML via --config) -> validated TrainConfig. Raises ConfigError/UserError."""
-    args = vars(build_parser().parse_args(argv))
+    namespace, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise ConfigError(_unknown_flags(unknown))
+    args = vars(namespace)
     problems: list[str] = []
     values: dict[str, Any] = {}
     config_path = args.get("config")

@@ -19,3 +19,11 @@ class ConfigError(UserError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         noun = "problem" if len(self.problems) == 1 else "problems"
         super().__init__(f"{len(self.problems)} configuration {noun}:\n{lines}")
+
+
+class Interrupted(UserError):
+    """The run stopped on SIGINT/SIGTERM after saving; `exit_code` follows the shell convention 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -6,6 +6,7 @@ Everything is built before we get here (`train.py`); this module only runs the a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from .models.text import encode_tokens, tokenize
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs started
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    nan_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     truncated_captions: int = 0
 
 
@@ -60,6 +63,10 @@ class Trainee:
 class Hooks(Protocol):
     def on_step_end(self, state: TrainState, loss: float, lr: float, seconds: float) -> None: ...
 
+    def on_skipped_step(self, state: TrainState, loss: float, grad_norm: float) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
 
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the VAE posterior."""
@@ -94,34 +101,79 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     return diffusion.diffusion_loss(prediction, target, weights)
 
 
-def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hooks: Hooks) -> TrainState:
-    """Run optimizer steps until `state.step == max_steps`; returns the final state."""
+class NonFiniteLoss(Exception):
+    """A step produced a NaN/inf loss or gradient and no --nan-skip budget is left."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}")
+
+
+def gradient_norm(t: Trainee) -> torch.Tensor:
+    """Total L2 norm of the trainable gradients, clipped to max_grad_norm when that is > 0."""
+    if t.max_grad_norm > 0:
+        return t.accelerator.clip_grad_norm_(t.trainable, t.max_grad_norm)
+    grads = [p.grad for p in t.trainable if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hooks: Hooks,
+          gradient_accumulation_steps: int = 1, nan_skip: int = 0, check_gradients: bool = True) -> TrainState:
+    """Run optimizer steps until `state.step == max_steps` or `hooks.should_stop()`; returns the state.
+
+    Resumable: starts at `state.epoch`, skipping the `state.batch_in_epoch` batches already consumed.
+    A step whose loss or gradient is not finite is skipped (weights untouched) while `nan_skip` allows,
+    otherwise NonFiniteLoss is raised with the weights still at their last good values.
+    """
     acc = t.accelerator
-    accumulated, micro_steps, started = 0.0, 0, time.perf_counter()
+    modules = [t.unet, t.text_encoder] if t.train_text_encoder else [t.unet]
     while state.step < max_steps:
-        t.batch_sampler.set_epoch(state.epoch)
+        t.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        per_epoch = len(t.batch_sampler)
+        accumulated, started, consumed = 0.0, time.perf_counter(), 0
         for batch in t.dataloader:
-            with acc.accumulate(t.unet, t.text_encoder) if t.train_text_encoder else acc.accumulate(t.unet):
+            consumed += 1
+            # Micro-batches accumulate into groups of `gradient_accumulation_steps`; an epoch's last group
+            # may be shorter. Each loss is divided by its group's size so the step sees the group mean.
+            i = state.batch_in_epoch
+            state.batch_in_epoch += 1
+            group_start = i - i % gradient_accumulation_steps
+            group_size = min(gradient_accumulation_steps, per_epoch - group_start)
+            last = i - group_start + 1 == group_size
+            with contextlib.ExitStack() as stack:
+                if not last:  # DDP: all-reduce gradients only once per group
+                    for m in modules:
+                        stack.enter_context(acc.no_sync(m))
                 with acc.autocast():
                     loss = compute_loss(t, obj, batch, state)
-                acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm > 0:
-                    acc.clip_grad_norm_(t.trainable, t.max_grad_norm)
-                t.optimizer.step()  # a no-op on accumulation micro-steps (accelerate holds it back)
-                t.optimizer.zero_grad(set_to_none=True)
-            accumulated += loss.detach().item()
-            micro_steps += 1
-            if not acc.sync_gradients:
+                acc.backward(loss / group_size)
+            accumulated += loss.detach().item() / group_size
+            if not last:
                 continue
-            # One optimizer step is complete.
-            lr = t.lr_scheduler.get_last_lr()[0]
-            t.lr_scheduler.step()
-            state.step += 1
-            hooks.on_step_end(state, accumulated / micro_steps, lr, time.perf_counter() - started)
-            accumulated, micro_steps, started = 0.0, 0, time.perf_counter()
-            if state.step >= max_steps:
-                break
-        state.epoch += 1
+            # One optimizer step: check, clip, step, schedule.
+            norm = gradient_norm(t)
+            finite = math.isfinite(accumulated) and (not check_gradients or bool(torch.isfinite(norm)))
+            lr = t.lr_scheduler.get_last_lr()[0]  # the rate this step uses
+            if finite:
+                t.optimizer.step()
+                t.lr_scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                state.nan_steps += 1
+                if state.nan_steps > nan_skip:
+                    raise NonFiniteLoss(state.step + 1, accumulated, float(norm))
+                hooks.on_skipped_step(state, accumulated, float(norm))
+            else:
+                state.step += 1
+                hooks.on_step_end(state, accumulated, lr, time.perf_counter() - started)
+            accumulated, started = 0.0, time.perf_counter()
+            if state.batch_in_epoch == per_epoch:  # the epoch is complete: the position moves to the next one
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            if state.step >= max_steps or hooks.should_stop():
+                return state
+        if not consumed:
+            raise RuntimeError(f"the data loader yielded no batch for epoch {state.epoch} from batch {state.batch_in_epoch}")
     return state
 
 

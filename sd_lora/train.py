@@ -9,26 +9,26 @@ model, scan and check every image, inject LoRA, cache latents, print a summary, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import shutil
+import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from . import loop
+from . import checkpoint, loop
 from .config import TrainConfig, load_config
-from .data import DataOptions, ImageDataset, BucketBatchSampler, build_latent_cache, collate, dataset_metadata, scan_dataset
-from .errors import UserError
-from .export import export_lora, lora_components, training_metadata
-from .fsio import atomic_write_text
+from .data import BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint, scan_dataset
+from .errors import Interrupted, UserError
+from .outputs import RunOutputs, StopRequest
 from .lora.inject import inject_lora, trainable_parameters
 from .lora.targets import text_encoder_target_modules, unet_target_modules
 from .models.load import BaseModel, load_base_model
 from .optim import build_lr_scheduler, build_optimizer
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size
-from .sampling.sampler import SIZE_STEP, SampleSettings, build_sampling_pipeline, generate_grid, save_grid
+from .sampling.sampler import SIZE_STEP
+from .validation import build_validation_set, split_records
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_EPOCHS = 10
@@ -119,110 +119,33 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     return trainable_parameters(model.unet) + (trainable_parameters(model.text_encoder) if config.train_text_encoder else [])
 
 
-def sample_prompts(config: TrainConfig, captions: list[str]):
-    """Prompts for the grids, with per-line sizes checked before training starts."""
+def read_sample_prompts(config: TrainConfig):
+    """The --sample-prompts file, parsed and its sizes checked (None: sample with the dataset's captions).
+
+    A bad prompt file is an option problem: it is read before the model loads.
+    """
     if not config.sample_prompts:
-        return default_prompts(captions)
+        return None
     prompts = read_prompt_file(config.sample_prompts)
     for i, prompt in enumerate(prompts):
         validate_size(prompt, SIZE_STEP, f"{config.sample_prompts} (prompt {i + 1})")
     return prompts
 
 
-# --- outputs --------------------------------------------------------------------------------------------
-
-
-class RunOutputs:
-    """Side effects of a run: progress bar, metrics.jsonl, sample grids and LoRA files (main process only)."""
-
-    def __init__(self, config: TrainConfig, model: BaseModel, accelerator, dataset_meta: dict, prompts, total_steps: int):
-        from tqdm.auto import tqdm
-
-        self.config, self.model, self.acc = config, model, accelerator
-        self.dataset_meta, self.prompts = dataset_meta, prompts
-        self.main = accelerator.is_main_process
-        self.started_at = time.time()
-        self.out = config.output_dir
-        self.smoothed: float | None = None
-        self.state: loop.TrainState | None = None
-        self.progress = tqdm(total=total_steps, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
-        self.total_steps = total_steps
-        self.saved: list[Path] = []
-        self.grids: list[Path] = []
-        if self.main:
-            atomic_write_text(self.out / "config.toml", config.to_toml())
-            self.metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
-
-    def unwrapped(self):
-        unet = self.acc.unwrap_model(self.model.unet)
-        te = self.acc.unwrap_model(self.model.text_encoder)
-        return unet, te
-
-    def on_step_end(self, state: loop.TrainState, loss: float, lr: float, seconds: float) -> None:
-        self.state = state
-        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        if self.main:
-            self.progress.update(1)
-            self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")
-            record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "elapsed": round(time.time() - self.started_at, 3)}
-            self.metrics.write(json.dumps(record) + "\n")
-        c = self.config
-        if c.sample_every and state.step % c.sample_every == 0 and state.step < self.total_steps:
-            self.sample(state.step)
-        if c.save_every and state.step % c.save_every == 0 and state.step < self.total_steps:
-            self.save(self.out / f"{c.output_name}-step{state.step:08d}.safetensors", state)
-
-    def sample(self, step: int) -> None:
-        if not self.main or not self.config.sample_every:
-            return
-        c = self.config
-        unet, te = self.unwrapped()
-        pipe = build_sampling_pipeline(
-            vae=self.model.vae, text_encoder=te, tokenizer=self.model.tokenizer, unet=unet,
-            scheduler_config=self.model.scheduler_config, sampler=c.sample_sampler,
-        )
-        settings = SampleSettings(
-            width=c.resolution, height=c.resolution, steps=c.sample_steps, cfg=c.sample_cfg,
-            seeds=tuple(range(c.sample_seeds)), sampler=c.sample_sampler, clip_skip=c.clip_skip,
-        )
-        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{c.output_name} - step {step}")
-        path = save_grid(grid, self.out / "samples" / f"{c.output_name}-step{step:08d}.png")
-        self.grids.append(path)
-        self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
-
-    def save(self, path: Path, state: loop.TrainState) -> Path | None:
-        if not self.main:
-            return None
-        unet, te = self.unwrapped()
-        components = lora_components(unet, te if self.config.train_text_encoder else None)
-        meta = training_metadata(
-            self.config, family=self.model.family, prediction_type=self.model.prediction_type,
-            dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step, epoch=state.epoch,
-        )
-        export_lora(path, components, meta, self.config.save_precision)
-        self.saved.append(path)
-        self.progress.write(f"saved {path}")
-        return path
-
-    def close(self) -> None:
-        self.progress.close()
-        if self.main:
-            self.metrics.close()
-
-
 # --- the run --------------------------------------------------------------------------------------------
 
 
-def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int, n_params: int, model: BaseModel) -> str:
+def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int, n_params: int, model: BaseModel, n_validation: int = 0) -> str:
     bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
-    repeats = sum(r.repeats for r in scan.records)
+    repeats = sum(r.repeats for r in dataset.records)
     buckets = dataset.bucket_counts()
     bucket_text = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])[:8])
     if len(buckets) > 8:
         bucket_text += f", ... ({len(buckets)} buckets)"
     lines = [
         f"model: {model.name} ({model.family}, {model.prediction_type}, native {model.native_resolution}px)",
-        f"images: {len(scan.records)} ({repeats} per epoch with repeats), skipped: {len(scan.skipped)}",
+        f"images: {len(dataset.records)} ({repeats} per epoch with repeats), skipped: {len(scan.skipped)}"
+        + (f", validation: {n_validation}" if n_validation else ""),
         f"buckets: {bucket_text}",
         f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation; {batches} batches/epoch",
         f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
@@ -244,6 +167,29 @@ class TrainResult:
     outputs: RunOutputs
 
 
+def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
+    """(training records, validation records) from --validation-split or --validation-data."""
+    if config.validation_data is not None:
+        held = scan_dataset(config.validation_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+        return list(scan.records), list(held.records)
+    return split_records(scan.records, config.validation_split, config.seed)
+
+
+def data_options(config: TrainConfig, step: int) -> DataOptions:
+    return DataOptions(
+        resolution=config.resolution, step=step, min_bucket_side=config.min_bucket_side,
+        max_bucket_side=config.max_bucket_side, buckets=config.buckets, no_upscale=config.no_upscale,
+        random_crop=config.random_crop, flip=config.flip, shuffle_tags=config.shuffle_tags,
+        keep_tokens=config.keep_tokens, caption_dropout=config.caption_dropout, seed=config.seed,
+    )
+
+
+def check_free_space(path: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise UserError(f"--output-dir {path}: only {free / 2**20:.0f} MiB free, the run needs about {needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")
+
+
 def run(config: TrainConfig) -> TrainResult:
     """Train one LoRA and write its files; returns them and the trained modules."""
     accelerator = make_accelerator(config)
@@ -252,60 +198,96 @@ def run(config: TrainConfig) -> TrainResult:
             "--model is required for now: pass a Hugging Face id or a local diffusers folder of an SD1.x/SD2.x model. "
             "(A built-in demo base model is planned; `python -m sd_lora.models.tiny DIR` builds a tiny test model.)"
         )
-    model = load_base_model(config.model, prediction_type=config.prediction_type)
-    config = resolve_defaults(config, model)
+    # Everything that needs no model is checked first: a Hub model may take long to download.
+    file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
-
     scan = scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
     for warning in scan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    options = DataOptions(
-        resolution=config.resolution, step=model.pixel_step, min_bucket_side=config.min_bucket_side,
-        max_bucket_side=config.max_bucket_side, buckets=config.buckets, no_upscale=config.no_upscale,
-        random_crop=config.random_crop, flip=config.flip, shuffle_tags=config.shuffle_tags,
-        keep_tokens=config.keep_tokens, caption_dropout=config.caption_dropout, seed=config.seed,
-    )
-    dataset = ImageDataset(scan.records, options)
+    train_records, validation_records = split_validation(config, scan)
+    model = load_base_model(config.model, prediction_type=config.prediction_type)
+    config = resolve_defaults(config, model)
+    options = data_options(config, model.pixel_step)
+    dataset = ImageDataset(train_records, options)
+    data_id = fingerprint(train_records + validation_records)
+    resumed = checkpoint.load_state(checkpoint.resolve_resume(config.resume, config.output_dir), config, data_id) if config.resume else None
 
-    torch.manual_seed(config.seed)  # LoRA init (kaiming-uniform down projections) is seeded
+    # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation.
+    torch.manual_seed(config.seed)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     trainable = prepare_models(config, model, accelerator.device, weight_dtype)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-
     vae_scaling = float(model.vae.config.scaling_factor)
-    if config.cache_latents:
+
+    def encoder(g: torch.Generator):
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             with accelerator.autocast():
-                return loop.encode_pixels(model.vae, pixels.to(accelerator.device, weight_dtype), vae_scaling, generator).float().cpu()
-        dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process)
+                return loop.encode_pixels(model.vae, pixels.to(accelerator.device, weight_dtype), vae_scaling, g).float().cpu()
+        return encode
 
-    batch_sampler = BucketBatchSampler(dataset.bucket_of, [r.repeats for r in scan.records], config.batch_size, config.seed)
-    dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=config.num_workers)
+    progress = accelerator.is_main_process
+    if config.cache_latents:
+        dataset.latent_cache = build_latent_cache(dataset, encoder(generator), batch_size=config.batch_size, progress=progress)
+    validation_items = []
+    if validation_records:  # centre crops, no flips; encoded with their own generator so training draws stay put
+        held = ImageDataset(validation_records, dataclasses.replace(options, flip=False, random_crop=False))
+        val_generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1)
+        cache = build_latent_cache(held, encoder(val_generator), batch_size=config.batch_size, progress=progress)
+        validation_items = build_validation_set(
+            [cache.get(i, False) for i in range(len(held))], [r.caption for r in validation_records],
+            seed=config.seed, num_train_timesteps=model.num_train_timesteps,
+        )
+
+    # Batches: one bucket per global batch, each process takes its slice.
+    batch_sampler = BucketBatchSampler(
+        dataset.bucket_of, [r.repeats for r in train_records], config.batch_size, config.seed,
+        num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+    )
+    # The loader gets its own generator: by default each new iterator draws a seed from the global torch RNG,
+    # which would shift LoRA-dropout draws after a resume. (Sample randomness comes from the sampler's seeds.)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     per_epoch = loop.steps_per_epoch(len(batch_sampler), config.gradient_accumulation_steps)
     total_steps = config.max_steps or per_epoch * (config.epochs or DEFAULT_EPOCHS)
     epochs = math.ceil(total_steps / per_epoch)
     if config.lr_warmup_steps > total_steps:
         raise UserError(f"--lr-warmup-steps {config.lr_warmup_steps} is longer than the run ({total_steps} steps)")
+    n_params = sum(p.numel() for p in trainable)
+    file_bytes = n_params * {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
+    check_free_space(config.output_dir, 64 * 2**20 + file_bytes * 4 + n_params * 12 * config.keep_states)
 
-    unet_params = trainable_parameters(model.unet)
-    groups = [{"params": unet_params, "lr": config.learning_rate}]
+    groups = [{"params": trainable_parameters(model.unet), "lr": config.learning_rate}]
     if config.train_text_encoder:
         groups.append({"params": trainable_parameters(model.text_encoder), "lr": config.effective_text_encoder_lr})
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay, device=accelerator.device)
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
-
     if config.train_text_encoder:
-        model.unet, model.text_encoder, optimizer, dataloader = accelerator.prepare(model.unet, model.text_encoder, optimizer, dataloader)
+        model.unet, model.text_encoder, optimizer = accelerator.prepare(model.unet, model.text_encoder, optimizer)
     else:
-        model.unet, optimizer, dataloader = accelerator.prepare(model.unet, optimizer, dataloader)
+        model.unet, optimizer = accelerator.prepare(model.unet, optimizer)
 
-    captions = [r.caption for r in scan.records]
-    prompts = sample_prompts(config, captions)
-    n_params = sum(p.numel() for p in trainable)
+    state = loop.TrainState()
+    if resumed:
+        modules = {"unet": accelerator.unwrap_model(model.unet)}
+        if config.train_text_encoder:
+            modules["text_encoder"] = accelerator.unwrap_model(model.text_encoder)
+        checkpoint.restore_trainable(modules, resumed.tensors)
+        optimizer.load_state_dict(resumed.training["optimizer"])
+        lr_scheduler.load_state_dict(resumed.training["lr_scheduler"])
+        checkpoint.restore_rng_states(resumed.training["rng"], generator)
+        p = resumed.progress
+        state = loop.TrainState(step=p.step, epoch=p.epoch, batch_in_epoch=p.batch_in_epoch, nan_steps=p.nan_steps)
+        if state.step >= total_steps:
+            raise UserError(f"--resume {resumed.path}: the run already has {state.step} steps; raise --max-steps or --epochs to extend it")
+
+    prompts = file_prompts or default_prompts([r.caption for r in train_records])
     if accelerator.is_main_process:
-        print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model))
+        print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model, len(validation_records)))
+        if resumed:
+            print(f"resuming from {resumed.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
-    outputs = RunOutputs(config, model, accelerator, dataset_metadata(scan.records), prompts, total_steps)
     trainee = loop.Trainee(
         accelerator=accelerator, unet=model.unet, text_encoder=model.text_encoder,
         vae=None if config.cache_latents else model.vae, tokenizer=model.tokenizer, dataloader=dataloader,
@@ -318,23 +300,55 @@ def run(config: TrainConfig) -> TrainResult:
         prediction_type=model.prediction_type, vae_scaling_factor=vae_scaling, noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma, clip_skip=config.clip_skip,
     )
-    state = loop.TrainState()
-    final = config.output_dir / f"{config.output_name}.safetensors"
-    try:
-        outputs.sample(0)  # the untouched base: LoRA starts as an exact no-op
-        state = loop.train(trainee, objective, state, max_steps=total_steps, hooks=outputs)
-    except KeyboardInterrupt:
-        partial = outputs.state or state
-        path = outputs.save(config.output_dir / f"{config.output_name}-step{partial.step:08d}-interrupted.safetensors", partial)
-        outputs.close()
-        raise UserError(f"interrupted at step {partial.step}; the LoRA so far was saved to {path}") from None
+    with StopRequest() as stop:
+        outputs = RunOutputs(
+            config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_metadata(train_records),
+            prompts=prompts, total_steps=total_steps, start_step=state.step, data_fingerprint=data_id,
+            validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
+        )
+        try:
+            if not resumed:
+                outputs.sample(0)  # the untouched base: LoRA starts as an exact no-op
+            state = loop.train(
+                trainee, objective, state, max_steps=total_steps, hooks=outputs,
+                gradient_accumulation_steps=config.gradient_accumulation_steps, nan_skip=config.nan_skip,
+                check_gradients=config.mixed_precision != "fp16",  # fp16's loss scaler skips overflowing steps itself
+            )
+        except loop.NonFiniteLoss as e:
+            stopped = loop.TrainState(step=e.step - 1, epoch=outputs.state.epoch, batch_in_epoch=outputs.state.batch_in_epoch)
+            path = outputs.save_lora(config.output_dir / f"{config.output_name}-step{stopped.step:08d}-last-good.safetensors", stopped)
+            outputs.close()
+            raise UserError(
+                f"training stopped at step {e.step}: the loss or a gradient became NaN/inf ({e}). The last good weights "
+                f"were saved to {path}. Likely causes: a learning rate too high (try half of {config.learning_rate:g}), "
+                "fp16 overflow (try --mixed-precision bf16 or a fp16-safe VAE), or a bad image. "
+                "--nan-skip N skips up to N such steps instead of stopping."
+            ) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
+            outputs.close()
+            raise Interrupted("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", 130) from None
+        if stop.requested and state.step < total_steps:
+            lora = outputs.save_lora(config.output_dir / f"{config.output_name}-step{state.step:08d}.safetensors", state)
+            state_dir = outputs.save_state(state)
+            outputs.close()
+            resume = f"python -m sd_lora.train --config {config.output_dir / 'config.toml'} --resume latest"
+            raise Interrupted(
+                f"stopped by {signal.Signals(stop.signal).name} at step {state.step} of {total_steps}. Saved {lora} and the "
+                f"training state {state_dir}.\nTo continue: {resume}",
+                128 + stop.signal,
+            )
     accelerator.wait_for_everyone()
-    outputs.save(final, state)
+    final = config.output_dir / f"{config.output_name}.safetensors"
+    outputs.save_lora(final, state)
     outputs.sample(state.step)
     outputs.close()
-    if state.truncated_captions and accelerator.is_main_process:
-        print(f"warning: {state.truncated_captions} captions were longer than {model.tokenizer.model_max_length} tokens and were truncated", file=sys.stderr)
     if accelerator.is_main_process:
+        if state.truncated_captions:
+            print(f"warning: {state.truncated_captions} captions were longer than {model.tokenizer.model_max_length} tokens and were truncated", file=sys.stderr)
+        if outputs.skipped_steps:
+            print(f"warning: {outputs.skipped_steps} steps were skipped for a non-finite loss or gradient", file=sys.stderr)
+        if outputs.best_validation_step is not None:
+            print(f"best validation loss {outputs.best_validation:.5f} at step {outputs.best_validation_step}")
         print(f"done: {final}")
     unet, text_encoder = outputs.unwrapped()
     return TrainResult(final, config, state, unet, text_encoder, outputs)
@@ -346,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
     except UserError as e:
         print(f"sd_lora: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     return 0
 
 

@@ -19,21 +19,30 @@ class FixedBatches:
     """A 'dataloader' that yields the same batch forever, with the sampler interface the loop expects."""
 
     def __init__(self, batch, per_epoch=10):
-        self.batch, self.per_epoch = batch, per_epoch
+        self.batch, self.per_epoch, self.start = batch, per_epoch, 0
 
     def __iter__(self):
-        return itertools.repeat(self.batch, self.per_epoch)
+        return itertools.repeat(self.batch, self.per_epoch - self.start)
 
-    def set_epoch(self, epoch):
-        pass
+    def __len__(self):
+        return self.per_epoch
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.start = start_batch
 
 
 class Recorder:
-    def __init__(self):
-        self.losses = []
+    def __init__(self, stop_at=None):
+        self.losses, self.skipped, self.stop_at = [], [], stop_at
 
     def on_step_end(self, state, loss, lr, seconds):
         self.losses.append(loss)
+
+    def on_skipped_step(self, state, loss, grad_norm):
+        self.skipped.append(state.step + 1)
+
+    def should_stop(self):
+        return self.stop_at is not None and len(self.losses) >= self.stop_at
 
 
 def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8):
@@ -113,3 +122,29 @@ def test_steps_per_epoch_rounds_partial_accumulation_up():
     assert loop.steps_per_epoch(6, 1) == 6
     assert loop.steps_per_epoch(6, 4) == 2
     assert loop.steps_per_epoch(1, 8) == 1
+
+
+def test_non_finite_loss_stops_with_weights_untouched_or_skips(tiny_model_dir):
+    model, trainee, objective, batch = make_trainee(tiny_model_dir)
+    loop.train(trainee, objective, loop.TrainState(), max_steps=2, hooks=Recorder())  # two good steps
+    good = {n: p.clone() for n, p in model.unet.named_parameters() if "lora_" in n}
+    poisoned = dict(batch, latents=torch.full_like(batch["latents"], float("nan")))
+    trainee.dataloader = trainee.batch_sampler = FixedBatches(poisoned)
+    state = loop.TrainState(step=2)
+    with pytest.raises(loop.NonFiniteLoss) as e:
+        loop.train(trainee, objective, state, max_steps=5, hooks=Recorder())
+    assert e.value.step == 3
+    for n, p in model.unet.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, good[n]), n  # the bad step never reached the weights
+    # With --nan-skip 2: two bad steps are skipped and counted, the third stops the run.
+    recorder = Recorder()
+    with pytest.raises(loop.NonFiniteLoss):
+        loop.train(trainee, objective, loop.TrainState(step=2), max_steps=5, hooks=recorder, nan_skip=2)
+    assert recorder.skipped == [3, 3] and recorder.losses == []
+
+
+def test_should_stop_ends_after_the_current_step(tiny_model_dir):
+    model, trainee, objective, batch = make_trainee(tiny_model_dir)
+    state = loop.train(trainee, objective, loop.TrainState(), max_steps=50, hooks=Recorder(stop_at=3))
+    assert state.step == 3 and state.batch_in_epoch == 3 and state.epoch == 0

@@ -181,27 +181,40 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[Key]]):
     """Batches of (record_index, sample_seed) keys; all keys in a batch share one bucket.
 
     Per epoch every record appears `repeats[i]` times. Occurrences are grouped by bucket, shuffled within
-    the bucket, cut into batches (each bucket's last batch may be short), and the batch order is shuffled.
-    Everything, the sample seeds included, follows from (seed, epoch): call `set_epoch` before each epoch.
+    the bucket, cut into *global* batches of `batch_size * num_replicas` (each bucket's last batch may be
+    short), and the batch order is shuffled. Everything, the sample seeds included, follows from
+    (seed, epoch): call `set_epoch` before each epoch.
+
+    With several processes (`num_replicas > 1`) every rank iterates the same global batches and takes its
+    own slice, so all ranks train on one bucket at a time and the global batch equals what one process
+    with `batch_size * num_replicas` would see. A short global batch is padded (cycling its own keys) to a
+    multiple of `num_replicas` so every rank gets the same number of samples.
     """
 
     def __init__(self, bucket_of: list[Size], repeats: list[int], batch_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         if len(bucket_of) != len(repeats):
             raise ValueError(f"bucket_of has {len(bucket_of)} entries but repeats has {len(repeats)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if any(r < 1 for r in repeats):
             raise ValueError("every repeat count must be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.bucket_of = list(bucket_of)
         self.repeats = list(repeats)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; `start_batch` skips that many batches (to resume in the middle of an epoch)."""
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def _bucket_sizes(self) -> dict[Size, int]:
         sizes: dict[Size, int] = defaultdict(int)
@@ -210,7 +223,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[Key]]):
         return sizes
 
     def __len__(self) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in self._bucket_sizes().values())
+        """Batches in a whole epoch (`start_batch` does not change it)."""
+        global_size = self.batch_size * self.num_replicas
+        return sum(math.ceil(n / global_size) for n in self._bucket_sizes().values())
 
     def __iter__(self) -> Iterator[list[Key]]:
         # SeedSequence mixes (seed, epoch) without the collisions of seed * K + epoch.
@@ -219,17 +234,26 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[Key]]):
         by_bucket: dict[Size, list[int]] = defaultdict(list)
         for index, (bucket, repeats) in enumerate(zip(self.bucket_of, self.repeats)):
             by_bucket[bucket].extend([index] * repeats)
+        global_size = self.batch_size * self.num_replicas
         batches: list[list[int]] = []
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
             if self.shuffle:
                 rng.shuffle(indices)
-            batches.extend(indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size))
+            batches.extend(indices[i:i + global_size] for i in range(0, len(indices), global_size))
         if self.shuffle:
             rng.shuffle(batches)
-        # Seeds are drawn after the order is fixed: one 63-bit seed per position in the epoch.
-        for batch in batches:
-            yield [(index, rng.getrandbits(63)) for index in batch]
+        # Seeds are drawn after the order is fixed: one 63-bit seed per position in the epoch, for every
+        # batch (skipped ones too), so a resumed epoch continues with exactly the same seeds.
+        for position, batch in enumerate(batches):
+            keys = [(index, rng.getrandbits(63)) for index in batch]
+            if position < self.start_batch:
+                continue
+            if self.num_replicas > 1:
+                per_rank = math.ceil(len(keys) / self.num_replicas)
+                keys = [keys[i % len(keys)] for i in range(per_rank * self.num_replicas)]  # pad by cycling
+                keys = keys[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield keys
 
 
 def collate(samples: list[dict]) -> dict:

@@ -12,6 +12,7 @@ broken file surfaces before training starts and the user can fix all of them in 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -210,9 +211,9 @@ def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path]
             except OSError:
                 is_dir = is_file = False  # e.g. a symlink pointing at itself
             if not (is_dir or is_file):
-                if entry.is_symlink() and is_image_file(path):
+                if is_image_file(path):  # never opened: a FIFO would block the scan forever
                     shown = shown_root / path.relative_to(root)
-                    problems.files.append((path, shown, f"broken symlink ({os.readlink(path)})"))
+                    problems.files.append((path, shown, _not_a_file(path)))
                 continue
             if is_dir:
                 resolved = path.resolve()
@@ -227,6 +228,17 @@ def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path]
                 jsonl_files.append(path)
     order = lambda p: p.relative_to(root).parts  # noqa: E731
     return sorted(images, key=order), sorted(jsonl_files, key=order), sorted(aliased)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an image-named entry that is neither a file nor a folder (even through symlinks) cannot be used."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symlink loop ({os.readlink(path)} leads back to itself); point it at the image file"
+        return f"broken symlink ({os.readlink(path)}); point it at an existing image or remove it"
+    return "not a regular file (a pipe, socket or device); replace it with the image file"
 
 
 def _read_metadata(
@@ -392,3 +404,16 @@ def _file_line(entry: tuple[Path, Path, str]) -> str:
 
 def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
+
+
+def fingerprint(records: list[ImageRecord]) -> str:
+    """A short hash of what training sees: paths, captions, repeats, sizes and file lengths.
+
+    A resumed run compares it with the saved one, so changed images or captions are noticed.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.path}\0{r.caption}\0{r.repeats}\0{r.width}x{r.height}\0{r.path.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]

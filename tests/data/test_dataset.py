@@ -231,3 +231,35 @@ def test_image_resized_after_scan_is_refused(mixed_folder):
     with pytest.raises(UserError, match=r"square\.png: image changed since the data folder was scanned "
                                         r"\(was 64x64, now 80x64\)"):
         ds[(1, 0)]
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_keys():
+    from sd_lora.data.dataset import BucketBatchSampler
+
+    buckets = [(64, 64)] * 5 + [(48, 80)] * 4
+    sampler = BucketBatchSampler(buckets, [2] * 9, batch_size=2, seed=3)
+    sampler.set_epoch(1)
+    full = list(sampler)
+    sampler.set_epoch(1, start_batch=4)
+    assert list(sampler) == full[4:]
+    assert len(sampler) == len(full)  # len is the whole epoch
+
+
+def test_sampler_shards_global_batches_across_ranks():
+    from sd_lora.data.dataset import BucketBatchSampler
+
+    buckets = [(64, 64)] * 5 + [(48, 80)] * 3
+    repeats = [1, 2, 1, 1, 3, 1, 1, 2]
+    single = BucketBatchSampler(buckets, repeats, batch_size=4, seed=9)
+    ranks = [BucketBatchSampler(buckets, repeats, batch_size=2, seed=9, num_replicas=2, rank=r) for r in (0, 1)]
+    for s in (single, *ranks):
+        s.set_epoch(2)
+    global_batches, rank0, rank1 = list(single), list(ranks[0]), list(ranks[1])
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == len(global_batches) == len(rank0) == len(rank1)
+    for g, a, b in zip(global_batches, rank0, rank1):
+        assert len(a) == len(b)  # equal work per rank, padded if needed
+        assert {buckets[i] for i, _ in a + b} == {buckets[g[0][0]]}  # one bucket across ranks
+        if len(g) % 2 == 0:
+            assert a + b == g  # the same global batch as one process with twice the batch size
+        else:
+            assert (a + b)[: len(g)] == g and (a + b)[len(g):] == g[: len(a + b) - len(g)]

@@ -1,0 +1,182 @@
+"""Full training state: everything needed to continue a run as if it had never stopped.
+
+A state folder `state-NNNNNNNN/` holds the trainable (LoRA) tensors by name, the optimizer and LR-schedule
+state, the progress counters (step, epoch, batch within the epoch), every random-number state (python,
+numpy, torch CPU/CUDA, the training generator) and the resolved config. It is written into a temporary
+folder, fsync'd and renamed, so a crash mid-save leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import FIELDS, TrainConfig, read_toml
+from .errors import UserError
+
+STATE_PREFIX = "state-"
+
+
+@dataclass
+class Progress:
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    nan_steps: int = 0
+    best_validation: float | None = None
+    best_validation_step: int | None = None
+
+
+def state_dir_name(step: int) -> str:
+    return f"{STATE_PREFIX}{step:08d}"
+
+
+def trainable_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """{"unet.<param name>": tensor} for every parameter that trains (the LoRA weights)."""
+    return {
+        f"{prefix}.{name}": p.detach().cpu().contiguous()
+        for prefix, module in modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def restore_rng_states(states: dict, generator: torch.Generator) -> None:
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    generator.set_state(states["generator"])
+
+
+def save_state(
+    output_dir: Path,
+    *,
+    progress: Progress,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    generator: torch.Generator,
+    config: TrainConfig,
+    data_fingerprint: str,
+    keep: int,
+) -> Path:
+    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders."""
+    final = output_dir / state_dir_name(progress.step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
+    try:
+        save_file(trainable_tensors(modules), str(tmp / "lora_params.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states(generator)},
+            tmp / "training_state.pt",
+        )
+        meta = {"progress": asdict(progress), "data_fingerprint": data_fingerprint}
+        (tmp / "progress.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "config.toml").write_text(config.to_toml())
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():  # re-saving the same step (e.g. an interrupt right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_states(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_states(output_dir: Path) -> list[Path]:
+    """Complete state folders in `output_dir`, oldest first (temporary folders are ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX) and p.name[len(STATE_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STATE_PREFIX):]))
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    if resume == "latest":
+        states = list_states(output_dir)
+        if not states:
+            raise UserError(f"--resume latest: no state folder in {output_dir}; states are written by --save-state-every N or on Ctrl-C")
+        return states[-1]
+    path = Path(resume)
+    if not (path / "progress.json").is_file():
+        raise UserError(f"--resume {resume}: not a complete state folder (no progress.json); pass 'latest' or a state-NNNNNNNN folder")
+    return path
+
+
+def incompatibilities(saved: dict, config: TrainConfig) -> list[str]:
+    """Options that may not change on resume (declared `fixed`), as 'option: saved -> now' lines."""
+    now = config.to_dict()
+    out = []
+    for name, f in FIELDS.items():
+        if not f.metadata["fixed"]:
+            continue
+        key = name.replace("_", "-")
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)) and float(before) == float(after):
+            continue
+        if before != after:
+            out.append(f"--{key}: {before!r} in the saved run, {after!r} now")
+    return out
+
+
+@dataclass
+class LoadedState:
+    path: Path
+    progress: Progress
+    tensors: dict[str, torch.Tensor]
+    training: dict
+    data_fingerprint: str
+
+
+def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> LoadedState:
+    """Read a state folder and refuse it when the run it belongs to differs from `config` in a fixed option."""
+    saved_config = read_toml(path / "config.toml")
+    saved = {k.replace("_", "-"): v for k, v in saved_config.items()}
+    problems = incompatibilities(saved, config)
+    meta = json.loads((path / "progress.json").read_text())
+    if meta["data_fingerprint"] != data_fingerprint:
+        problems.append("--data: the images or captions changed since the state was saved")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"cannot resume from {path}: this run differs from the saved one:\n{listed}\nUse the saved settings (--config {path / 'config.toml'}), or start a new run in another --output-dir")
+    progress = Progress(**meta["progress"])
+    training = torch.load(path / "training_state.pt", weights_only=True)  # tensors and plain values only: no pickled code
+    return LoadedState(path, progress, load_file(str(path / "lora_params.safetensors")), training, meta["data_fingerprint"])
+
+
+def restore_trainable(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved LoRA tensors back by name; any missing or extra name is an error."""
+    current = {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters() if p.requires_grad}
+    missing, unexpected = current.keys() - tensors.keys(), tensors.keys() - current.keys()
+    if missing or unexpected:
+        raise UserError(f"state does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for name, p in current.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))

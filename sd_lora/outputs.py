@@ -1,0 +1,202 @@
+"""What a run leaves behind, as hooks the loop calls: progress, metrics, sample grids, LoRA files, training
+states, validation losses, and the graceful stop on SIGINT/SIGTERM.
+
+Only the main process writes files; every process takes part in the stop decision.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, loop
+from .config import TrainConfig
+from .errors import UserError
+from .export import export_lora, lora_components, training_metadata
+from .fsio import atomic_write_text
+from .models.load import BaseModel
+from .sampling.sampler import SampleSettings, build_sampling_pipeline, generate_grid, save_grid
+from .validation import validation_loss
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks after each optimizer step; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some notebook runners): no graceful stop
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user really wants out now
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving the LoRA and the training state "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+class RunOutputs:
+    """Implements `loop.Hooks` for a real run."""
+
+    def __init__(self, config: TrainConfig, model: BaseModel, accelerator, *, trainee: loop.Trainee, objective: loop.Objective,
+                 dataset_meta: dict, prompts, total_steps: int, start_step: int, data_fingerprint: str,
+                 validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None):
+        from tqdm.auto import tqdm
+
+        self.config, self.model, self.acc = config, model, accelerator
+        self.trainee, self.objective = trainee, objective
+        self.dataset_meta, self.prompts = dataset_meta, prompts
+        self.main = accelerator.is_main_process
+        self.started_at = time.time()
+        self.out = config.output_dir
+        self.total_steps = total_steps
+        self.data_fingerprint = data_fingerprint
+        self.validation_items = validation_items
+        self.stop = stop
+        self.best_validation = progress.best_validation if progress else None
+        self.best_validation_step = progress.best_validation_step if progress else None
+        self.smoothed: float | None = None
+        self.state = loop.TrainState()
+        self.saved: list[Path] = []
+        self.grids: list[Path] = []
+        self.skipped_steps = 0
+        self.progress = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
+        if self.main:
+            atomic_write_text(self.out / "config.toml", config.to_toml())
+            self.metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
+
+    # --- loop.Hooks ------------------------------------------------------------------------------------
+
+    def on_step_end(self, state: loop.TrainState, loss: float, lr: float, seconds: float) -> None:
+        self.state = state
+        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        self.log({"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr})
+        if self.main:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")
+        c, step = self.config, state.step
+        before_end = step < self.total_steps
+        if self.validation_items and (step % c.validate_every == 0 or not before_end):
+            self.validate(step)
+        if c.sample_every and step % c.sample_every == 0 and before_end:
+            self.sample(step)
+        if c.save_every and step % c.save_every == 0 and before_end:
+            self.save_lora(self.out / f"{c.output_name}-step{step:08d}.safetensors", state)
+        if c.save_state_every and step % c.save_state_every == 0:
+            self.save_state(state)
+
+    def on_skipped_step(self, state: loop.TrainState, loss: float, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        self.log({"step": state.step + 1, "skipped": True, "loss": str(loss), "grad_norm": str(grad_norm)})
+        if self.main:
+            self.progress.write(f"warning: step {state.step + 1} skipped: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                                f"{state.nan_steps} of --nan-skip {self.config.nan_skip} used")
+
+    def should_stop(self) -> bool:
+        # Every rank must stop at the same step: take the max of the local flags across processes.
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="max")
+        return bool(flag.item())
+
+    # --- outputs ---------------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            record["elapsed"] = round(time.time() - self.started_at, 3)
+            self.metrics.write(json.dumps(record) + "\n")
+
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model.unet), self.acc.unwrap_model(self.model.text_encoder)
+
+    def validate(self, step: int) -> float:
+        value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)
+        if self.best_validation is None or value < self.best_validation:
+            self.best_validation, self.best_validation_step = value, step
+        self.log({"step": step, "val_loss": value})
+        if self.main:
+            self.progress.write(f"step {step}: validation loss {value:.5f} (best {self.best_validation:.5f} at step {self.best_validation_step})")
+        return value
+
+    def sample(self, step: int) -> None:
+        if not self.main or not self.config.sample_every:
+            return
+        c = self.config
+        unet, te = self.unwrapped()
+        pipe = build_sampling_pipeline(
+            vae=self.model.vae, text_encoder=te, tokenizer=self.model.tokenizer, unet=unet,
+            scheduler_config=self.model.scheduler_config, sampler=c.sample_sampler,
+        )
+        settings = SampleSettings(
+            width=c.resolution, height=c.resolution, steps=c.sample_steps, cfg=c.sample_cfg,
+            seeds=tuple(range(c.sample_seeds)), sampler=c.sample_sampler, clip_skip=c.clip_skip,
+        )
+        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{c.output_name} - step {step}")
+        path = save_grid(grid, self.out / "samples" / f"{c.output_name}-step{step:08d}.png")
+        self.grids.append(path)
+        self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
+
+    def save_lora(self, path: Path, state: loop.TrainState) -> Path | None:
+        if not self.main:
+            return None
+        unet, te = self.unwrapped()
+        components = lora_components(unet, te if self.config.train_text_encoder else None)
+        meta = training_metadata(
+            self.config, family=self.model.family, prediction_type=self.model.prediction_type,
+            dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
+            epoch=state.epoch + (1 if state.batch_in_epoch else 0),
+        )
+        if self.best_validation_step is not None:
+            meta["ss_validation_loss_best"] = str(self.best_validation)
+            meta["ss_validation_best_step"] = str(self.best_validation_step)
+        try:
+            export_lora(path, components, meta, self.config.save_precision)
+        except OSError as e:
+            raise UserError(f"could not save {path}: {e.strerror or e}. Earlier files are intact; free space or fix permissions, then --resume latest") from None
+        self.saved.append(path)
+        self.progress.write(f"saved {path}")
+        return path
+
+    def save_state(self, state: loop.TrainState) -> Path | None:
+        if not self.main:
+            return None
+        unet, te = self.unwrapped()
+        modules = {"unet": unet, **({"text_encoder": te} if self.config.train_text_encoder else {})}
+        progress = checkpoint.Progress(
+            step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
+            best_validation=self.best_validation, best_validation_step=self.best_validation_step,
+        )
+        try:
+            path = checkpoint.save_state(
+                self.out, progress=progress, modules=modules, optimizer=self.trainee.optimizer, lr_scheduler=self.trainee.lr_scheduler,
+                generator=self.trainee.generator, config=self.config, data_fingerprint=self.data_fingerprint, keep=self.config.keep_states,
+            )
+        except OSError as e:
+            raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None
+        self.progress.write(f"saved training state {path}")
+        return path
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.main:
+            self.metrics.close()

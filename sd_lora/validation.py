@@ -1,0 +1,81 @@
+"""A deterministic validation loss: the same noise and timestep for each held-out image at every evaluation.
+
+With the randomness fixed, changes in this loss come only from the weights, so it can pick the best step.
+Each image gets its own noise (seeded by the run seed and the image's position) and a timestep spread
+evenly over [0, T) across the set, so the average covers every noise level.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from . import diffusion
+from .models.text import encode_tokens, tokenize
+
+
+@dataclass
+class ValidationItem:
+    latents: torch.Tensor  # (C, h, w), CPU
+    caption: str
+    noise: torch.Tensor  # (C, h, w)
+    timestep: int
+
+
+def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random `fraction` of the images (at least one, never all) is held out."""
+    if not fraction:
+        return list(records), []
+    if len(records) < 2:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1, math.ceil(fraction * len(records))))
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def build_validation_set(latents: list[torch.Tensor], captions: list[str], *, seed: int, num_train_timesteps: int) -> list[ValidationItem]:
+    items = []
+    n = len(latents)
+    for i, (lat, caption) in enumerate(zip(latents, captions)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        timestep = int((i + 0.5) * num_train_timesteps / n)
+        items.append(ValidationItem(lat, caption, torch.randn(lat.shape, generator=g), timestep))
+    return items
+
+
+def validation_loss(trainee, objective, items: list[ValidationItem], batch_size: int) -> float:
+    """Mean (unweighted) noise-prediction MSE over `items`, in eval mode, with gradients off."""
+    acc = trainee.accelerator
+    device = acc.device
+    modules = [trainee.unet, trainee.text_encoder]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    total, count = 0.0, 0
+    by_shape: dict[tuple, list[ValidationItem]] = {}
+    for item in items:
+        by_shape.setdefault(tuple(item.latents.shape), []).append(item)
+    try:
+        with torch.no_grad(), acc.autocast():
+            for group in by_shape.values():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start:start + batch_size]
+                    latents = torch.stack([c.latents for c in chunk]).to(device, trainee.weight_dtype)
+                    noise = torch.stack([c.noise for c in chunk]).to(device, trainee.weight_dtype)
+                    timesteps = torch.tensor([c.timestep for c in chunk], device=device)
+                    ids, _ = tokenize(trainee.tokenizer, [c.caption for c in chunk])
+                    cond = encode_tokens(trainee.text_encoder, ids.to(device), objective.clip_skip)
+                    noisy = diffusion.add_noise(latents, noise, timesteps, objective.alphas_cumprod)
+                    prediction = trainee.unet(noisy, timesteps, cond).sample
+                    target = diffusion.training_target(objective.prediction_type, latents, noise, timesteps, objective.alphas_cumprod)
+                    total += diffusion.diffusion_loss(prediction, target).item() * len(chunk)
+                    count += len(chunk)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    return total / count

@@ -1,0 +1,182 @@
+"""Full-state checkpoints: exact resume, interrupts, refusals, atomic saves, validation loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sd_lora import checkpoint, outputs
+from sd_lora.config import load_config
+from sd_lora.errors import Interrupted, UserError
+from sd_lora.train import main, run
+
+# Everything random is switched on: LoRA dropout, flips, tag shuffling, caption dropout, noise offset,
+# a cosine schedule, text-encoder training, gradient accumulation.
+EXACT = ["--resolution", "32", "--batch-size", "2", "--rank", "4", "--sample-every", "0", "--save-precision", "fp32",
+         "--lora-dropout", "0.1", "--flip", "--shuffle-tags", "--caption-dropout", "0.2", "--noise-offset", "0.05",
+         "--lr-scheduler", "cosine", "--train-text-encoder", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-2"]
+
+
+def args(data, model, out, *extra):
+    return ["--data", str(data), "--model", str(model), "--output-dir", str(out), *EXACT, *extra]
+
+
+def stop_at(monkeypatch, step: int):
+    """Make the run receive a (simulated) SIGINT during step `step`."""
+    original = outputs.RunOutputs.on_step_end
+
+    def on_step_end(self, state, loss, lr, seconds):
+        original(self, state, loss, lr, seconds)
+        if state.step == step:
+            self.stop.signal = signal.SIGINT
+
+    monkeypatch.setattr(outputs.RunOutputs, "on_step_end", on_step_end)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    full = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "7")))
+    # 6 images x 2 repeats / batch 2 = 6 batches = 3 steps per epoch (accumulation 2): stopping at step 4
+    # resumes in the middle of the second epoch.
+    stop_at(monkeypatch, 4)
+    with pytest.raises(Interrupted) as e:
+        run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "7")))
+    assert e.value.exit_code == 130 and "--resume latest" in str(e.value)
+    assert (tmp_path / "b" / "state-00000004").is_dir()
+    assert (tmp_path / "b" / "data-step00000004.safetensors").is_file()  # output name: the data folder's
+    monkeypatch.undo()
+    resumed = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "7", "--resume", "latest")))
+    assert resumed.state.step == 7
+    a, b = load_file(str(full.path)), load_file(str(resumed.path))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # metrics continue where they stopped
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.slow
+def test_sigint_to_the_real_cli_saves_and_resume_finishes_identically(tiny_dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "sd_lora.train", *args(tiny_dataset, tiny_model_dir, out, "--max-steps", "60", "--output-name", "cli")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "SIGINT received" in stderr and "To continue: python -m sd_lora.train --config" in stderr
+    assert "Traceback" not in stderr
+    states = checkpoint.list_states(out)
+    assert len(states) == 1
+    stopped_at = int(states[0].name.split("-")[1])
+    assert 2 <= stopped_at < 60
+    assert (out / f"cli-step{stopped_at:08d}.safetensors").is_file()
+    # Resume exactly as the message says, then compare with an uninterrupted run.
+    code = main(["--config", str(out / "config.toml"), "--resume", "latest"])
+    assert code == 0
+    full = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "full", "--max-steps", "60", "--output-name", "cli")))
+    a, b = load_file(str(full.path)), load_file(str(out / "cli.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_refuses_incompatible_config_and_allows_extension(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2", "--save-state-every", "1", "--keep-states", "2")) == 0
+    assert [p.name for p in checkpoint.list_states(out)] == ["state-00000001", "state-00000002"]
+    code = main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--rank", "8", "--targets", "attn", "--resume", "latest"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--rank: 4 in the saved run, 8 now" in err and "--targets: 'attn-mlp' in the saved run, 'attn' now" in err
+    # Same run, longer: allowed, continues from step 2.
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--save-state-every", "1", "--keep-states", "2", "--resume", "latest")) == 0
+    assert [p.name for p in checkpoint.list_states(out)] == ["state-00000003", "state-00000004"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    # Changed data is noticed.
+    (tiny_dataset / "2_zkchar" / "img0.txt").write_text("a different caption")
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "6", "--resume", "latest")) == 2
+    assert "images or captions changed" in capsys.readouterr().err
+
+
+def test_resume_latest_without_states_is_explained(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "empty", "--max-steps", "2", "--resume", "latest")) == 2
+    assert "no state folder in" in capsys.readouterr().err
+
+
+def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    config = load_config(["--data", str(tmp_path)])
+    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=scheduler, generator=torch.Generator(),
+                  config=config, data_fingerprint="x", keep=1)
+    first = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError):
+        checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
+    assert checkpoint.list_states(tmp_path) == [first]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000001"]  # no temporary folder left
+
+
+@pytest.mark.slow
+def test_failed_lora_save_says_why_and_keeps_earlier_files(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "1", "--output-name", "x")) == 0
+    before = (out / "x.safetensors").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs, "export_lora", disk_full)
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "1", "--output-name", "x")) == 2
+    err = capsys.readouterr().err
+    assert "could not save" in err and "No space left on device" in err and "Traceback" not in err
+    assert (out / "x.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_validation_loss_is_deterministic_and_best_step_recorded(tiny_dataset, tiny_model_dir, tmp_path):
+    result = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "v", "--max-steps", "4",
+                                  "--validation-split", "0.3", "--validate-every", "2")))
+    records = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [s for s, _ in val] == [2, 4]
+    # Same weights, same noise and timesteps: the same number again.
+    from sd_lora.validation import validation_loss
+
+    o = result.outputs
+    assert validation_loss(o.trainee, o.objective, o.validation_items, batch_size=2) == val[-1][1]
+    best_step, best = min(val, key=lambda sv: sv[1])[0], min(v for _, v in val)
+    from safetensors import safe_open
+    with safe_open(str(result.path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_validation_best_step"] == str(best_step) and float(meta["ss_validation_loss_best"]) == best
+
+
+def test_validation_split_is_seeded_and_never_empty():
+    from sd_lora.validation import split_records
+
+    records = list(range(10))
+    train, held = split_records(records, 0.25, seed=1)
+    assert len(held) == 3 and sorted(train + held) == records
+    assert split_records(records, 0.25, seed=1) == (train, held)
+    assert split_records(records, 0.25, seed=2) != (train, held)
+    assert split_records([1], 0.5, seed=0) == ([1], [])
