@@ -9,23 +9,30 @@ from __future__ import annotations
 import torch
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
+# With several processes every rank draws the noise and timesteps of the whole global batch from the same
+# seeded generator and keeps its own slice (`replicas`, `rank`): the run then sees exactly the draws a single
+# process with the global batch would, and the generators of all ranks stay in step.
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device, *, replicas: int = 1, rank: int = 0) -> torch.Tensor:
     """Uniform integer timesteps in [0, T), shape (B,)."""
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device, dtype=torch.long)
+    t = torch.randint(0, num_train_timesteps, (batch * replicas,), generator=generator, device=device, dtype=torch.long)
+    return t[rank * batch:(rank + 1) * batch]
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0, *, replicas: int = 1, rank: int = 0) -> torch.Tensor:
     """Gaussian noise like `latents`, plus `noise_offset` x per-(sample, channel) constant noise.
 
     The offset lets the model change an image's mean brightness, which plain noise almost never teaches
     (Guttenberg, "Diffusion with Offset Noise", 2023).
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    b, c = latents.shape[:2]
+    shape = (b * replicas, *latents.shape[1:])
+    noise = torch.randn(shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
-        b, c = latents.shape[:2]
-        offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        offset = torch.randn((b * replicas, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
-    return noise
+    return noise[rank * b:(rank + 1) * b]
 
 
 def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,9 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     with torch.set_grad_enabled(t.train_text_encoder):
         cond = encode_tokens(t.text_encoder, input_ids.to(device), obj.clip_skip)  # (B, 77, D)
     # 3. Noise and uniform timesteps, then the forward process x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
-    noise = diffusion.sample_noise(latents, t.generator, obj.noise_offset)
-    timesteps = diffusion.sample_timesteps(latents.shape[0], obj.num_train_timesteps, t.generator, device)
+    shard = {"replicas": t.accelerator.num_processes, "rank": t.accelerator.process_index}
+    noise = diffusion.sample_noise(latents, t.generator, obj.noise_offset, **shard)
+    timesteps = diffusion.sample_timesteps(latents.shape[0], obj.num_train_timesteps, t.generator, device, **shard)
     noisy = diffusion.add_noise(latents, noise, timesteps, obj.alphas_cumprod)
     # 4. Predict eps (or v) and regress onto the true target; Min-SNR re-weights per timestep.
     prediction = t.unet(noisy, timesteps, cond).sample
@@ -151,6 +152,8 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             if not last:
                 continue
             # One optimizer step: check, clip, step, schedule.
+            if acc.num_processes > 1:  # every rank must take the same skip/stop decision: use the global mean
+                accumulated = acc.reduce(torch.tensor(accumulated, device=acc.device), reduction="mean").item()
             norm = gradient_norm(t)
             finite = math.isfinite(accumulated) and (not check_gradients or bool(torch.isfinite(norm)))
             lr = t.lr_scheduler.get_last_lr()[0]  # the rate this step uses

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from . import checkpoint, loop
@@ -81,6 +82,7 @@ class RunOutputs:
         self.grids: list[Path] = []
         self.skipped_steps = 0
         self.progress = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
+        self._process = psutil.Process()
         if self.main:
             atomic_write_text(self.out / "config.toml", config.to_toml())
             self.metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
@@ -124,10 +126,12 @@ class RunOutputs:
     def log(self, record: dict) -> None:
         if self.main:
             record["elapsed"] = round(time.time() - self.started_at, 3)
+            record["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)  # flat over a long run, or a leak
             self.metrics.write(json.dumps(record) + "\n")
 
     def unwrapped(self):
-        return self.acc.unwrap_model(self.model.unet), self.acc.unwrap_model(self.model.text_encoder)
+        """The plain modules (never DDP-wrapped): what is saved and sampled."""
+        return self.model.unet, self.model.text_encoder
 
     def validate(self, step: int) -> float:
         value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)

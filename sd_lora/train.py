@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import sys
@@ -49,7 +50,9 @@ def make_accelerator(config: TrainConfig):
     # it only in single-process runs, where no other rank shares that state.
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    # Without a GPU, say so: under `accelerate launch --num_processes N` accelerate then joins the processes
+    # with gloo on the CPU instead of running N independent trainings.
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
@@ -83,7 +86,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".sd_lora_write_test"
+        probe = path / f".sd_lora_write_test.{os.getpid()}"  # per process: ranks probe at once
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -135,7 +138,8 @@ def read_sample_prompts(config: TrainConfig):
 # --- the run --------------------------------------------------------------------------------------------
 
 
-def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int, n_params: int, model: BaseModel, n_validation: int = 0) -> str:
+def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int,
+            n_params: int, model: BaseModel, n_validation: int = 0, processes: int = 1) -> str:
     bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
     repeats = sum(r.repeats for r in dataset.records)
     buckets = dataset.bucket_counts()
@@ -147,7 +151,7 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
         f"images: {len(dataset.records)} ({repeats} per epoch with repeats), skipped: {len(scan.skipped)}"
         + (f", validation: {n_validation}" if n_validation else ""),
         f"buckets: {bucket_text}",
-        f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation; {batches} batches/epoch",
+        f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes; {batches} batches/epoch",
         f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
         f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {config.targets}"
         + (" + text encoder" if config.train_text_encoder else ""),
@@ -263,16 +267,19 @@ def run(config: TrainConfig) -> TrainResult:
         groups.append({"params": trainable_parameters(model.text_encoder), "lr": config.effective_text_encoder_lr})
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay, device=accelerator.device)
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
+    # `model` keeps the plain modules (for saving and sampling); the loop gets the prepared ones (DDP-wrapped
+    # with several processes).
+    text_encoder = model.text_encoder
     if config.train_text_encoder:
-        model.unet, model.text_encoder, optimizer = accelerator.prepare(model.unet, model.text_encoder, optimizer)
+        unet, text_encoder, optimizer = accelerator.prepare(model.unet, model.text_encoder, optimizer)
     else:
-        model.unet, optimizer = accelerator.prepare(model.unet, optimizer)
+        unet, optimizer = accelerator.prepare(model.unet, optimizer)
 
     state = loop.TrainState()
     if resumed:
-        modules = {"unet": accelerator.unwrap_model(model.unet)}
+        modules = {"unet": model.unet}
         if config.train_text_encoder:
-            modules["text_encoder"] = accelerator.unwrap_model(model.text_encoder)
+            modules["text_encoder"] = model.text_encoder
         checkpoint.restore_trainable(modules, resumed.tensors)
         optimizer.load_state_dict(resumed.training["optimizer"])
         lr_scheduler.load_state_dict(resumed.training["lr_scheduler"])
@@ -284,12 +291,13 @@ def run(config: TrainConfig) -> TrainResult:
 
     prompts = file_prompts or default_prompts([r.caption for r in train_records])
     if accelerator.is_main_process:
-        print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model, len(validation_records)))
+        print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model,
+                      len(validation_records), accelerator.num_processes))
         if resumed:
             print(f"resuming from {resumed.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
     trainee = loop.Trainee(
-        accelerator=accelerator, unet=model.unet, text_encoder=model.text_encoder,
+        accelerator=accelerator, unet=unet, text_encoder=text_encoder,
         vae=None if config.cache_latents else model.vae, tokenizer=model.tokenizer, dataloader=dataloader,
         batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable,
         train_text_encoder=config.train_text_encoder, weight_dtype=weight_dtype,

@@ -63,3 +63,13 @@ def test_loss_is_weighted_per_sample_mean():
     target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
     assert diffusion.diffusion_loss(pred, target).item() == 2.5  # (1 + 4) / 2
     assert diffusion.diffusion_loss(pred, target, torch.tensor([1.0, 0.5])).item() == 1.5  # (1 + 2) / 2
+
+
+def test_sharded_draws_are_slices_of_the_global_batch():
+    latents = torch.zeros(2, 4, 8, 8)
+    whole = diffusion.sample_noise(torch.zeros(4, 4, 8, 8), torch.Generator().manual_seed(5), 0.1)
+    parts = [diffusion.sample_noise(latents, torch.Generator().manual_seed(5), 0.1, replicas=2, rank=r) for r in (0, 1)]
+    assert torch.equal(torch.cat(parts), whole)
+    t_whole = diffusion.sample_timesteps(4, 1000, torch.Generator().manual_seed(6), "cpu")
+    t_parts = [diffusion.sample_timesteps(2, 1000, torch.Generator().manual_seed(6), "cpu", replicas=2, rank=r) for r in (0, 1)]
+    assert torch.equal(torch.cat(t_parts), t_whole)
