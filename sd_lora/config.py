@@ -79,8 +79,10 @@ class TrainConfig:
     )
     num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
-    model: str | None = option(None, "Base model: a Hugging Face id or a local diffusers folder (SD1.x / SD2.x).", ss="ss_sd_model_name", group="model", fixed=True)
+    model: str | None = option(None, "Base model: a Hugging Face id or a local diffusers folder (SD1.x, SD2.x, SDXL).", ss="ss_sd_model_name", group="model", fixed=True)
     prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model", fixed=True)
+    vae: str | None = option(None, "Replace the model's VAE (diffusers folder or Hub id), e.g. an fp16-safe SDXL VAE.", group="model", fixed=True)
+    zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; needs v-prediction).", ss="ss_zero_terminal_snr", group="model", fixed=True)
     clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
     mixed_precision: str = option("no", "Compute precision of the frozen base model (fp16 needs a CUDA GPU).", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
     xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")

@@ -16,17 +16,30 @@ import torch
 from .config import TrainConfig
 from .formats.kohya import save_lora_file, to_kohya_state_dict
 from .formats.modelspec import family_metadata
+from .formats.sgm import sgm_module_map
 from .lora.inject import lora_weights
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def lora_components(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict:
+def trained_modules(model, train_text_encoder: bool) -> dict[str, torch.nn.Module]:
+    """The plain (never DDP-wrapped) modules that carry trained LoRA, by component name: "unet", and
+    "text_encoder" (SD1/SD2) or "text_encoder_1" + "text_encoder_2" (SDXL) when they were trained."""
+    modules = {"unet": model.unet}
+    if train_text_encoder:
+        names = ["text_encoder_1", "text_encoder_2"] if model.family == "sdxl" else ["text_encoder"]
+        modules.update(zip(names, model.text_encoders))
+    return modules
+
+
+def lora_components(model, train_text_encoder: bool) -> dict:
     """{component: {module path: LoraModuleWeights}} for every module that carries LoRA."""
-    components = {"unet": lora_weights(unet)}
-    if text_encoder is not None:
-        components["text_encoder"] = lora_weights(text_encoder)
-    return components
+    return {name: lora_weights(module) for name, module in trained_modules(model, train_text_encoder).items()}
+
+
+def sgm_paths(model) -> dict[str, str] | None:
+    """SDXL U-Net modules are written under kohya's original Stability (SGM) names."""
+    return sgm_module_map(model.unet) if model.family == "sdxl" else None
 
 
 def training_metadata(
@@ -68,7 +81,7 @@ def training_metadata(
     return meta
 
 
-def export_lora(path: Path, components: dict, metadata: dict[str, str], save_precision: str) -> Path:
+def export_lora(path: Path, components: dict, metadata: dict[str, str], save_precision: str, *, sgm_paths=None) -> Path:
     """Kohya tensors in `save_precision`, metadata plus `sshs_model_hash`, written atomically."""
-    state = to_kohya_state_dict(components, dtype=SAVE_DTYPES[save_precision])
+    state = to_kohya_state_dict(components, dtype=SAVE_DTYPES[save_precision], sgm_paths=sgm_paths)
     return save_lora_file(path, state, metadata)

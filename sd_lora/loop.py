@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from . import diffusion
-from .models.text import encode_tokens, tokenize
+from .models.conditioning import Conditioner
 
 
 @dataclass
@@ -37,7 +37,6 @@ class Objective:
     vae_scaling_factor: float
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
-    clip_skip: int = 1
 
 
 @dataclass
@@ -46,9 +45,9 @@ class Trainee:
 
     accelerator: object
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # one (SD1/SD2) or two (SDXL)
+    conditioner: Conditioner  # captions (+ sizes) -> U-Net keyword arguments, through `text_encoders`
     vae: torch.nn.Module | None  # None when every latent is cached
-    tokenizer: object
     dataloader: object
     batch_sampler: object
     optimizer: torch.optim.Optimizer
@@ -81,20 +80,20 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     if "latents" in batch:
         latents = batch["latents"].to(device, dtype=t.weight_dtype)
     else:
-        pixels = batch["pixels"].to(device, dtype=t.weight_dtype)
-        latents = encode_pixels(t.vae, pixels, obj.vae_scaling_factor, t.generator)
-    # 2. Caption conditioning; gradients flow into the text encoder only when its LoRA trains.
-    input_ids, truncated = tokenize(t.tokenizer, batch["captions"])
-    state.truncated_captions += truncated
+        pixels = batch["pixels"].to(device, dtype=t.vae.dtype)
+        latents = encode_pixels(t.vae, pixels, obj.vae_scaling_factor, t.generator).to(t.weight_dtype)
+    # 2. Caption conditioning (SDXL: plus size conditioning); gradients reach the text encoders only when
+    #    their LoRA trains.
     with torch.set_grad_enabled(t.train_text_encoder):
-        cond = encode_tokens(t.text_encoder, input_ids.to(device), obj.clip_skip)  # (B, 77, D)
+        cond, truncated = t.conditioner(batch["captions"], batch, device, t.weight_dtype)
+    state.truncated_captions += truncated
     # 3. Noise and uniform timesteps, then the forward process x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
     shard = {"replicas": t.accelerator.num_processes, "rank": t.accelerator.process_index}
     noise = diffusion.sample_noise(latents, t.generator, obj.noise_offset, **shard)
     timesteps = diffusion.sample_timesteps(latents.shape[0], obj.num_train_timesteps, t.generator, device, **shard)
     noisy = diffusion.add_noise(latents, noise, timesteps, obj.alphas_cumprod)
     # 4. Predict eps (or v) and regress onto the true target; Min-SNR re-weights per timestep.
-    prediction = t.unet(noisy, timesteps, cond).sample
+    prediction = t.unet(noisy, timesteps, **cond).sample
     target = diffusion.training_target(obj.prediction_type, latents, noise, timesteps, obj.alphas_cumprod)
     weights = None
     if obj.min_snr_gamma:
@@ -127,7 +126,7 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
     otherwise NonFiniteLoss is raised with the weights still at their last good values.
     """
     acc = t.accelerator
-    modules = [t.unet, t.text_encoder] if t.train_text_encoder else [t.unet]
+    modules = [t.unet, *t.text_encoders] if t.train_text_encoder else [t.unet]
     while state.step < max_steps:
         t.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         per_epoch = len(t.batch_sampler)

@@ -18,7 +18,7 @@ import torch
 from . import checkpoint, loop
 from .config import TrainConfig
 from .errors import UserError
-from .export import export_lora, lora_components, training_metadata
+from .export import export_lora, lora_components, sgm_paths, trained_modules, training_metadata
 from .fsio import atomic_write_text
 from .models.load import BaseModel
 from .sampling.sampler import SampleSettings, build_sampling_pipeline, generate_grid, save_grid
@@ -129,9 +129,6 @@ class RunOutputs:
             record["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)  # flat over a long run, or a leak
             self.metrics.write(json.dumps(record) + "\n")
 
-    def unwrapped(self):
-        """The plain modules (never DDP-wrapped): what is saved and sampled."""
-        return self.model.unet, self.model.text_encoder
 
     def validate(self, step: int) -> float:
         value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)
@@ -146,10 +143,10 @@ class RunOutputs:
         if not self.main or not self.config.sample_every:
             return
         c = self.config
-        unet, te = self.unwrapped()
+        m = self.model
         pipe = build_sampling_pipeline(
-            vae=self.model.vae, text_encoder=te, tokenizer=self.model.tokenizer, unet=unet,
-            scheduler_config=self.model.scheduler_config, sampler=c.sample_sampler,
+            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, scheduler_config=m.scheduler_config,
+            sampler=c.sample_sampler, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2,
         )
         settings = SampleSettings(
             width=c.resolution, height=c.resolution, steps=c.sample_steps, cfg=c.sample_cfg,
@@ -163,8 +160,7 @@ class RunOutputs:
     def save_lora(self, path: Path, state: loop.TrainState) -> Path | None:
         if not self.main:
             return None
-        unet, te = self.unwrapped()
-        components = lora_components(unet, te if self.config.train_text_encoder else None)
+        components = lora_components(self.model, self.config.train_text_encoder)
         meta = training_metadata(
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
             dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
@@ -174,7 +170,7 @@ class RunOutputs:
             meta["ss_validation_loss_best"] = str(self.best_validation)
             meta["ss_validation_best_step"] = str(self.best_validation_step)
         try:
-            export_lora(path, components, meta, self.config.save_precision)
+            export_lora(path, components, meta, self.config.save_precision, sgm_paths=sgm_paths(self.model))
         except OSError as e:
             raise UserError(f"could not save {path}: {e.strerror or e}. Earlier files are intact; free space or fix permissions, then --resume latest") from None
         self.saved.append(path)
@@ -184,8 +180,7 @@ class RunOutputs:
     def save_state(self, state: loop.TrainState) -> Path | None:
         if not self.main:
             return None
-        unet, te = self.unwrapped()
-        modules = {"unet": unet, **({"text_encoder": te} if self.config.train_text_encoder else {})}
+        modules = trained_modules(self.model, self.config.train_text_encoder)
         progress = checkpoint.Progress(
             step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
             best_validation=self.best_validation, best_validation_step=self.best_validation_step,

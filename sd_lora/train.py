@@ -22,9 +22,11 @@ from . import checkpoint, loop
 from .config import TrainConfig, load_config
 from .data import BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint, scan_dataset
 from .errors import Interrupted, UserError
+from .export import trained_modules
 from .outputs import RunOutputs, StopRequest
 from .lora.inject import inject_lora, trainable_parameters
 from .lora.targets import text_encoder_target_modules, unet_target_modules
+from .models.conditioning import Conditioner
 from .models.load import BaseModel, load_base_model
 from .optim import build_lr_scheduler, build_optimizer
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size
@@ -58,7 +60,7 @@ def make_accelerator(config: TrainConfig):
 def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     """Fill the options whose default depends on the model or data; check them against the model."""
     resolution = config.resolution or model.native_resolution
-    step = model.pixel_step
+    step = model.bucket_step
     problems = []
     if resolution % step:
         problems.append(f"--resolution {resolution} must be a multiple of {step} px for this model (e.g. {max(step, resolution // step * step)})")
@@ -67,6 +69,9 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     for flag, value in (("--min-bucket-side", config.min_bucket_side), ("--max-bucket-side", config.max_bucket_side)):
         if value is not None and value % step:
             problems.append(f"{flag} {value} must be a multiple of {step} px for this model")
+    if config.zero_terminal_snr and model.prediction_type != "v_prediction":
+        problems.append("--zero-terminal-snr needs a v-prediction model (at zero SNR an epsilon model has nothing to "
+                        "predict from); use a v-prediction model or pass --prediction-type v_prediction deliberately")
     if config.sample_every and resolution % SIZE_STEP:
         problems.append(f"--resolution {resolution}: sample grids need a multiple of {SIZE_STEP} px; change it or pass --sample-every 0")
     if problems:
@@ -95,11 +100,14 @@ def check_output_dir(path: Path) -> None:
 
 def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Freeze the base, inject LoRA where the preset says, cast and place; returns the trainable parameters."""
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.to(device)
         if weight_dtype != torch.float32:
             module.to(dtype=weight_dtype)
+    if model.family == "sdxl" and weight_dtype == torch.float16 and not model.vae_name:
+        # SDXL's VAE overflows in fp16 (NaN latents): keep it in fp32 unless --vae names an fp16-safe one.
+        model.vae.to(dtype=torch.float32)
     if config.xformers:
         try:
             import xformers  # noqa: F401
@@ -108,18 +116,20 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
         model.unet.enable_xformers_memory_efficient_attention()
     # LoRA parameters are created and kept in fp32 whatever the base dtype.
     inject_lora(model.unet, unet_target_modules(model.unet, config.targets), rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
-    if config.train_text_encoder:
-        inject_lora(model.text_encoder, text_encoder_target_modules(model.text_encoder), rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
-    model.unet.to(device)
-    model.text_encoder.to(device)
+    text_encoders = model.text_encoders if config.train_text_encoder else []
+    for encoder in text_encoders:  # SDXL: both encoders, six linears per layer each
+        inject_lora(encoder, text_encoder_target_modules(encoder), rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
+    for module in (model.unet, *model.text_encoders):
+        module.to(device)
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for encoder in text_encoders:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.unet.train()
-    model.text_encoder.train(config.train_text_encoder)
+    for encoder in model.text_encoders:
+        encoder.train(config.train_text_encoder)
     model.vae.eval()
-    return trainable_parameters(model.unet) + (trainable_parameters(model.text_encoder) if config.train_text_encoder else [])
+    return trainable_parameters(model.unet) + [p for e in text_encoders for p in trainable_parameters(e)]
 
 
 def read_sample_prompts(config: TrainConfig):
@@ -154,7 +164,7 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
         f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes; {batches} batches/epoch",
         f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
         f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {config.targets}"
-        + (" + text encoder" if config.train_text_encoder else ""),
+        + ((" + text encoders" if model.family == "sdxl" else " + text encoder") if config.train_text_encoder else ""),
         f"trainable parameters: {n_params:,}; expected file size: {n_params * bytes_per / 2**20:.2f} MiB ({config.save_precision})",
         f"latent cache: {'on' if config.cache_latents else 'off'}; mixed precision: {config.mixed_precision}",
     ]
@@ -167,7 +177,11 @@ class TrainResult:
     config: TrainConfig  # resolved
     state: loop.TrainState
     unet: torch.nn.Module  # trained, with LoRA layers (unwrapped)
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_encoders[0]
     outputs: RunOutputs
 
 
@@ -186,6 +200,17 @@ def data_options(config: TrainConfig, step: int) -> DataOptions:
         random_crop=config.random_crop, flip=config.flip, shuffle_tags=config.shuffle_tags,
         keep_tokens=config.keep_tokens, caption_dropout=config.caption_dropout, seed=config.seed,
     )
+
+
+def validation_sizes(dataset: ImageDataset, index: int) -> dict:
+    """SDXL size conditioning of a held-out image, from its centre crop."""
+    record, plan = dataset.records[index], dataset.crop_plan(index)
+    width, height = dataset.bucket_of[index]
+    return {
+        "original_size": torch.tensor([record.height, record.width]),
+        "crop_top_left": torch.tensor([plan.top, plan.left]),
+        "target_size": torch.tensor([height, width]),
+    }
 
 
 def check_free_space(path: Path, needed_bytes: int) -> None:
@@ -209,9 +234,9 @@ def run(config: TrainConfig) -> TrainResult:
     for warning in scan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan)
-    model = load_base_model(config.model, prediction_type=config.prediction_type)
+    model = load_base_model(config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr)
     config = resolve_defaults(config, model)
-    options = data_options(config, model.pixel_step)
+    options = data_options(config, model.bucket_step)
     dataset = ImageDataset(train_records, options)
     data_id = fingerprint(train_records + validation_records)
     resumed = checkpoint.load_state(checkpoint.resolve_resume(config.resume, config.output_dir), config, data_id) if config.resume else None
@@ -226,7 +251,7 @@ def run(config: TrainConfig) -> TrainResult:
     def encoder(g: torch.Generator):
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             with accelerator.autocast():
-                return loop.encode_pixels(model.vae, pixels.to(accelerator.device, weight_dtype), vae_scaling, g).float().cpu()
+                return loop.encode_pixels(model.vae, pixels.to(accelerator.device, model.vae.dtype), vae_scaling, g).float().cpu()
         return encode
 
     progress = accelerator.is_main_process
@@ -239,6 +264,7 @@ def run(config: TrainConfig) -> TrainResult:
         cache = build_latent_cache(held, encoder(val_generator), batch_size=config.batch_size, progress=progress)
         validation_items = build_validation_set(
             [cache.get(i, False) for i in range(len(held))], [r.caption for r in validation_records],
+            [validation_sizes(held, i) for i in range(len(held))],
             seed=config.seed, num_train_timesteps=model.num_train_timesteps,
         )
 
@@ -264,22 +290,21 @@ def run(config: TrainConfig) -> TrainResult:
 
     groups = [{"params": trainable_parameters(model.unet), "lr": config.learning_rate}]
     if config.train_text_encoder:
-        groups.append({"params": trainable_parameters(model.text_encoder), "lr": config.effective_text_encoder_lr})
+        te_params = [p for e in model.text_encoders for p in trainable_parameters(e)]
+        groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay, device=accelerator.device)
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
     # `model` keeps the plain modules (for saving and sampling); the loop gets the prepared ones (DDP-wrapped
     # with several processes).
-    text_encoder = model.text_encoder
+    text_encoders = list(model.text_encoders)
     if config.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(model.unet, model.text_encoder, optimizer)
+        unet, *text_encoders, optimizer = accelerator.prepare(model.unet, *model.text_encoders, optimizer)
     else:
         unet, optimizer = accelerator.prepare(model.unet, optimizer)
 
     state = loop.TrainState()
     if resumed:
-        modules = {"unet": model.unet}
-        if config.train_text_encoder:
-            modules["text_encoder"] = model.text_encoder
+        modules = trained_modules(model, config.train_text_encoder)
         checkpoint.restore_trainable(modules, resumed.tensors)
         optimizer.load_state_dict(resumed.training["optimizer"])
         lr_scheduler.load_state_dict(resumed.training["lr_scheduler"])
@@ -297,8 +322,9 @@ def run(config: TrainConfig) -> TrainResult:
             print(f"resuming from {resumed.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
     trainee = loop.Trainee(
-        accelerator=accelerator, unet=unet, text_encoder=text_encoder,
-        vae=None if config.cache_latents else model.vae, tokenizer=model.tokenizer, dataloader=dataloader,
+        accelerator=accelerator, unet=unet, text_encoders=text_encoders,
+        conditioner=Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip),
+        vae=None if config.cache_latents else model.vae, dataloader=dataloader,
         batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable,
         train_text_encoder=config.train_text_encoder, weight_dtype=weight_dtype,
         max_grad_norm=config.max_grad_norm, generator=generator,
@@ -306,7 +332,7 @@ def run(config: TrainConfig) -> TrainResult:
     objective = loop.Objective(
         alphas_cumprod=model.alphas_cumprod.to(accelerator.device), num_train_timesteps=model.num_train_timesteps,
         prediction_type=model.prediction_type, vae_scaling_factor=vae_scaling, noise_offset=config.noise_offset,
-        min_snr_gamma=config.min_snr_gamma, clip_skip=config.clip_skip,
+        min_snr_gamma=config.min_snr_gamma,
     )
     with StopRequest() as stop:
         outputs = RunOutputs(
@@ -358,8 +384,7 @@ def run(config: TrainConfig) -> TrainResult:
         if outputs.best_validation_step is not None:
             print(f"best validation loss {outputs.best_validation:.5f} at step {outputs.best_validation_step}")
         print(f"done: {final}")
-    unet, text_encoder = outputs.unwrapped()
-    return TrainResult(final, config, state, unet, text_encoder, outputs)
+    return TrainResult(final, config, state, model.unet, model.text_encoders, outputs)
 
 
 def main(argv: list[str] | None = None) -> int:

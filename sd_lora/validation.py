@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from . import diffusion
-from .models.text import encode_tokens, tokenize
 
 
 @dataclass
@@ -23,6 +22,7 @@ class ValidationItem:
     caption: str
     noise: torch.Tensor  # (C, h, w)
     timestep: int
+    sizes: dict  # "original_size", "crop_top_left", "target_size": (2,) long tensors (SDXL size conditioning)
 
 
 def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -38,13 +38,14 @@ def split_records(records: list, fraction: float, seed: int) -> tuple[list, list
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def build_validation_set(latents: list[torch.Tensor], captions: list[str], *, seed: int, num_train_timesteps: int) -> list[ValidationItem]:
+def build_validation_set(latents: list[torch.Tensor], captions: list[str], sizes: list[dict], *, seed: int,
+                         num_train_timesteps: int) -> list[ValidationItem]:
     items = []
     n = len(latents)
-    for i, (lat, caption) in enumerate(zip(latents, captions)):
+    for i, (lat, caption, size) in enumerate(zip(latents, captions, sizes)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         timestep = int((i + 0.5) * num_train_timesteps / n)
-        items.append(ValidationItem(lat, caption, torch.randn(lat.shape, generator=g), timestep))
+        items.append(ValidationItem(lat, caption, torch.randn(lat.shape, generator=g), timestep, size))
     return items
 
 
@@ -52,7 +53,7 @@ def validation_loss(trainee, objective, items: list[ValidationItem], batch_size:
     """Mean (unweighted) noise-prediction MSE over `items`, in eval mode, with gradients off."""
     acc = trainee.accelerator
     device = acc.device
-    modules = [trainee.unet, trainee.text_encoder]
+    modules = [trainee.unet, *trainee.text_encoders]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -68,10 +69,10 @@ def validation_loss(trainee, objective, items: list[ValidationItem], batch_size:
                     latents = torch.stack([c.latents for c in chunk]).to(device, trainee.weight_dtype)
                     noise = torch.stack([c.noise for c in chunk]).to(device, trainee.weight_dtype)
                     timesteps = torch.tensor([c.timestep for c in chunk], device=device)
-                    ids, _ = tokenize(trainee.tokenizer, [c.caption for c in chunk])
-                    cond = encode_tokens(trainee.text_encoder, ids.to(device), objective.clip_skip)
+                    sizes = {k: torch.stack([c.sizes[k] for c in chunk]) for k in chunk[0].sizes}
+                    cond, _ = trainee.conditioner([c.caption for c in chunk], sizes, device, trainee.weight_dtype)
                     noisy = diffusion.add_noise(latents, noise, timesteps, objective.alphas_cumprod)
-                    prediction = trainee.unet(noisy, timesteps, cond).sample
+                    prediction = trainee.unet(noisy, timesteps, **cond).sample
                     target = diffusion.training_target(objective.prediction_type, latents, noise, timesteps, objective.alphas_cumprod)
                     total += diffusion.diffusion_loss(prediction, target).item() * len(chunk)
                     count += len(chunk)

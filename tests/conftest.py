@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the network
+# Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning threads slowed small linear
+# algebra (SVDs, tiny convolutions) by up to 10x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -27,6 +30,13 @@ def tiny_v_model_dir(tmp_path_factory) -> Path:
     from sd_lora.models.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2-v", family="sd2-v")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory) -> Path:
+    from sd_lora.models.tiny import save_tiny_sdxl_model
+
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def write_dataset(root: Path, count: int = 6, repeats: int = 2, sizes=((48, 64), (64, 48), (64, 64))) -> Path:

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from sd_lora import loop
 from sd_lora.lora.inject import inject_lora, trainable_parameters
 from sd_lora.lora.targets import unet_target_modules
+from sd_lora.models.conditioning import Conditioner
 from sd_lora.models.load import load_base_model
 from sd_lora.optim import build_lr_scheduler, build_optimizer
 
@@ -60,7 +61,8 @@ def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8):
     batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "captions": ["zkchar, red circle", "zkchar, blue square"]}
     batches = FixedBatches(batch)
     trainee = loop.Trainee(
-        accelerator=Accelerator(), unet=model.unet, text_encoder=model.text_encoder, vae=None, tokenizer=model.tokenizer,
+        accelerator=Accelerator(), unet=model.unet, text_encoders=[model.text_encoder],
+        conditioner=Conditioner(model.family, [model.tokenizer], [model.text_encoder]), vae=None,
         dataloader=batches, batch_sampler=batches, optimizer=optimizer,
         lr_scheduler=build_lr_scheduler("constant", optimizer, warmup_steps=0, total_steps=100),
         trainable=params, train_text_encoder=False, weight_dtype=torch.float32, max_grad_norm=1.0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-FAMILIES = ("sd1", "sd2")  # SDXL later
+FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
 MODELSPEC_VERSION = "1.0.1"
 
@@ -20,7 +20,7 @@ MODELSPEC_VERSION = "1.0.1"
 def family_metadata(
     *, family: str, prediction_type: str, resolution: tuple[int, int], title: str, date: datetime | str
 ) -> dict[str, str]:
-    """The family-dependent metadata of a LoRA file for `family` ("sd1" | "sd2").
+    """The family-dependent metadata of a LoRA file for `family` ("sd1" | "sd2" | "sdxl").
 
     `resolution` is (width, height) of training; `date` a datetime (written as ISO 8601 to the second) or an
     ISO 8601 string (checked, written unchanged). An SD1 model fine-tuned for v-prediction is written the way
@@ -37,19 +37,26 @@ def family_metadata(
         raise TypeError(f"title must be a string, got {type(title).__name__}")
     v_pred = prediction_type == "v_prediction"
 
-    version = "sd_v1" if family == "sd1" else "sd_v2"
-    if v_pred:
-        version += "_v"
-    if family == "sd1":
-        architecture = "stable-diffusion-v1"
+    implementation = "diffusers"
+    if family == "sdxl":
+        # kohya writes sdxl_base_v1-0 for every SDXL-architecture model (v-prediction ones too: the
+        # prediction type goes in modelspec); A1111 recognises SDXL LoRAs by the "sdxl_" prefix.
+        version, architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+        implementation = "https://github.com/Stability-AI/generative-models"
     else:
-        architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        version = "sd_v1" if family == "sd1" else "sd_v2"
+        if v_pred:
+            version += "_v"
+        if family == "sd1":
+            architecture = "stable-diffusion-v1"
+        else:
+            architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
     return {
         "ss_base_model_version": version,
         "ss_v2": str(family == "sd2"),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.date": _iso_date(date),
         "modelspec.resolution": f"{width}x{height}",

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion base model (SD1.x / SD2.x) from a Hugging Face id or a local diffusers folder.
+"""Load a Stable Diffusion base model (SD1.x, SD2.x, SDXL) from a Hugging Face id or a local diffusers folder.
 
 The result is a `BaseModel`: the components we train around plus the facts the rest of the trainer needs
 (family, prediction type, native resolution, the pixel step that bucket sizes must respect).
@@ -23,7 +23,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass
 class BaseModel:
     name: str  # what the user passed: a Hub id or a folder path
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     prediction_type: str  # "epsilon" | "v_prediction"
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -32,6 +32,17 @@ class BaseModel:
     scheduler_config: dict
     alphas_cumprod: torch.Tensor  # (T,) float32, from the training (DDPM) schedule
     num_train_timesteps: int
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG with projection
+    tokenizer_2: object = None
+    vae_name: str | None = None  # set when --vae replaced the model's own VAE
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
 
     @property
     def vae_scale_factor(self) -> int:
@@ -42,6 +53,12 @@ class BaseModel:
     def pixel_step(self) -> int:
         """Image sides must be multiples of this (64 px for SD): VAE factor x U-Net downsampling."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def bucket_step(self) -> int:
+        """Bucket sides are multiples of this: the pixel step, but at least 64 px for full-size models as
+        kohya uses (SDXL's own step is 32 px)."""
+        return max(self.pixel_step, 64) if self.native_resolution >= 512 else self.pixel_step
 
     @property
     def native_resolution(self) -> int:
@@ -82,9 +99,14 @@ def _read_model_index(path: Path) -> dict:
 
 
 def detect_family(unet_config: dict, model_index: dict, where: str) -> str:
-    """'sd1' or 'sd2' from the U-Net config; SDXL and other architectures are refused with a clear message."""
-    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        raise UserError(f"--model {where}: this is an SDXL-family model, which this version does not train yet (SD1.x and SD2.x only)")
+    """'sd1', 'sd2' or 'sdxl' from the U-Net config and the pipeline's component list."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        if model_index and "text_encoder_2" not in model_index:
+            raise UserError(f"--model {where}: an SDXL U-Net without text_encoder_2 (a refiner?) cannot be trained; "
+                            "pass an SDXL base-architecture model (SDXL 1.0, Pony, Illustrious, NoobAI, ...)")
+        return "sdxl"
+    if "text_encoder_2" in model_index:
+        raise UserError(f"--model {where}: two text encoders but no SDXL U-Net: this architecture is not supported")
     cross = unet_config.get("cross_attention_dim")
     if cross == 768:
         return "sd1"
@@ -94,10 +116,15 @@ def detect_family(unet_config: dict, model_index: dict, where: str) -> str:
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 
-def load_base_model(name: str, *, prediction_type: str | None = None) -> BaseModel:
-    """Load every component in fp32 on the CPU; the caller moves and casts them."""
+def load_base_model(name: str, *, prediction_type: str | None = None, vae: str | None = None,
+                    zero_terminal_snr: bool = False) -> BaseModel:
+    """Load every component in fp32 on the CPU; the caller moves and casts them.
+
+    `vae` replaces the model's VAE (a diffusers AutoencoderKL folder or Hub id, e.g. an fp16-safe SDXL VAE);
+    `zero_terminal_snr` rescales the noise schedule so its last step is pure noise (Lin et al. 2023).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(name).expanduser()
     if path.exists():
@@ -122,18 +149,41 @@ def load_base_model(name: str, *, prediction_type: str | None = None) -> BaseMod
     unet = load(UNet2DConditionModel, "unet")
     family = detect_family(dict(unet.config), model_index, name)
     scheduler = load(DDPMScheduler, "scheduler")
+    if zero_terminal_snr:
+        scheduler = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     model = BaseModel(
         name=name,
         family=family,
         prediction_type=prediction_type or scheduler.config.get("prediction_type", "epsilon"),
         unet=unet,
-        vae=load(AutoencoderKL, "vae"),
+        vae=_load_vae(vae) if vae else load(AutoencoderKL, "vae"),
         text_encoder=load(CLIPTextModel, "text_encoder"),
         tokenizer=load(CLIPTokenizer, "tokenizer"),
         scheduler_config=dict(scheduler.config),
         alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
         num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        vae_name=vae,
     )
+    if family == "sdxl":
+        model.text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
+        model.tokenizer_2 = load(CLIPTokenizer, "tokenizer_2")
     if model.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"--model {name}: prediction type {model.prediction_type!r} is not supported (epsilon or v_prediction)")
     return model
+
+
+def _load_vae(name: str):
+    """An AutoencoderKL from a folder (its own, or a pipeline's vae/ subfolder) or a Hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name).expanduser()
+    attempts = [dict(), dict(subfolder="vae")]
+    if path.exists() and not (path / "config.json").is_file():
+        attempts = [dict(subfolder="vae")]
+    for kwargs in attempts:
+        try:
+            return AutoencoderKL.from_pretrained(str(path) if path.exists() else name, **kwargs)
+        except (OSError, ValueError):
+            continue
+    raise UserError(f"--vae {name}: cannot load an AutoencoderKL from it; pass a diffusers VAE folder (config.json + "
+                    "diffusion_pytorch_model.safetensors), a model folder with vae/, or a Hugging Face id")

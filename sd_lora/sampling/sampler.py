@@ -92,12 +92,20 @@ def _is_sampler(scheduler, sampler: str) -> bool:
     )
 
 
-def build_sampling_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler_config, sampler: str):
-    """A `StableDiffusionPipeline` around the live modules (no copies: LoRA layers and later weight updates
-    show up in the samples). Pass unwrapped modules (`accelerator.unwrap_model`), all on one device.
-    `scheduler_config` is the training scheduler's `.config`."""
-    from diffusers import StableDiffusionPipeline
+def build_sampling_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler_config, sampler: str,
+                            text_encoder_2=None, tokenizer_2=None):
+    """A `StableDiffusionPipeline` (or, with `text_encoder_2`, a `StableDiffusionXLPipeline`) around the live
+    modules (no copies: LoRA layers and later weight updates show up in the samples). Pass unwrapped modules
+    (`accelerator.unwrap_model`), all on one device. `scheduler_config` is the training scheduler's `.config`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=make_scheduler(sampler, scheduler_config),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -199,6 +207,8 @@ def _text_conditioning(pipe, row: _Row, clip_skip: int) -> dict:
     """
     if clip_skip == 1:
         return {"prompt": row.prompt, "negative_prompt": row.negative or None}
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the pipeline's clip_skip counts from the penultimate layer
+        return {"prompt": row.prompt, "negative_prompt": row.negative or None, "clip_skip": clip_skip - 1}
     from sd_lora.models.text import encode_tokens, tokenize
 
     device = next(pipe.text_encoder.parameters()).device

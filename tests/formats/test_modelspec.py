@@ -55,6 +55,16 @@ def test_sd1_v_prediction_as_kohya_writes_it():
     assert meta["modelspec.prediction_type"] == "v"
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sdxl_as_kohya_writes_it(prediction):
+    meta = _meta(family="sdxl", prediction_type=prediction, resolution=(1024, 1024))
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")
+    assert meta["modelspec.resolution"] == "1024x1024"
+
+
 def test_all_values_are_strings():
     for family, prediction in (("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction")):
         assert all(isinstance(v, str) for v in _meta(family=family, prediction_type=prediction).values())
@@ -69,8 +79,8 @@ def test_date_string_is_checked_and_kept():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"family": "sdxl"}, "sd1, sd2"),
-        ({"family": "sd2-v"}, "sd1, sd2"),
+        ({"family": "sdxl-v"}, "sd1, sd2, sdxl"),
+        ({"family": "sd2-v"}, "sd1, sd2, sdxl"),
         ({"prediction_type": "v"}, "epsilon, v_prediction"),
         ({"resolution": (512, 0)}, "width, height"),
     ],

@@ -27,10 +27,12 @@ def test_v_prediction_read_from_scheduler_and_overridable(tiny_v_model_dir):
 def test_family_detection_from_full_size_configs():
     assert detect_family({"cross_attention_dim": 768}, {}, "x") == "sd1"
     assert detect_family({"cross_attention_dim": 1024, "use_linear_projection": True}, {}, "x") == "sd2"
-    with pytest.raises(UserError, match="SDXL"):
-        detect_family({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, {}, "x")
-    with pytest.raises(UserError, match="SDXL"):
-        detect_family({"cross_attention_dim": 2048}, {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "x")
+    sdxl_index = {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    assert detect_family({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, sdxl_index, "x") == "sdxl"
+    with pytest.raises(UserError, match="refiner"):
+        detect_family({"cross_attention_dim": 1280, "addition_embed_type": "text_time"}, {"text_encoder": []}, "x")
+    with pytest.raises(UserError, match="two text encoders but no SDXL U-Net"):
+        detect_family({"cross_attention_dim": 2048}, sdxl_index, "x")
 
 
 def test_refusals(tmp_path):

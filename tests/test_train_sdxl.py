@@ -1,0 +1,95 @@
+"""SDXL end to end on a tiny SDXL pipeline: the real CLI trains, the file loads in diffusers' SDXL pipeline
+and reproduces the trained U-Net and both text encoders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sd_lora.config import load_config
+from sd_lora.models.conditioning import sdxl_time_ids
+from sd_lora.train import main, run
+
+FAST = ["--resolution", "32", "--batch-size", "2", "--rank", "4", "--sample-steps", "2", "--sample-seeds", "1"]
+
+
+def _outputs(unet, te1, te2, seed=0):
+    """U-Net prediction with full SDXL conditioning, and both encoders' conditioning outputs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 600, (2, 77), generator=g)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    with torch.no_grad():
+        h1 = te1(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = te2(ids, output_hidden_states=True)
+        h2, pooled = out2.hidden_states[-2], out2.text_embeds
+        time_ids = sdxl_time_ids(torch.tensor([[40, 36], [32, 32]]), torch.tensor([[2, 0], [0, 0]]), torch.tensor([[32, 32], [32, 32]]))
+        pred = unet(latents, torch.tensor([10, 700]), torch.cat([h1, h2], -1),
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    return pred, h1, h2, pooled
+
+
+@pytest.mark.slow
+def test_sdxl_cli_trains_and_diffusers_reproduces_it(tiny_sdxl_model_dir, tiny_dataset, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "out"
+    config = load_config(["--data", str(tiny_dataset), "--model", str(tiny_sdxl_model_dir), "--output-dir", str(out), *FAST,
+                          "--max-steps", "4", "--train-text-encoder", "--learning-rate", "5e-2", "--alpha", "2",
+                          "--save-precision", "fp32", "--sample-every", "2", "--flip"])
+    result = run(config)
+    assert result.state.step == 4
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["data-step00000000.png", "data-step00000002.png", "data-step00000004.png"]
+    with safe_open(str(result.path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in keys}
+    assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # kohya's SGM names, not down_blocks
+    assert not any("down_blocks" in k for k in keys)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    for m in (result.unet, *result.text_encoders):
+        m.eval()
+    trained = _outputs(result.unet, *result.text_encoders)
+    base = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model_dir))
+    untouched = _outputs(base.unet, base.text_encoder, base.text_encoder_2)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(trained, untouched))  # all three models changed
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model_dir))
+    pipe.load_lora_weights(str(out), weight_name=result.path.name)
+    loaded = _outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    for name, a, b in zip(("unet", "te1 hidden", "te2 hidden", "te2 pooled"), loaded, trained):
+        assert (a - b).abs().max() < 1e-4, name
+
+
+@pytest.mark.slow
+def test_sdxl_v_prediction_with_zero_terminal_snr(tiny_dataset, tmp_path):
+    from sd_lora.models.tiny import save_tiny_sdxl_model
+
+    model = save_tiny_sdxl_model(tmp_path / "vmodel", prediction_type="v_prediction")
+    out = tmp_path / "out"
+    code = main(["--data", str(tiny_dataset), "--model", str(model), "--output-dir", str(out), *FAST, "--max-steps", "2",
+                 "--zero-terminal-snr", "--min-snr-gamma", "5", "--sample-every", "0"])
+    assert code == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    with safe_open(str(out / "data.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v"
+
+
+def test_zero_terminal_snr_refused_for_epsilon_models(tiny_sdxl_model_dir, tiny_dataset, tmp_path, capsys):
+    code = main(["--data", str(tiny_dataset), "--model", str(tiny_sdxl_model_dir), "--output-dir", str(tmp_path / "o"),
+                 *FAST, "--zero-terminal-snr", "--sample-every", "0"])
+    assert code == 2 and "--zero-terminal-snr needs a v-prediction model" in capsys.readouterr().err
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise(tiny_sdxl_model_dir):
+    from sd_lora.models.load import load_base_model
+
+    plain = load_base_model(str(tiny_sdxl_model_dir))
+    rescaled = load_base_model(str(tiny_sdxl_model_dir), zero_terminal_snr=True)
+    assert plain.family == rescaled.family == "sdxl" and plain.text_encoder_2 is not None
+    assert plain.alphas_cumprod[-1] > 1e-3 and rescaled.alphas_cumprod[-1] < 1e-6
