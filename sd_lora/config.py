@@ -79,8 +79,10 @@ class TrainConfig:
     )
     num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
-    model: str | None = option(None, "Base model: a Hugging Face id or a local diffusers folder (SD1.x, SD2.x, SDXL).", ss="ss_sd_model_name", group="model", fixed=True)
+    model: str | None = option(None, "Base model: a Hugging Face id, a local diffusers folder or a single-file checkpoint (SD1.x, SD2.x, SDXL).", ss="ss_sd_model_name", group="model", fixed=True)
     prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model", fixed=True)
+    allow_unsafe_pickle: bool = option(False, "Allow a .ckpt/.pt --model: pickle files can run code when loaded (read with torch.load(weights_only=True) first).", group="model")
+    model_config: Path | None = option(None, "Diffusers folder whose configs and tokenizers describe a single-file --model (default: built-in SD1.5/SD2.1/SDXL configs).", group="model", fixed=True)
     vae: str | None = option(None, "Replace the model's VAE (diffusers folder or Hub id), e.g. an fp16-safe SDXL VAE.", group="model", fixed=True)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; needs v-prediction).", ss="ss_zero_terminal_snr", group="model", fixed=True)
     clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
@@ -280,6 +282,8 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--data {c.data}: is a file, not a folder of images")
     if c.sample_prompts is not None and not c.sample_prompts.is_file():
         problems.append(f"--sample-prompts {c.sample_prompts}: file not found")
+    if c.model_config is not None and not (c.model_config / "model_index.json").is_file():
+        problems.append(f"--model-config {c.model_config}: not a diffusers folder (no model_index.json)")
     if c.config is not None and not c.config.is_file():
         problems.append(f"--config {c.config}: file not found")
     if c.max_steps is not None and c.epochs is not None:

@@ -234,7 +234,10 @@ def run(config: TrainConfig) -> TrainResult:
     for warning in scan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan)
-    model = load_base_model(config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr)
+    model = load_base_model(
+        config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
+        allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
+    )
     config = resolve_defaults(config, model)
     options = data_options(config, model.bucket_step)
     dataset = ImageDataset(train_records, options)

@@ -297,13 +297,13 @@ def model_is_a_plain_folder(env):
     return env.argv(model=env.tmp / "not-a-model")
 
 
-@bad("--model {tmp}/notes.txt: is a file, not a model; pass a diffusers folder")
+@bad("--model {tmp}/notes.txt: is a file, not a model; pass a single-file checkpoint", "a diffusers folder")
 def model_is_a_random_file(env):
     return env.argv(model=env.write("notes.txt", "hello"))
 
 
-@bad("--model {tmp}/sd15.safetensors: single-file checkpoints", "are not supported yet; pass a diffusers folder")
-def model_is_a_single_file_checkpoint(env):
+@bad("{tmp}/sd15.safetensors: not a valid .safetensors file", "the download may be incomplete")
+def model_is_a_damaged_single_file_checkpoint(env):
     return env.argv(model=env.write("sd15.safetensors", b"\0" * 64))
 
 

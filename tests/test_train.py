@@ -163,3 +163,21 @@ def test_bad_images_are_listed_before_training(tiny_dataset, tiny_model_dir, tmp
     err = capsys.readouterr().err
     assert code == 2 and "broken.png" in err and "empty.jpg" in err and "--skip-bad-images" in err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_trains_from_a_single_file_checkpoint(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """A tiny checkpoint in the original A1111/ComfyUI layout (written by our own writer) loads offline and trains."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.models.single_file import save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    checkpoint = save_single_file(pipe.components, tmp_path / "tiny.safetensors", family="sd1")
+    code = main(["--data", str(tiny_dataset), "--model", str(checkpoint), "--model-config", str(tiny_model_dir),
+                 "--output-dir", str(tmp_path / "o"), *FAST, "--max-steps", "2", "--sample-every", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sd1" in out and "epsilon" in out  # what was detected is printed
+    with safe_open(str(tmp_path / "o" / "data.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v1"

@@ -69,10 +69,8 @@ class BaseModel:
 def _check_local_folder(path: Path) -> None:
     if path.is_file():
         folder = "a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-            raise UserError(f"--model {path}: single-file checkpoints ({'/'.join(CHECKPOINT_SUFFIXES)}) are not "
-                            f"supported yet; pass {folder} or a Hugging Face id")
-        raise UserError(f"--model {path}: is a file, not a model; pass {folder} or a Hugging Face id")
+        raise UserError(f"--model {path}: is a file, not a model; pass a single-file checkpoint "
+                        f"({'/'.join(CHECKPOINT_SUFFIXES)}), {folder} or a Hugging Face id")
     if not (path / "model_index.json").is_file():
         raise UserError(
             f"--model {path}: not a diffusers model folder (no model_index.json). Pass the folder that holds "
@@ -117,8 +115,12 @@ def detect_family(unet_config: dict, model_index: dict, where: str) -> str:
 
 
 def load_base_model(name: str, *, prediction_type: str | None = None, vae: str | None = None,
-                    zero_terminal_snr: bool = False) -> BaseModel:
+                    zero_terminal_snr: bool = False, allow_unsafe_pickle: bool = False,
+                    model_config: str | None = None) -> BaseModel:
     """Load every component in fp32 on the CPU; the caller moves and casts them.
+
+    `name` is a Hub id, a diffusers folder, or a single-file checkpoint (`.safetensors`; `.ckpt`/`.pt` only with
+    `allow_unsafe_pickle`), read offline against shipped full-size configs or the diffusers folder `model_config`.
 
     `vae` replaces the model's VAE (a diffusers AutoencoderKL folder or Hub id, e.g. an fp16-safe SDXL VAE);
     `zero_terminal_snr` rescales the noise schedule so its last step is pure noise (Lin et al. 2023).
@@ -127,6 +129,9 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return _load_checkpoint_file(name, path, prediction_type=prediction_type, vae=vae, zero_terminal_snr=zero_terminal_snr,
+                                     allow_unsafe_pickle=allow_unsafe_pickle, model_config=model_config)
     if path.exists():
         _check_local_folder(path)
         source = str(path)
@@ -167,6 +172,10 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     if family == "sdxl":
         model.text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
         model.tokenizer_2 = load(CLIPTokenizer, "tokenizer_2")
+    return _checked(model, name)
+
+
+def _checked(model: BaseModel, name: str) -> BaseModel:
     if model.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"--model {name}: prediction type {model.prediction_type!r} is not supported (epsilon or v_prediction)")
     return model
@@ -187,3 +196,27 @@ def _load_vae(name: str):
             continue
     raise UserError(f"--vae {name}: cannot load an AutoencoderKL from it; pass a diffusers VAE folder (config.json + "
                     "diffusion_pytorch_model.safetensors), a model folder with vae/, or a Hugging Face id")
+
+
+def _load_checkpoint_file(name: str, path: Path, *, prediction_type, vae, zero_terminal_snr, allow_unsafe_pickle,
+                          model_config) -> BaseModel:
+    """A single-file checkpoint, converted offline into diffusers components; prints what was detected."""
+    from diffusers import DDPMScheduler
+
+    from .single_file import load_single_file
+
+    parts = load_single_file(path, prediction_type=prediction_type, allow_unsafe_pickle=allow_unsafe_pickle,
+                             config_dir=model_config)
+    print(f"--model {name}: {parts['info']}")
+    config = dict(parts["scheduler_config"])
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    scheduler = DDPMScheduler.from_config(config)
+    model = BaseModel(
+        name=name, family=parts["family"], prediction_type=parts["prediction_type"], unet=parts["unet"],
+        vae=_load_vae(vae) if vae else parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        scheduler_config=dict(scheduler.config), alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
+        num_train_timesteps=int(scheduler.config.num_train_timesteps), text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"), vae_name=vae,
+    )
+    return _checked(model, name)

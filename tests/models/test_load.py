@@ -42,7 +42,7 @@ def test_refusals(tmp_path):
         load_base_model(str(tmp_path))
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"x")
-    with pytest.raises(UserError, match="single-file checkpoints"):
+    with pytest.raises(UserError, match="not a valid .safetensors file"):
         load_base_model(str(ckpt))
     (tmp_path / "model_index.json").write_text(json.dumps({}))
     (tmp_path / "unet").mkdir()
