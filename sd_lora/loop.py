@@ -147,12 +147,13 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
                 with acc.autocast():
                     loss = compute_loss(t, obj, batch, state)
                 acc.backward(loss / group_size)
-            accumulated += loss.detach().item() / group_size
+            accumulated = accumulated + loss.detach() / group_size  # stays on the device: no sync per micro-batch
             if not last:
                 continue
             # One optimizer step: check, clip, step, schedule.
             if acc.num_processes > 1:  # every rank must take the same skip/stop decision: use the global mean
-                accumulated = acc.reduce(torch.tensor(accumulated, device=acc.device), reduction="mean").item()
+                accumulated = acc.reduce(accumulated, reduction="mean")
+            accumulated = float(accumulated)  # the one host sync per step: logging and the NaN check need it
             norm = gradient_norm(t)
             finite = math.isfinite(accumulated) and (not check_gradients or bool(torch.isfinite(norm)))
             lr = t.lr_scheduler.get_last_lr()[0]  # the rate this step uses

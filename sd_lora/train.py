@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, loop
+from . import checkpoint, loop, memory
 from .config import TrainConfig, load_config
 from .data import BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint, scan_dataset
 from .errors import Interrupted, UserError
@@ -108,6 +108,10 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     if model.family == "sdxl" and weight_dtype == torch.float16 and not model.vae_name:
         # SDXL's VAE overflows in fp16 (NaN latents): keep it in fp32 unless --vae names an fp16-safe one.
         model.vae.to(dtype=torch.float32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 tensor cores for fp32 matmuls/convs
+        torch.backends.cudnn.allow_tf32 = True
+        model.unet.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on tensor cores
     if config.xformers:
         try:
             import xformers  # noqa: F401
@@ -319,6 +323,8 @@ def run(config: TrainConfig) -> TrainResult:
 
     prompts = file_prompts or default_prompts([r.caption for r in train_records])
     if accelerator.is_main_process:
+        cache_bytes = dataset.latent_cache.memory_bytes() if dataset.latent_cache is not None else 0
+        print(memory.describe_estimate(memory.estimate([model.unet, model.vae, *model.text_encoders], trainable, cache_bytes)))
         print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model,
                       len(validation_records), accelerator.num_processes))
         if resumed:
@@ -326,7 +332,8 @@ def run(config: TrainConfig) -> TrainResult:
 
     trainee = loop.Trainee(
         accelerator=accelerator, unet=unet, text_encoders=text_encoders,
-        conditioner=Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip),
+        conditioner=Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip,
+                                cache_outputs=not config.train_text_encoder and not config.shuffle_tags),
         vae=None if config.cache_latents else model.vae, dataloader=dataloader,
         batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable,
         train_text_encoder=config.train_text_encoder, weight_dtype=weight_dtype,
@@ -386,6 +393,7 @@ def run(config: TrainConfig) -> TrainResult:
             print(f"warning: {outputs.skipped_steps} steps were skipped for a non-finite loss or gradient", file=sys.stderr)
         if outputs.best_validation_step is not None:
             print(f"best validation loss {outputs.best_validation:.5f} at step {outputs.best_validation_step}")
+        print(memory.describe_peak(accelerator.device))
         print(f"done: {final}")
     return TrainResult(final, config, state, model.unet, model.text_encoders, outputs)
 
