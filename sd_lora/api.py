@@ -1,0 +1,107 @@
+"""Apply LoRA files of any format to a diffusers pipeline, several at once, with weights.
+
+    from sd_lora.api import load_lora, set_lora_scales, unload_lora
+    load_lora(pipe, "zkchar.safetensors", scale=0.8)             # -> "zkchar" (the adapter name)
+    load_lora(pipe, "style_diffusers.safetensors", scale=0.3, name="style")
+    set_lora_scales(pipe, {"zkchar": 0.6})                       # the others keep their weights
+    unload_lora(pipe, "style")                                   # one adapter ...
+    unload_lora(pipe)                                            # ... or all: the base model's exact output again
+
+Any file `formats.readers` reads (kohya with SD1/SD2 or SDXL SGM names, diffusers/PEFT, old diffusers keys) is
+resolved against the pipeline's own modules and handed to `pipe.load_lora_weights` as an in-memory diffusers
+state dict (alpha baked into lora_B), so diffusers' heuristic kohya conversion is never involved. Files with
+parts a plain LoRA cannot represent (LoHa, DoRA, unknown modules, ...) or factors that do not fit the
+pipeline's layers are refused with a `UserError` naming the file.
+
+Weights are diffusers' `set_adapters` weights: every loaded adapter stays active with its weight, on the U-Net
+and the text encoders alike. sd_lora remembers each pipeline's weights (weakly: nothing is added to the
+pipeline object); adapters loaded with `pipe.load_lora_weights` directly count with weight 1.0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+from sd_lora.errors import UserError
+from sd_lora.formats.diffusers_format import to_diffusers_state_dict
+from sd_lora.formats.readers import architecture_of_pipeline, read_any_lora, require_exact, shape_mismatches
+
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> {adapter name: weight}
+
+
+def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
+    """Load the LoRA file at `path` into `pipe` as adapter `name` (default: the file's stem) with weight `scale`.
+
+    Returns the adapter name. Sharp edge: loading under a name already in use is refused, not replaced.
+    """
+    name = name if name is not None else re.sub(r"[^\w-]", "_", Path(path).stem)
+    if not re.fullmatch(r"[\w-]+", name):
+        raise UserError(f"adapter name {name!r}: use letters, digits, '_' and '-' only (PEFT names cannot contain '.')")
+    loaded = _adapters(pipe)
+    if name in loaded:
+        raise UserError(f"{path}: an adapter named {name!r} is already loaded; pass another name= or unload it first")
+    architecture = architecture_of_pipeline(pipe)
+    lora = read_any_lora(path, architecture=architecture)
+    require_exact(lora, "load")
+    mismatches = shape_mismatches(lora, architecture)
+    if mismatches:
+        shown = "\n  - ".join(mismatches[:10])
+        shown += f"\n  ... ({len(mismatches) - 10} more)" if len(mismatches) > 10 else ""
+        raise UserError(
+            f"{path}: {len(mismatches)} modules do not fit this pipeline's model:\n  - {shown}\n"
+            "Was the LoRA trained for another model family?"
+        )
+    pipe.load_lora_weights(to_diffusers_state_dict({c: w for c, w in lora.components.items() if w}), adapter_name=name)
+    _weights(pipe)[name] = float(scale)
+    _activate(pipe)
+    return name
+
+
+def set_lora_scales(pipe, scales: Mapping[str, float]) -> None:
+    """Set the weights of loaded adapters by name; adapters not named keep theirs (0 switches one off)."""
+    unknown = sorted(set(scales) - set(_adapters(pipe)))
+    if unknown:
+        loaded = ", ".join(_adapters(pipe)) or "none"
+        raise UserError(f"no adapters named {', '.join(map(repr, unknown))}; loaded: {loaded}")
+    _weights(pipe).update({name: float(weight) for name, weight in scales.items()})
+    _activate(pipe)
+
+
+def unload_lora(pipe, name: str | None = None) -> None:
+    """Remove adapter `name`, or every adapter when `name` is None (the pipeline is then the base model exactly)."""
+    if name is None:
+        pipe.unload_lora_weights()
+        _weights(pipe).clear()
+        return
+    if name not in _adapters(pipe):
+        raise UserError(f"no adapter named {name!r}; loaded: {', '.join(_adapters(pipe)) or 'none'}")
+    pipe.delete_adapters(name)
+    _weights(pipe).pop(name, None)
+    if _adapters(pipe):
+        _activate(pipe)
+    else:
+        pipe.unload_lora_weights()  # drop the now empty PEFT wrappers too
+
+
+def lora_scales(pipe) -> dict[str, float]:
+    """{adapter name: weight} of every adapter loaded in `pipe`."""
+    weights = _weights(pipe)
+    return {name: weights.get(name, 1.0) for name in _adapters(pipe)}
+
+
+def _adapters(pipe) -> list[str]:
+    names = {n for names in pipe.get_list_adapters().values() for n in names}
+    return sorted(names)
+
+
+def _weights(pipe) -> dict[str, float]:
+    return _WEIGHTS.setdefault(pipe, {})
+
+
+def _activate(pipe) -> None:
+    scales = lora_scales(pipe)
+    pipe.set_adapters(list(scales), list(scales.values()))

@@ -1,0 +1,135 @@
+"""Convert a LoRA file between the kohya/WebUI and the diffusers key formats, exactly.
+
+    python -m sd_lora.convert IN OUT --to kohya|diffusers [--model BASE_DIR]
+
+IN may be any format `formats.readers` reads (kohya, diffusers/PEFT, old diffusers). Names are resolved by lookup
+against the full-size model of the file's family, or against `--model` (a local diffusers folder; needed for
+SDXL-like U-Nets whose block layout differs from SDXL base). A file holding anything that is not a plain LoRA
+(LoHa, LoKr, DoRA, `lora_mid`, norm-layer LoRA, unknown module names, orphan alphas) is refused, not
+approximated; `python -m sd_lora.inspect IN` says what is in it.
+
+- `--to kohya`: written by `formats.kohya.save_lora_file` (SDXL U-Net names in kohya's SGM spelling), keeping the
+  input's metadata (`ss_*`, `modelspec.*`; `sshs_model_hash` recomputed) and adding `ss_base_model_version` /
+  `ss_v2` when the input lacks them and the family is known, so A1111 lists the file under the right model.
+- `--to diffusers`: `formats.diffusers_format`, alpha baked into lora_B (see there why); the metadata is kept too.
+
+Exact: the factors are copied bit for bit (in their own dtype, or float32 when the input mixes dtypes). The one
+change is diffusers' missing alpha: kohya -> diffusers scales lora_B by alpha / r, so diffusers -> kohya gives
+alpha = r. Every output is read back and compared before the command reports success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd_lora.errors import UserError
+from sd_lora.formats.diffusers_format import (
+    ADAPTER_METADATA_KEY,
+    bake_alpha,
+    save_diffusers_lora_file,
+    to_diffusers_state_dict,
+)
+from sd_lora.formats.kohya import HASH_KEY, save_lora_file, to_kohya_state_dict
+from sd_lora.formats.readers import (
+    Architecture,
+    LoraFile,
+    architecture_from_model_dir,
+    common_dtype,
+    read_any_lora,
+    require_exact,
+)
+
+TARGETS = ("kohya", "diffusers")
+# kohya's family metadata (formats.modelspec); A1111 hides a LoRA whose ss_base_model_version does not match.
+_BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+@dataclass
+class Conversion:
+    source: LoraFile
+    output: Path
+    to: str
+    added_metadata: dict[str, str]
+
+
+def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Architecture | None = None) -> Conversion:
+    """Convert `src` to `dst` in format `to` ("kohya" | "diffusers"); see the module docstring."""
+    if to not in TARGETS:
+        raise UserError(f"--to {to}: unknown format; choose kohya or diffusers")
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"{dst}: the output would overwrite the input; choose another output file")
+    lora = read_any_lora(src, architecture=architecture)
+    require_exact(lora, "convert")
+    components = {c: w for c, w in lora.components.items() if w}
+    dtype = common_dtype(components)
+    metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, ADAPTER_METADATA_KEY)}
+    added = {}
+    if lora.family and "ss_base_model_version" not in metadata:
+        added["ss_base_model_version"] = _BASE_MODEL_VERSIONS[lora.family]
+        if "ss_v2" not in metadata:
+            added["ss_v2"] = str(lora.family == "sd2")
+        metadata |= added
+    if to == "kohya":
+        sgm_paths = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
+        save_lora_file(dst, to_kohya_state_dict(components, dtype, sgm_paths=sgm_paths), metadata)
+        expected = components
+    else:
+        save_diffusers_lora_file(dst, to_diffusers_state_dict(components, dtype), metadata)
+        expected = {c: {p: bake_alpha(w) for p, w in ws.items()} for c, ws in components.items()}
+    _check_round_trip(dst, expected, dtype, lora.architecture)
+    return Conversion(source=lora, output=dst, to=to, added_metadata=added)
+
+
+def _check_round_trip(path: Path, expected, dtype: torch.dtype, architecture: Architecture) -> None:
+    """Our invariant: the written file reads back to exactly the factors we meant to write."""
+    written = read_any_lora(path, architecture=architecture)
+    got = {c: w for c, w in written.components.items() if w}
+    same = not written.unsupported and got.keys() == expected.keys()
+    same = same and all(got[c].keys() == expected[c].keys() for c in expected)
+    if same:
+        for component, modules in expected.items():
+            for module_path, w in modules.items():
+                back = got[component][module_path]
+                same = same and torch.equal(back.down, w.down.to(dtype)) and torch.equal(back.up, w.up.to(dtype))
+                same = same and back.alpha == torch.tensor(float(w.alpha), dtype=torch.float32).item()
+    if not same:
+        raise RuntimeError(f"{path}: the converted file does not read back to the same LoRA; please report this bug")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _ArgumentParser(prog="python -m sd_lora.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("input", help="the LoRA file to convert (kohya, diffusers or old diffusers keys)")
+    parser.add_argument("output", help="the .safetensors file to write")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="the output format")
+    parser.add_argument("--model", help="a local diffusers model folder to resolve module names against")
+    try:
+        args = parser.parse_args(argv)
+        architecture = architecture_from_model_dir(args.model) if args.model else None
+        result = convert_lora(args.input, args.output, args.to, architecture=architecture)
+    except UserError as e:
+        print(f"sd_lora: error: {e}", file=sys.stderr)
+        return 2
+    source = result.source
+    modules = sum(len(w) for w in source.components.values())
+    family = source.family or "unknown family"
+    print(f"{args.input} ({source.format}, {family}, {modules} modules) -> {result.output} ({result.to})")
+    if result.to == "diffusers" and any(w.alpha != w.rank for ws in source.components.values() for w in ws.values()):
+        print("  alpha baked into lora_B (the diffusers format has no alpha; read back, alpha = rank)")
+    if result.added_metadata:
+        print(f"  added metadata: {', '.join(f'{k}={v}' for k, v in result.added_metadata.items())}")
+    return 0
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{message} (see python -m sd_lora.convert --help)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

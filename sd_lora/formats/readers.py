@@ -1,0 +1,589 @@
+"""Read any Stable Diffusion LoRA file into module paths: kohya, diffusers/PEFT and old diffusers key styles.
+
+    lora = read_any_lora("some.safetensors")           # names resolved against full-size SD1/SD2/SDXL
+    lora = read_any_lora(path, architecture=architecture_of_pipeline(pipe))   # ... or against a given model
+    lora.components   # {"unet": {diffusers module path: LoraModuleWeights}, "text_encoder": {...}}
+
+Key styles read (`LoraFile.format`):
+- `kohya`: `lora_unet_<name>` / `lora_te_` / `lora_te1_` / `lora_te2_` with `.lora_down.weight`, `.lora_up.weight`,
+  `.alpha` (SD1/SD2 diffusers-path names, SDXL SGM names or diffusers-path names), plus what other trainers add
+  (`lora_mid`, `dora_scale`, LoHa `hada_*`, LoKr `lokr_*`), which is reported, not converted;
+- `diffusers`: `lora_A.weight` / `lora_B.weight` after a module name, with or without the `unet.` /
+  `text_encoder.` / `text_encoder_2.` prefix and PEFT's `base_model.model.`; alphas from diffusers'
+  `lora_adapter_metadata` when present, else alpha = r;
+- `diffusers-old`: attention-processor keys (`...attn1.processor.to_q_lora.down.weight`), the text encoder's
+  `...self_attn.to_q_lora.down.weight` / `...mlp.fc1.lora_linear_layer.down.weight` and `...to_q.lora.down.weight`.
+
+Names are resolved BY LOOKUP against every layer of an architecture (`Architecture`): a model you pass, or the
+full-size SD1.5 / SD2.1 / SDXL base built on the meta device (cached), chosen from the file's family evidence.
+kohya names are never split back into paths by guessing which `_` was a `.`. Nothing is refused for being
+unusual: unknown names, norm-layer LoRA, LoHa, orphan alphas and stray keys are listed in `LoraFile.unsupported`
+(what `components` cannot represent) for `inspect` to report and `convert` / `api` to refuse. Only an
+unreadable file, or one with no LoRA keys at all, raises a `UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd_lora.errors import UserError
+from sd_lora.formats.diffusers_format import (
+    COMPONENT_PREFIXES as DIFFUSERS_PREFIXES,
+)
+from sd_lora.formats.diffusers_format import (
+    adapter_alpha,
+    diffusers_name_lookup,
+    parse_adapter_metadata,
+    strip_peft_prefix,
+)
+from sd_lora.formats.kohya import kohya_module_name, read_lora_file
+from sd_lora.formats.sgm import sgm_module_map
+from sd_lora.lora.inject import LoraModuleWeights
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+FORMATS = ("kohya", "diffusers", "diffusers-old")
+
+# --- architectures: every layer a LoRA name can point at ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    kind: str  # "linear" | "conv" | "norm" | "embedding" | "other"
+    shape: tuple[int, ...]  # the layer's weight shape
+
+
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    """The layers of a U-Net and its text encoders, by component and diffusers module path.
+
+    Components use the kohya vocabulary: `unet` + `text_encoder` (SD1/SD2) or `unet` + `text_encoder_1` +
+    `text_encoder_2` (SDXL). Text-encoder paths are as the loaded transformers model names them (a flattened
+    `CLIPTextModel` has no `text_model.`), which is also what `lora.inject.lora_weights` returns.
+    """
+
+    family: str  # "sd1" | "sd2" | "sdxl"
+    layers: Mapping[str, Mapping[str, Layer]]
+    sgm_paths: Mapping[str, str] | None = None  # SDXL: U-Net diffusers path -> SGM path (formats.sgm)
+
+    @cached_property
+    def kohya_names(self) -> dict[str, tuple[str, str, bool]]:
+        """kohya module name -> (component, path, written with an SGM name). SDXL U-Net layers are found
+        under both spellings (kohya writes SGM names; some tools write diffusers paths)."""
+        lookup: dict[str, tuple[str, str, bool]] = {}
+        for component, layers in self.layers.items():
+            for path in layers:
+                entries = [(kohya_module_name(component, path), False)]
+                if component == "unet" and self.sgm_paths and path in self.sgm_paths:
+                    entries.append((kohya_module_name("unet", path, sgm_paths=self.sgm_paths), True))
+                for name, sgm in entries:
+                    if lookup.setdefault(name, (component, path, sgm)) != (component, path, sgm):
+                        raise RuntimeError(f"{lookup[name]} and {(component, path)} both have the kohya name {name}")
+        return lookup
+
+    @cached_property
+    def diffusers_names(self) -> dict[str, tuple[str, str]]:
+        """diffusers module name (`unet.<path>`, `text_encoder.text_model.<path>`) -> (component, path)."""
+        return diffusers_name_lookup({c: list(layers) for c, layers in self.layers.items()})
+
+
+def architecture_of(unet: nn.Module, text_encoders: Mapping[str, nn.Module], family: str | None = None) -> Architecture:
+    """The `Architecture` of live (or meta-device) models; `text_encoders` keyed `text_encoder` (SD1/SD2) or
+    `text_encoder_1` / `text_encoder_2` (SDXL). PEFT LoRA wrappers already in the models are looked through."""
+    family = family or family_of_config(dict(unet.config), sdxl_text_encoders="text_encoder_2" in text_encoders)
+    layers = {"unet": _layers(unet)} | {name: _layers(model) for name, model in text_encoders.items()}
+    return Architecture(family, layers, sgm_module_map(unet) if family == "sdxl" else None)
+
+
+def architecture_of_pipeline(pipe) -> Architecture:
+    """`architecture_of` a diffusers SD / SDXL pipeline (its unet, text_encoder and text_encoder_2)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return architecture_of(pipe.unet, {"text_encoder_1": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2})
+    return architecture_of(pipe.unet, {"text_encoder": pipe.text_encoder})
+
+
+def architecture_from_model_dir(path: str | os.PathLike) -> Architecture:
+    """The `Architecture` of a local diffusers model folder, built from its configs on the meta device (no
+    weights are read, so this is quick even for SDXL)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file() or not (folder / "unet" / "config.json").is_file():
+        raise UserError(
+            f"--model {folder}: not a diffusers model folder (needs model_index.json and unet/config.json); "
+            "pass the folder that holds them"
+        )
+    try:
+        unet_config = UNet2DConditionModel.load_config(folder / "unet")
+        configs = {
+            sub: CLIPTextConfig.from_pretrained(folder / sub)
+            for sub in ("text_encoder", "text_encoder_2")
+            if (folder / sub / "config.json").is_file()
+        }
+    except (OSError, ValueError) as e:
+        message = f"--model {folder}: cannot read its configs ({e}); the folder is incomplete or damaged"
+        raise UserError(message) from None
+    if "text_encoder" not in configs:
+        raise UserError(f"--model {folder}: has no text_encoder/config.json; it is not a Stable Diffusion model")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        if "text_encoder_2" in configs:
+            text_encoders = {
+                "text_encoder_1": CLIPTextModel(configs["text_encoder"]),
+                "text_encoder_2": CLIPTextModelWithProjection(configs["text_encoder_2"]),
+            }
+        else:
+            text_encoders = {"text_encoder": CLIPTextModel(configs["text_encoder"])}
+    return architecture_of(unet, text_encoders)
+
+
+def family_of_config(unet_config: Mapping, *, sdxl_text_encoders: bool = False) -> str:
+    """"sdxl", "sd2" or "sd1" from a U-Net config (SD2 introduced linear projections; SDXL "text_time")."""
+    if sdxl_text_encoders or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = unet_config.get("cross_attention_dim")
+    if cross in (768, 1024):
+        return "sd1" if cross == 768 else "sd2"
+    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+# Full-size base models (/work/shared/reference/model-configs.md), for name resolution without a model.
+_FULL_SIZE_UNETS = {
+    "sd1": dict(cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False),
+    "sd2": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                upcast_attention=True, sample_size=96),
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048, use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        sample_size=128,
+    ),
+}  # fmt: skip
+_SD_UNET_DEFAULTS = dict(
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64, norm_num_groups=32,
+)  # fmt: skip
+_CLIP = {  # hidden, intermediate, layers, heads, act (+ projection for SDXL's second encoder)
+    "vit-l": (768, 3072, 12, 12, "quick_gelu"),
+    "vit-h": (1024, 4096, 23, 16, "gelu"),
+    "vit-bigg": (1280, 5120, 32, 20, "gelu"),
+}
+
+
+@lru_cache(maxsize=None)
+def full_size_architecture(family: str) -> Architecture:
+    """SD1.5, SD2.1 or SDXL base 1.0, built once on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+    def clip(kind: str, projection: bool = False):
+        hidden, intermediate, layers, heads, act = _CLIP[kind]
+        config = CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, layer_norm_eps=1e-5,
+            bos_token_id=0, eos_token_id=2, projection_dim=hidden,
+        )  # fmt: skip
+        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**({**_SD_UNET_DEFAULTS, **_FULL_SIZE_UNETS[family]}))
+        if family == "sdxl":
+            text_encoders = {"text_encoder_1": clip("vit-l"), "text_encoder_2": clip("vit-bigg", projection=True)}
+        else:
+            text_encoders = {"text_encoder": clip("vit-l" if family == "sd1" else "vit-h")}
+    return architecture_of(unet, text_encoders, family)
+
+
+_PEFT_CHILD = re.compile(r"base_layer|lora_\w+")
+
+
+def _layers(model: nn.Module) -> dict[str, Layer]:
+    """Every module with a weight of its own, by path, looking through PEFT's LoRA wrappers."""
+    layers = {}
+    for name, module in model.named_modules():
+        if not name or any(_PEFT_CHILD.fullmatch(part) for part in name.split(".")):
+            continue
+        layer = getattr(module, "base_layer", module)
+        weight = layer._parameters.get("weight")
+        if weight is not None:
+            layers[name] = Layer(_kind(layer), tuple(weight.shape))
+    return layers
+
+
+def _kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, nn.Conv2d):
+        return "conv"
+    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
+        return "norm"
+    return "embedding" if isinstance(layer, nn.Embedding) else "other"
+
+
+# --- what a file holds ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleEntry:
+    """One module as written in the file, and what it resolved to."""
+
+    name: str  # as in the file: the kohya name, or the diffusers key without its factor suffix
+    style: str  # "kohya" | "diffusers" | "diffusers-old"
+    spelled: str  # the module the keys spell out: the kohya name, or `[prefix.]<path>` for diffusers styles
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> tensor (_KOHYA_ROLES, ...) or suffix
+    keys: list[str] = field(default_factory=list)
+    component: str | None = None  # None: matches no layer of the architecture
+    path: str | None = None  # the diffusers module path it resolved to
+    layer: Layer | None = None
+    sgm_name: bool = False  # a kohya U-Net name in the SGM spelling
+    prefixed: bool = True  # diffusers styles: starts with unet. / text_encoder. / text_encoder_2.
+
+    @property
+    def kind(self) -> str:
+        """"lora", "loha", "lokr", "alpha-only", "incomplete" (one factor) or "other"."""
+        roles = set(self.tensors)
+        if {"down", "up"} <= roles:
+            return "lora"
+        if any(r.startswith("hada_") for r in roles):
+            return "loha"
+        if any(r.startswith("lokr_") for r in roles):
+            return "lokr"
+        if roles == {"alpha"}:
+            return "alpha-only"
+        return "incomplete" if roles & {"down", "up"} else "other"
+
+    @property
+    def extras(self) -> list[str]:
+        """Roles beyond a plain LoRA's down, up and alpha (`mid`, `dora_scale`, `lora_up.bias`, ...)."""
+        return sorted(set(self.tensors) - {"down", "up", "alpha"}) if self.kind == "lora" else []
+
+
+@dataclass
+class LoraFile:
+    source: str
+    format: str  # "kohya" | "diffusers" | "diffusers-old"
+    family: str | None  # best guess: "sd1" | "sd2" | "sdxl" | None
+    family_evidence: dict[str, str]  # {"metadata": "...", "keys": "..."}: what each source says, and why
+    metadata: dict[str, str]
+    modules: list[ModuleEntry]
+    stray_keys: list[str]  # keys that belong to no module
+    components: dict[str, dict[str, LoraModuleWeights]]  # the plain LoRA modules, by component and path
+    unsupported: list[str]  # what `components` leaves out; empty when it is the whole file
+    warnings: list[str]
+    architecture: Architecture  # what the names were resolved against
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for m in self.modules for k in m.keys] + self.stray_keys
+
+
+def read_any_lora(path: str | os.PathLike, *, architecture: Architecture | None = None) -> LoraFile:
+    """Read a LoRA `.safetensors` of any supported style; see the module docstring."""
+    state, metadata = read_lora_file(path)
+    return parse_lora_state_dict(state, metadata, source=str(path), architecture=architecture)
+
+
+def read_as_kohya(path: str | os.PathLike, *, architecture: Architecture | None = None):
+    """(kohya state dict, metadata) of any readable LoRA file, for tools that work on kohya names.
+
+    Refuses (`UserError`) a file with anything `components` cannot represent. SDXL U-Net names are SGM names.
+    """
+    from sd_lora.formats.kohya import to_kohya_state_dict
+
+    lora = read_any_lora(path, architecture=architecture)
+    require_exact(lora, "read")
+    dtype = common_dtype(lora.components)
+    sgm = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
+    return to_kohya_state_dict(lora.components, dtype, sgm_paths=sgm), dict(lora.metadata)
+
+
+def require_exact(lora: LoraFile, action: str) -> None:
+    """`UserError` when the file holds anything beyond plain LoRA modules sd_lora can represent exactly."""
+    if lora.unsupported:
+        lines = "\n  - ".join(lora.unsupported)
+        raise UserError(
+            f"{lora.source}: cannot {action} this file exactly:\n  - {lines}\n"
+            f"Run python -m sd_lora.inspect {lora.source} for details."
+        )
+    if not any(lora.components.values()):
+        raise UserError(f"{lora.source}: has no LoRA modules to {action}")
+
+
+def common_dtype(components: Mapping[str, Mapping[str, LoraModuleWeights]]) -> torch.dtype:
+    """The factors' storage dtype when they all share one, else float32 (lossless for fp16/bf16)."""
+    dtypes = {t.dtype for ws in components.values() for w in ws.values() for t in (w.down, w.up)}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+
+_KOHYA_KEY = re.compile(r"(lora_(?:unet|te|te1|te2)_[^.]+)\.(.+)")
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid",
+                "dora_scale": "dora_scale"}  # fmt: skip
+_PEFT_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?)")
+_PEFT_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "dora_scale",
+               "lora_magnitude_vector.weight": "dora_scale"}  # fmt: skip
+# Old diffusers: (module prefix, attention projection, factor); the text encoder's `self_attn.to_q_lora` means q_proj.
+_OLD_PROCESSOR_KEY = re.compile(r"(.+?)(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_OLD_LINEAR_KEY = re.compile(r"(.+)\.(?:lora_linear_layer|lora)\.(down|up)\.weight")
+_OLD_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _classify(key: str) -> tuple[str, str, str, str] | None:
+    """(style, module name in the file, module it spells out, role) of one key, or None."""
+    if match := _KOHYA_KEY.fullmatch(key):
+        return "kohya", match.group(1), match.group(1), _KOHYA_ROLES.get(match.group(2), match.group(2))
+    if match := _PEFT_KEY.fullmatch(key):
+        return "diffusers", match.group(1), match.group(1), _PEFT_ROLES.get(match.group(2), match.group(2))
+    if match := _OLD_PROCESSOR_KEY.fullmatch(key):
+        head, processor, projection, factor = match.groups()
+        if head.endswith("self_attn"):
+            path = f"{head}.{_OLD_TEXT_PROJ[projection]}"
+        else:
+            path = f"{head}.{'to_out.0' if projection == 'to_out' else projection}"
+        return "diffusers-old", f"{head}{processor or ''}.{projection}_lora", path, factor
+    if match := _OLD_LINEAR_KEY.fullmatch(key):
+        return "diffusers-old", key.rsplit(".", 2)[0], match.group(1), match.group(2)
+    return None
+
+
+def parse_lora_state_dict(
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    source: str = "LoRA state dict",
+    architecture: Architecture | None = None,
+) -> LoraFile:
+    """`read_any_lora` on tensors already in memory; `source` names them in messages."""
+    metadata = dict(metadata or {})
+    if not state:
+        raise UserError(f"{source}: holds no tensors; it is not a LoRA file")
+    entries: dict[tuple[str, str], ModuleEntry] = {}
+    stray = []
+    for key, tensor in state.items():
+        found = _classify(key)
+        if found is None:
+            stray.append(key)
+            continue
+        style, name, spelled, role = found
+        entry = entries.setdefault((style, name), ModuleEntry(name=name, style=style, spelled=spelled))
+        entry.tensors[role] = tensor
+        entry.keys.append(key)
+    modules = list(entries.values())
+    if not modules:
+        raise UserError(
+            f"{source}: no LoRA keys among its {len(state)} tensors (e.g. {_preview(sorted(state), 3)}); expected "
+            "kohya (lora_unet_*.lora_down.weight), diffusers (*.lora_A.weight) or old diffusers "
+            "(*.to_q_lora.down.weight) keys. Is it a checkpoint, an embedding or another kind of network?"
+        )
+    styles = Counter(m.style for m in modules)
+    file_format = "kohya" if styles["kohya"] else "diffusers-old" if styles["diffusers-old"] else "diffusers"
+
+    family_by_metadata, metadata_why = family_from_metadata(metadata)
+    family_by_keys, keys_why = family_from_modules(modules)
+    evidence = {"metadata": metadata_why, "keys": keys_why}
+    warnings = []
+    if len(styles) > 1:
+        warnings.append(f"mixed key styles: {', '.join(f'{n} {s} modules' for s, n in sorted(styles.items()))}")
+    if family_by_metadata and family_by_keys and family_by_metadata != family_by_keys:
+        warnings.append(f"the metadata says {family_by_metadata} but the keys and shapes say {family_by_keys}")
+    if architecture is None:
+        family = family_by_keys or family_by_metadata
+        # Unknown SD1 vs SD2: their U-Net paths are the same and SD2's text encoder has the deeper layer list.
+        architecture = full_size_architecture(family or "sd2")
+    else:
+        family = architecture.family
+        looks_like = family_by_keys or family_by_metadata
+        if looks_like and looks_like != family:
+            warnings.append(f"the file looks like a {looks_like} LoRA but the model is {family}")
+    adapter_metadata = parse_adapter_metadata(metadata, source)
+    for entry in modules:
+        _resolve(entry, architecture)
+    components, unsupported = _components(modules, stray, architecture, adapter_metadata, family)
+    return LoraFile(
+        source=source, format=file_format, family=family, family_evidence=evidence, metadata=metadata,
+        modules=modules, stray_keys=stray, components=components, unsupported=unsupported, warnings=warnings,
+        architecture=architecture,
+    )  # fmt: skip
+
+
+def _resolve(entry: ModuleEntry, architecture: Architecture) -> None:
+    """Fill in component / path / layer by lookup; unresolved entries keep component None."""
+    if entry.style == "kohya":
+        found = architecture.kohya_names.get(entry.spelled)
+        if found:
+            entry.component, entry.path, entry.sgm_name = found
+    else:
+        name = strip_peft_prefix(entry.spelled)
+        entry.prefixed = name.split(".", 1)[0] in DIFFUSERS_PREFIXES.values()
+        candidates = [name] if entry.prefixed else [f"unet.{name}", f"text_encoder.{name}"]
+        found = next((architecture.diffusers_names[c] for c in candidates if c in architecture.diffusers_names), None)
+        if found:
+            entry.component, entry.path = found
+    if entry.component is not None:
+        entry.layer = architecture.layers[entry.component][entry.path]
+
+
+def _components(modules, stray, architecture, adapter_metadata, family):
+    """The plain LoRA modules as `{component: {path: LoraModuleWeights}}`, and what could not go there."""
+    model = f"{family} model" if family else "SD1/SD2 model (family unknown)"
+    components: dict[str, dict[str, LoraModuleWeights]] = {c: {} for c in architecture.layers}
+    groups: dict[str, list[str]] = {}
+
+    def note(problem: str, name: str) -> None:
+        groups.setdefault(problem, []).append(name)
+
+    for entry in modules:
+        if entry.component is None:
+            note(f"match no layer of the {model}", entry.name)
+        elif entry.kind != "lora":
+            note(f"are {entry.kind} modules, not plain LoRA ({', '.join(sorted(entry.tensors))})", entry.name)
+        elif entry.layer.kind not in ("linear", "conv"):
+            note(f"put LoRA on {entry.layer.kind} layers", entry.name)
+        elif entry.extras:
+            note(f"carry {', '.join(entry.extras)} (not representable as plain LoRA)", entry.name)
+        else:
+            down, up = entry.tensors["down"], entry.tensors["up"]
+            if down.ndim not in (2, 4) or up.ndim != down.ndim or down.shape[0] != up.shape[1]:
+                note("have down/up factors of different ranks (damaged)", entry.name)
+                continue
+            if "alpha" in entry.tensors:
+                alpha = float(entry.tensors["alpha"].item())
+            elif entry.style == "kohya":
+                alpha = float(down.shape[0])  # kohya: a missing alpha means alpha = r in every loader
+            else:
+                prefix = DIFFUSERS_PREFIXES[entry.component]
+                relative = _relative_name(entry)
+                alpha = adapter_alpha(adapter_metadata, prefix, relative, down.shape[0])
+            if entry.path in components[entry.component]:
+                note("name a module another key style already set (duplicate)", entry.name)
+                continue
+            components[entry.component][entry.path] = LoraModuleWeights(down=down, up=up, alpha=alpha)
+    unsupported = [f"{len(names)} modules {problem}: {_preview(names)}" for problem, names in groups.items()]
+    if stray:
+        unsupported.append(f"{len(stray)} keys belong to no LoRA module: {_preview(sorted(stray))}")
+    return components, unsupported
+
+
+def _relative_name(entry: ModuleEntry) -> str:
+    """A diffusers entry's module name without its component prefix (what PEFT patterns are matched against)."""
+    name = strip_peft_prefix(entry.spelled)
+    return name.split(".", 1)[1] if entry.prefixed else name
+
+
+# --- model family evidence -----------------------------------------------------------------------------------
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> tuple[str | None, str]:
+    """(family, why) from kohya's `ss_base_model_version` / `ss_v2` and `modelspec.architecture`."""
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    v2 = metadata.get("ss_v2")
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        family = "sdxl"
+    elif version.startswith("sd_v2") or v2 == "True" or architecture.startswith("stable-diffusion-v2"):
+        family = "sd2"
+    elif version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1") or v2 == "False":
+        family = "sd1"
+    else:
+        return None, "no family metadata (ss_base_model_version, ss_v2, modelspec.architecture)"
+    shown = {k: metadata[k] for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture") if k in metadata}
+    return family, ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+_CROSS_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_DIMS = {768: "sd1", 1024: "sd2"}  # ViT-L (SD1, or SDXL's first encoder), ViT-H
+
+
+def family_from_modules(modules: list[ModuleEntry]) -> tuple[str | None, str]:
+    """(family, why) from key names and tensor shapes alone (no lookup: this chooses what to look up against)."""
+    votes: dict[str, list[str]] = {}
+
+    def vote(family: str, why: str) -> None:
+        votes.setdefault(family, [])
+        if why not in votes[family]:
+            votes[family].append(why)
+
+    for m in modules:
+        name = m.spelled.replace(".", "_")
+        down = m.tensors.get("down")
+        if name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2_")):
+            vote("sdxl", "two text encoders")
+        if re.search(r"(?:^|_)(?:input_blocks|middle_block|output_blocks|label_emb)_", name) or "add_embedding" in name:
+            vote("sdxl", "SGM U-Net names / text-time embedding")
+        if down is None:
+            continue
+        if re.search(r"attn2_to_[kv]$", name) and down.shape[1] in _CROSS_DIMS:
+            vote(_CROSS_DIMS[down.shape[1]], f"cross-attention input {down.shape[1]}")
+        if name.endswith("proj_in") and down.ndim == 4:
+            vote("sd1", "1x1-conv proj_in")
+        first_text = name.startswith(("lora_te_", "lora_te1_", "text_encoder_")) or "text_model" in name
+        is_text = first_text and not name.startswith(("lora_te2_", "text_encoder_2_"))
+        if is_text and name.endswith("self_attn_q_proj") and down.shape[1] in _TEXT_DIMS:
+            vote(_TEXT_DIMS[down.shape[1]], f"text encoder width {down.shape[1]}")
+        layer = re.search(r"layers_(\d+)_", name)
+        if is_text and layer and int(layer.group(1)) >= 12:
+            vote("sd2", "text encoder deeper than 12 layers")
+    if "sdxl" in votes:  # SDXL's first text encoder is SD1's ViT-L: its votes for sd1 are not evidence
+        votes.pop("sd1", None)
+    if len(votes) == 1:
+        family, why = next(iter(votes.items()))
+        return family, "; ".join(why)
+    if not votes:
+        return None, "no decisive key names or shapes"
+    return None, "conflicting: " + "; ".join(f"{f}: {', '.join(w)}" for f, w in sorted(votes.items()))
+
+
+# --- checks against a base model -----------------------------------------------------------------------------
+
+
+def shape_mismatches(lora: LoraFile, architecture: Architecture) -> list[str]:
+    """Every module of `lora` whose layer is missing from `architecture` or whose factors do not fit it."""
+    problems = []
+    for entry in lora.modules:
+        if entry.component is None:
+            problems.append(f"{entry.name}: no such layer in the base model")
+            continue
+        layer = architecture.layers.get(entry.component, {}).get(entry.path)
+        if layer is None:
+            problems.append(f"{entry.name}: {entry.component} has no layer {entry.path}")
+        elif entry.kind == "lora":
+            problem = _factor_problem(entry.tensors["down"], entry.tensors["up"], layer)
+            if problem:
+                problems.append(f"{entry.name}: {problem}")
+    return problems
+
+
+def _factor_problem(down: torch.Tensor, up: torch.Tensor, layer: Layer) -> str | None:
+    if layer.kind == "linear":
+        out_features, in_features = layer.shape
+        if down.ndim == 2 and up.ndim == 2 and down.shape[1] == in_features and up.shape[0] == out_features:
+            return None
+    elif layer.kind == "conv":
+        out_channels, in_channels, kh, kw = layer.shape
+        if down.ndim == 4 and tuple(down.shape[1:]) == (in_channels, kh, kw) and tuple(up.shape) == (
+            out_channels, down.shape[0], 1, 1,
+        ):  # fmt: skip
+            return None
+    else:
+        return f"LoRA on a {layer.kind} layer"
+    return f"down {list(down.shape)} / up {list(up.shape)} do not fit the {layer.kind} weight {list(layer.shape)}"
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

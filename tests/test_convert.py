@@ -1,0 +1,128 @@
+"""`python -m sd_lora.convert`: exact kohya <-> diffusers round trips for SD1, SD2 and SDXL, metadata, refusals.
+
+Exact means bit for bit: the same keys and `torch.equal` tensors. With alpha == rank the round trip
+kohya -> diffusers -> kohya returns the original file's tensors; with alpha != rank the diffusers file carries
+alpha baked into lora_B (alpha / r = 0.5 here, exact in binary), so the round trip returns the alpha = r form,
+which then round-trips exactly itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sd_lora.convert import convert_lora, main
+from sd_lora.formats.kohya import save_lora_file, tensor_data_sha256, to_kohya_state_dict
+from sd_lora.formats.readers import architecture_of_pipeline
+from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
+from sd_lora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {"sd1": build_tiny_pipeline("sd1"), "sd2": build_tiny_pipeline("sd2"), "sdxl": build_tiny_sdxl_pipeline()}
+
+
+def _kohya_file(pipe, path, alpha: float, metadata=None, dtype=torch.float32):
+    """A kohya file with random attn-mlp LoRA on every component of `pipe` (SDXL: SGM names)."""
+    arch = architecture_of_pipeline(pipe)
+    g = torch.Generator().manual_seed(0)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if arch.family == "sdxl":
+        models = {"unet": pipe.unet, "text_encoder_1": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    components = {}
+    for component, model in models.items():
+        modules = dict(model.named_modules())
+        paths = unet_target_modules(model) if component == "unet" else text_encoder_target_modules(model)
+        components[component] = {}
+        for p in paths:
+            shape = modules[p].weight.shape
+            down = torch.randn(RANK, *shape[1:], generator=g)
+            up = torch.randn(shape[0], RANK, *([1, 1] if len(shape) == 4 else []), generator=g)
+            components[component][p] = LoraModuleWeights(down, up, alpha)
+    sgm = arch.sgm_paths if arch.family == "sdxl" else None
+    save_lora_file(path, to_kohya_state_dict(components, dtype, sgm_paths=sgm), metadata or {})
+    return load_file(path)
+
+
+def _metadata(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_round_trip_is_bit_exact_with_alpha_equal_rank(family, pipes, tmp_path):
+    meta = {"ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+            "ss_network_dim": "4", "ss_tag_frequency": '{"1_x": {"x": 1}}'}  # fmt: skip
+    original = _kohya_file(pipes[family], tmp_path / "a.safetensors", alpha=float(RANK), metadata=meta)
+    arch = architecture_of_pipeline(pipes[family])
+    convert_lora(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "diffusers", architecture=arch)
+    convert_lora(tmp_path / "b.safetensors", tmp_path / "c.safetensors", "kohya", architecture=arch)
+    diffusers = load_file(tmp_path / "b.safetensors")
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in diffusers)
+    assert len(diffusers) == 2 * (len(original) // 3)
+    _assert_identical(load_file(tmp_path / "c.safetensors"), original)  # SDXL: the same SGM names again
+    # metadata survives both ways; the hash is recomputed right
+    for name in ("b", "c"):
+        kept = _metadata(tmp_path / f"{name}.safetensors")
+        assert {k: kept[k] for k in meta} == meta
+        assert kept["sshs_model_hash"] == tensor_data_sha256(load_file(tmp_path / f"{name}.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_baked_alpha_round_trip_gives_the_exact_alpha_equal_rank_form(family, pipes, tmp_path):
+    original = _kohya_file(pipes[family], tmp_path / "a.safetensors", alpha=2.0)  # scale 0.5
+    # default resolution: the full-size SD1.5 / SDXL base names (the tiny models keep their block layout)
+    convert_lora(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "diffusers")
+    convert_lora(tmp_path / "b.safetensors", tmp_path / "c.safetensors", "kohya")
+    back = load_file(tmp_path / "c.safetensors")
+    assert back.keys() == original.keys()
+    for key, tensor in original.items():
+        if key.endswith(".alpha"):
+            assert back[key].item() == RANK
+        elif key.endswith("lora_up.weight"):
+            assert torch.equal(back[key], tensor * 0.5)  # the same delta: 0.5 * up @ down
+        else:
+            assert torch.equal(back[key], tensor)
+    # from the alpha = r form on, the round trip is exact
+    convert_lora(tmp_path / "c.safetensors", tmp_path / "d.safetensors", "diffusers")
+    convert_lora(tmp_path / "d.safetensors", tmp_path / "e.safetensors", "kohya")
+    _assert_identical(load_file(tmp_path / "e.safetensors"), back)
+    _assert_identical(load_file(tmp_path / "d.safetensors"), load_file(tmp_path / "b.safetensors"))
+
+
+def test_fp16_old_diffusers_file_to_kohya_keeps_dtype_and_adds_family(tmp_path):
+    attn = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    down, up = torch.randn(2, 768).half(), torch.randn(320, 2).half()
+    save_file({f"unet.{attn}.processor.to_k_lora.down.weight": down, f"unet.{attn}.processor.to_k_lora.up.weight": up},
+              tmp_path / "old.safetensors")  # fmt: skip
+    assert main([str(tmp_path / "old.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    state = load_file(tmp_path / "k.safetensors")
+    name = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert torch.equal(state[f"{name}.lora_down.weight"], down) and torch.equal(state[f"{name}.lora_up.weight"], up)
+    assert state[f"{name}.alpha"].item() == 2
+    assert _metadata(tmp_path / "k.safetensors")["ss_base_model_version"] == "sd_v1"  # from the 768-wide cross-attention input
+
+
+def test_refusals(pipes, tmp_path, capsys):
+    original = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=2.0)
+    loha = dict(original) | {"lora_unet_down_blocks_0_attentions_0_proj_out.hada_w1_a": torch.zeros(2, 2)}
+    save_file(loha, tmp_path / "loha.safetensors")
+    assert main([str(tmp_path / "loha.safetensors"), str(tmp_path / "x.safetensors"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert "sd_lora: error:" in err and "cannot convert this file exactly" in err and "loha" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "--to", "kohya"]) == 2
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "x.safetensors"), "--to", "lycoris"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
