@@ -1,0 +1,149 @@
+"""`python -m sd_lora.extract`: extract(base, base + LoRA) at full rank gives back the LoRA's weight change.
+
+The tuned model is made by baking a random LoRA into the tiny base (`models.bake`), so the difference is known
+exactly; the LoRA covers every second U-Net module, so the others must be skipped as unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from sd_lora.extract import main
+from sd_lora.formats.kohya import read_lora_file, save_lora_file, to_kohya_state_dict
+from sd_lora.formats.modelspec import family_metadata
+from sd_lora.formats.sgm import sgm_module_map
+from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.lora.maths import delta
+from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
+from sd_lora.merge import read_lora_modules
+from sd_lora.models.bake import bake_model
+
+
+def write_random_lora(path, pipe, *, rank, alpha, seed, unet_every=1):
+    """Random kohya LoRA on every `unet_every`-th attn-mlp U-Net module and all text-encoder linears."""
+    g = torch.Generator().manual_seed(seed)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    models = {"unet": (pipe.unet, unet_target_modules(pipe.unet)[::unet_every])}
+    if sdxl:
+        models["text_encoder_1"] = (pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder))
+        models["text_encoder_2"] = (pipe.text_encoder_2, text_encoder_target_modules(pipe.text_encoder_2))
+    else:
+        models["text_encoder"] = (pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder))
+    components = {}
+    for component, (model, paths) in models.items():
+        layers = dict(model.named_modules())
+        components[component] = {}
+        for module in paths:
+            shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
+            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
+            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
+            components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
+    meta = family_metadata(family="sdxl" if sdxl else "sd1", prediction_type="epsilon", resolution=(512, 512),
+                           title="src", date="2024-01-01T00:00:00")
+    state = to_kohya_state_dict(components, sgm_paths=sgm_module_map(pipe.unet) if sdxl else None)
+    return save_lora_file(path, state, meta)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model_dir, tmp_path_factory):
+    """(folder, LoRA file, tuned model dir): base + 1.0 x a rank-4 LoRA on half the U-Net and all the TE."""
+    folder = tmp_path_factory.mktemp("extract")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    lora = write_random_lora(folder / "lora.safetensors", pipe, rank=4, alpha=2.0, seed=11, unet_every=2)
+    return folder, lora, bake_model(str(tiny_model_dir), [(lora, 1.0)], folder / "tuned")
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_full_rank_extract_recovers_the_lora(tiny_model_dir, tuned, capsys):
+    folder, lora, tuned_dir = tuned
+    out = folder / "extracted.safetensors"
+    capsys.readouterr()
+    assert main([str(out), "--base", str(tiny_model_dir), "--tuned", str(tuned_dir), "--rank", "64",
+                 "--text-encoder"]) == 0
+    printed = capsys.readouterr().out
+    source, extracted = read_lora_modules(lora).modules, read_lora_modules(out).modules
+    assert extracted.keys() == source.keys()  # 24 U-Net + 18 text-encoder modules; the unchanged 24 skipped
+    assert "skipped 24 whose difference is ~0" in printed
+    errors = {n: _rel(delta(extracted[n], torch.float64), delta(source[n], torch.float64)) for n in source}
+    worst = max(errors.values())
+    print(f"extract at full rank: max relative error vs the LoRA's delta {worst:.2e}")
+    assert worst < 1e-5
+    _, meta = read_lora_file(out)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["ss_network_args"]) == {"targets": "attn-mlp", "train_text_encoder": True}
+    assert json.loads(meta["sd_lora_extract"])["skipped_modules"] == 24
+
+
+def test_low_rank_extract_reports_energy_and_honest_errors(tiny_model_dir, tuned, capsys):
+    folder, lora, tuned_dir = tuned
+    out = folder / "rank2.safetensors"
+    capsys.readouterr()
+    assert main([str(out), "--base", str(tiny_model_dir), "--tuned", str(tuned_dir), "--rank", "2", "-v"]) == 0
+    printed = capsys.readouterr().out
+    lines = re.findall(r"^  (lora_\w+): energy (\S+), relative error (\S+)$", printed, re.M)
+    source, extracted = read_lora_modules(lora).modules, read_lora_modules(out).modules
+    assert {name for name, _, _ in lines} == extracted.keys()
+    assert all(name.startswith("lora_unet_") for name in extracted)  # no --text-encoder
+    assert "pass --text-encoder" in printed  # ... but it is told that the text encoders differ
+    for name, energy, reported in lines:
+        s = torch.linalg.svdvals(delta(source[name], torch.float64).flatten(1))
+        assert float(energy) == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), abs=1e-4)
+        actual = _rel(delta(extracted[name], torch.float64), delta(source[name], torch.float64))
+        assert 1e-3 < actual <= float(reported) * (1 + 5e-3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "positive integer"),
+        (["--rank", "4", "--energy", "1.2"], r"\(0, 1\]"),
+        ([], "give --rank"),
+        (["--rank", "4", "--targets", "everything"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(tiny_model_dir, tuned, tmp_path, capsys, args, message):
+    _, _, tuned_dir = tuned
+    assert main([str(tmp_path / "o.safetensors"), "--base", str(tiny_model_dir), "--tuned", str(tuned_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd_lora: error:") and re.search(message, err) and "Traceback" not in err
+
+
+def test_model_problems(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "o.safetensors")
+    assert main([out, "--base", str(tmp_path / "missing"), "--tuned", str(tiny_model_dir), "--rank", "4"]) == 2
+    assert "--base " in capsys.readouterr().err
+    assert main([out, "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir), "--rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "do not differ in any targeted layer" in err.strip().splitlines()[-1] or "do not differ" in err
+
+
+def test_sdxl_extract_uses_sgm_names(tmp_path, capsys):
+    from sd_lora.formats.readers import architecture_of_pipeline, read_any_lora
+    from sd_lora.models.tiny import save_tiny_sdxl_model
+
+    base_dir = save_tiny_sdxl_model(tmp_path / "sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    lora = write_random_lora(tmp_path / "xl.safetensors", pipe, rank=4, alpha=4.0, seed=12)
+    tuned_dir = bake_model(str(base_dir), [(lora, 1.0)], tmp_path / "tuned")
+    out = tmp_path / "extracted.safetensors"
+    assert main([str(out), "--base", str(base_dir), "--tuned", str(tuned_dir), "--rank", "4", "--text-encoder"]) == 0
+    state, meta = read_lora_file(out)
+    assert set(state) == set(read_lora_file(lora)[0])  # the same kohya names: SGM for the U-Net, lora_te1/te2_
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    # resolved against the tiny model itself (the full-size SDXL architecture is slow to build)
+    architecture = architecture_of_pipeline(pipe)
+    source = read_any_lora(lora, architecture=architecture).components
+    extracted = read_any_lora(out, architecture=architecture).components
+    worst = max(
+        _rel(delta(extracted[c][p], torch.float64), delta(w, torch.float64))
+        for c, modules in source.items() for p, w in modules.items()
+    )
+    assert worst < 1e-5  # rank 4 = the LoRA's rank: exact

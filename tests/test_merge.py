@@ -1,0 +1,238 @@
+"""`python -m sd_lora.merge` (LoRA + LoRA): concatenation is exact - in the file's numbers and in what diffusers
+does with it - SVD merges report honest errors, families are never mixed, mistakes are one-line errors.
+
+LoRA A (rank 4, alpha 2) covers every module; B (rank 3, alpha 6) every second one, so merged ranks vary per
+module (7 and 4) and the scales differ - a merge that ignored alpha, weights or missing modules would fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sd_lora.formats.kohya import read_lora_file, save_lora_file, to_kohya_state_dict
+from sd_lora.formats.modelspec import family_metadata
+from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.lora.maths import delta
+from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
+from sd_lora.errors import UserError
+from sd_lora.merge import main, parse_lora_arg, read_lora_modules
+
+TOLERANCE = 1e-4
+
+
+def write_random_lora(path, pipe, *, rank, alpha, seed, every=1, family="sd1", metadata=None):
+    """A kohya file with random down/up for every `every`-th U-Net (attn-mlp) and text-encoder module."""
+    g = torch.Generator().manual_seed(seed)
+    components = {}
+    for component, model, paths in (
+        ("unet", pipe.unet, unet_target_modules(pipe.unet)),
+        ("text_encoder", pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder)),
+    ):
+        layers = dict(model.named_modules())
+        components[component] = {}
+        for module in paths[::every]:
+            shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
+            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
+            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
+            components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
+    meta = family_metadata(family=family, prediction_type="epsilon", resolution=(512, 512), title=path.stem,
+                           date="2024-01-01T00:00:00") if metadata is None else metadata
+    return save_lora_file(path, to_kohya_state_dict(components), meta)
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    a = write_random_lora(folder / "a.safetensors", pipe, rank=4, alpha=2.0, seed=1)
+    b = write_random_lora(folder / "b.safetensors", pipe, rank=3, alpha=6.0, seed=2, every=2)
+    return folder, a, b
+
+
+def _expected_deltas(a, b, wa=0.7, wb=0.3) -> dict[str, torch.Tensor]:
+    ma, mb = read_lora_modules(a).modules, read_lora_modules(b).modules
+    expected = {name: wa * delta(w, torch.float64) for name, w in ma.items()}
+    for name, w in mb.items():
+        expected[name] = expected.get(name, 0) + wb * delta(w, torch.float64)
+    return expected
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_concat_merge_is_exact(loras, capsys):
+    folder, a, b = loras
+    out = folder / "merged.safetensors"
+    assert main(["--lora", f"{a}:0.7", "--lora", f"{b}:0.3", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    merged = read_lora_modules(out).modules
+    expected = _expected_deltas(a, b)
+    assert merged.keys() == expected.keys() and len(merged) == 66  # 48 U-Net + 18 text encoder
+    worst = max(_rel(delta(merged[n], torch.float64), expected[n]) for n in expected)
+    print(f"concat merge: max relative error of a module's delta {worst:.2e}")
+    assert worst < 1e-6
+    assert {w.rank for w in merged.values()} == {4, 7}
+    assert len({w.alpha for w in merged.values()}) == 1  # one alpha for all modules (the reference's advice)
+
+    _, meta = read_lora_file(out)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_v2"] == "False" and meta["ss_network_dim"] == "Dynamic"
+    record = json.loads(meta["sd_lora_merge"])
+    assert record["method"] == "concat" and [i["weight"] for i in record["inputs"]] == [0.7, 0.3]
+    assert "exact rank concatenation" in printed and "relative error: max" in printed
+
+
+def _unet_out(pipe, g_seed=0):
+    g = torch.Generator().manual_seed(g_seed)
+    latents, states = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 8, 32, generator=g)
+    with torch.no_grad():
+        return pipe.unet(latents, torch.tensor([500]), states).sample
+
+
+def _te_out(text_encoder):
+    ids = torch.randint(0, 300, (1, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return text_encoder(ids).last_hidden_state
+
+
+def test_merged_file_in_diffusers_equals_two_adapters(loras, tiny_model_dir):
+    folder, a, b = loras
+    out = folder / "merged_for_diffusers.safetensors"
+    assert main(["--lora", f"{a}:0.7", "--lora", f"{b}:0.3", "--output", str(out)]) == 0
+
+    two = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    base_out = _unet_out(two)
+    two.load_lora_weights(folder, weight_name=a.name, adapter_name="a")
+    two.load_lora_weights(folder, weight_name=b.name, adapter_name="b")
+    two.set_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
+    one = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    one.load_lora_weights(folder, weight_name=out.name)
+    diff = (_unet_out(one) - _unet_out(two)).abs().max().item()
+    print(f"U-Net: merged file vs two adapters 0.7/0.3, max abs diff {diff:.2e}")
+    assert diff < TOLERANCE
+    assert (_unet_out(two) - base_out).abs().max() > 100 * TOLERANCE  # the LoRAs do change the output
+
+    # Text encoder: diffusers 0.42 + transformers 5 cannot hold a second text-encoder adapter (it keeps only "a"),
+    # so compare the merged file, loaded by diffusers, with both LoRAs merged into the weights by hand.
+    from transformers import CLIPTextModel
+
+    by_hand = CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder")
+    layers = dict(by_hand.named_modules())
+    expected = _expected_deltas(a, b)
+    with torch.no_grad():
+        for path in text_encoder_target_modules(by_hand):
+            name = "lora_te_text_model_" + path.replace(".", "_")
+            if name in expected:
+                layers[path].weight += expected[name].float()
+    te_diff = (_te_out(one.text_encoder) - _te_out(by_hand)).abs().max().item()
+    print(f"text encoder: merged file in diffusers vs hand-merged weights, max abs diff {te_diff:.2e}")
+    assert te_diff < TOLERANCE
+
+
+def test_diffusers_format_input_merges_the_same(loras, tmp_path):
+    """Inputs are read by `formats.readers`: B as a diffusers/PEFT file merges exactly like B as kohya."""
+    from sd_lora.convert import main as convert_main
+
+    folder, a, b = loras
+    b_diffusers = tmp_path / "b_diffusers.safetensors"
+    assert convert_main([str(b), str(b_diffusers), "--to", "diffusers"]) == 0
+    assert not any(k.startswith("lora_") for k in read_lora_file(b_diffusers)[0])  # really another key style
+    out = tmp_path / "merged.safetensors"
+    assert main(["--lora", f"{a}:0.7", "--lora", f"{b_diffusers}:0.3", "--output", str(out)]) == 0
+    merged, expected = read_lora_modules(out).modules, _expected_deltas(a, b)
+    assert merged.keys() == expected.keys()
+    assert max(_rel(delta(merged[n], torch.float64), expected[n]) for n in expected) < 1e-6
+
+
+@pytest.mark.parametrize("rank", [2, 7])
+def test_svd_merge_error_within_report(loras, capsys, rank):
+    folder, a, b = loras
+    out = folder / f"svd{rank}.safetensors"
+    assert main(["--lora", f"{a}:0.7", "--lora", f"{b}:0.3", "--output", str(out), "--rank", str(rank), "-v"]) == 0
+    printed = capsys.readouterr().out
+    reported = {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (lora_\w+): (\S+)$", printed, re.M)}
+    merged = read_lora_modules(out).modules
+    expected = _expected_deltas(a, b)
+    assert reported.keys() == expected.keys()
+    actual = {n: _rel(delta(merged[n], torch.float64), expected[n]) for n in expected}
+    for name, err in actual.items():
+        assert merged[name].rank <= rank
+        assert err <= reported[name] * (1 + 5e-3) + 1e-9, (name, err, reported[name])  # printed with 3 digits
+    summary = re.search(r"relative error: max (\S+) .*, mean (\S+) over 66 modules", printed)
+    assert max(actual.values()) <= float(summary.group(1)) * (1 + 5e-3) + 1e-9
+    assert float(summary.group(2)) == pytest.approx(sum(actual.values()) / len(actual), rel=1e-2, abs=1e-8)
+    if rank == 7:  # the largest input rank sum: every module is represented exactly
+        assert max(actual.values()) < 1e-6
+    else:
+        assert min(actual.values()) > 1e-3
+    assert json.loads(read_lora_file(out)[1]["sd_lora_merge"])["method"] == "svd"
+
+
+def test_mixing_families_is_refused(loras, tiny_model_dir, tmp_path, capsys):
+    folder, a, _ = loras
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    xl = write_random_lora(tmp_path / "xl.safetensors", pipe, rank=2, alpha=2.0, seed=3,
+                           metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"})
+    capsys.readouterr()  # diffusers' loading chatter
+    assert main(["--lora", str(a), "--lora", f"{xl}:0.5", "--output", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd_lora: error:") and "different model families" in err
+    assert f"{a} is sd1" in err and f"{xl} is sdxl" in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_shape_mismatch_is_refused(loras, tmp_path, capsys):
+    from sd_lora.models.tiny import build_tiny_pipeline
+
+    folder, a, _ = loras
+    # SD2 layout (linear proj_in/out) but no family metadata: caught by the shapes
+    sd2 = write_random_lora(tmp_path / "sd2.safetensors", build_tiny_pipeline("sd2"), rank=2, alpha=2.0, seed=4,
+                            metadata={})
+    assert main(["--lora", str(a), "--lora", str(sd2), "--output", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "different shapes in different files" in err and "proj_in" in err
+
+
+def test_parse_lora_arg():
+    assert parse_lora_arg("A.safetensors:0.7") == (Path("A.safetensors"), 0.7)
+    assert parse_lora_arg("B:-0.3")[1] == -0.3
+    assert parse_lora_arg("A.safetensors")[1] == 1.0
+    assert parse_lora_arg(r"C:\loras\a.safetensors")[1] == 1.0  # a Windows drive is not a weight
+    for bad, message in [("A.safetensors:abc", "not a weight"), ("A:nan", "finite"), ("A:0", "non-zero")]:
+        with pytest.raises(UserError, match=message):
+            parse_lora_arg(bad)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rank", "0"], "positive integer"),
+        (["--lora", "X.safetensors:zz"], "'zz' is not a weight"),
+        (["--lora", "missing.safetensors:0.5"], "missing.safetensors: no such LoRA file"),
+        (["--output", "merged.txt"], "a merged LoRA is a .safetensors file"),
+        (["--model", "base", "--rank", "4"], "--rank .* no meaning with --model"),
+    ],
+)
+def test_user_errors(loras, tmp_path, capsys, monkeypatch, extra, message):
+    folder, a, _ = loras
+    monkeypatch.chdir(tmp_path)
+    args = ["--lora", f"{a}:0.5", "--output", "m.safetensors"]
+    if "--output" in extra:
+        args = args[:2]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd_lora: error:") and re.search(message, err) and "Traceback" not in err
+
+
+def test_bad_file_is_a_user_error(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    assert main(["--lora", str(bad), "--output", str(tmp_path / "m.safetensors")]) == 2
+    assert "not a readable .safetensors file" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""`python -m sd_lora.resize`: SVD to a rank or an energy; every module's real error within the reported one."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from sd_lora.formats.kohya import read_lora_file, save_lora_file, tensor_data_sha256, to_kohya_state_dict
+from sd_lora.formats.modelspec import family_metadata
+from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.lora.maths import delta, rank_for_energy
+from sd_lora.merge import read_lora_modules
+from sd_lora.resize import main, resize_modules
+
+RANK = 8
+# (component, module path, out, in, conv) - shapes like a tiny SD1 model's
+MODULES = [
+    ("unet", "down_blocks.0.attentions.0.proj_in", 32, 32, True),
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 32, 32, False),
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 32, 24, False),
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj", 64, 32, False),
+    ("text_encoder", "encoder.layers.0.self_attn.q_proj", 32, 32, False),
+    ("text_encoder", "encoder.layers.0.mlp.fc1", 64, 32, False),
+]
+
+
+def _write_lora(path, dtype=torch.float32):
+    """A rank-8 LoRA whose modules have different singular-value decays (so --energy varies the rank)."""
+    g = torch.Generator().manual_seed(0)
+    components: dict = {}
+    for i, (component, module, out, inp, conv) in enumerate(MODULES):
+        decay = torch.tensor([0.4 + 0.1 * i]) ** torch.arange(RANK)  # sigma_k ~ decay^k
+        down = torch.linalg.qr(torch.randn(inp, RANK, generator=g))[0].T * decay[:, None]
+        up = torch.linalg.qr(torch.randn(out, RANK, generator=g))[0]
+        if conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        components.setdefault(component, {})[module] = LoraModuleWeights(down=down, up=up, alpha=4.0)
+    metadata = family_metadata(
+        family="sd1", prediction_type="epsilon", resolution=(512, 512), title="src", date="2024-01-01T00:00:00"
+    )
+    metadata.update({"ss_network_dim": str(RANK), "ss_network_alpha": "4", "ss_tag_frequency": '{"a": {"b": 1}}'})
+    save_lora_file(path, to_kohya_state_dict(components, dtype), metadata)
+    return path
+
+
+def _actual_errors(src, dst) -> dict[str, float]:
+    before, after = read_lora_modules(src).modules, read_lora_modules(dst).modules
+    assert before.keys() == after.keys()
+    errors = {}
+    for name in before:
+        ref = delta(before[name], torch.float64)
+        errors[name] = float((delta(after[name], torch.float64) - ref).norm() / ref.norm())
+    return errors
+
+
+def _reported(out: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (lora_\w+): (\S+)$", out, re.M)}
+
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_rank_resize_error_within_report(tmp_path, capsys, rank):
+    src, dst = _write_lora(tmp_path / "in.safetensors"), tmp_path / "out.safetensors"
+    assert main([str(src), str(dst), "--rank", str(rank), "-v"]) == 0
+    out = capsys.readouterr().out
+    actual, reported = _actual_errors(src, dst), _reported(out)
+    assert reported.keys() == actual.keys()
+    for name, err in actual.items():
+        assert err <= reported[name] * (1 + 5e-3) + 1e-9, (name, err, reported[name])  # printed to 3 digits
+        assert err > 1e-3  # truncation really lost something: the check has teeth
+    max_line = re.search(r"relative error: max (\S+)", out)
+    assert max(actual.values()) <= float(max_line.group(1)) * (1 + 5e-3)
+
+    state, meta = read_lora_file(dst)
+    assert {t.shape[0] for k, t in state.items() if k.endswith("lora_down.weight")} == {rank}
+    assert meta["ss_network_dim"] == str(rank) and meta["ss_network_alpha"] == str(rank)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_tag_frequency"] == '{"a": {"b": 1}}'  # kept
+    assert meta["sshs_model_hash"] == tensor_data_sha256(state)  # recomputed for the new tensors
+    assert json.loads(meta["sd_lora_resize"])["rank"] == rank
+
+
+def test_exact_errors_from_the_api(tmp_path):
+    lora = read_lora_modules(_write_lora(tmp_path / "in.safetensors"))
+    for rank in (1, 3, RANK):
+        modules, errors, retained = resize_modules(lora.modules, rank, None, torch.float32)
+        for name, w in modules.items():
+            ref = delta(lora.modules[name], torch.float64)
+            actual = float((delta(w, torch.float64) - ref).norm() / ref.norm())
+            assert actual == pytest.approx(errors[name], rel=1e-6, abs=1e-9)
+            if rank == RANK:
+                assert errors[name] < 1e-6 and retained[name] == pytest.approx(1.0)  # full rank: ~0 error
+
+
+def test_energy_gives_per_module_ranks(tmp_path, capsys):
+    src, dst = _write_lora(tmp_path / "in.safetensors"), tmp_path / "out.safetensors"
+    assert main([str(src), str(dst), "--energy", "0.95"]) == 0
+    capsys.readouterr()
+    before, after = read_lora_modules(src).modules, read_lora_modules(dst).modules
+    ranks = {}
+    for name, w in before.items():
+        s = torch.linalg.svdvals(delta(w, torch.float64).flatten(1))
+        ranks[name] = after[name].rank
+        assert after[name].rank == rank_for_energy(s, 0.95)
+        kept = float((s[: after[name].rank] ** 2).sum() / (s**2).sum())
+        assert kept >= 0.95
+    assert len(set(ranks.values())) > 1  # the modules' decays differ, so must their ranks
+    _, meta = read_lora_file(dst)
+    assert meta["ss_network_dim"] == "Dynamic"
+    assert json.loads(meta["sd_lora_module_ranks"]) == ranks
+    assert len({w.alpha for w in after.values()}) == 1  # one alpha for every module
+
+
+def test_fp16_input_stays_fp16_and_rounding_is_reported(tmp_path, capsys):
+    src, dst = _write_lora(tmp_path / "in.safetensors", torch.float16), tmp_path / "out.safetensors"
+    assert main([str(src), str(dst), "--rank", str(RANK), "-v"]) == 0
+    reported = _reported(capsys.readouterr().out)
+    assert read_lora_modules(dst).dtype == torch.float16
+    for name, err in _actual_errors(src, dst).items():
+        assert err <= reported[name] * (1 + 5e-3) + 1e-9
+        assert err < 1e-2  # only fp16 rounding
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "positive"),
+        (["--rank", "-3"], "positive"),
+        (["--rank", "x"], "not an integer"),
+        (["--energy", "1.5"], r"\(0, 1\]"),
+        (["--energy", "0"], r"\(0, 1\]"),
+        ([], "--rank R"),
+    ],
+)
+def test_bad_arguments(tmp_path, capsys, args, message):
+    src = _write_lora(tmp_path / "in.safetensors")
+    assert main([str(src), str(tmp_path / "out.safetensors"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd_lora: error:") and re.search(message, err) and "Traceback" not in err
+
+
+def test_missing_input(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.safetensors"), str(tmp_path / "out.safetensors"), "--rank", "4"]) == 2
+    assert "nope.safetensors: no such LoRA file" in capsys.readouterr().err
