@@ -31,6 +31,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++")
+FORMATS = ("kohya", "diffusers", "both")
 
 
 def option(
@@ -94,6 +95,7 @@ class TrainConfig:
     alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora", fixed=True)
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.", min=0, max=1, ss="ss_network_dropout", group="lora")
     targets: str = option("attn-mlp", "U-Net modules that get LoRA.", choices=TARGET_PRESETS, group="lora", fixed=True)
+    init_weights: Path | None = option(None, "Start from an existing LoRA file (kohya, diffusers or PEFT format; from any trainer): its rank, alpha and modules replace --rank/--alpha/--targets.", group="lora", fixed=True)
     train_text_encoder: bool = option(False, "Also train LoRA on the text encoder (six linears per layer).", group="lora", fixed=True)
     # --- optimisation -------------------------------------------------------------------------------
     seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed", fixed=True)
@@ -114,6 +116,7 @@ class TrainConfig:
     output_dir: Path = option(Path("out"), "Folder for the LoRA file, samples, metrics and the resolved config.", group="output")
     output_name: str | None = option(None, "File name (without .safetensors). Default: the data folder's name.", ss="ss_output_name", group="output")
     save_every: int = option(0, "Also save <name>-stepNNNNNNNN.safetensors every N steps (0: only at the end).", min=0, group="output")
+    format: str = option("kohya", "File format: kohya (WebUIs, ComfyUI and diffusers), diffusers (lora_A/lora_B, alpha baked in) or both.", choices=FORMATS, group="output")
     save_precision: str = option("fp16", "Precision of the saved LoRA tensors.", choices=SAVE_PRECISIONS, group="output")
     training_comment: str = option("", "Free text stored as ss_training_comment.", ss="ss_training_comment", group="output")
     sample_every: int = option(100, "Write a sample grid every N steps, plus at step 0 and at the end (0 disables sampling).", min=0, group="sampling")
@@ -282,6 +285,8 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--data {c.data}: is a file, not a folder of images")
     if c.sample_prompts is not None and not c.sample_prompts.is_file():
         problems.append(f"--sample-prompts {c.sample_prompts}: file not found")
+    if c.init_weights is not None and not c.init_weights.is_file():
+        problems.append(f"--init-weights {c.init_weights}: file not found")
     if c.model_config is not None and not (c.model_config / "model_index.json").is_file():
         problems.append(f"--model-config {c.model_config}: not a diffusers folder (no model_index.json)")
     if c.config is not None and not c.config.is_file():

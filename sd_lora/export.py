@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .formats.diffusers_format import save_diffusers_lora_file, to_diffusers_state_dict
 from .formats.kohya import save_lora_file, to_kohya_state_dict
 from .formats.modelspec import family_metadata
 from .formats.sgm import sgm_module_map
@@ -81,7 +82,16 @@ def training_metadata(
     return meta
 
 
-def export_lora(path: Path, components: dict, metadata: dict[str, str], save_precision: str, *, sgm_paths=None) -> Path:
-    """Kohya tensors in `save_precision`, metadata plus `sshs_model_hash`, written atomically."""
-    state = to_kohya_state_dict(components, dtype=SAVE_DTYPES[save_precision], sgm_paths=sgm_paths)
-    return save_lora_file(path, state, metadata)
+def export_lora(path: Path, components: dict, metadata: dict[str, str], save_precision: str, *, sgm_paths=None,
+                file_format: str = "kohya") -> list[Path]:
+    """Write `path` in the kohya profile and/or `<stem>-diffusers.safetensors` in the diffusers profile
+    (`file_format` kohya | diffusers | both), tensors in `save_precision`, metadata plus `sshs_model_hash`,
+    each written atomically. Returns the paths written."""
+    dtype = SAVE_DTYPES[save_precision]
+    written = []
+    if file_format in ("kohya", "both"):
+        written.append(save_lora_file(path, to_kohya_state_dict(components, dtype=dtype, sgm_paths=sgm_paths), metadata))
+    if file_format in ("diffusers", "both"):
+        target = path if file_format == "diffusers" else path.with_name(f"{path.stem}-diffusers{path.suffix}")
+        written.append(save_diffusers_lora_file(target, to_diffusers_state_dict(components, dtype), metadata))
+    return written

@@ -170,11 +170,12 @@ class RunOutputs:
             meta["ss_validation_loss_best"] = str(self.best_validation)
             meta["ss_validation_best_step"] = str(self.best_validation_step)
         try:
-            export_lora(path, components, meta, self.config.save_precision, sgm_paths=sgm_paths(self.model))
+            written = export_lora(path, components, meta, self.config.save_precision, sgm_paths=sgm_paths(self.model),
+                                  file_format=self.config.format)
         except OSError as e:
             raise UserError(f"could not save {path}: {e.strerror or e}. Earlier files are intact; free space or fix permissions, then --resume latest") from None
-        self.saved.append(path)
-        self.progress.write(f"saved {path}")
+        self.saved.extend(written)
+        self.progress.write(f"saved {', '.join(map(str, written))}")
         return path
 
     def save_state(self, state: loop.TrainState) -> Path | None:

@@ -24,7 +24,7 @@ from .data import BucketBatchSampler, DataOptions, ImageDataset, build_latent_ca
 from .errors import Interrupted, UserError
 from .export import trained_modules
 from .outputs import RunOutputs, StopRequest
-from .lora.inject import inject_lora, trainable_parameters
+from .lora.inject import inject_lora, load_lora_weights_into, trainable_parameters
 from .lora.targets import text_encoder_target_modules, unet_target_modules
 from .models.conditioning import Conditioner
 from .models.load import BaseModel, load_base_model
@@ -98,8 +98,30 @@ def check_output_dir(path: Path) -> None:
         raise UserError(f"--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder") from None
 
 
-def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Freeze the base, inject LoRA where the preset says, cast and place; returns the trainable parameters."""
+def read_init_weights(config: TrainConfig, model: BaseModel) -> tuple[TrainConfig, dict]:
+    """--init-weights: the file's LoRA modules by component, and the config with its rank, alpha and
+    text-encoder training taken from the file (a LoRA from any trainer, in any format sd_lora reads)."""
+    from .formats.readers import architecture_of, read_any_lora, require_exact
+
+    names = list(trained_modules(model, True))[1:]
+    lora = read_any_lora(config.init_weights, architecture=architecture_of(model.unet, dict(zip(names, model.text_encoders))))
+    require_exact(lora, "start training from")
+    modules = [w for component in lora.components.values() for w in component.values()]
+    ranks, alphas = {w.rank for w in modules}, {round(w.alpha, 6) for w in modules}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise UserError(f"--init-weights {config.init_weights}: modules have different ranks {sorted(ranks)} or alphas "
+                        f"{sorted(alphas)}; make them uniform first, e.g. python -m sd_lora.resize IN OUT --rank {max(ranks)}")
+    text = any(lora.components.get(n) for n in names)
+    print(f"--init-weights {config.init_weights}: {lora.format} file, rank {modules[0].rank}, alpha {modules[0].alpha:g}, "
+          f"{len(lora.components.get('unet', {}))} U-Net modules" + (", text encoder modules too (they train)" if text else ""))
+    config = dataclasses.replace(config, rank=modules[0].rank, alpha=modules[0].alpha, train_text_encoder=text)
+    return config, lora.components
+
+
+def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, weight_dtype: torch.dtype,
+                   init_weights: dict | None = None) -> list[torch.nn.Parameter]:
+    """Freeze the base, inject LoRA where the preset (or the --init-weights file) says, cast and place;
+    returns the trainable parameters."""
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.to(device)
@@ -119,10 +141,17 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
             raise UserError("--xformers needs the xformers package: pip install 'sd_lora[xformers]' (CUDA GPUs), or drop --xformers to use PyTorch SDPA") from None
         model.unet.enable_xformers_memory_efficient_attention()
     # LoRA parameters are created and kept in fp32 whatever the base dtype.
-    inject_lora(model.unet, unet_target_modules(model.unet, config.targets), rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
+    lora = dict(rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
     text_encoders = model.text_encoders if config.train_text_encoder else []
-    for encoder in text_encoders:  # SDXL: both encoders, six linears per layer each
-        inject_lora(encoder, text_encoder_target_modules(encoder), rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
+    targets = dict(zip(trained_modules(model, config.train_text_encoder), [model.unet, *text_encoders]))
+    for component, module in targets.items():
+        if init_weights is not None:
+            inject_lora(module, sorted(init_weights.get(component, {})), **lora)
+            load_lora_weights_into(module, init_weights.get(component, {}), source=str(config.init_weights))
+        elif component == "unet":
+            inject_lora(module, unet_target_modules(module, config.targets), **lora)
+        else:  # SDXL: both encoders, six linears per layer each
+            inject_lora(module, text_encoder_target_modules(module), **lora)
     for module in (model.unet, *model.text_encoders):
         module.to(device)
     if config.gradient_checkpointing:
@@ -243,6 +272,9 @@ def run(config: TrainConfig) -> TrainResult:
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
     )
     config = resolve_defaults(config, model)
+    init_weights = None
+    if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
+        config, init_weights = read_init_weights(config, model)
     options = data_options(config, model.bucket_step)
     dataset = ImageDataset(train_records, options)
     data_id = fingerprint(train_records + validation_records)
@@ -251,7 +283,7 @@ def run(config: TrainConfig) -> TrainResult:
     # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation.
     torch.manual_seed(config.seed)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    trainable = prepare_models(config, model, accelerator.device, weight_dtype)
+    trainable = prepare_models(config, model, accelerator.device, weight_dtype, init_weights)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     vae_scaling = float(model.vae.config.scaling_factor)
 

@@ -173,3 +173,11 @@ def test_sdxl_kohya_file_with_sgm_names(tmp_path):
                     p.text_encoder(ids).last_hidden_state, p.text_encoder_2(ids).text_embeds)  # fmt: skip
 
     assert _max_diff(outputs(pipe), outputs(merged)) < TOLERANCE
+
+
+def test_package_level_names_are_the_api():
+    import sd_lora
+    from sd_lora import api
+
+    assert sd_lora.load_lora is api.load_lora and sd_lora.unload_lora is api.unload_lora
+    assert sd_lora.set_lora_scales is api.set_lora_scales

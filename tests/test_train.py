@@ -181,3 +181,25 @@ def test_trains_from_a_single_file_checkpoint(tiny_dataset, tiny_model_dir, tmp_
     assert "sd1" in out and "epsilon" in out  # what was detected is printed
     with safe_open(str(tmp_path / "o" / "data.safetensors"), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sd_v1"
+
+
+@pytest.mark.slow
+def test_warm_start_from_init_weights_and_both_formats(tiny_dataset, tiny_model_dir, tmp_path):
+    """--init-weights continues from an existing file (rank and modules from the file, even from a run
+    with other settings); --format both writes the kohya and the diffusers profile of the same weights."""
+    from safetensors.torch import load_file
+
+    first = run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "2", "--rank", "2",
+                                       "--alpha", "1", "--targets", "attn", "--train-text-encoder", "--sample-every", "0",
+                                       "--save-precision", "fp32", "--learning-rate", "1e-2")))
+    second = run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "1", "--sample-every", "0",
+                                        "--init-weights", str(first.path), "--learning-rate", "1e-12",
+                                        "--save-precision", "fp32", "--format", "both")))
+    assert (second.config.rank, second.config.alpha, second.config.train_text_encoder) == (2, 1.0, True)
+    a, b = load_file(str(first.path)), load_file(str(second.path))
+    assert a.keys() == b.keys()  # the file's modules (attn preset + text encoder), not the default attn-mlp
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the weights carried over
+    diffusers_file = tmp_path / "b" / "data-diffusers.safetensors"
+    d = load_file(str(diffusers_file))
+    assert d and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in d) and not any("alpha" in k for k in d)
+    assert len(d) == len([k for k in b if not k.endswith(".alpha")])
