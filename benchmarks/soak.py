@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import write_dataset  # noqa: E402
+from helpers import write_dataset  # noqa: E402
 
 from sd_lora.models.tiny import save_tiny_model  # noqa: E402
 from sd_lora.train import main as train_main  # noqa: E402

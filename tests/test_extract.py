@@ -22,31 +22,7 @@ from sd_lora.lora.maths import delta
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.merge import read_lora_modules
 from sd_lora.models.bake import bake_model
-
-
-def write_random_lora(path, pipe, *, rank, alpha, seed, unet_every=1):
-    """Random kohya LoRA on every `unet_every`-th attn-mlp U-Net module and all text-encoder linears."""
-    g = torch.Generator().manual_seed(seed)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    models = {"unet": (pipe.unet, unet_target_modules(pipe.unet)[::unet_every])}
-    if sdxl:
-        models["text_encoder_1"] = (pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder))
-        models["text_encoder_2"] = (pipe.text_encoder_2, text_encoder_target_modules(pipe.text_encoder_2))
-    else:
-        models["text_encoder"] = (pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder))
-    components = {}
-    for component, (model, paths) in models.items():
-        layers = dict(model.named_modules())
-        components[component] = {}
-        for module in paths:
-            shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
-            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
-            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
-            components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
-    meta = family_metadata(family="sdxl" if sdxl else "sd1", prediction_type="epsilon", resolution=(512, 512),
-                           title="src", date="2024-01-01T00:00:00")
-    state = to_kohya_state_dict(components, sgm_paths=sgm_module_map(pipe.unet) if sdxl else None)
-    return save_lora_file(path, state, meta)
+from helpers import write_random_lora
 
 
 @pytest.fixture(scope="module")

@@ -22,28 +22,9 @@ from sd_lora.lora.maths import delta
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.errors import UserError
 from sd_lora.merge import main, parse_lora_arg, read_lora_modules
+from helpers import write_random_lora
 
 TOLERANCE = 1e-4
-
-
-def write_random_lora(path, pipe, *, rank, alpha, seed, every=1, family="sd1", metadata=None):
-    """A kohya file with random down/up for every `every`-th U-Net (attn-mlp) and text-encoder module."""
-    g = torch.Generator().manual_seed(seed)
-    components = {}
-    for component, model, paths in (
-        ("unet", pipe.unet, unet_target_modules(pipe.unet)),
-        ("text_encoder", pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder)),
-    ):
-        layers = dict(model.named_modules())
-        components[component] = {}
-        for module in paths[::every]:
-            shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
-            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
-            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
-            components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
-    meta = family_metadata(family=family, prediction_type="epsilon", resolution=(512, 512), title=path.stem,
-                           date="2024-01-01T00:00:00") if metadata is None else metadata
-    return save_lora_file(path, to_kohya_state_dict(components), meta)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +32,7 @@ def loras(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     a = write_random_lora(folder / "a.safetensors", pipe, rank=4, alpha=2.0, seed=1)
-    b = write_random_lora(folder / "b.safetensors", pipe, rank=3, alpha=6.0, seed=2, every=2)
+    b = write_random_lora(folder / "b.safetensors", pipe, rank=3, alpha=6.0, seed=2, unet_every=2, te_every=2)
     return folder, a, b
 
 

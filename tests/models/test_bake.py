@@ -21,31 +21,9 @@ from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.merge import main as merge_main
 from sd_lora.models.bake import BAKE_RECORD, bake_model
+from helpers import write_random_lora
 
 TOLERANCE = 1e-4
-
-
-def write_random_lora(path, pipe, *, rank, alpha, seed, every=1):
-    """Random kohya LoRA on every `every`-th attn-mlp U-Net module and all text-encoder linears (SDXL: both)."""
-    g = torch.Generator().manual_seed(seed)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    models = {"unet": (pipe.unet, unet_target_modules(pipe.unet)[::every])}
-    if sdxl:
-        models["text_encoder_1"] = (pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder))
-        models["text_encoder_2"] = (pipe.text_encoder_2, text_encoder_target_modules(pipe.text_encoder_2))
-    else:
-        models["text_encoder"] = (pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder))
-    components = {}
-    for component, (model, paths) in models.items():
-        layers = dict(model.named_modules())
-        components[component] = {}
-        for module in paths:
-            shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
-            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
-            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
-            components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
-    state = to_kohya_state_dict(components, sgm_paths=sgm_module_map(pipe.unet) if sdxl else None)
-    return save_lora_file(path, state, {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1"})
 
 
 def _outputs(pipe) -> dict[str, torch.Tensor]:
@@ -79,7 +57,7 @@ def sd1_loras(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bake_loras")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     a = write_random_lora(folder / "a.safetensors", pipe, rank=4, alpha=2.0, seed=1)
-    b = write_random_lora(folder / "b.safetensors", pipe, rank=2, alpha=8.0, seed=2, every=2)
+    b = write_random_lora(folder / "b.safetensors", pipe, rank=2, alpha=8.0, seed=2, unet_every=2)
     return folder, a, b
 
 

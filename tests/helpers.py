@@ -1,0 +1,56 @@
+"""Test helpers importable from every test module (`from helpers import ...`; tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_dataset(root: Path, count: int = 6, repeats: int = 2, sizes=((48, 64), (64, 48), (64, 64))) -> Path:
+    """`root/<repeats>_zkchar/` with `count` drawn images of varied sizes and .txt captions."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder = root / f"{repeats}_zkchar"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    colours = ["red", "blue", "green", "yellow"]
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        bg = rng.choice(colours)
+        image = Image.new("RGB", (w, h), bg)
+        ImageDraw.Draw(image).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill="orange")
+        image.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"zkchar, orange circle, {bg} background")
+    return root
+
+
+def write_random_lora(path, pipe, *, rank, alpha, seed, unet_every=1, te_every=1, family=None, metadata=None):
+    """A kohya file with random down/up factors on every `unet_every`-th attn-mlp U-Net module and every
+    `te_every`-th text-encoder linear (SDXL: both encoders), with family metadata (or `metadata`)."""
+    import torch
+
+    from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
+    from sd_lora.formats.modelspec import family_metadata
+    from sd_lora.formats.sgm import sgm_module_map
+    from sd_lora.lora.inject import LoraModuleWeights
+    from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
+
+    g = torch.Generator().manual_seed(seed)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    encoders = {"text_encoder_1": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2} if sdxl else {"text_encoder": pipe.text_encoder}
+    targets = {"unet": (pipe.unet, unet_target_modules(pipe.unet)[::unet_every])}
+    targets |= {name: (m, text_encoder_target_modules(m)[::te_every]) for name, m in encoders.items()}
+    components = {}
+    for component, (model, paths) in targets.items():
+        layers = dict(model.named_modules())
+        components[component] = {}
+        for module in paths:
+            shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
+            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
+            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
+            components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
+    if metadata is None:
+        metadata = family_metadata(family=family or ("sdxl" if sdxl else "sd1"), prediction_type="epsilon",
+                                   resolution=(512, 512), title=Path(path).stem, date="2024-01-01T00:00:00")
+    return save_lora_file(path, to_kohya_state_dict(components, sgm_paths=sgm_module_map(pipe.unet) if sdxl else None), metadata)
