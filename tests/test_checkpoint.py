@@ -180,3 +180,37 @@ def test_validation_split_is_seeded_and_never_empty():
     assert split_records(records, 0.25, seed=1) == (train, held)
     assert split_records(records, 0.25, seed=2) != (train, held)
     assert split_records([1], 0.5, seed=0) == ([1], [])
+
+
+def test_too_little_disk_space_is_refused_before_training(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))  # 1 MiB free
+    assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert "only 1 MiB free" in err and "free some space" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_last_good_weights_and_causes(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from sd_lora import diffusion
+
+    real_loss, calls = diffusion.diffusion_loss, {"n": 0}
+
+    def poisoned(prediction, target, weights=None):
+        calls["n"] += 1
+        loss = real_loss(prediction, target, weights)
+        return loss * float("nan") if calls["n"] > 4 else loss  # micro-batches 5+ (steps 3+) diverge
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "training stopped at step 3" in err and "learning rate" in err and "--nan-skip" in err
+    assert (out / "data-step00000002-last-good.safetensors").is_file()
+    calls["n"] = 0
+    assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "skip", "--max-steps", "6", "--nan-skip", "1")) == 2
+    assert "training stopped at step 3" in capsys.readouterr().err  # one skipped, the second bad step stops
