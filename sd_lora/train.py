@@ -246,6 +246,31 @@ def validation_sizes(dataset: ImageDataset, index: int) -> dict:
     }
 
 
+def vae_encoder(model: BaseModel, accelerator, generator: torch.Generator):
+    """pixels (B, 3, H, W) in [-1, 1] on the CPU -> scaled latents on the CPU: the latent cache's `encode`."""
+    scaling = float(model.vae.config.scaling_factor)
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():
+            return loop.encode_pixels(model.vae, pixels.to(accelerator.device, model.vae.dtype), scaling, generator).float().cpu()
+    return encode
+
+
+def build_validation(config: TrainConfig, model: BaseModel, accelerator, records: list, options: DataOptions) -> list:
+    """Held-out images as fixed (latents, caption, noise, timestep, sizes): centre crops, no flips, encoded
+    with their own generator so that the training draws do not depend on the validation set."""
+    if not records:
+        return []
+    held = ImageDataset(records, dataclasses.replace(options, flip=False, random_crop=False))
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1)
+    cache = build_latent_cache(held, vae_encoder(model, accelerator, generator), batch_size=config.batch_size,
+                               progress=accelerator.is_main_process)
+    return build_validation_set(
+        [cache.get(i, False) for i in range(len(held))], [r.caption for r in records],
+        [validation_sizes(held, i) for i in range(len(held))], seed=config.seed, num_train_timesteps=model.num_train_timesteps,
+    )
+
+
 def check_free_space(path: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(path).free
     if free < needed_bytes:
@@ -285,27 +310,11 @@ def run(config: TrainConfig) -> TrainResult:
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     trainable = prepare_models(config, model, accelerator.device, weight_dtype, init_weights)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-    vae_scaling = float(model.vae.config.scaling_factor)
 
-    def encoder(g: torch.Generator):
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            with accelerator.autocast():
-                return loop.encode_pixels(model.vae, pixels.to(accelerator.device, model.vae.dtype), vae_scaling, g).float().cpu()
-        return encode
-
-    progress = accelerator.is_main_process
     if config.cache_latents:
-        dataset.latent_cache = build_latent_cache(dataset, encoder(generator), batch_size=config.batch_size, progress=progress)
-    validation_items = []
-    if validation_records:  # centre crops, no flips; encoded with their own generator so training draws stay put
-        held = ImageDataset(validation_records, dataclasses.replace(options, flip=False, random_crop=False))
-        val_generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1)
-        cache = build_latent_cache(held, encoder(val_generator), batch_size=config.batch_size, progress=progress)
-        validation_items = build_validation_set(
-            [cache.get(i, False) for i in range(len(held))], [r.caption for r in validation_records],
-            [validation_sizes(held, i) for i in range(len(held))],
-            seed=config.seed, num_train_timesteps=model.num_train_timesteps,
-        )
+        encode = vae_encoder(model, accelerator, generator)
+        dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process)
+    validation_items = build_validation(config, model, accelerator, validation_records, options)
 
     # Batches: one bucket per global batch, each process takes its slice.
     batch_sampler = BucketBatchSampler(
@@ -373,7 +382,7 @@ def run(config: TrainConfig) -> TrainResult:
     )
     objective = loop.Objective(
         alphas_cumprod=model.alphas_cumprod.to(accelerator.device), num_train_timesteps=model.num_train_timesteps,
-        prediction_type=model.prediction_type, vae_scaling_factor=vae_scaling, noise_offset=config.noise_offset,
+        prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma,
     )
     with StopRequest() as stop:
