@@ -27,7 +27,7 @@ from .errors import ConfigError, UserError
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")  # optim.py builds each; a test keeps them in step
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++")
@@ -78,6 +78,7 @@ class TrainConfig:
     cache_latents: bool | None = option(
         None, "Encode every image with the VAE once before training. Default: on unless --random-crop.", ss="ss_cache_latents", group="data"
     )
+    latent_cache_dir: Path | None = option(None, "Keep cached latents on disk here, keyed by image content, bucket, crop, flip and VAE, so later runs skip encoding.", group="data")
     num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
     model: str | None = option(None, "Base model: a Hugging Face id, a local diffusers folder or a single-file checkpoint (SD1.x, SD2.x, SDXL).", ss="ss_sd_model_name", group="model", fixed=True)
@@ -106,7 +107,7 @@ class TrainConfig:
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
     lr_warmup_steps: int = option(0, "Linear warm-up steps.", min=0, ss="ss_lr_warmup_steps")
-    optimizer: str = option("adamw", "Optimizer (adamw8bit needs bitsandbytes and a CUDA GPU).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
+    optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
     weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0, ss="ss_max_grad_norm")

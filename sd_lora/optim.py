@@ -1,16 +1,35 @@
-"""Optimizer and learning-rate schedule for the LoRA parameters."""
+"""Optimizer and learning-rate schedule for the LoRA parameters.
+
+| name        | what                                              | needs                               |
+|-------------|---------------------------------------------------|-------------------------------------|
+| `adamw`     | torch AdamW, fused on CUDA, foreach elsewhere     | -                                   |
+| `adamw8bit` | bitsandbytes' 8-bit AdamW (optimizer state in int8)| `sd_lora[bitsandbytes]`, a CUDA GPU |
+| `adafactor` | transformers' Adafactor with a fixed, scheduled lr | - (transformers is a dependency)    |
+| `prodigy`   | Prodigy (Mishchenko & Defazio 2023): learns the step size; lr is a multiplier, ~1.0 | `sd_lora[prodigy]` |
+"""
 
 from __future__ import annotations
+
+import contextlib
+import io
 
 import torch
 
 from .errors import UserError
 
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+# Prodigy estimates the step size d itself and multiplies it by lr, so lr is a dimensionless factor:
+# 1.0 is the recommended value, and a typical AdamW rate (1e-4) would make training ~10^4 times slower.
+PRODIGY_MIN_LR = 0.1
+
 
 def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA, foreach elsewhere) or bitsandbytes' 8-bit AdamW.
+    """The optimizer `name` (one of OPTIMIZERS) over `param_groups`.
 
-    `param_groups` are torch-style dicts with "params" and "lr"; empty groups are dropped.
+    `param_groups` are torch-style dicts with "params" and "lr"; empty groups are dropped. Every optimizer
+    honours each group's lr and is stepped by the schedules of `build_lr_scheduler` (Prodigy: the schedule
+    scales its learned step size). A missing optional package or an unsupported device is a UserError
+    that names the install command or the alternative.
     """
     groups = [g for g in param_groups if g["params"]]
     if name == "adamw":
@@ -24,7 +43,37 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
         if device.type != "cuda":
             raise UserError("--optimizer adamw8bit runs on CUDA GPUs only; on this device use --optimizer adamw")
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Fixed-step Adafactor (kohya's recommended LoRA setting): relative_step and scale_parameter off,
+        # so the step is each group's lr times the RMS-clipped update, and the lr schedule applies as with AdamW.
+        return Adafactor(groups, lr=groups[0]["lr"] if groups else None, relative_step=False, scale_parameter=False,
+                         warmup_init=False, weight_decay=weight_decay)
+    if name == "prodigy":
+        return _prodigy(groups, weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _prodigy(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError("--optimizer prodigy needs the prodigyopt package: pip install 'sd_lora[prodigy]' "
+                        "(and train with --learning-rate 1.0), or use --optimizer adamw") from None
+    rates = sorted({float(g["lr"]) for g in groups})
+    if rates and rates[0] < PRODIGY_MIN_LR:
+        raise UserError(f"--optimizer prodigy learns its own step size and expects --learning-rate of about 1.0 "
+                        f"(a multiplier on that step), got {rates[0]:g}; pass --learning-rate 1.0")
+    if len(rates) > 1:
+        # Prodigy shares one learned step size across groups and refuses groups with different lr values.
+        raise UserError(f"--optimizer prodigy uses one learning rate for the U-Net and the text encoder, got "
+                        f"{', '.join(f'{r:g}' for r in rates)}; drop --text-encoder-lr")
+    # The prodigyopt README's settings for diffusion models: bias correction on, and safeguard_warmup so
+    # that an lr warm-up does not inflate the step-size estimate.
+    with contextlib.redirect_stdout(io.StringIO()):  # hack: its constructor prints "Using decoupled weight decay"
+        return Prodigy(groups, lr=rates[0] if rates else 1.0, weight_decay=weight_decay, use_bias_correction=True,
+                       safeguard_warmup=True)
 
 
 def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int):

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint, loop, memory
 from .config import TrainConfig, load_config
 from .data import BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint, scan_dataset
+from .data.latent_cache import vae_identity
 from .errors import Interrupted, UserError
 from .export import trained_modules
 from .outputs import RunOutputs, StopRequest
@@ -313,7 +314,13 @@ def run(config: TrainConfig) -> TrainResult:
 
     if config.cache_latents:
         encode = vae_encoder(model, accelerator, generator)
-        dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process)
+        disk = {}
+        if config.latent_cache_dir is not None:
+            vae_id = vae_identity(model.vae_name or model.name, model.vae.config, model.vae.dtype, model.vae.encoder.state_dict())
+            disk = {"cache_dir": config.latent_cache_dir, "vae_id": vae_id}
+        dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process, **disk)
+        for warning in dataset.latent_cache.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     validation_items = build_validation(config, model, accelerator, validation_records, options)
 
     # Batches: one bucket per global batch, each process takes its slice.

@@ -203,3 +203,18 @@ def test_warm_start_from_init_weights_and_both_formats(tiny_dataset, tiny_model_
     d = load_file(str(diffusers_file))
     assert d and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in d) and not any("alpha" in k for k in d)
     assert len(d) == len([k for k in b if not k.endswith(".alpha")])
+
+
+@pytest.mark.slow
+def test_latent_cache_dir_is_reused_by_a_second_run(tiny_dataset, tiny_model_dir, tmp_path):
+    cache = tmp_path / "latents"
+    common = ["--max-steps", "1", "--sample-every", "0", "--latent-cache-dir", str(cache), "--flip"]
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "a", *common)))
+    import hashlib
+
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    distinct = {hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_dataset.rglob("*.png")}
+    assert len(entries) == 2 * len(distinct)  # identical images share entries; plain and mirrored each
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "b", *common)))
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps  # nothing re-encoded or rewritten

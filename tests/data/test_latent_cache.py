@@ -3,11 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from sd_lora.data.dataset import DataOptions, ImageDataset
 from sd_lora.data.latent_cache import LatentCache, build_latent_cache
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
+
+from .conftest import write_halves
 
 TINY = dict(resolution=64, step=16, min_bucket_side=32, max_bucket_side=128)
 
@@ -96,3 +99,135 @@ def test_put_copies_to_its_own_storage():
     batch[0] += 1
     assert cache.get(0, False).sum() == 0 and cache.memory_bytes() == 4 * 8 * 8 * 4
     assert cache.get(0, False).untyped_storage().nbytes() == 4 * 8 * 8 * 4  # not the whole batch
+
+
+# --- disk cache -----------------------------------------------------------------------------------------
+
+VAE = "tiny-vae config=0123 dtype=float32"
+
+
+def counting_encode():
+    calls = []
+    encode = fake_encode(calls)
+    encode.images = lambda: sum(shape[0] for shape in calls)
+    return encode
+
+
+def disk_build(ds, cache_dir, vae_id=VAE, batch_size=2):
+    encode = counting_encode()
+    cache = build_latent_cache(ds, encode, batch_size=batch_size, progress=False, cache_dir=cache_dir, vae_id=vae_id)
+    return cache, encode.images()
+
+
+def entries(cache_dir):
+    return sorted(cache_dir.rglob("*.safetensors"))
+
+
+def test_second_disk_build_encodes_nothing(mixed_folder, tmp_path):
+    ds = dataset(mixed_folder, flip=True)
+    first, encoded = disk_build(ds, tmp_path / "cache")
+    assert encoded == 6 and first.encoded == 6 and first.reused == 0
+    assert len(entries(tmp_path / "cache")) == 6  # flipped variants are entries of their own
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # atomic writes leave no temporary files
+    second, encoded = disk_build(dataset(mixed_folder, flip=True), tmp_path / "cache")
+    assert encoded == 0 and second.reused == 6 and not second.warnings
+    memory = build_latent_cache(ds, fake_encode([]), batch_size=2, progress=False)
+    for i in range(3):
+        for flipped in (False, True):
+            assert torch.equal(second.get(i, flipped), memory.get(i, flipped))
+    assert second.memory_bytes() == 0 and len(second) == 6 and (0, True) in second
+
+
+def test_disk_cache_feeds_samples(mixed_folder, tmp_path):
+    ds = dataset(mixed_folder, flip=True)
+    ds.latent_cache, _ = disk_build(ds, tmp_path / "cache")
+    for seed in range(4):
+        sample = ds[(1, seed)]
+        assert torch.equal(sample["latents"], ds.latent_cache.get(1, sample["flipped"]))
+
+
+def test_changed_image_is_encoded_again(mixed_folder, tmp_path):
+    disk_build(dataset(mixed_folder), tmp_path / "cache")
+    write_halves(mixed_folder / "2_zk" / "square.png", (64, 64))  # same bytes: still reused
+    assert disk_build(dataset(mixed_folder), tmp_path / "cache")[1] == 0
+    image = mixed_folder / "2_zk" / "square.png"
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(image)  # same size and name, new content
+    cache, encoded = disk_build(dataset(mixed_folder), tmp_path / "cache")
+    assert encoded == 1 and cache.reused == 2
+    index = [r.path.name for r in dataset(mixed_folder).records].index("square.png")
+    assert cache.get(index, False)[1].mean() > 0.9  # green, not the stale red/blue halves
+
+
+def test_changed_bucket_flip_or_vae_is_encoded_again(mixed_folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    disk_build(dataset(mixed_folder), cache_dir)
+    # flip turned on: only the mirrored variants are new
+    cache, encoded = disk_build(dataset(mixed_folder, flip=True), cache_dir)
+    assert (encoded, cache.reused) == (3, 3)
+    # another resolution: other buckets and crops for every image
+    other = ImageDataset(dataset(mixed_folder).records, DataOptions(resolution=48, step=16, min_bucket_side=32, max_bucket_side=96))
+    assert disk_build(other, cache_dir)[1] == 3
+    # another VAE (or dtype): nothing matches
+    assert disk_build(dataset(mixed_folder), cache_dir, vae_id=VAE.replace("float32", "bfloat16"))[1] == 3
+    assert len(entries(cache_dir)) == 12
+
+
+def test_changed_crop_plan_changes_the_key(mixed_folder):
+    from dataclasses import replace
+
+    from sd_lora.data.latent_cache import entry_key
+
+    ds = dataset(mixed_folder)
+    key = entry_key("abc", ds, 0, False, VAE)
+    assert entry_key("abc", ds, 0, False, VAE) == key
+    assert entry_key("abd", ds, 0, False, VAE) != key
+    assert entry_key("abc", ds, 0, True, VAE) != key
+    plan = ds.crop_plan(0)
+    ds.crop_plan = lambda index, rng=None: replace(plan, left=plan.left + 1)
+    assert entry_key("abc", ds, 0, False, VAE) != key
+
+
+def test_corrupt_entries_are_encoded_again_with_one_warning(mixed_folder, tmp_path):
+    import shutil
+
+    cache_dir = tmp_path / "cache"
+    disk_build(dataset(mixed_folder), cache_dir)
+    files = entries(cache_dir)
+    files[0].write_bytes(files[0].read_bytes()[:40])  # truncated
+    shutil.copyfile(files[2], files[1])  # a valid file under another entry's name
+    cache, encoded = disk_build(dataset(mixed_folder), cache_dir)
+    assert encoded == 2 and cache.reused == 1
+    assert len(cache.warnings) == 1
+    assert cache.warnings[0].startswith(f"2 unreadable latent cache entries in {cache_dir} were encoded again: ")
+    assert "stored key does not match" in cache.warnings[0]
+    again, encoded = disk_build(dataset(mixed_folder), cache_dir)  # repaired
+    assert encoded == 0 and not again.warnings
+
+
+def test_entry_unreadable_during_training_names_the_file(mixed_folder, tmp_path):
+    cache, _ = disk_build(dataset(mixed_folder), tmp_path / "cache")
+    for path in entries(tmp_path / "cache"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"latent cache entry .*\.safetensors became unreadable .* delete it"):
+        cache.get(0, False)
+
+
+def test_disk_cache_needs_a_vae_id(mixed_folder, tmp_path):
+    with pytest.raises(ValueError, match="needs vae_id"):
+        build_latent_cache(dataset(mixed_folder), fake_encode([]), batch_size=2, progress=False, cache_dir=tmp_path)
+
+
+def test_vae_identity_tracks_name_config_dtype_and_weights():
+    from sd_lora.data.latent_cache import vae_identity
+
+    weights = {"conv.weight": torch.ones(2, 2)}
+    base = vae_identity("vae", {"scaling_factor": 0.18215}, torch.float32, weights)
+    assert base == vae_identity("vae", {"scaling_factor": 0.18215}, torch.float32, {"conv.weight": torch.ones(2, 2)})
+    assert base.startswith("vae config=") and "dtype=float32" in base
+    changed = [
+        vae_identity("other", {"scaling_factor": 0.18215}, torch.float32, weights),
+        vae_identity("vae", {"scaling_factor": 0.13025}, torch.float32, weights),
+        vae_identity("vae", {"scaling_factor": 0.18215}, torch.bfloat16, weights),
+        vae_identity("vae", {"scaling_factor": 0.18215}, torch.float32, {"conv.weight": torch.ones(2, 2) * 1.001}),
+    ]
+    assert len({base, *changed}) == 5
