@@ -310,6 +310,10 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--validation-data {c.validation_data}: folder not found")
     if c.resume not in (None, "latest") and not Path(c.resume).is_dir():
         problems.append(f"--resume {c.resume}: no such state folder; pass 'latest' or a folder like {c.output_dir}/state-00000100")
+    if c.latent_cache_dir is not None and (c.cache_latents is False or c.random_crop):
+        problems.append("--latent-cache-dir needs cached latents; drop it, or drop --no-cache-latents/--random-crop")
+    if c.optimizer == "prodigy" and c.learning_rate < 0.1:
+        problems.append(f"--optimizer prodigy learns its own step size: --learning-rate is a multiplier, use about 1.0 (got {c.learning_rate:g})")
     if c.text_encoder_lr is not None and not c.train_text_encoder:
         problems.append("--text-encoder-lr is set but the text encoder is not trained; add --train-text-encoder")
     if not c.caption_extension.startswith(".") or len(c.caption_extension) < 2:

@@ -313,13 +313,16 @@ def run(config: TrainConfig) -> TrainResult:
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
 
     if config.cache_latents:
-        encode = vae_encoder(model, accelerator, generator)
+        # Its own generator: whether entries come from disk or are encoded now never shifts the training draws.
+        encode = vae_encoder(model, accelerator, torch.Generator(device=accelerator.device).manual_seed(config.seed + 2))
         disk = {}
         if config.latent_cache_dir is not None:
-            vae_id = vae_identity(model.vae_name or model.name, model.vae.config, model.vae.dtype, model.vae.encoder.state_dict())
-            disk = {"cache_dir": config.latent_cache_dir, "vae_id": vae_id}
-        dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process, **disk)
-        for warning in dataset.latent_cache.warnings:
+            weights = {**model.vae.encoder.state_dict(), **{f"quant_conv.{k}": v for k, v in model.vae.quant_conv.state_dict().items()}}
+            dtype = f"{model.vae.dtype}/autocast-{config.mixed_precision}"  # what the latents were computed in
+            disk = {"cache_dir": config.latent_cache_dir, "vae_id": vae_identity(model.vae_name or model.name, model.vae.config, dtype, weights)}
+        with accelerator.main_process_first():  # with several processes the main one writes, the others reuse
+            dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process, **disk)
+        for warning in dataset.latent_cache.warnings if accelerator.is_main_process else []:
             print(f"warning: {warning}", file=sys.stderr)
     validation_items = build_validation(config, model, accelerator, validation_records, options)
 

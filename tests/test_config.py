@@ -140,3 +140,11 @@ def test_shipped_example_configs_validate(tmp_path, monkeypatch, name):
     c = load_config(["--config", f"configs/{name}", "--data", str(tmp_path)])
     assert c.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert c.lr_scheduler.startswith("cosine") and c.min_snr_gamma == 5.0
+
+
+def test_cache_and_optimizer_combinations(tmp_path):
+    with pytest.raises(ConfigError, match="--latent-cache-dir needs cached latents"):
+        load_config(["--data", str(tmp_path), "--latent-cache-dir", str(tmp_path), "--random-crop"])
+    with pytest.raises(ConfigError, match="prodigy learns its own step size"):
+        load_config(["--data", str(tmp_path), "--optimizer", "prodigy"])
+    assert load_config(["--data", str(tmp_path), "--optimizer", "prodigy", "--learning-rate", "1"]).optimizer == "prodigy"

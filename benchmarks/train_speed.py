@@ -1,0 +1,611 @@
+"""Training speed: sd_lora's configurations side by side with a naive diffusers-example loop, and the
+full-size SD1.5 U-Net step against the machine's measured matmul peak.
+
+    python benchmarks/train_speed.py [--quick] [--repeats 3] [--steps 24] [--out /tmp/sd_lora_train_speed]
+    python benchmarks/train_speed.py --only sd15 --sd15-resolution 256      # just the FLOP accounting
+    python benchmarks/train_speed.py --only naive,default --profile default  # torch.profiler table per step
+    python benchmarks/train_speed.py --model sd15 --only naive,default,bf16 --steps 6   # full-size SD1.5, 256 px
+
+Part 1 trains one model on a generated dataset (8 JPEGs of 768-1024 px, captions in .txt files) at
+`--resolution`, batch `--batch-size`, LoRA rank `--rank` on the attn-mlp targets, for `--steps` optimizer
+steps, in each configuration. The model is the tiny SD1 model (`sd_lora.models.tiny`), or with `--model sd15`
+the full-size SD1.5 architecture with random weights (written once as a 4 GiB diffusers folder under --out).
+
+- `naive`: what diffusers' `examples/text_to_image/train_text_to_image_lora.py` does every step: decode and
+  resize + centre-crop the image (torchvision transforms, DataLoader with 0 workers), tokenize, VAE-encode,
+  text-encode, add noise, predict, MSE, backward, clip, plain AdamW; fp32, no caching. Implemented below.
+- sd_lora configurations (`CONFIGS`): `sd_lora.train.run(load_config([...]))` with `--sample-every 0`.
+
+Every configuration runs in its own subprocess (peak RSS is `ru_maxrss` of that process: import, model load,
+cache building and training; plus `torch.cuda.max_memory_allocated` on a GPU), `--repeats` times, the
+configurations interleaved so that load from other processes spreads evenly. s/step is the median over
+steps after `WARMUP_STEPS` (per-step times come from `metrics.jsonl` `elapsed` for sd_lora and from the loop
+itself for naive; both include fetching the batch), and the reported value is the median over repeats.
+
+Part 2 (`sd15`) builds the full-size SD1.5 U-Net (config from shared/reference/model-configs.md, random
+weights), injects rank-16 attn-mlp LoRA, counts one training step's FLOPs with `FlopCounterMode` (forward +
+backward; CPU flash attention added to its formula table) and times steps at `--sd15-resolution`, batch 1.
+Achieved FLOP/s is reported as a fraction of the median of large `torch.mm` timings in the same process and
+dtype. It also times the SD1.5 VAE encoder and CLIP ViT-L text encoder at the same size, to project the
+naive-vs-cached ratio for the full-size model.
+
+The last line is `images_per_s_ratio_vs_naive=X peak_rss_ratio_vs_naive=Y` for the `default` configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WARMUP_STEPS = 2  # first steps pay allocator warm-up and lazy initialisation
+# sd_lora configurations: extra flags on top of the shared ones; "default" is sd_lora's defaults.
+CONFIGS = {
+    "default": [],
+    "no-cache": ["--no-cache-latents"],
+    "bf16": ["--mixed-precision", "bf16"],
+    "grad-ckpt": ["--gradient-checkpointing"],
+}
+QUICK_CONFIGS = ("naive", "default", "bf16")
+# Monkeypatched experiments (`--experiments`): changes train.py/loop.py could make, tried from outside.
+EXPERIMENTS = {
+    "default-text-cache": ("default", "no-text-cache"),
+    "default+channels-last": ("default", "channels-last"),
+    "default+malloc-trim": ("default", "malloc-trim"),
+}
+SD15_UNET = dict(  # shared/reference/model-configs.md
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, use_linear_projection=False,
+)
+SD15_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, in_channels=3, out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+)
+SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
+
+
+# --- set-up (parent process) ---------------------------------------------------------------------------
+
+
+def write_dataset(root: Path, count: int = 8) -> Path:
+    """`root/1_zkchar/` with `count` JPEG photos-sized drawings and .txt captions (fixed seed)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    folder = root / "1_zkchar"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    sizes, colours = [(1024, 768), (768, 1024), (896, 896)], ["red", "blue", "green", "yellow", "purple"]
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        bg = colours[i % len(colours)]
+        image = Image.effect_noise((w, h), 40).convert("RGB")  # texture, so JPEG decoding does real work
+        image = Image.blend(image, Image.new("RGB", (w, h), bg), 0.6)
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(20, w // 4)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=rng.choice(colours), outline="black", width=4)
+        image.filter(ImageFilter.SMOOTH).save(folder / f"img{i}.jpg", quality=92)
+        (folder / f"img{i}.txt").write_text(f"zkchar, a robot character, {bg} background")
+    return root
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def random_init(module, device):
+    """Materialise a meta-device module with small random weights, frozen (default init of SD1.5's 860M
+    U-Net parameters takes ~10 s longer and the values do not matter for speed)."""
+    import torch
+
+    module.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                p.normal_(0, p[0].numel() ** -0.5, generator=g)
+        for name, buffer in module.named_buffers():
+            if name.endswith("position_ids"):  # CLIP's (1, 77) arange
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+            else:
+                buffer.zero_()
+    return module.requires_grad_(False)
+
+
+def save_sd15_model(directory: Path) -> Path:
+    """A full-size SD1.5 diffusers folder with random weights (about 4 GiB, fp32) and the real CLIP tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sd_lora.models.clip_vocab import write_clip_tokenizer_files
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP, projection_dim=768))
+    cpu = torch.device("cpu")
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(directory / "tokenizer-src")))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=random_init(vae, cpu), text_encoder=random_init(text_encoder, cpu), tokenizer=tokenizer,
+                                   unet=random_init(unet, cpu), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    shutil.rmtree(directory / "tokenizer-src")
+    return directory
+
+
+# --- workers (one configuration per subprocess) ------------------------------------------------------
+
+
+def peak_memory() -> dict:
+    import torch
+
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.cuda.is_available():
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool):
+    """Yields a per-step callback; with `enabled`, profiles steps 3-5 and prints the top ops."""
+    if not enabled:
+        yield lambda: None
+        return
+    from torch.profiler import profile, schedule
+
+    with profile(schedule=schedule(wait=WARMUP_STEPS, warmup=1, active=3)) as prof:
+        yield prof.step
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+
+
+def apply_patch(name: str) -> None:
+    """Experiments on sd_lora's training code, applied from outside (hacks: they touch private structure)."""
+    from sd_lora import train
+    from sd_lora.models import conditioning
+
+    if name == "no-text-cache":
+        # The Conditioner caches text-encoder outputs per caption (frozen encoder, fixed captions); switch it off
+        # to measure what that cache is worth.
+        original_init = conditioning.Conditioner.__init__
+
+        def init(self, *a, **kw):
+            original_init(self, *a, **{**kw, "cache_outputs": False})
+
+        conditioning.Conditioner.__init__ = init
+    elif name == "channels-last":
+        original_prepare = train.prepare_models
+
+        def prepare(config, model, *a, **kw):
+            params = original_prepare(config, model, *a, **kw)
+            import torch
+
+            model.unet.to(memory_format=torch.channels_last)
+            return params
+
+        train.prepare_models = prepare
+    elif name == "malloc-trim":
+        # glibc keeps memory freed by the cache-building threads in per-thread arenas; hand it back to the OS.
+        import ctypes
+
+        original_build = train.build_latent_cache
+
+        def build(*a, **kw):
+            cache = original_build(*a, **kw)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            return cache
+
+        train.build_latent_cache = build
+    else:
+        raise ValueError(f"unknown patch {name!r}")
+
+
+def worker_sd_lora(args, flags: list[str], patch: str | None) -> dict:
+    import sd_lora.outputs
+    from sd_lora.config import load_config
+    from sd_lora.train import run
+
+    if patch:
+        apply_patch(patch)
+    import_rss = current_rss_mib()
+    out = args.run_dir
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["--data", str(args.out / "data"), "--model", str(args.model_dir), "--output-dir", str(out),
+            "--resolution", str(args.resolution), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
+            "--max-steps", str(args.steps), "--sample-every", "0", "--seed", "0", *flags]
+    with profiled(args.profile) as step_done:
+        original = sd_lora.outputs.RunOutputs.on_step_end
+
+        def on_step_end(self, *a, **kw):
+            original(self, *a, **kw)
+            step_done()
+
+        sd_lora.outputs.RunOutputs.on_step_end = on_step_end
+        started = time.perf_counter()
+        run(load_config(argv))
+        run_s = time.perf_counter() - started
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    elapsed = [r["elapsed"] for r in records]
+    step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+    return {"step_s": step_s, "train_s": elapsed[-1], "run_s": run_s, "import_rss_mib": import_rss,
+            "train_rss_mib": max(r["rss_mb"] for r in records), **peak_memory()}
+
+
+def worker_naive(args) -> dict:
+    """The diffusers train_text_to_image_lora.py step, as written there (fp32, no caching, square crops)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from PIL import Image
+    from torchvision import transforms
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sd_lora.lora.inject import inject_lora, trainable_parameters
+    from sd_lora.lora.targets import unet_target_modules
+
+    import_rss = current_rss_mib()
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = str(args.model_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(device)
+    # The example calls unet.add_adapter(LoraConfig(...)); the same PEFT injection, on the same targets as sd_lora.
+    inject_lora(unet, unet_target_modules(unet, "attn-mlp"), rank=args.rank, alpha=args.rank, dropout=0.0)
+    lora_layers = trainable_parameters(unet)
+    optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+    train_transforms = transforms.Compose([
+        transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(args.resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+    files = sorted((args.out / "data").rglob("*.jpg"))
+
+    class Dataset(torch.utils.data.Dataset):  # the example's `with_transform(preprocess_train)`: per access
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            image = Image.open(files[i]).convert("RGB")
+            caption = files[i].with_suffix(".txt").read_text()
+            ids = tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+            return {"pixel_values": train_transforms(image), "input_ids": ids[0]}
+
+    def collate_fn(examples):
+        pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(memory_format=torch.contiguous_format).float()
+        return {"pixel_values": pixel_values, "input_ids": torch.stack([e["input_ids"] for e in examples])}
+
+    loader = torch.utils.data.DataLoader(Dataset(), shuffle=True, collate_fn=collate_fn, batch_size=args.batch_size, num_workers=0)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.steps)
+    unet.train()
+    step_s, step, train_loss, train_rss = [], 0, 0.0, 0.0
+    with profiled(args.profile) as step_done:
+        setup_s = time.perf_counter() - started
+        last = time.perf_counter()
+        while step < args.steps:
+            for batch in loader:
+                latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                bsz = latents.shape[0]
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+                target = noise  # epsilon prediction
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                train_loss += loss.item()  # the example gathers and logs the loss every step
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(lora_layers, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+                now = time.perf_counter()
+                step_s.append(now - last)
+                last = now
+                step += 1
+                train_rss = max(train_rss, current_rss_mib())  # sd_lora logs the same, once per step
+                step_done()
+                if step >= args.steps:
+                    break
+    return {"step_s": step_s, "train_s": sum(step_s), "run_s": time.perf_counter() - started, "import_rss_mib": import_rss,
+            "train_rss_mib": train_rss, **peak_memory()}
+
+
+def worker_sd15(args) -> dict:
+    """FLOPs and speed of one full-size SD1.5 U-Net LoRA step, against the measured matmul peak."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_lora.lora.inject import inject_lora, trainable_parameters
+    from sd_lora.lora.targets import unet_target_modules
+
+    aten = torch.ops.aten
+    # FlopCounterMode has no formula for the CPU flash-attention kernel SDPA picks here; give it the same as the CUDA one.
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict = {"resolution": args.sd15_resolution}
+
+    def timed(fn, repeats: int) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def matmul_peak() -> None:
+        """GFLOP/s of large square matmuls per dtype; the best of the calls before and after the U-Net steps."""
+        for dtype in (torch.float32, torch.bfloat16):
+            n = 4096 if device.type == "cuda" else 3072
+            a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+            key = f"mm_peak_{str(dtype)[6:]}_gflops"
+            result[key] = max(result.get(key, 0.0), 2 * n**3 / timed(lambda: a @ b, 7) / 1e9)
+
+    matmul_peak()
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP))
+    unet, vae, text_encoder = random_init(unet, device), random_init(vae, device).eval(), random_init(text_encoder, device).eval()
+    inject_lora(unet, unet_target_modules(unet, "attn-mlp"), rank=16, alpha=16, dropout=0.0)
+    unet.train()
+    params = trainable_parameters(unet)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=device.type != "cuda", fused=device.type == "cuda" or None)
+    side = args.sd15_resolution // 8
+    latents = torch.randn(1, 4, side, side, device=device)
+    hidden = torch.randn(1, 77, 768, device=device)
+    timestep = torch.tensor([500], device=device)
+
+    def step(dtype=torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = unet(latents, timestep, encoder_hidden_states=hidden).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), latents)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    result["unet_step_gflop"] = flops / 1e9
+    result["unet_step_gflop_by_op"] = {str(k): v / 1e9 for k, v in counter.get_flop_counts()["Global"].items()}
+    variants = (("float32", torch.float32, torch.contiguous_format),
+                ("float32_channels_last", torch.float32, torch.channels_last),
+                ("bfloat16_channels_last", torch.bfloat16, torch.channels_last),
+                ("bfloat16", torch.bfloat16, torch.contiguous_format))
+    if args.sd15_steps == 1:  # --quick
+        variants = variants[0:1] + variants[2:3]
+    # As sd_lora runs them: fp32; --mixed-precision bf16 (frozen base stored in bf16, LoRA in fp32, autocast);
+    # each also with the U-Net in channels_last (NHWC), the layout oneDNN's convolutions prefer.
+    for name, dtype, layout in variants:
+        with torch.no_grad():
+            for p in unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+        unet.to(memory_format=layout)
+        latents = latents.contiguous(memory_format=layout)
+        seconds = timed(lambda: step(dtype), args.sd15_steps)
+        peak = result[f"mm_peak_{str(dtype)[6:]}_gflops"]
+        result[f"unet_step_s_{name}"] = seconds
+        result[f"achieved_{name}_gflops"] = flops / seconds / 1e9
+        result[f"fraction_of_mm_peak_{name}"] = flops / seconds / 1e9 / peak
+    matmul_peak()
+    pixels = torch.randn(1, 3, args.sd15_resolution, args.sd15_resolution, device=device)
+    ids = torch.randint(0, 49408, (1, 77), device=device)
+    with torch.no_grad():
+        result["vae_encode_s_float32"] = timed(lambda: vae.encode(pixels).latent_dist.sample(), args.sd15_steps)
+        result["text_encode_s_float32"] = timed(lambda: text_encoder(ids), args.sd15_steps)
+    # What caching buys on the full-size model: the naive step pays VAE + text encoder + U-Net.
+    naive = result["vae_encode_s_float32"] + result["text_encode_s_float32"] + result["unet_step_s_float32"]
+    result["projected_speedup_latent_cache"] = naive / (result["text_encode_s_float32"] + result["unet_step_s_float32"])
+    result["projected_speedup_latent_and_text_cache"] = naive / result["unet_step_s_float32"]
+    result.update(peak_memory())
+    return result
+
+
+def run_worker(args) -> int:
+    name = args.worker
+    if name == "sd15":
+        result = worker_sd15(args)
+    elif name == "naive":
+        result = worker_naive(args)
+    elif name in CONFIGS:
+        result = worker_sd_lora(args, CONFIGS[name], None)
+    elif name in EXPERIMENTS:
+        base, patch = EXPERIMENTS[name]
+        result = worker_sd_lora(args, CONFIGS[base], patch)
+    else:
+        raise SystemExit(f"unknown configuration {name!r}")
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# --- parent: run, summarise ------------------------------------------------------------------------------
+
+
+def spawn(args, name: str, repeat: int) -> dict:
+    result = args.out / "results" / f"{name}-{repeat}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "--worker", name, "--result", str(result), "--out", str(args.out),
+               "--run-dir", str(args.out / "runs" / f"{name}-{repeat}"), "--model-dir", str(args.model_dir),
+               "--resolution", str(args.resolution),
+               "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--steps", str(args.steps),
+               "--sd15-resolution", str(args.sd15_resolution), "--sd15-steps", str(args.sd15_steps)]
+    if args.profile == name:
+        command += ["--profile", name]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if not args.verbose else None,
+                          stderr=None if args.verbose or args.profile == name else subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"configuration {name} failed:\n{(done.stderr or '')[-3000:]}")
+    out = json.loads(result.read_text())
+    out["wall_s"] = time.perf_counter() - started
+    return out
+
+
+def summarise(name: str, runs: list[dict], batch_size: int) -> dict:
+    per_step = [statistics.median(r["step_s"][WARMUP_STEPS:] or r["step_s"]) for r in runs]
+    s_step = statistics.median(per_step)
+    row = {
+        "config": name, "repeats": len(runs), "s_per_step": s_step, "images_per_s": batch_size / s_step,
+        "s_per_step_runs": per_step, "train_s": statistics.median(r["train_s"] for r in runs),
+        "setup_s": statistics.median(r["run_s"] - r["train_s"] for r in runs),
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+        "import_rss_mib": statistics.median(r["import_rss_mib"] for r in runs),
+        "train_rss_mib": statistics.median(r["train_rss_mib"] for r in runs),
+    }
+    if "cuda_peak_mib" in runs[0]:
+        row["cuda_peak_mib"] = statistics.median(r["cuda_peak_mib"] for r in runs)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_CONFIGS)} once, 8 steps, SD1.5 at 128 px with 1 timed step")
+    parser.add_argument("--only", help="comma-separated configurations (naive, sd15, " + ", ".join([*CONFIGS, *EXPERIMENTS]) + ")")
+    parser.add_argument("--experiments", action="store_true", help="also run the monkeypatched experiments")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
+                        help="model of the training runs: the tiny SD1 model, or full-size SD1.5 with random weights (4 GiB on disk)")
+    parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 256 (sd15)")
+    parser.add_argument("--batch-size", type=int, help="default: 2 (tiny), 1 (sd15)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--sd15-resolution", type=int, default=256)
+    parser.add_argument("--sd15-steps", type=int, default=3)
+    parser.add_argument("--profile", metavar="CONFIG", help="print a torch.profiler table for this configuration")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sd_lora_train_speed"))
+    parser.add_argument("--verbose", action="store_true")
+    # internal: one configuration in this process
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.profile = args.profile is not None
+        return run_worker(args)
+
+    if args.quick:
+        args.repeats, args.steps, args.sd15_resolution, args.sd15_steps = 1, 8, 128, 1
+    names = args.only.split(",") if args.only else list(QUICK_CONFIGS if args.quick else ["naive", *CONFIGS])
+    if args.experiments:
+        names += list(EXPERIMENTS)
+    if not args.only:
+        names.append("sd15")
+    sd15_model = args.model == "sd15"
+    args.resolution = args.resolution or (256 if sd15_model else 64)
+    args.batch_size = args.batch_size or (1 if sd15_model else 2)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.model_dir = args.out / ("sd15-model" if sd15_model else "model")
+    if not (args.model_dir / "model_index.json").is_file():
+        from sd_lora.models.tiny import save_tiny_model
+
+        save_sd15_model(args.model_dir) if sd15_model else save_tiny_model(args.model_dir)
+    if not (args.out / "data").is_dir():
+        write_dataset(args.out / "data")
+    info = machine()
+    print(f"machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} ({info['threads']} threads)"
+          + (f", {info['gpu']}" if "gpu" in info else "") + f"; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'full-size SD1.5 (random weights)' if sd15_model else 'tiny SD1'} model, {args.resolution} px, batch {args.batch_size}, rank {args.rank}, {args.steps} steps, "
+          f"{args.repeats} repeats (median s/step after {WARMUP_STEPS} warm-up steps)")
+
+    train_names = [n for n in names if n != "sd15"]
+    runs: dict[str, list[dict]] = {n: [] for n in train_names}
+    for repeat in range(args.repeats):
+        order = train_names if repeat % 2 == 0 else train_names[::-1]  # interleave, alternate the order
+        for name in order:
+            runs[name].append(spawn(args, name, repeat))
+    rows = [summarise(n, runs[n], args.batch_size) for n in train_names]
+    sd15 = spawn(args, "sd15", 0) if "sd15" in names else None
+
+    header = f"{'config':<24}{'images/s':>10}{'s/step':>9}{'setup s':>9}{'peak RSS MiB':>14}{'(imports':>10}{'training)':>10}"
+    print(header + ("  CUDA peak MiB" if rows and "cuda_peak_mib" in rows[0] else ""))
+    for row in rows:
+        print(f"{row['config']:<24}{row['images_per_s']:>10.2f}{row['s_per_step']:>9.3f}{row['setup_s']:>9.1f}"
+              f"{row['peak_rss_mib']:>14.0f}{row['import_rss_mib']:>10.0f}{row['train_rss_mib']:>10.0f}"
+              + (f"{row['cuda_peak_mib']:>15.0f}" if "cuda_peak_mib" in row else ""))
+    if sd15:
+        r = sd15
+        print(f"SD1.5 U-Net, {r['resolution']} px, batch 1, LoRA rank 16: {r['unet_step_gflop']:.1f} GFLOP per training step")
+        for name in ("float32", "float32_channels_last", "bfloat16", "bfloat16_channels_last"):
+            if f"unet_step_s_{name}" not in r:
+                continue
+            dtype = name.split("_")[0]
+            print(f"  {name:<23}: {r[f'unet_step_s_{name}']:.2f} s/step = {r[f'achieved_{name}_gflops']:.1f} GFLOP/s = "
+                  f"{100 * r[f'fraction_of_mm_peak_{name}']:.0f}% of the {dtype} matmul peak ({r[f'mm_peak_{dtype}_gflops']:.1f} GFLOP/s)")
+        print(f"  VAE encode {r['vae_encode_s_float32']:.2f} s, text encode {r['text_encode_s_float32']:.2f} s per image (fp32): "
+              f"latent cache x{r['projected_speedup_latent_cache']:.2f}, latent + text cache x{r['projected_speedup_latent_and_text_cache']:.2f} "
+              f"over the naive step; peak RSS {r['peak_rss_mib']:.0f} MiB")
+    summary = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "sd15": sd15,
+               "wall_s": time.perf_counter() - started, "load_average": os.getloadavg()}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"total {summary['wall_s']:.0f} s; details in {args.out / 'summary.json'}")
+    by_name = {row["config"]: row for row in rows}
+    if "naive" in by_name and "default" in by_name:
+        naive, default = by_name["naive"], by_name["default"]
+        print(f"images_per_s_ratio_vs_naive={default['images_per_s'] / naive['images_per_s']:.2f} "
+              f"peak_rss_ratio_vs_naive={default['peak_rss_mib'] / naive['peak_rss_mib']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
