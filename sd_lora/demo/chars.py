@@ -97,6 +97,15 @@ def make_image(rng: random.Random) -> tuple[Image.Image, str]:
     return image, f"{TRIGGER}, a {size} robot character, {pose}, on a {background} background"
 
 
+POSES = ("arms down", "arms out", "arms up", "waving")
+
+
+def caption_words() -> list[str]:
+    """Every word a caption of this dataset can use (the demo base's tokenizer gives each its own token)."""
+    phrases = [TRIGGER, "a small large robot character on background", *POSES, *BACKGROUNDS, *PATTERNS]
+    return sorted({w for phrase in phrases for w in phrase.split()})
+
+
 def generate(out_dir: Path, count: int = 24, seed: int = 7, repeats: int = 5) -> Path:
     folder = Path(out_dir) / f"{repeats}_{TRIGGER}"
     folder.mkdir(parents=True, exist_ok=True)
