@@ -99,6 +99,17 @@ def write_clip_tokenizer(directory: Path, words: list[str] | None = None, num_me
     return directory
 
 
+def tiny_vae(**overrides):
+    """A 2-level AutoencoderKL (2x down, 4 latent channels), the same for every tiny family."""
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    return AutoencoderKL(**(config | overrides))
+
+
 def build_tiny_pipeline(family: str = "sd1", seed: int = 0, tokenizer_dir: Path | None = None):
     """A `StableDiffusionPipeline` with SD1.x (`sd1`) or SD2.x (`sd2`, `sd2-v`) layout, a few MB in size.
 
@@ -131,16 +142,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, tokenizer_dir: Path 
         use_linear_projection=sd2,
         upcast_attention=sd2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -238,17 +240,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", to
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.13025,  # SDXL's VAE
-    )
+    vae = tiny_vae(scaling_factor=0.13025)  # SDXL's VAE scaling
 
     def clip_config(tok, hidden: int, layers: int, act: str) -> CLIPTextConfig:
         return CLIPTextConfig(
