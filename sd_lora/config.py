@@ -4,8 +4,10 @@ Each field of `TrainConfig` is declared once with `option(...)`; from that decla
 (`learning_rate` -> `--learning-rate`), the TOML key (`learning-rate`, `learning_rate` also accepted), the
 `--help` text, validation of type, choices and range, and the `ss_*` metadata key written into the LoRA file.
 
-Precedence: defaults < TOML file given with `--config` < flags on the command line. Every problem is
-collected and reported together (`ConfigError`) before any model is loaded.
+Precedence: defaults < TOML file given with `--config` < flags on the command line. Without `model` the
+run trains the built-in demo base, and the demo's tuned options (`sd_lora.demo.defaults`) replace the
+defaults of the options the user did not set. Every problem is collected and reported together
+(`ConfigError`) before any model is loaded.
 """
 
 from __future__ import annotations
@@ -75,13 +77,16 @@ class TrainConfig:
     shuffle_tags: bool = option(False, "Shuffle comma-separated caption tags every step.", ss="ss_shuffle_caption", group="data")
     keep_tokens: int = option(0, "With --shuffle-tags, keep this many leading tags in place.", min=0, ss="ss_keep_tokens", group="data")
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", min=0, max=1, ss="ss_caption_dropout_rate", group="data")
+    tag_dropout: float = option(0.0, "Probability of leaving out each comma-separated tag after the first --keep-tokens (kohya's caption_tag_dropout_rate).",
+                                min=0, max=1, ss="ss_caption_tag_dropout_rate", group="data")
     cache_latents: bool | None = option(
         None, "Encode every image with the VAE once before training. Default: on unless --random-crop.", ss="ss_cache_latents", group="data"
     )
     latent_cache_dir: Path | None = option(None, "Keep cached latents on disk here, keyed by image content, bucket, crop, flip and VAE, so later runs skip encoding.", group="data")
     num_workers: int = option(0, "DataLoader worker processes (0 loads in the training process).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
-    model: str | None = option(None, "Base model: a Hugging Face id, a local diffusers folder or a single-file checkpoint (SD1.x, SD2.x, SDXL).", ss="ss_sd_model_name", group="model", fixed=True)
+    model: str | None = option(None, "Base model: a Hugging Face id, a local diffusers folder or a single-file checkpoint (SD1.x, SD2.x, SDXL). "
+                               "Default: the built-in demo base model (64 px toy world), with options tuned for it.", ss="ss_sd_model_name", group="model", fixed=True)
     prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model", fixed=True)
     allow_unsafe_pickle: bool = option(False, "Allow a .ckpt/.pt --model: pickle files can run code when loaded (read with torch.load(weights_only=True) first).", group="model")
     model_config: Path | None = option(None, "Diffusers folder whose configs and tokenizers describe a single-file --model (default: built-in SD1.5/SD2.1/SDXL configs).", group="model", fixed=True)
@@ -131,6 +136,10 @@ class TrainConfig:
     keep_states: int = option(2, "Keep only the newest K state folders.", min=1, group="reliability")
     resume: str | None = option(None, "Continue from a state folder: 'latest' (newest in --output-dir) or its path.", metavar="latest|DIR", group="reliability")
     nan_skip: int = option(0, "Skip up to N optimizer steps with a non-finite loss or gradient instead of stopping.", min=0, group="reliability")
+    reg_data: Path | None = option(None, "Regularisation (prior-preservation) images: a folder like --data whose images and captions keep the base's "
+                                   "behaviour while the LoRA learns (kohya's reg_data_dir). Each epoch sees as many of them as training images.", group="data", fixed=True)
+    prior_loss_weight: float = option(1.0, "Loss weight of the regularisation images against the training images.", min=0, min_exclusive=True, max=100,
+                                      ss="ss_prior_loss_weight", fixed=True)
     validation_split: float = option(0.0, "Hold out this fraction of the images (chosen by --seed) for a validation loss.", min=0, max=0.5, group="reliability", fixed=True)
     validation_data: Path | None = option(None, "Folder of captioned images used only for the validation loss.", group="reliability", fixed=True)
     validate_every: int = option(50, "Compute the validation loss every N steps (and at the end) when validation images exist.", min=1, group="reliability")
@@ -296,8 +305,8 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--max-steps {c.max_steps} and --epochs {c.epochs} are both set; set only one of them")
     if c.max_steps is not None and c.lr_warmup_steps > c.max_steps:
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
-    if c.keep_tokens and not c.shuffle_tags:
-        problems.append(f"--keep-tokens {c.keep_tokens} only has an effect with --shuffle-tags; add it or drop --keep-tokens")
+    if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:
+        problems.append(f"--keep-tokens {c.keep_tokens} only has an effect with --shuffle-tags or --tag-dropout; add one or drop --keep-tokens")
     if c.random_crop and c.cache_latents:
         problems.append("--cache-latents cannot be combined with --random-crop (each step needs a fresh crop); drop one")
     if c.resolution is not None and c.min_bucket_side is not None and c.min_bucket_side > c.resolution:
@@ -306,6 +315,10 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--max-bucket-side {c.max_bucket_side} is smaller than --resolution {c.resolution}")
     if c.validation_split and c.validation_data is not None:
         problems.append("--validation-split and --validation-data are both set; use one of them")
+    if c.reg_data is not None and not c.reg_data.is_dir():
+        problems.append(f"--reg-data {c.reg_data}: folder not found")
+    if c.prior_loss_weight != 1.0 and c.reg_data is None:
+        problems.append(f"--prior-loss-weight {c.prior_loss_weight:g} weighs regularisation images, but there are none; add --reg-data DIR")
     if c.validation_data is not None and not c.validation_data.is_dir():
         problems.append(f"--validation-data {c.validation_data}: folder not found")
     if c.resume not in (None, "latest") and not Path(c.resume).is_dir():
@@ -436,6 +449,10 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         values.pop("epochs", None)
     if "epochs" in cli and "max_steps" not in cli:
         values.pop("max_steps", None)
+    if "model" not in values:  # the default run: the built-in demo base with options tuned for it
+        from .demo.defaults import demo_options
+
+        values = {**demo_options(values), **values}
     config = TrainConfig(**values)  # fields that failed conversion keep their defaults ...
     _check_range(config, problems)  # ... so the remaining checks still run and report together
     _check_combinations(config, problems)

@@ -85,6 +85,11 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+def prior_weights(prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """(B,) per-sample loss weights: `prior_loss_weight` for regularisation images (`prior` True), else 1."""
+    return torch.where(prior, torch.full(prior.shape, prior_loss_weight, device=prior.device), torch.ones(prior.shape, device=prior.device))
+
+
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32, averaged per sample, optionally weighted per sample, then over the batch."""
     per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))  # (B,)

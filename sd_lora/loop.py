@@ -37,6 +37,7 @@ class Objective:
     vae_scaling_factor: float
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    prior_loss_weight: float = 1.0  # of regularisation images (batch["prior"])
 
 
 @dataclass
@@ -98,6 +99,9 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     weights = None
     if obj.min_snr_gamma:
         weights = diffusion.min_snr_weights(timesteps, obj.alphas_cumprod, obj.min_snr_gamma, obj.prediction_type)
+    if "prior" in batch and obj.prior_loss_weight != 1.0:  # regularisation images weigh prior_loss_weight
+        prior = diffusion.prior_weights(batch["prior"].to(device), obj.prior_loss_weight)
+        weights = prior if weights is None else weights * prior
     return diffusion.diffusion_loss(prediction, target, weights)
 
 

@@ -21,7 +21,9 @@ from .errors import UserError
 from .export import export_lora, lora_components, sgm_paths, trained_modules, training_metadata
 from .fsio import atomic_write_text
 from .models.load import BaseModel
-from .sampling.sampler import SampleSettings, build_sampling_pipeline, generate_grid, save_grid
+from .lora.inject import set_lora_enabled
+from .sampling.grid import side_by_side_grid
+from .sampling.sampler import SampleSettings, build_sampling_pipeline, generate_grid, generate_images, save_grid
 from .validation import validation_loss
 
 
@@ -139,11 +141,8 @@ class RunOutputs:
             self.progress.write(f"step {step}: validation loss {value:.5f} (best {self.best_validation:.5f} at step {self.best_validation_step})")
         return value
 
-    def sample(self, step: int) -> None:
-        if not self.main or not self.config.sample_every:
-            return
-        c = self.config
-        m = self.model
+    def _sampling(self):
+        c, m = self.config, self.model
         pipe = build_sampling_pipeline(
             vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, scheduler_config=m.scheduler_config,
             sampler=c.sample_sampler, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2,
@@ -152,10 +151,37 @@ class RunOutputs:
             width=c.resolution, height=c.resolution, steps=c.sample_steps, cfg=c.sample_cfg,
             seeds=tuple(range(c.sample_seeds)), sampler=c.sample_sampler, clip_skip=c.clip_skip,
         )
-        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{c.output_name} - step {step}")
-        path = save_grid(grid, self.out / "samples" / f"{c.output_name}-step{step:08d}.png")
+        return pipe, settings
+
+    def sample(self, step: int) -> None:
+        if not self.main or not self.config.sample_every:
+            return
+        pipe, settings = self._sampling()
+        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}")
+        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png")
         self.grids.append(path)
         self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
+
+    def compare_with_base(self, step: int) -> Path | None:
+        """The sample prompts on the same seeds without and with the LoRA, side by side: what the LoRA changed."""
+        if not self.main or not self.config.sample_every:
+            return None
+        pipe, settings = self._sampling()
+        models = [self.model.unet, *self.model.text_encoders]
+        try:
+            for model in models:
+                set_lora_enabled(model, False)
+            before, _ = generate_images(pipe, self.prompts, settings)
+        finally:
+            for model in models:
+                set_lora_enabled(model, True)
+        after, rows = generate_images(pipe, self.prompts, settings)
+        grid = side_by_side_grid(before, after, [r["prompt"] for r in rows], list(settings.seeds),
+                                 title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
+        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
+        self.grids.append(path)
+        self.progress.write(f"base vs LoRA: {path}")
+        return path
 
     def save_lora(self, path: Path, state: loop.TrainState) -> Path | None:
         if not self.main:

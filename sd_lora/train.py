@@ -20,7 +20,8 @@ import torch
 
 from . import checkpoint, loop, memory
 from .config import TrainConfig, load_config
-from .data import BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint, scan_dataset
+from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint,
+                   regularization_records, scan_dataset)
 from .data.latent_cache import vae_identity
 from .errors import Interrupted, UserError
 from .export import trained_modules
@@ -87,6 +88,25 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
         model=model.name,
         cache_latents=config.use_latent_cache,
     )
+
+
+def is_demo_base(model: str | None) -> bool:
+    from .demo.defaults import BASE_MODEL_DIR
+
+    return model is not None and Path(model).resolve() == BASE_MODEL_DIR
+
+
+def announce_demo(config: TrainConfig) -> None:
+    """Say that the run uses the demo base (no --model), with the demo options in effect; refuse if it is missing."""
+    from .demo.defaults import BASE_MODEL_DIR, DEFAULT_OPTIONS
+
+    if not (BASE_MODEL_DIR / "model_index.json").is_file():
+        raise UserError(f"no --model given and the demo base model is missing from {BASE_MODEL_DIR}; reinstall sd_lora, "
+                        "rebuild it with python -m sd_lora.demo.pretrain, or pass --model")
+    shown = ", ".join(f"{name.replace('_', '-')} {getattr(config, name)}" for name in DEFAULT_OPTIONS
+                      if name not in ("sample_prompts", "reg_data"))
+    print(f"no --model: training the built-in demo base model ({BASE_MODEL_DIR.name}, a 64 px toy world) with {shown}; "
+          "pass --model to train your own base model")
 
 
 def check_output_dir(path: Path) -> None:
@@ -186,14 +206,16 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
             n_params: int, model: BaseModel, n_validation: int = 0, processes: int = 1) -> str:
     bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
     repeats = sum(r.repeats for r in dataset.records)
+    prior = [r for r in dataset.records if r.prior]
     buckets = dataset.bucket_counts()
     bucket_text = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])[:8])
     if len(buckets) > 8:
         bucket_text += f", ... ({len(buckets)} buckets)"
     lines = [
         f"model: {model.name} ({model.family}, {model.prediction_type}, native {model.native_resolution}px)",
-        f"images: {len(dataset.records)} ({repeats} per epoch with repeats), skipped: {len(scan.skipped)}"
-        + (f", validation: {n_validation}" if n_validation else ""),
+        f"images: {len(dataset.records) - len(prior)} ({repeats - sum(r.repeats for r in prior)} per epoch with repeats), skipped: {len(scan.skipped)}"
+        + (f", validation: {n_validation}" if n_validation else "")
+        + (f"; regularisation: {len(prior)} ({sum(r.repeats for r in prior)} per epoch)" if prior else ""),
         f"buckets: {bucket_text}",
         f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes; {batches} batches/epoch",
         f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
@@ -227,12 +249,25 @@ def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
     return split_records(scan.records, config.validation_split, config.seed)
 
 
+def regularization_set(config: TrainConfig, train_records: list) -> list:
+    """--reg-data: its images as prior records, as many samples per epoch as the training images."""
+    if config.reg_data is None:
+        return []
+    scan = scan_dataset(config.reg_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+    for warning in scan.warnings:
+        print(f"warning: --reg-data: {warning}", file=sys.stderr)
+    records = regularization_records(scan.records, sum(r.repeats for r in train_records))
+    print(f"regularisation: {len(records)} of {len(scan.records)} images from {config.reg_data}, "
+          f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
+    return records
+
+
 def data_options(config: TrainConfig, step: int) -> DataOptions:
     return DataOptions(
         resolution=config.resolution, step=step, min_bucket_side=config.min_bucket_side,
         max_bucket_side=config.max_bucket_side, buckets=config.buckets, no_upscale=config.no_upscale,
         random_crop=config.random_crop, flip=config.flip, shuffle_tags=config.shuffle_tags,
-        keep_tokens=config.keep_tokens, caption_dropout=config.caption_dropout, seed=config.seed,
+        keep_tokens=config.keep_tokens, caption_dropout=config.caption_dropout, tag_dropout=config.tag_dropout, seed=config.seed,
     )
 
 
@@ -281,11 +316,8 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 def run(config: TrainConfig) -> TrainResult:
     """Train one LoRA and write its files; returns them and the trained modules."""
     accelerator = make_accelerator(config)
-    if config.model is None:
-        raise UserError(
-            "--model is required for now: pass a Hugging Face id or a local diffusers folder of an SD1.x/SD2.x model. "
-            "(A built-in demo base model is planned; `python -m sd_lora.models.tiny DIR` builds a tiny test model.)"
-        )
+    if is_demo_base(config.model) and accelerator.is_main_process:
+        announce_demo(config)
     # Everything that needs no model is checked first: a Hub model may take long to download.
     file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
@@ -293,6 +325,7 @@ def run(config: TrainConfig) -> TrainResult:
     for warning in scan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan)
+    prior_records = regularization_set(config, train_records)
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
@@ -302,8 +335,8 @@ def run(config: TrainConfig) -> TrainResult:
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)
     options = data_options(config, model.bucket_step)
-    dataset = ImageDataset(train_records, options)
-    data_id = fingerprint(train_records + validation_records)
+    dataset = ImageDataset(train_records + prior_records, options)
+    data_id = fingerprint(train_records + prior_records + validation_records)
     resumed = checkpoint.load_state(checkpoint.resolve_resume(config.resume, config.output_dir), config, data_id) if config.resume else None
 
     # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation.
@@ -328,7 +361,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     # Batches: one bucket per global batch, each process takes its slice.
     batch_sampler = BucketBatchSampler(
-        dataset.bucket_of, [r.repeats for r in train_records], config.batch_size, config.seed,
+        dataset.bucket_of, [r.repeats for r in dataset.records], config.batch_size, config.seed,
         num_replicas=accelerator.num_processes, rank=accelerator.process_index,
     )
     # The loader gets its own generator: by default each new iterator draws a seed from the global torch RNG,
@@ -384,7 +417,7 @@ def run(config: TrainConfig) -> TrainResult:
     trainee = loop.Trainee(
         accelerator=accelerator, unet=unet, text_encoders=text_encoders,
         conditioner=Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip,
-                                cache_outputs=not config.train_text_encoder and not config.shuffle_tags),
+                                cache_outputs=not config.train_text_encoder and not config.shuffle_tags and not config.tag_dropout),
         vae=None if config.cache_latents else model.vae, dataloader=dataloader,
         batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable,
         train_text_encoder=config.train_text_encoder, weight_dtype=weight_dtype,
@@ -393,11 +426,11 @@ def run(config: TrainConfig) -> TrainResult:
     objective = loop.Objective(
         alphas_cumprod=model.alphas_cumprod.to(accelerator.device), num_train_timesteps=model.num_train_timesteps,
         prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
-        min_snr_gamma=config.min_snr_gamma,
+        min_snr_gamma=config.min_snr_gamma, prior_loss_weight=config.prior_loss_weight,
     )
     with StopRequest() as stop:
         outputs = RunOutputs(
-            config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_metadata(train_records),
+            config, model, accelerator, trainee=trainee, objective=objective, dataset_meta={**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records))},
             prompts=prompts, total_steps=total_steps, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
         )
@@ -436,6 +469,7 @@ def run(config: TrainConfig) -> TrainResult:
     final = config.output_dir / f"{config.output_name}.safetensors"
     outputs.save_lora(final, state)
     outputs.sample(state.step)
+    outputs.compare_with_base(state.step)
     outputs.close()
     if accelerator.is_main_process:
         if state.truncated_captions:

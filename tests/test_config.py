@@ -95,6 +95,8 @@ def test_toml_type_errors(tmp_path):
         (["--output-name", "a/b"], "plain file name"),
         (["--resolution", "512", "--min-bucket-side", "768"], "larger than --resolution"),
         (["--max-steps", "5", "--lr-warmup-steps", "10"], "longer than the run"),
+        (["--prior-loss-weight", "0.5"], "add --reg-data DIR"),
+        (["--reg-data", "/nonexistent/reg"], "--reg-data /nonexistent/reg: folder not found"),
     ],
 )
 def test_combination_checks(tmp_path, args, message):

@@ -171,3 +171,17 @@ def test_cached_text_conditioning_equals_fresh_encoding(tiny_model_dir, tiny_sdx
         if model.family == "sdxl":
             for key in ("text_embeds", "time_ids"):
                 assert torch.allclose(a["added_cond_kwargs"][key], b["added_cond_kwargs"][key], atol=1e-6)
+
+
+def test_prior_samples_weigh_prior_loss_weight(tiny_model_dir):
+    import dataclasses
+
+    _, trainee, objective, batch = make_trainee(tiny_model_dir)
+    plain = fixed_loss(trainee, objective, batch)
+    mixed = {**batch, "prior": torch.tensor([True, False])}
+    assert fixed_loss(trainee, objective, mixed) == pytest.approx(plain)  # weight 1: as if unmarked
+    heavy = dataclasses.replace(objective, prior_loss_weight=3.0)
+    all_prior = {**batch, "prior": torch.tensor([True, True])}
+    assert fixed_loss(trainee, heavy, all_prior) == pytest.approx(3 * plain, rel=1e-5)
+    one_prior = fixed_loss(trainee, heavy, mixed)
+    assert plain < one_prior < 3 * plain

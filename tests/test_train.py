@@ -55,6 +55,25 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "32x32"
 
 
+@pytest.mark.slow
+def test_regularisation_images_train_beside_the_data_and_are_recorded(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    from helpers import write_dataset
+
+    reg = write_dataset(tmp_path / "reg", count=4, repeats=7)  # 4 images; folder repeats are ignored
+    out = tmp_path / "out"
+    config = load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "3", "--sample-every", "0",
+                                    "--reg-data", str(reg), "--prior-loss-weight", "0.5"))
+    result = run(config)
+    stdout = capsys.readouterr().out
+    assert "regularisation: 4 of 4 images" in stdout and "12 samples per epoch" in stdout  # 6 images x 2 repeats
+    assert "images: 6 (12 per epoch with repeats)" in stdout and "regularisation: 4 (12 per epoch)" in stdout
+    assert result.state.step == 3
+    with safe_open(str(result.path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_reg_images"] == "12" and meta["ss_prior_loss_weight"] == "0.5"
+    assert meta["ss_num_train_images"] == "12"
+
+
 def _unet_and_te_outputs(unet, text_encoder, seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 16, 16, generator=g)
@@ -141,7 +160,6 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_dataset, tiny_model_d
 
 def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     cases = [
-        ([], "--model is required for now"),
         (["--model", str(tmp_path)], "not a diffusers model folder"),
         (["--model", str(tiny_model_dir), "--mixed-precision", "fp16"], "fp16 needs a CUDA GPU"),
         (["--model", str(tiny_model_dir), "--resolution", "30"], "--resolution 30 must be a multiple of 4"),

@@ -17,24 +17,30 @@ def split_tags(caption: str) -> list[str]:
 
 
 def process_caption(
-    caption: str, rng: random.Random, *, shuffle_tags: bool, keep_tokens: int, dropout: float
+    caption: str, rng: random.Random, *, shuffle_tags: bool, keep_tokens: int, dropout: float, tag_dropout: float = 0.0
 ) -> str:
     """Return the caption to train on for one sample.
 
     Draw order (fixed, so a seed reproduces the result): one `rng.random()` for dropout, always, then
-    `rng.shuffle` of the tags after the first `keep_tokens` when `shuffle_tags`. A dropped caption is "".
-    A shuffled caption is re-joined with ", " (so "a,b" becomes "a, b"); without shuffling the caption is
-    returned unchanged.
+    `rng.shuffle` of the tags after the first `keep_tokens` when `shuffle_tags`, then with `tag_dropout` one
+    `rng.random()` per tag after the first `keep_tokens` (below `tag_dropout`: the tag is left out; kohya's
+    caption_tag_dropout_rate). A dropped caption is "". A shuffled or tag-dropped caption is re-joined with
+    ", " (so "a,b" becomes "a, b"); otherwise the caption is returned unchanged.
     """
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"caption dropout must be in [0, 1], got {dropout}")
+    if not 0.0 <= tag_dropout <= 1.0:
+        raise ValueError(f"tag dropout must be in [0, 1], got {tag_dropout}")
     if keep_tokens < 0:
         raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
     if rng.random() < dropout:
         return ""
-    if not shuffle_tags:
+    if not shuffle_tags and not tag_dropout:
         return caption
     tags = split_tags(caption)
     kept, rest = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(rest)
+    if shuffle_tags:
+        rng.shuffle(rest)
+    if tag_dropout:
+        rest = [tag for tag in rest if rng.random() >= tag_dropout]
     return ", ".join(kept + rest)

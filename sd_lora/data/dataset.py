@@ -55,6 +55,8 @@ class DataOptions:
     """With `shuffle_tags`: how many leading tags stay in place."""
     caption_dropout: float = 0.0
     """Probability that a sample trains with an empty caption."""
+    tag_dropout: float = 0.0
+    """Probability that each tag after the first `keep_tokens` is left out of a sample's caption."""
     seed: int = 0
 
     def __post_init__(self):
@@ -167,13 +169,14 @@ class ImageDataset(torch.utils.data.Dataset):
             sample["pixels"] = self.load_pixels(index, plan, flip=flipped)
         sample["caption"] = process_caption(
             record.caption, caption_rng, shuffle_tags=options.shuffle_tags, keep_tokens=options.keep_tokens,
-            dropout=options.caption_dropout,
+            dropout=options.caption_dropout, tag_dropout=options.tag_dropout,
         )
         sample["original_size"] = (record.height, record.width)
         sample["crop_top_left"] = (plan.top, plan.left)  # in the resized, unflipped image
         sample["target_size"] = (bucket_height, bucket_width)
         sample["flipped"] = flipped
         sample["index"] = index
+        sample["prior"] = record.prior
         return sample
 
 
@@ -260,7 +263,8 @@ def collate(samples: list[dict]) -> dict:
     """Stack samples into a batch. Keys as in a sample, except "caption" becomes "captions".
 
     "pixels" (B, 3, H, W) or "latents" (B, C, h, w); "original_size", "crop_top_left", "target_size" as
-    (B, 2) int64 tensors of (height, width) / (top, left); "captions", "flipped", "index" as lists.
+    (B, 2) int64 tensors of (height, width) / (top, left); "prior" (B,) bool (regularisation images);
+    "captions", "flipped", "index" as lists.
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
@@ -271,6 +275,7 @@ def collate(samples: list[dict]) -> dict:
     for key in ("original_size", "crop_top_left", "target_size"):
         batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
     batch["captions"] = [s["caption"] for s in samples]
+    batch["prior"] = torch.tensor([s.get("prior", False) for s in samples], dtype=torch.bool)
     for key in ("flipped", "index"):
         batch[key] = [s[key] for s in samples]
     return batch

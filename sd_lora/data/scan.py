@@ -48,6 +48,8 @@ class ImageRecord:
     width: int
     height: int
     """Size after EXIF orientation."""
+    prior: bool = False
+    """A regularisation (prior-preservation) image: its loss is weighted by --prior-loss-weight."""
 
 
 @dataclass
@@ -415,5 +417,6 @@ def fingerprint(records: list[ImageRecord]) -> str:
 
     h = hashlib.sha256()
     for r in records:
-        h.update(f"{r.path}\0{r.caption}\0{r.repeats}\0{r.width}x{r.height}\0{r.path.stat().st_size}\n".encode())
+        prior = "\0prior" if r.prior else ""  # (only when set: fingerprints of runs without regularisation stay as they were)
+        h.update(f"{r.path}\0{r.caption}\0{r.repeats}\0{r.width}x{r.height}\0{r.path.stat().st_size}{prior}\n".encode())
     return h.hexdigest()[:16]

@@ -355,13 +355,11 @@ def format_lora_report(r: LoraReport, settings: GenerationSettings = GenerationS
 
 def comparison_grid(report: LoraReport) -> Image.Image:
     """Every evaluated prompt (rows), base and LoRA side by side for each seed (columns)."""
-    from ..sampling.grid import make_grid
+    from ..sampling.grid import side_by_side_grid
 
     prompts = [row[0] for row in report.images["prompts"]]
-    seeds = len(report.images["base"][0])
-    cells = [[im for i in range(seeds) for im in (base[i], lora[i])] for base, lora in zip(report.images["base"], report.images["lora"])]
-    columns = [f"{kind} {i}" for i in range(seeds) for kind in ("base", "LoRA")]
-    return make_grid(cells, row_labels=prompts, col_labels=columns, title="same seeds: base | LoRA")
+    seeds = list(range(len(report.images["base"][0])))
+    return side_by_side_grid(report.images["base"], report.images["lora"], prompts, seeds, title="same seeds: base | LoRA")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ class Conditioner:
 
     With `cache_outputs` (only valid while the text encoders are frozen) each distinct caption is encoded
     once and its outputs are reused: the text encoders then run once per caption instead of once per step.
-    The caller enables it only when captions do not change from step to step (no tag shuffling), so the
-    cache holds at most one entry per caption (plus the empty caption of caption dropout).
+    The caller enables it only when captions do not change from step to step (no tag shuffling or tag
+    dropout), so the cache holds at most one entry per caption (plus the empty caption of caption dropout).
     """
 
     def __init__(self, family: str, tokenizers: list, text_encoders: list, clip_skip: int = 1, *, cache_outputs: bool = False):

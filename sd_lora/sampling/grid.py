@@ -167,3 +167,20 @@ def _wrap(text: str, font, max_w: float, max_lines: int) -> list[str]:
         lines = lines[:max_lines]
         lines[-1] = _ellipsize(lines[-1], font, max_w, force=True)
     return lines
+
+
+def side_by_side_grid(
+    before: list[list[Image.Image]],
+    after: list[list[Image.Image]],
+    row_labels: list[str],
+    seeds: list[int],
+    names: tuple[str, str] = ("base", "LoRA"),
+    title: str = "",
+) -> Image.Image:
+    """`before` and `after` (same prompts, same seeds) in one grid: for each seed a `names[0]` column and a
+    `names[1]` column next to it, so every pair differs only in the model."""
+    if len(before) != len(after) or any(len(b) != len(a) for b, a in zip(before, after)):
+        raise ValueError("before and after must have the same rows and seeds")
+    cells = [[image for pair in zip(b, a) for image in pair] for b, a in zip(before, after)]
+    columns = [f"{name}, seed {seed}" for seed in seeds for name in names]
+    return make_grid(cells, row_labels=row_labels, col_labels=columns, title=title)

@@ -64,7 +64,26 @@ def test_draw_order_is_fixed():
     assert process(seed=3, shuffle_tags=True) == ", ".join(tags)
 
 
-@pytest.mark.parametrize("kw", [dict(dropout=-0.1), dict(dropout=1.5), dict(keep_tokens=-1)])
+def test_tag_dropout_leaves_out_tags_after_the_kept_ones_at_its_rate():
+    tags = split_tags(CAPTION)
+    results = [process(seed=s, tag_dropout=0.3, keep_tokens=1) for s in range(2000)]
+    assert all(r.split(", ")[0] == "zk" for r in results)  # the trigger is kept
+    kept = sum(len(r.split(", ")) - 1 for r in results)
+    assert 0.66 < kept / (2000 * (len(tags) - 1)) < 0.74  # each of the 4 other tags kept with p = 0.7
+    assert all(r.split(", ")[1:] == [t for t in tags[1:] if t in r.split(", ")] for r in results)  # order kept
+    assert process(tag_dropout=1.0, keep_tokens=1) == "zk" and process(tag_dropout=1.0) == ""
+
+
+def test_tag_dropout_draws_after_the_shuffle():
+    rng = random.Random(5)
+    rng.random()
+    tags = split_tags(CAPTION)
+    rng.shuffle(tags)
+    expected = [t for t in tags if rng.random() >= 0.5]
+    assert process(seed=5, shuffle_tags=True, tag_dropout=0.5) == ", ".join(expected)
+
+
+@pytest.mark.parametrize("kw", [dict(dropout=-0.1), dict(dropout=1.5), dict(keep_tokens=-1), dict(tag_dropout=1.1)])
 def test_invalid_arguments(kw):
     with pytest.raises(ValueError):
         process(**kw)
