@@ -358,6 +358,10 @@ def run(config: TrainConfig) -> TrainResult:
         for warning in dataset.latent_cache.warnings if accelerator.is_main_process else []:
             print(f"warning: {warning}", file=sys.stderr)
     validation_items = build_validation(config, model, accelerator, validation_records, options)
+    if config.cache_latents:  # every latent the run needs is encoded: only the decoder (for samples) stays
+        freed = memory.release_vae_encoder(model.vae)
+        if accelerator.is_main_process:
+            print(f"latents cached: VAE encoder released ({freed / 2**20:.1f} MiB)")
 
     # Batches: one bucket per global batch, each process takes its slice.
     batch_sampler = BucketBatchSampler(

@@ -100,8 +100,8 @@ def test_toml_type_errors(tmp_path):
     ],
 )
 def test_combination_checks(tmp_path, args, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(["--data", str(tmp_path)] + args)
+    with pytest.raises(ConfigError, match=message):  # with a --model: no demo defaults fill the gaps
+        load_config(["--data", str(tmp_path), "--model", "some/model"] + args)
 
 
 def test_missing_data_is_reported():
@@ -118,7 +118,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 
 
 def test_metadata_keys_come_from_declarations(tmp_path):
-    c = load_config(["--data", str(tmp_path), "--rank", "4", "--alpha", "2", "--min-snr-gamma", "5", "--seed", "7"])
+    c = load_config(["--data", str(tmp_path), "--model", "m", "--rank", "4", "--alpha", "2", "--min-snr-gamma", "5", "--seed", "7"])
     meta = c.ss_metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_seed"] == "7"

@@ -32,11 +32,12 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     # Summary before training, and the final line.
     assert "images: 6 (12 per epoch with repeats)" in proc.stdout
     assert "total steps: 4" in proc.stdout and "trainable parameters:" in proc.stdout
+    assert "latents cached: VAE encoder released" in proc.stdout  # samples still decode (grids below)
     assert f"done: {out / 'zk.safetensors'}" in proc.stdout
     # Files: final + intermediate LoRA, grids at 0, every 2 steps and the end, config, metrics.
     assert (out / "zk.safetensors").is_file() and (out / "zk-step00000002.safetensors").is_file()
     grids = sorted(p.name for p in (out / "samples").iterdir())
-    assert grids == ["zk-step00000000.png", "zk-step00000002.png", "zk-step00000004.png"]
+    assert grids == ["zk-compare-step00000004.png", "zk-step00000000.png", "zk-step00000002.png", "zk-step00000004.png"]
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["resolution"] == 32 and config["output-name"] == "zk" and config["prediction-type"] == "epsilon"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -53,6 +54,30 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 2, "img_count": 6}}
     assert json.loads(meta["ss_tag_frequency"])["2_zkchar"]["zkchar"] == 6
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "32x32"
+
+
+@pytest.mark.slow
+def test_final_grid_compares_the_base_and_the_lora_on_the_same_seeds(tiny_dataset, tiny_model_dir, tmp_path):
+    import numpy as np
+
+    from sd_lora.lora.inject import set_lora_enabled
+    from sd_lora.sampling.sampler import generate_images
+
+    out = tmp_path / "out"
+    result = run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "3", "--sample-every", "3",
+                                        "--learning-rate", "1e-2", "--output-name", "zk")))
+    assert (out / "samples" / "zk-compare-step00000003.png").is_file()
+    outputs = result.outputs
+    pipe, settings = outputs._sampling()
+    set_lora_enabled(result.unet, False)
+    base_now, _ = generate_images(pipe, outputs.prompts, settings)
+    set_lora_enabled(result.unet, True)
+    lora_now, _ = generate_images(pipe, outputs.prompts, settings)
+    pixels = lambda rows: np.stack([np.asarray(im) for row in rows for im in row]).astype(int)  # noqa: E731
+    # The comparison's base half is step 0's grid, which is exactly the base model; its LoRA half the end's.
+    assert np.array_equal(pixels(outputs.step_0_cells), pixels(base_now))
+    assert np.array_equal(pixels(outputs.last_sampled[1]), pixels(lora_now))
+    assert np.abs(pixels(lora_now) - pixels(base_now)).mean() > 0.5  # and the LoRA changed the pictures
 
 
 @pytest.mark.slow
