@@ -82,6 +82,11 @@ class RunOutputs:
         self.state = loop.TrainState()
         self.saved: list[Path] = []
         self.grids: list[Path] = []
+        # images[prompt][seed] of step 0's grid and of the latest grid drawn in this process (not all: memory)
+        self.step_0_cells: list | None = None
+        self.last_sampled: tuple[int, list] | None = None
+        # Step 0's samples are the base model's exactly when training starts from zero LoRA weights here.
+        self.base_at_step_0 = start_step == 0 and not config.init_weights
         self.skipped_steps = 0
         self.progress = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
         self._process = psutil.Process()
@@ -157,7 +162,11 @@ class RunOutputs:
         if not self.main or not self.config.sample_every:
             return
         pipe, settings = self._sampling()
-        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}")
+        cells: list = []
+        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}", cells_out=cells)
+        self.last_sampled = (step, cells)
+        if step == 0:
+            self.step_0_cells = cells
         path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png")
         self.grids.append(path)
         self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
@@ -167,16 +176,18 @@ class RunOutputs:
         if not self.main or not self.config.sample_every:
             return None
         pipe, settings = self._sampling()
-        models = [self.model.unet, *self.model.text_encoders]
-        try:
-            for model in models:
-                set_lora_enabled(model, False)
-            before, _ = generate_images(pipe, self.prompts, settings)
-        finally:
-            for model in models:
-                set_lora_enabled(model, True)
-        after, rows = generate_images(pipe, self.prompts, settings)
-        grid = side_by_side_grid(before, after, [r["prompt"] for r in rows], list(settings.seeds),
+        before = self.step_0_cells if self.base_at_step_0 else None  # LoRA starts as an exact no-op
+        if before is None:
+            models = [self.model.unet, *self.model.text_encoders]
+            try:
+                for model in models:
+                    set_lora_enabled(model, False)
+                before, _ = generate_images(pipe, self.prompts, settings)
+            finally:
+                for model in models:
+                    set_lora_enabled(model, True)
+        after = self.last_sampled[1] if self.last_sampled and self.last_sampled[0] == step else generate_images(pipe, self.prompts, settings)[0]
+        grid = side_by_side_grid(before, after, [p.prompt for p in self.prompts], list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
         path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
         self.grids.append(path)

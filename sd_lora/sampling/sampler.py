@@ -218,7 +218,7 @@ def _text_conditioning(pipe, row: _Row, clip_skip: int) -> dict:
 
 
 def generate_grid(
-    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = ""
+    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = "", cells_out: list | None = None
 ) -> tuple[Image.Image, dict]:
     """Sample every prompt (row) with every seed (column) and return the grid and a log dict:
     `sampler, scheduler, prediction_type, steps, cfg, seeds, negative, seconds` and `rows` (per row: prompt,
@@ -230,6 +230,8 @@ def generate_grid(
     """
     start = time.perf_counter()
     cells, log_rows = generate_images(pipe, prompts, settings)
+    if cells_out is not None:  # the caller keeps the images too (e.g. to compare runs without resampling)
+        cells_out[:] = cells
     rows = [_Row.resolve(p, settings) for p in prompts]
     grid = make_grid(
         cells,
