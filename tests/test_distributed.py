@@ -45,5 +45,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset, tiny_m
     # Exactly one copy of every output: metrics once per step, grids and saves once.
     steps = [json.loads(line)["step"] for line in (out2 / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    assert sorted(p.name for p in (out2 / "samples").iterdir()) == ["data-step00000000.png", "data-step00000002.png", "data-step00000004.png"]
+    assert sorted(p.name for p in (out2 / "samples").iterdir()) == ["data-compare-step00000004.png", "data-step00000000.png", "data-step00000002.png", "data-step00000004.png"]
     assert sorted(p.name for p in out2.glob("*.safetensors")) == ["data-step00000002.safetensors", "data.safetensors"]

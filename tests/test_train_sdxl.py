@@ -41,7 +41,7 @@ def test_sdxl_cli_trains_and_diffusers_reproduces_it(tiny_sdxl_model_dir, tiny_d
                           "--save-precision", "fp32", "--sample-every", "2", "--flip"])
     result = run(config)
     assert result.state.step == 4
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["data-step00000000.png", "data-step00000002.png", "data-step00000004.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["data-compare-step00000004.png", "data-step00000000.png", "data-step00000002.png", "data-step00000004.png"]
     with safe_open(str(result.path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in keys}
