@@ -27,7 +27,7 @@ preservation, they keep what the base draws for world prompts (without them ever
 # "zkchar" alone means the robot; the regularisation scenes hold prior drift down.
 DEFAULT_OPTIONS: dict[str, object] = {
     "resolution": 64,
-    "max_steps": 800,
+    "max_steps": 600,
     "batch_size": 4,
     "rank": 16,
     "learning_rate": 3e-3,
@@ -41,7 +41,7 @@ DEFAULT_OPTIONS: dict[str, object] = {
     "keep_tokens": 1,
     "reg_data": REGULARIZATION_DIR,
     "sample_prompts": SAMPLE_PROMPTS,
-    "sample_every": 200,
+    "sample_every": 300,
     "sample_steps": 20,
     "sample_cfg": 5.0,
 }

@@ -303,6 +303,10 @@ class LoraReport:
     drift: float
     seed_to_seed: float
     images: dict[str, list[list[Image.Image]]] = field(default_factory=dict, repr=False)
+    # Mean fraction of zkchar-teal body pixels in the images of the trigger word alone (the toy world has no
+    # teal, so any is learned): the character's first sign, before its head and body are drawn apart.
+    teal_base: float = float("nan")
+    teal_lora: float = float("nan")
 
 
 def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings: GenerationSettings = GenerationSettings(),
@@ -337,6 +341,8 @@ def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings
         drift=float(np.mean([mean_abs_difference(a, b) for a, b in zip(flat(before[drift]), flat(after[drift]))])),
         seed_to_seed=float(np.mean([mean_abs_difference(a, b) for a, b in seed_pairs])) if seed_pairs else float("nan"),
         images={"prompts": [[p] for p in prompts], "base": before, "lora": after},
+        teal_base=float(np.mean([read_character(im).body for im in before[0]])),
+        teal_lora=float(np.mean([read_character(im).body for im in after[0]])),
     )
 
 
@@ -346,6 +352,8 @@ def format_lora_report(r: LoraReport, settings: GenerationSettings = GenerationS
         f"seeds {', '.join(map(str, settings.seeds))}; {settings.steps} {settings.sampler} steps, cfg {settings.cfg:g}",
         f"concept score (zkchar found in trigger-prompt images): base {r.concept_base:.0%}, LoRA {r.concept_lora:.0%} "
         f"(training images: {r.concept_training:.0%})",
+        f"zkchar teal (a colour the toy world lacks) in images of {TRIGGER_PROMPTS[0]!r} alone: base {r.teal_base:.1%} of pixels, "
+        f"LoRA {r.teal_lora:.1%}",
         f"prompt fidelity (named background with the trigger, {len(FIDELITY_BACKGROUNDS) * seeds} images): "
         f"base {r.fidelity_base:.0%}, LoRA {r.fidelity_lora:.0%}",
         f"prior drift (mean |pixel change| on {len(DRIFT_PROMPTS) * seeds} non-trigger images): {r.drift:.3f} "

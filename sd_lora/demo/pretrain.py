@@ -88,14 +88,14 @@ SCHEDULER = dict(  # SD1.5's training schedule
 class Settings:
     seed: int = 0
     # stage 1: VAE
-    vae_steps: int = 1500
+    vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     vae_crop: int = 32  # train on random crops (the VAE is convolutional): 4x cheaper per picture than 64 px, as SD's VAE trained at 256 px
     kl_weight: float = 1e-5  # per latent element, against a per-pixel reconstruction loss
     # stage 2: U-Net + text encoder
     steps: int = 4000
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     caption_dropout: float = 0.1  # empty captions: the unconditional model that classifier-free guidance needs

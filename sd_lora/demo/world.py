@@ -245,3 +245,22 @@ def random_picture(rng: random.Random, size: int = RESOLUTION) -> Image.Image:
         else:
             draw_shape(draw, kind, centre, side, colour())
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+REGULARIZATION_SEED = 100_000  # far from the seeds pretraining draws for its first steps
+
+
+def write_regularization_set(out_dir, count: int = 120, seed: int = REGULARIZATION_SEED) -> list[str]:
+    """Write `count` training-split scenes as `world_NNN.png` + `.txt` into `out_dir` (for --reg-data);
+    returns the file names written. The default run uses them to keep the base's world while it learns zkchar."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        image, text, _ = sample(seed + i)
+        image.save(out / f"world_{i:03d}.png", optimize=True)
+        (out / f"world_{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+        names += [f"world_{i:03d}.png", f"world_{i:03d}.txt"]
+    return names

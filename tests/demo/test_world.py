@@ -84,3 +84,13 @@ def test_random_pictures_are_seeded_and_varied():
     a = np.asarray(world.random_picture(random.Random(5)))
     assert np.array_equal(a, np.asarray(world.random_picture(random.Random(5))))
     assert not np.array_equal(a, np.asarray(world.random_picture(random.Random(6))))
+
+
+def test_the_committed_regularisation_set_is_the_generators_output(tmp_path):
+    from sd_lora.demo.defaults import REGULARIZATION_DIR
+
+    names = world.write_regularization_set(tmp_path)
+    assert sorted(p.name for p in REGULARIZATION_DIR.iterdir()) == sorted(names)
+    assert len(names) == 240  # 120 pictures and their captions
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (REGULARIZATION_DIR / name).read_bytes(), name
