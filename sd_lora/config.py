@@ -75,7 +75,7 @@ class TrainConfig:
     random_crop: bool = option(False, "Random instead of centre crops (needs fresh pixels each step: no latent cache).", ss="ss_random_crop", group="data")
     flip: bool = option(False, "Random horizontal flips (both variants are cached).", ss="ss_flip_aug", group="data")
     shuffle_tags: bool = option(False, "Shuffle comma-separated caption tags every step.", ss="ss_shuffle_caption", group="data")
-    keep_tokens: int = option(0, "With --shuffle-tags, keep this many leading tags in place.", min=0, ss="ss_keep_tokens", group="data")
+    keep_tokens: int = option(0, "With --shuffle-tags or --tag-dropout, keep this many leading tags in place (e.g. the trigger word).", min=0, ss="ss_keep_tokens", group="data")
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", min=0, max=1, ss="ss_caption_dropout_rate", group="data")
     tag_dropout: float = option(0.0, "Probability of leaving out each comma-separated tag after the first --keep-tokens (kohya's caption_tag_dropout_rate).",
                                 min=0, max=1, ss="ss_caption_tag_dropout_rate", group="data")

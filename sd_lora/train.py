@@ -96,13 +96,15 @@ def is_demo_base(model: str | None) -> bool:
     return model is not None and Path(model).resolve() == BASE_MODEL_DIR
 
 
-def announce_demo(config: TrainConfig) -> None:
-    """Say that the run uses the demo base (no --model), with the demo options in effect; refuse if it is missing."""
+def announce_demo(config: TrainConfig, show: bool = True) -> None:
+    """Refuse if the demo base is missing; else (with `show`) say that the run uses it, with the demo options in effect."""
     from .demo.defaults import BASE_MODEL_DIR, DEFAULT_OPTIONS
 
     if not (BASE_MODEL_DIR / "model_index.json").is_file():
         raise UserError(f"no --model given and the demo base model is missing from {BASE_MODEL_DIR}; reinstall sd_lora, "
                         "rebuild it with python -m sd_lora.demo.pretrain, or pass --model")
+    if not show:
+        return
     shown = ", ".join(f"{name.replace('_', '-')} {getattr(config, name)}" for name in DEFAULT_OPTIONS
                       if name not in ("sample_prompts", "reg_data"))
     print(f"no --model: training the built-in demo base model ({BASE_MODEL_DIR.name}, a 64 px toy world) with {shown}; "
@@ -316,8 +318,8 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 def run(config: TrainConfig) -> TrainResult:
     """Train one LoRA and write its files; returns them and the trained modules."""
     accelerator = make_accelerator(config)
-    if is_demo_base(config.model) and accelerator.is_main_process:
-        announce_demo(config)
+    if is_demo_base(config.model):
+        announce_demo(config, show=accelerator.is_main_process)
     # Everything that needs no model is checked first: a Hub model may take long to download.
     file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
