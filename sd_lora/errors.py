@@ -6,6 +6,9 @@ print its message and exit with status 2; anything else is our bug and keeps its
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A problem with the user's input (files, options, models) that they can fix."""
@@ -27,3 +30,14 @@ class Interrupted(UserError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def run_cli(body: Callable[[], None]) -> int:
+    """Run a command-line tool's body: 0 when it returns; a `UserError` prints one `sd_lora: error: ...` line
+    on stderr (no traceback) and gives its `exit_code` (2 unless it says otherwise)."""
+    try:
+        body()
+    except UserError as e:
+        print(f"sd_lora: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    return 0

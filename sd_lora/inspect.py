@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sd_lora.errors import UserError
+from sd_lora.errors import UserError, run_cli
 from sd_lora.formats.diffusers_format import ADAPTER_METADATA_KEY, strip_peft_prefix
 from sd_lora.formats.readers import (
     LoraFile,
@@ -499,16 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", help="the LoRA .safetensors file")
     parser.add_argument("--model", help="a local diffusers model folder to check every module against")
     parser.add_argument("--tags", type=int, default=20, help="tags shown per dataset folder (0: all; default 20)")
-    try:
+
+    def body() -> None:
         args = parser.parse_args(argv)
         architecture = architecture_from_model_dir(args.model) if args.model else None
         lora = read_any_lora(args.file, architecture=architecture)
         mismatches = shape_mismatches(lora, architecture) if architecture else None
         print(format_report(lora, base=args.model, mismatches=mismatches, tag_limit=args.tags))
-    except UserError as e:
-        print(f"sd_lora: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.errors import UserError
+from sd_lora.errors import UserError, run_cli
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.kohya import KEY_SUFFIXES, save_lora_file
 from sd_lora.formats.readers import family_from_metadata, read_as_kohya
@@ -63,16 +63,6 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
-
-
-def run_cli(body: Callable[[], None]) -> int:
-    """Run a tool's body; a `UserError` prints `sd_lora: error: ...` on stderr and returns 2 (no traceback)."""
-    try:
-        body()
-    except UserError as e:
-        print(f"sd_lora: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def positive_rank(text: str) -> int:

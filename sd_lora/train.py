@@ -23,7 +23,7 @@ from .config import TrainConfig, load_config
 from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint,
                    regularization_records, scan_dataset)
 from .data.latent_cache import vae_identity
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, run_cli
 from .export import trained_modules
 from .outputs import RunOutputs, StopRequest
 from .lora.inject import inject_lora, load_lora_weights_into, trainable_parameters
@@ -490,13 +490,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load_config(argv)
-        run(config)
-    except UserError as e:
-        print(f"sd_lora: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
-    return 0
+    return run_cli(lambda: run(load_config(argv)))
 
 
 if __name__ == "__main__":

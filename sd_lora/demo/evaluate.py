@@ -379,22 +379,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--grid", type=Path, help="Also save the base-vs-LoRA images as one PNG grid here.")
     args = parser.parse_args(argv)
-    from ..errors import UserError
+    from ..errors import run_cli
 
     settings = GenerationSettings(seeds=tuple(range(args.seeds)), steps=args.steps, cfg=args.cfg)
-    try:
+
+    def body() -> None:
         if args.file is None:
             print(format_base_report(evaluate_base(args.model, settings)))
-        else:
-            report = evaluate_lora(args.file, args.model, settings)
-            print(format_lora_report(report, settings))
-            if args.grid:
-                comparison_grid(report).save(args.grid)
-                print(f"grid: {args.grid}")
-    except UserError as e:
-        print(f"sd_lora: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            return
+        report = evaluate_lora(args.file, args.model, settings)
+        print(format_lora_report(report, settings))
+        if args.grid:
+            comparison_grid(report).save(args.grid)
+            print(f"grid: {args.grid}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
