@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 2  # first steps pay allocator warm-up and lazy initialisation
 # sd_lora configurations: extra flags on top of the shared ones; "default" is sd_lora's defaults.
 CONFIGS = {
-    "default": [],
+    "default": [],  # --mixed-precision auto: fp32 for the tiny model, bf16 for full-size SD1.5 on an AMX CPU or a GPU
+    "fp32": ["--mixed-precision", "no"],
     "no-cache": ["--no-cache-latents"],
     "bf16": ["--mixed-precision", "bf16"],
     "grad-ckpt": ["--gradient-checkpointing"],

@@ -28,7 +28,7 @@ from .errors import ConfigError, UserError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")  # optim.py builds each; a test keeps them in step
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -93,7 +93,7 @@ class TrainConfig:
     vae: str | None = option(None, "Replace the model's VAE (diffusers folder or Hub id), e.g. an fp16-safe SDXL VAE.", group="model", fixed=True)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; needs v-prediction).", ss="ss_zero_terminal_snr", group="model", fixed=True)
     clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
-    mixed_precision: str = option("no", "Compute precision of the frozen base model (fp16 needs a CUDA GPU).", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
+    mixed_precision: str = option("auto", "Compute precision of the frozen base model; LoRA weights stay fp32. auto: bf16 on a GPU that has it (fp16 on older ones) and on a CPU with AMX for full-size models, else no (fp32). fp16 needs a CUDA GPU.", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
     xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", ss="ss_gradient_checkpointing", group="model")
     # --- LoRA ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .lora.targets import text_encoder_target_modules, unet_target_modules
 from .models.conditioning import Conditioner
 from .models.load import BaseModel, load_base_model
 from .optim import build_lr_scheduler, build_optimizer
+from .precision import Hardware, choose_mixed_precision, probe_hardware
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size
 from .sampling.sampler import SIZE_STEP
 from .validation import build_validation_set, split_records
@@ -42,11 +43,22 @@ DEFAULT_EPOCHS = 10
 # --- set-up --------------------------------------------------------------------------------------------
 
 
-def make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-
+def check_precision(config: TrainConfig) -> None:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no")
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16, no or auto")
+
+
+def process_state():
+    """Which process this is (accelerate's PartialState), before the Accelerator exists: its mixed precision
+    is only known once the model is loaded (`--mixed-precision auto`)."""
+    from accelerate.state import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def make_accelerator(config: TrainConfig):
+    """The Accelerator for a resolved `config` (`mixed_precision` is no, fp16 or bf16, not auto)."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
     # Hack: accelerate keeps one process-wide state and refuses a second Accelerator with another
@@ -59,8 +71,8 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
-    """Fill the options whose default depends on the model or data; check them against the model."""
+def resolve_defaults(config: TrainConfig, model: BaseModel, hardware: Hardware | None = None) -> TrainConfig:
+    """Fill the options whose default depends on the model, data or hardware; check them against the model."""
     resolution = config.resolution or model.native_resolution
     step = model.bucket_step
     problems = []
@@ -87,6 +99,8 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
         prediction_type=model.prediction_type,
         model=model.name,
         cache_latents=config.use_latent_cache,
+        mixed_precision=choose_mixed_precision(config.mixed_precision, hardware or probe_hardware(),
+                                               sum(p.numel() for p in model.unet.parameters())),
     )
 
 
@@ -251,16 +265,18 @@ def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
     return split_records(scan.records, config.validation_split, config.seed)
 
 
-def regularization_set(config: TrainConfig, train_records: list) -> list:
-    """--reg-data: its images as prior records, as many samples per epoch as the training images."""
+def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> list:
+    """--reg-data: its images as prior records, as many samples per epoch as the training images; `show`
+    prints its warnings and summary (on the main process only)."""
     if config.reg_data is None:
         return []
     scan = scan_dataset(config.reg_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
-    for warning in scan.warnings:
+    for warning in scan.warnings if show else []:
         print(f"warning: --reg-data: {warning}", file=sys.stderr)
     records = regularization_records(scan.records, sum(r.repeats for r in train_records))
-    print(f"regularisation: {len(records)} of {len(scan.records)} images from {config.reg_data}, "
-          f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
+    if show:
+        print(f"regularisation: {len(records)} of {len(scan.records)} images from {config.reg_data}, "
+              f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
     return records
 
 
@@ -317,22 +333,24 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 
 def run(config: TrainConfig) -> TrainResult:
     """Train one LoRA and write its files; returns them and the trained modules."""
-    accelerator = make_accelerator(config)
+    check_precision(config)
+    process = process_state()
     if is_demo_base(config.model):
-        announce_demo(config, show=accelerator.is_main_process)
+        announce_demo(config, show=process.is_main_process)
     # Everything that needs no model is checked first: a Hub model may take long to download.
     file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
     scan = scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
-    for warning in scan.warnings:
+    for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan)
-    prior_records = regularization_set(config, train_records)
+    prior_records = regularization_set(config, train_records, show=process.is_main_process)
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
     )
     config = resolve_defaults(config, model)
+    accelerator = make_accelerator(config)
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)

@@ -12,7 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sd_lora import precision
+from sd_lora import train as train_module
 from sd_lora.config import load_config
+from sd_lora.precision import FULL_SIZE_PARAMETERS, Hardware
 from sd_lora.train import main, run
 
 FAST = ["--resolution", "32", "--batch-size", "2", "--sample-steps", "2", "--sample-seeds", "1", "--rank", "4"]
@@ -261,3 +264,39 @@ def test_latent_cache_dir_is_reused_by_a_second_run(tiny_dataset, tiny_model_dir
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "b", *common)))
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps  # nothing re-encoded or rewritten
+
+
+def _saved_precision(out) -> tuple[str, str]:
+    [lora] = out.glob("*.safetensors")
+    with safe_open(str(lora), "pt") as f:
+        metadata = f.metadata()
+    return metadata["ss_mixed_precision"], (out / "config.toml").read_text()
+
+
+def test_a_run_records_the_resolved_precision(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny model is far below full size: auto trains in fp32 here, and the file and config say so."""
+    monkeypatch.setattr(train_module, "probe_hardware", lambda: Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=True))
+    config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "1", "--sample-every", "0"))
+    assert config.mixed_precision == "auto"
+    result = train_module.run(config)
+    assert all(p.dtype == torch.float32 for p in result.unet.parameters())
+    saved, toml = _saved_precision(tmp_path / "out")
+    assert saved == "no" and 'mixed-precision = "no"' in toml
+
+
+def test_auto_on_amx_with_a_full_size_model_trains_in_bf16(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """Pretend the tiny U-Net is full size: auto then stores the base in bf16 and keeps the LoRA in fp32."""
+    monkeypatch.setattr(train_module, "probe_hardware", lambda: Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=True))
+    monkeypatch.setattr(precision, "FULL_SIZE_PARAMETERS", 1)
+    monkeypatch.setattr(train_module, "choose_mixed_precision",
+                        lambda requested, hardware, n: precision.choose_mixed_precision(requested, hardware, n * FULL_SIZE_PARAMETERS))
+    config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "2", "--sample-every", "0"))
+    result = train_module.run(config)
+    lora = [p for n, p in result.unet.named_parameters() if "lora_" in n]
+    base = [p for n, p in result.unet.named_parameters() if "lora_" not in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(p.dtype == torch.bfloat16 for p in base)
+    saved, _ = _saved_precision(tmp_path / "out")
+    assert saved == "bf16"
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)

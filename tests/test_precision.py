@@ -1,0 +1,41 @@
+"""--mixed-precision auto: bf16 where the hardware runs it natively and the model is large enough, else fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_lora import precision
+from sd_lora.precision import FULL_SIZE_PARAMETERS, Hardware, choose_mixed_precision
+
+CPU = Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=False)
+AMX = Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=True)
+AMPERE = Hardware(cuda=True, cuda_bf16=True, cpu_amx_bf16=False)
+TURING = Hardware(cuda=True, cuda_bf16=False, cpu_amx_bf16=False)
+SD15_UNET, DEMO_UNET = 859_520_964, 3_300_000
+
+
+@pytest.mark.parametrize("hardware, parameters, expected", [
+    (AMPERE, DEMO_UNET, "bf16"),
+    (AMPERE, SD15_UNET, "bf16"),
+    (TURING, SD15_UNET, "fp16"),
+    (AMX, SD15_UNET, "bf16"),
+    (AMX, FULL_SIZE_PARAMETERS, "bf16"),
+    (AMX, FULL_SIZE_PARAMETERS - 1, "no"),  # small ops: autocast's casts cost more than bf16 saves
+    (AMX, DEMO_UNET, "no"),
+    (CPU, SD15_UNET, "no"),
+])
+def test_auto_picks_by_hardware_and_model_size(hardware, parameters, expected):
+    assert choose_mixed_precision("auto", hardware, parameters) == expected
+
+
+@pytest.mark.parametrize("requested", ["no", "fp16", "bf16"])
+def test_an_explicit_choice_is_kept(requested):
+    for hardware in (CPU, AMX, AMPERE, TURING):
+        assert choose_mixed_precision(requested, hardware, SD15_UNET) == requested
+
+
+def test_probe_matches_torch():
+    hardware = precision.probe_hardware()
+    assert hardware.cuda == torch.cuda.is_available()
+    assert hardware.cuda_bf16 is False or hardware.cuda
