@@ -312,6 +312,9 @@ class LoraReport:
 def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings: GenerationSettings = GenerationSettings(),
                   chars_dir: Path = CHARS_DIR) -> LoraReport:
     """Concept score, trigger prompt fidelity and prior drift of the LoRA file against the base, same seeds."""
+    from ..formats.kohya import read_lora_file
+
+    read_lora_file(path)  # a missing or unreadable file is refused before the base model loads
     pipe, base = load_pipeline(model)
     prompts = list(TRIGGER_PROMPTS) + [fidelity_prompt(bg) for bg in FIDELITY_BACKGROUNDS] + list(DRIFT_PROMPTS)
     before = generate(pipe, prompts, settings)

@@ -134,6 +134,12 @@ def test_comparison_grid_puts_base_and_lora_side_by_side():
     assert grid.width > 4 * 64 and grid.height > 2 * 64
 
 
+def test_a_missing_lora_file_is_refused_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a, **k: pytest.fail("the base model was loaded"))
+    assert evaluate.main([str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors: no such LoRA file" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_default_run_learns_zkchar_and_keeps_the_world(tmp_path):
     """The main command with no flag but --output-dir, measured: where the base drew no teal for the trigger
