@@ -56,6 +56,8 @@ CONFIGS = {
     "no-cache": ["--no-cache-latents"],
     "bf16": ["--mixed-precision", "bf16"],
     "grad-ckpt": ["--gradient-checkpointing"],
+    "compile-blocks": ["--compile", "blocks"],
+    "compile-unet": ["--compile", "unet"],
 }
 QUICK_CONFIGS = ("naive", "default", "bf16")
 # Monkeypatched experiments (`--experiments`): changes train.py/loop.py could make, tried from outside.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .compiling import COMPILE_MODES
 from .errors import ConfigError, UserError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -96,6 +97,7 @@ class TrainConfig:
     mixed_precision: str = option("auto", "Compute precision of the frozen base model; LoRA weights stay fp32. auto: bf16 on a GPU that has it (fp16 on older ones) and on a CPU with AMX for full-size models, else no (fp32). fp16 needs a CUDA GPU.", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
     xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", ss="ss_gradient_checkpointing", group="model")
+    compile: str = option("off", "torch.compile the U-Net for training: blocks (each down/mid/up block; shorter compile) or unet (one graph). The first step of each bucket shape pays the compile time.", choices=COMPILE_MODES, group="model")
     # --- LoRA ---------------------------------------------------------------------------------------
     rank: int = option(16, "LoRA rank (network dim).", min=1, max=1024, ss="ss_network_dim", group="lora", fixed=True)
     alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora", fixed=True)

@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from . import checkpoint, loop
+from .compiling import eager
 from .config import TrainConfig
 from .errors import UserError
 from .export import export_lora, lora_components, sgm_paths, trained_modules, training_metadata
@@ -138,7 +139,8 @@ class RunOutputs:
 
 
     def validate(self, step: int) -> float:
-        value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)
+        with eager():
+            value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)
         if self.best_validation is None or value < self.best_validation:
             self.best_validation, self.best_validation_step = value, step
         self.log({"step": step, "val_loss": value})
@@ -163,7 +165,8 @@ class RunOutputs:
             return
         pipe, settings = self._sampling()
         cells: list = []
-        grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}", cells_out=cells)
+        with eager():
+            grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}", cells_out=cells)
         self.last_sampled = (step, cells)
         if step == 0:
             self.step_0_cells = cells
@@ -182,11 +185,16 @@ class RunOutputs:
             try:
                 for model in models:
                     set_lora_enabled(model, False)
-                before, _ = generate_images(pipe, self.prompts, settings)
+                with eager():
+                    before, _ = generate_images(pipe, self.prompts, settings)
             finally:
                 for model in models:
                     set_lora_enabled(model, True)
-        after = self.last_sampled[1] if self.last_sampled and self.last_sampled[0] == step else generate_images(pipe, self.prompts, settings)[0]
+        if self.last_sampled and self.last_sampled[0] == step:
+            after = self.last_sampled[1]
+        else:
+            with eager():
+                after = generate_images(pipe, self.prompts, settings)[0]
         grid = side_by_side_grid(before, after, [p.prompt for p in self.prompts], list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
         path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")

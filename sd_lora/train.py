@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, loop, memory
+from .compiling import check_compiler, compile_unet
 from .config import TrainConfig, load_config
 from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint,
                    regularization_records, scan_dataset)
@@ -195,6 +196,7 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
         model.unet.enable_gradient_checkpointing()
         for encoder in text_encoders:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_unet(model.unet, config.compile)
     model.unet.train()
     for encoder in model.text_encoders:
         encoder.train(config.train_text_encoder)
@@ -334,6 +336,8 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 def run(config: TrainConfig) -> TrainResult:
     """Train one LoRA and write its files; returns them and the trained modules."""
     check_precision(config)
+    if config.compile != "off":
+        check_compiler(torch.cuda.is_available())
     process = process_state()
     if is_demo_base(config.model):
         announce_demo(config, show=process.is_main_process)

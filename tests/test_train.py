@@ -300,3 +300,26 @@ def test_auto_on_amx_with_a_full_size_model_trains_in_bf16(tiny_dataset, tiny_mo
     assert saved == "bf16"
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_the_same_lora_as_eager(tiny_dataset, tiny_model_dir, tmp_path):
+    """--compile blocks: the same LoRA as eager after two steps (to float rounding), same names; samples still render."""
+    results = {}
+    for mode in ("off", "blocks"):
+        config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / mode, "--max-steps", "2", "--no-buckets",
+                                        "--sample-every", "2", "--compile", mode))
+        results[mode] = {n: p.detach().clone() for n, p in run(config).unet.named_parameters() if "lora_" in n}
+        assert list((tmp_path / mode / "samples").glob("*-step00000002.png"))
+    assert results["blocks"].keys() == results["off"].keys() and results["off"]
+    for name, eager in results["off"].items():
+        torch.testing.assert_close(results["blocks"][name], eager, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_the_model_loads(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["--data", str(tiny_dataset), "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"),
+                 "--compile", "unet"]) == 2
+    assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""`--compile`: torch.compile the U-Net for the training steps; sampling and validation stay eager.
+
+`blocks` compiles each down, mid and up block on its own (regional compilation: smaller graphs, a shorter
+first step), `unet` the whole U-Net as one graph. Either is compiled in place (`nn.Module.compile`), so
+parameter names, LoRA export and checkpoints are unchanged. The first step, and the first step of each new
+bucket shape, pays the compile time; inference under `eager()` never triggers a compile of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import torch
+
+from .errors import UserError
+
+COMPILE_MODES = ("off", "blocks", "unet")
+
+
+def check_compiler(cuda: bool) -> None:
+    """torch.compile's inductor needs a C++ compiler on the CPU and Triton on a CUDA GPU: refuse clearly without."""
+    if cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise UserError("--compile on a CUDA GPU needs Triton (pip install triton); or drop --compile") from None
+    elif not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        raise UserError("--compile on the CPU needs a C++ compiler (g++ or clang++; e.g. apt install g++); or drop --compile")
+
+
+def compile_unet(unet: torch.nn.Module, mode: str) -> None:
+    """Compile `unet` in place: its blocks one by one (`blocks`) or as a whole (`unet`)."""
+    if mode == "off":
+        return
+    # Static shapes: each bucket shape gets its own graph. Dynamic-shape graphs failed to compile
+    # (inductor, torch 2.14, on these U-Nets) as soon as a second bucket shape arrived.
+    if mode == "unet":
+        unet.compile(dynamic=False)
+        return
+    if mode != "blocks":
+        raise ValueError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    for block in blocks:
+        block.compile(dynamic=False)
+
+
+def eager():
+    """A context in which compiled modules run eagerly: for sampling and validation, whose no-grad shapes
+    would otherwise compile a second graph for a handful of calls."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
