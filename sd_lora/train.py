@@ -352,8 +352,9 @@ def run(config: TrainConfig) -> TrainResult:
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
+        dtype_for=lambda unet_parameters: WEIGHT_DTYPES[choose_mixed_precision(config.mixed_precision, probe_hardware(), unet_parameters)],
     )
-    config = resolve_defaults(config, model)
+    config = resolve_defaults(config, model)  # the same choice of mixed precision, recorded in the config
     accelerator = make_accelerator(config)
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run

@@ -61,3 +61,27 @@ def test_clip_skip_uses_earlier_hidden_state(tiny_model_dir):
     assert last.shape == skip2.shape == (2, 77, 32)
     assert torch.allclose(skip2, m.text_encoder.final_layer_norm(hidden[-2]))
     assert not torch.allclose(last, skip2)
+
+
+def test_dtype_for_picks_the_storage_dtype_from_the_unet_size(tiny_model_dir):
+    seen = []
+
+    def dtype_for(unet_parameters):
+        seen.append(unet_parameters)
+        return torch.bfloat16
+
+    model = load_base_model(str(tiny_model_dir), dtype_for=dtype_for)
+    assert seen == [sum(p.numel() for p in model.unet.parameters())]
+    for module in (model.unet, model.vae, model.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    reference = load_base_model(str(tiny_model_dir))
+    assert {p.dtype for p in reference.unet.parameters()} == {torch.float32}
+    name, weight = next(iter(reference.text_encoder.state_dict().items()))
+    assert torch.equal(model.text_encoder.state_dict()[name], weight.to(torch.bfloat16))
+
+
+def test_sdxl_vae_stays_fp32_when_the_rest_loads_in_fp16(tiny_sdxl_model_dir):
+    model = load_base_model(str(tiny_sdxl_model_dir), dtype_for=lambda n: torch.float16)
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+    for module in (model.unet, model.text_encoder, model.text_encoder_2):
+        assert {p.dtype for p in module.parameters()} == {torch.float16}
