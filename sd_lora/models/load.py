@@ -160,7 +160,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     unet = load(UNet2DConditionModel, "unet")
     family = detect_family(dict(unet.config), model_index, name)
     dtype = dtype_for(sum(p.numel() for p in unet.parameters())) if dtype_for else torch.float32
-    unet.to(dtype=dtype)
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)
     vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
     text_dtype = {} if dtype == torch.float32 else {"dtype": dtype}  # transformers' name for it
     scheduler = load(DDPMScheduler, "scheduler")
