@@ -9,6 +9,9 @@ prediction. Two stages:
    its latent scaling factor is then measured, as SD's 0.18215 was;
 2. the U-Net and the text encoder learn together, from scratch, to predict the noise added to the latents
    of freshly drawn world scenes given their captions (10% empty captions, for classifier-free guidance).
+   The scenes' shapes in named colours teach composing words; their things (a house, a tree, a character:
+   several coloured parts under one word) teach that one word can stand for a whole multi-part object, which
+   is what a LoRA then teaches it about a new word such as zkchar.
 
 Every draw is seeded, so a run is reproducible on one machine. The result is a diffusers folder
 (safetensors) that `sd_lora.models.load.load_base_model` and `StableDiffusionPipeline` load.

@@ -1,11 +1,17 @@
 """The toy world the demo base model is pretrained on: captioned scenes of flat shapes on solid backgrounds.
 
-A scene is one or two objects (a shape in a named colour, small or large, at a named position) on a named
-background colour. Everything is a pure function of a seeded `random.Random`: the same seed gives the same
-scene, caption and pixels. Captions name every colour and shape, and sometimes the size and position:
+A scene is one or two objects, small or large, at a named position, on a named background colour. An object
+is either a shape in a named colour or a *thing*: a named object made of parts with a fixed palette (a house,
+a tree, a character, ...), as a real model knows "a house" without being told its colours. Everything is a
+pure function of a seeded `random.Random`: the same seed gives the same scene, caption and pixels. Captions
+name every object and sometimes its size and position:
 
     "a red circle and a small blue square on a yellow background"
     "a large white cross at the top on a purple background"
+    "a small character on the left and a red triangle on a green background"
+
+Things are why a LoRA can teach this base a new character at all: from them the base has learned that one word
+can stand for several coloured parts in a fixed arrangement (a head above a body), drawn on any background.
 
 Some (colour, shape) pairs never appear in training scenes (`HELD_OUT_PAIRS`); the evaluator asks the base
 model for exactly those, so following a prompt means composing words, not recalling a picture.
@@ -40,11 +46,23 @@ POSITIONS = {
     "bottom": ((0.35, 0.65), (0.70, 0.82)),
     "centre": ((0.44, 0.56), (0.44, 0.56)),
 }
+# Things: name -> parts, each (kind, box in the thing's unit square (x0, y0, x1, y1), colour). Drawn in order.
+# No thing is teal or has an orange part above another part: zkchar is still nothing the base has drawn.
+THINGS: dict[str, tuple[tuple[str, tuple[float, float, float, float], str], ...]] = {
+    "house": (("rect", (0.12, 0.45, 0.88, 1.0), "yellow"), ("triangle", (0.0, 0.0, 1.0, 0.47), "red")),
+    "tree": (("rect", (0.4, 0.55, 0.6, 1.0), "orange"), ("ellipse", (0.08, 0.0, 0.92, 0.68), "green")),
+    "mushroom": (("rect", (0.34, 0.4, 0.66, 1.0), "white"), ("ellipse", (0.0, 0.0, 1.0, 0.55), "red")),
+    "lamp": (("rect", (0.45, 0.4, 0.55, 0.92), "black"), ("rect", (0.2, 0.88, 0.8, 1.0), "black"), ("ellipse", (0.22, 0.0, 0.78, 0.5), "yellow")),
+    "flag": (("rect", (0.08, 0.0, 0.17, 1.0), "black"), ("rect", (0.17, 0.04, 0.95, 0.52), "blue")),
+    "character": (("rect", (0.3, 0.76, 0.44, 1.0), "black"), ("rect", (0.56, 0.76, 0.7, 1.0), "black"),
+                  ("rect", (0.22, 0.36, 0.78, 0.78), "purple"), ("ellipse", (0.3, 0.0, 0.7, 0.38), "white")),
+}
+THING_SHARE = 0.4  # of the objects in training scenes
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "centre": "in the centre"}
 # Never drawn in training scenes; `held_out_prompts` asks for them.
 HELD_OUT_PAIRS = frozenset({("green", "circle"), ("purple", "square"), ("orange", "triangle"), ("white", "cross"), ("red", "cross")})
 VOCABULARY = sorted(
-    {"a", "an", "and", "on", "the", "at", "in", "background", *COLOURS, *SHAPES, *SIZES}
+    {"a", "an", "and", "on", "the", "at", "in", "background", *COLOURS, *SHAPES, *SIZES, *THINGS}
     | {w for phrase in POSITION_PHRASES.values() for w in phrase.split()}
 )
 SUPERSAMPLE = 4  # draw at 4x and downscale: anti-aliased edges, as a real picture would have
@@ -52,8 +70,8 @@ SUPERSAMPLE = 4  # draw at 4x and downscale: anti-aliased edges, as a real pictu
 
 @dataclass(frozen=True)
 class SceneObject:
-    shape: str
-    colour: str
+    shape: str  # a SHAPES entry, or a THINGS name
+    colour: str | None  # None for a thing (its parts have fixed colours)
     size: str  # "small" | "large"
     position: str  # a key of POSITIONS
     centre: tuple[float, float]  # fractions of the image side
@@ -73,8 +91,8 @@ def _article(word: str) -> str:
 
 
 def describe(obj: SceneObject) -> str:
-    """"a small red circle on the left" (size and position only when the object says so)."""
-    words = ([obj.size] if obj.say_size else []) + [obj.colour, obj.shape]
+    """"a small red circle on the left", "a house" (size and position only when the object says so)."""
+    words = ([obj.size] if obj.say_size else []) + ([obj.colour] if obj.colour else []) + [obj.shape]
     phrase = f"{_article(words[0])} {' '.join(words)}"
     return f"{phrase} {POSITION_PHRASES[obj.position]}" if obj.say_position else phrase
 
@@ -94,7 +112,12 @@ def _overlap(a: SceneObject, b: SceneObject, margin: float = 0.03) -> bool:
     return ax0 < bx1 + margin and bx0 < ax1 + margin and ay0 < by1 + margin and by0 < ay1 + margin
 
 
-def place(rng: random.Random, shape: str, colour: str, size: str, position: str, *, say_size: bool = True, say_position: bool = False) -> SceneObject:
+def colours_of(obj: SceneObject) -> set[str]:
+    """The named colours drawn for `obj`: its colour, or its parts' colours for a thing."""
+    return {part[2] for part in THINGS[obj.shape]} if obj.colour is None else {obj.colour}
+
+
+def place(rng: random.Random, shape: str, colour: str | None, size: str, position: str, *, say_size: bool = True, say_position: bool = False) -> SceneObject:
     """An object with its centre drawn inside `position`'s region, kept fully inside the image."""
     side = rng.uniform(*SIZES[size])
     (x0, x1), (y0, y1) = POSITIONS[position]
@@ -120,8 +143,13 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
         tries += 1
         if tries % 20 == 0:  # the first object leaves no room for a second: start the scene again
             objects = []
-        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-        if not _allowed(colour, shape, split) or any(o.colour == colour for o in objects):
+        if split == "train" and rng.random() < THING_SHARE:
+            colour, shape = None, rng.choice(sorted(THINGS))
+        else:
+            colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+            if not _allowed(colour, shape, split):
+                continue
+        if any((o.colour or o.shape) == (colour or shape) for o in objects):  # a colour, or a thing, once per scene
             continue
         size = rng.choice(sorted(SIZES))
         position = "centre" if count == 1 and rng.random() < 0.4 else rng.choice(sorted(POSITIONS))
@@ -129,7 +157,8 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
         if any(_overlap(obj, o) or o.position == obj.position for o in objects):
             continue  # resample the second object
         objects.append(obj)
-    background = rng.choice([c for c in sorted(COLOURS) if all(o.colour != c for o in objects)])
+    used = set().union(*(colours_of(o) for o in objects))
+    background = rng.choice([c for c in sorted(COLOURS) if c not in used])
     return Scene(background, tuple(objects))
 
 
@@ -160,13 +189,30 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float
         draw.polygon(polygon, fill=fill)
 
 
+def draw_thing(draw: ImageDraw.ImageDraw, name: str, centre: tuple[float, float], side: float) -> None:
+    """Draw thing `name` with its bounding box `side` px wide centred at `centre` (px)."""
+    left, top = centre[0] - side / 2, centre[1] - side / 2
+    for kind, (x0, y0, x1, y1), colour in THINGS[name]:
+        box = (left + x0 * side, top + y0 * side, left + x1 * side, top + y1 * side)
+        if kind == "rect":
+            draw.rectangle(box, fill=COLOURS[colour])
+        elif kind == "ellipse":
+            draw.ellipse(box, fill=COLOURS[colour])
+        else:  # triangle, apex up
+            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=COLOURS[colour])
+
+
 def render(scene: Scene, size: int = RESOLUTION) -> Image.Image:
     """The scene as an RGB image `size` px square."""
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), COLOURS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        draw_shape(draw, obj.shape, (obj.centre[0] * big, obj.centre[1] * big), obj.side * big, COLOURS[obj.colour])
+        centre = (obj.centre[0] * big, obj.centre[1] * big)
+        if obj.colour is None:
+            draw_thing(draw, obj.shape, centre, obj.side * big)
+        else:
+            draw_shape(draw, obj.shape, centre, obj.side * big, COLOURS[obj.colour])
     return image.resize((size, size), Image.Resampling.BOX)
 
 
