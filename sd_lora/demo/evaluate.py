@@ -307,6 +307,9 @@ class LoraReport:
     # teal, so any is learned): the character's first sign, before its head and body are drawn apart.
     teal_base: float = float("nan")
     teal_lora: float = float("nan")
+    # The concept score of the trigger word alone (the first trigger prompt), base and LoRA.
+    alone_base: float = float("nan")
+    alone_lora: float = float("nan")
 
 
 def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings: GenerationSettings = GenerationSettings(),
@@ -346,6 +349,8 @@ def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings
         images={"prompts": [[p] for p in prompts], "base": before, "lora": after},
         teal_base=float(np.mean([read_character(im).body for im in before[0]])),
         teal_lora=float(np.mean([read_character(im).body for im in after[0]])),
+        alone_base=concept_score(before[0]),
+        alone_lora=concept_score(after[0]),
     )
 
 
@@ -355,6 +360,7 @@ def format_lora_report(r: LoraReport, settings: GenerationSettings = GenerationS
         f"seeds {', '.join(map(str, settings.seeds))}; {settings.steps} {settings.sampler} steps, cfg {settings.cfg:g}",
         f"concept score (zkchar found in trigger-prompt images): base {r.concept_base:.0%}, LoRA {r.concept_lora:.0%} "
         f"(training images: {r.concept_training:.0%})",
+        f"  of which {TRIGGER_PROMPTS[0]!r} alone: base {r.alone_base:.0%}, LoRA {r.alone_lora:.0%}",
         f"zkchar teal (a colour the toy world lacks) in images of {TRIGGER_PROMPTS[0]!r} alone: base {r.teal_base:.1%} of pixels, "
         f"LoRA {r.teal_lora:.1%}",
         f"prompt fidelity (named background with the trigger, {len(FIDELITY_BACKGROUNDS) * seeds} images): "

@@ -142,15 +142,17 @@ def test_a_missing_lora_file_is_refused_before_the_base_loads(tmp_path, capsys, 
 
 @pytest.mark.slow
 def test_the_default_run_learns_zkchar_and_keeps_the_world(tmp_path):
-    """The main command with no flag but --output-dir, measured: where the base drew no teal for the trigger
-    word, the LoRA draws the robot's teal body; named backgrounds still appear; other prompts barely move."""
+    """The main command with no flag but --output-dir, measured: where the base drew no zkchar for the trigger
+    word, the LoRA draws it (teal body, orange head above) in most images; named backgrounds still appear;
+    other prompts barely move."""
     from sd_lora.train import main
 
     assert main(["--data", str(evaluate.CHARS_DIR), "--output-dir", str(tmp_path), "--sample-every", "0"]) == 0
     settings = evaluate.GenerationSettings(seeds=(0, 1, 2))
     report = evaluate.evaluate_lora(tmp_path / "chars.safetensors", settings=settings)
     print(evaluate.format_lora_report(report, settings))  # the numbers, with -s
-    assert report.concept_training == 1.0 and report.concept_base == 0.0
+    assert report.concept_training == 1.0 and report.concept_base == 0.0 and report.alone_base == 0.0
+    assert report.alone_lora >= 2 / 3 and report.concept_lora > 0.1  # measured: 100% alone, 17% of all trigger images
     assert report.teal_base == 0.0 and report.teal_lora > 0.01
     assert report.fidelity_lora >= 0.9
     assert report.drift < report.seed_to_seed
