@@ -121,9 +121,10 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     """Load every component on the CPU, in fp32 unless `dtype_for` says otherwise; the caller moves them.
 
     `dtype_for(unet_parameters)`, given the loaded U-Net's parameter count, picks the dtype the frozen weights
-    are kept in: a diffusers folder's U-Net is cast at once and the other components load straight into it, so
-    the fp32 copies of all components never exist together (for SD1.5 in bf16: about 2 GiB less peak RSS).
-    SDXL's VAE stays fp32 under fp16 (it overflows) unless `vae` replaces it.
+    are kept in: a diffusers folder's U-Net is cast at once and the VAE and text encoders load straight into it,
+    so their fp32 copies never exist (casting the U-Net still reads its whole memory-mapped fp32 file, which
+    sets the peak RSS: measured for SD1.5 in benchmarks/RESULTS.md). SDXL's VAE stays fp32 under fp16 (it
+    overflows) unless `vae` replaces it.
 
     `name` is a Hub id, a diffusers folder, or a single-file checkpoint (`.safetensors`; `.ckpt`/`.pt` only with
     `allow_unsafe_pickle`), read offline against shipped full-size configs or the diffusers folder `model_config`.
