@@ -32,7 +32,7 @@ from .lora.targets import text_encoder_target_modules, unet_target_modules
 from .models.conditioning import Conditioner
 from .models.load import BaseModel, load_base_model
 from .optim import build_lr_scheduler, build_optimizer
-from .precision import Hardware, choose_mixed_precision, probe_hardware
+from .precision import choose_mixed_precision, probe_hardware
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size
 from .sampling.sampler import SIZE_STEP
 from .validation import build_validation_set, split_records
@@ -72,7 +72,12 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def resolve_defaults(config: TrainConfig, model: BaseModel, hardware: Hardware | None = None) -> TrainConfig:
+def mixed_precision_for(config: TrainConfig, unet_parameters: int) -> str:
+    """--mixed-precision resolved for this machine and a U-Net of this size ("auto" decided; see precision.py)."""
+    return choose_mixed_precision(config.mixed_precision, probe_hardware(), unet_parameters)
+
+
+def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     """Fill the options whose default depends on the model, data or hardware; check them against the model."""
     resolution = config.resolution or model.native_resolution
     step = model.bucket_step
@@ -100,8 +105,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel, hardware: Hardware |
         prediction_type=model.prediction_type,
         model=model.name,
         cache_latents=config.use_latent_cache,
-        mixed_precision=choose_mixed_precision(config.mixed_precision, hardware or probe_hardware(),
-                                               sum(p.numel() for p in model.unet.parameters())),
+        mixed_precision=mixed_precision_for(config, sum(p.numel() for p in model.unet.parameters())),
     )
 
 
@@ -352,9 +356,9 @@ def run(config: TrainConfig) -> TrainResult:
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
-        dtype_for=lambda unet_parameters: WEIGHT_DTYPES[choose_mixed_precision(config.mixed_precision, probe_hardware(), unet_parameters)],
+        dtype_for=lambda unet_parameters: WEIGHT_DTYPES[mixed_precision_for(config, unet_parameters)],
     )
-    config = resolve_defaults(config, model)  # the same choice of mixed precision, recorded in the config
+    config = resolve_defaults(config, model)  # records the same mixed precision in the config
     accelerator = make_accelerator(config)
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run

@@ -225,14 +225,14 @@ def generate(pipe, prompts, settings: GenerationSettings) -> list[list[Image.Ima
     return cells
 
 
-def apply_lora_file(base, path: str | Path) -> None:
-    """Inject the LoRA of a kohya-format file into the base's U-Net (and text encoder) and load its weights."""
+def apply_lora(base, tensors: dict, path: str | Path) -> None:
+    """Inject the LoRA `tensors` (kohya keys, as read from the file at `path`) into the base's U-Net (and text
+    encoder) and load their weights."""
     from ..errors import UserError
-    from ..formats.kohya import from_kohya_state_dict, read_lora_file
+    from ..formats.kohya import from_kohya_state_dict
     from ..lora.inject import inject_lora, load_lora_weights_into
     from ..lora.targets import text_encoder_target_modules, unet_target_modules
 
-    tensors, _ = read_lora_file(path)
     models = {"unet": base.unet, "text_encoder": base.text_encoder}
     paths = {"unet": unet_target_modules(base.unet, "attn-mlp"), "text_encoder": text_encoder_target_modules(base.text_encoder)}
     weights = from_kohya_state_dict(tensors, paths, source=str(path))
@@ -317,11 +317,11 @@ def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings
     """Concept score, trigger prompt fidelity and prior drift of the LoRA file against the base, same seeds."""
     from ..formats.kohya import read_lora_file
 
-    read_lora_file(path)  # a missing or unreadable file is refused before the base model loads
+    tensors, _ = read_lora_file(path)  # a missing or unreadable file is refused before the base model loads
     pipe, base = load_pipeline(model)
     prompts = list(TRIGGER_PROMPTS) + [fidelity_prompt(bg) for bg in FIDELITY_BACKGROUNDS] + list(DRIFT_PROMPTS)
     before = generate(pipe, prompts, settings)
-    apply_lora_file(base, path)
+    apply_lora(base, tensors, path)
     after = generate(pipe, prompts, settings)
 
     n_trigger, n_fidelity = len(TRIGGER_PROMPTS), len(FIDELITY_BACKGROUNDS)

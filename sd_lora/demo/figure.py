@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if not grids:
         print(f"sd_lora: error: {args.run_dir / 'samples'}: no step grids (*-stepNNNNNNNN.png); train with --sample-every", file=sys.stderr)
         return 2
-    picture = progression([Image.open(p).convert("RGB") for p in spread(grids, args.columns)], args.height)
+    shown = spread(grids, args.columns)
+    picture = progression([Image.open(p).convert("RGB") for p in shown], args.height)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(args.output, optimize=True)
-    print(f"{args.output}: {picture.width}x{picture.height}, from {', '.join(p.name for p in spread(grids, args.columns))}")
+    print(f"{args.output}: {picture.width}x{picture.height}, from {', '.join(p.name for p in shown)}")
     return 0
 
 
