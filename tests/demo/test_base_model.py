@@ -65,6 +65,19 @@ def test_follows_background_and_colour_words():
     assert backgrounds >= len(items) - 1 and colours >= len(items) - 2, readings
 
 
+def test_draws_held_out_shapes_well_above_chance():
+    """Shapes it never saw in those colours (a green circle, a white cross, ...), 20 images: chance is 25%."""
+    from sd_lora.demo import evaluate
+
+    pipe, _ = evaluate.load_pipeline(BASE_MODEL_DIR)
+    items = world.held_out_prompts(backgrounds_per_pair=2, seed=2)
+    cells = evaluate.generate(pipe, [p for p, _ in items], evaluate.GenerationSettings(seeds=(0, 1), steps=20))
+    report = evaluate.score_fidelity([evaluate.read_scene(im) for row in cells for im in row],
+                                     [scene for _, scene in items for _ in range(2)])
+    assert report.images == 20
+    assert report.shape >= 0.4 and report.colour >= 0.9, report
+
+
 def test_draws_things_in_their_colours():
     """Things are one word for several coloured parts: "a large house" gives its yellow wall in every image and
     its red roof in some (thin parts such as the tree's trunk are beyond this 64 px model)."""
