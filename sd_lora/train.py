@@ -16,26 +16,28 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # hack: see sd_lora.demo.pretrain (before torch loads)
 
-from . import checkpoint, loop, memory
-from .compiling import check_compiler, compile_unet
-from .config import TrainConfig, load_config
-from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint,
+import torch  # noqa: E402
+
+from . import checkpoint, loop, memory  # noqa: E402
+from .compiling import check_compiler, compile_unet  # noqa: E402
+from .config import TrainConfig, load_config  # noqa: E402
+from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, dataset_metadata, fingerprint,  # noqa: E402
                    regularization_records, scan_dataset)
-from .data.latent_cache import vae_identity
-from .errors import Interrupted, UserError, run_cli
-from .export import trained_modules
-from .outputs import RunOutputs, StopRequest
-from .lora.inject import inject_lora, load_lora_weights_into, trainable_parameters
-from .lora.targets import text_encoder_target_modules, unet_target_modules
-from .models.conditioning import Conditioner
-from .models.load import BaseModel, load_base_model
-from .optim import build_lr_scheduler, build_optimizer
-from .precision import choose_mixed_precision, probe_hardware
-from .sampling.prompts import default_prompts, read_prompt_file, validate_size
-from .sampling.sampler import SIZE_STEP
-from .validation import build_validation_set, split_records
+from .data.latent_cache import vae_identity  # noqa: E402
+from .errors import Interrupted, UserError, run_cli  # noqa: E402
+from .export import trained_modules  # noqa: E402
+from .outputs import RunOutputs, StopRequest  # noqa: E402
+from .lora.inject import inject_lora, load_lora_weights_into, trainable_parameters  # noqa: E402
+from .lora.targets import text_encoder_target_modules, unet_target_modules  # noqa: E402
+from .models.conditioning import Conditioner  # noqa: E402
+from .models.load import BaseModel, load_base_model  # noqa: E402
+from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
+from .sampling.prompts import default_prompts, read_prompt_file, validate_size  # noqa: E402
+from .sampling.sampler import SIZE_STEP  # noqa: E402
+from .validation import build_validation_set, split_records  # noqa: E402
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_EPOCHS = 10
