@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
@@ -340,6 +341,20 @@ def pretrain(output: Path, settings: Settings, vae_from: Path | None = None) -> 
     return output
 
 
+def vae_from_problem(model_dir: Path) -> str | None:
+    """Why `model_dir`'s VAE cannot stand in for stage 1's, or None if it can."""
+    config_path = Path(model_dir) / "vae" / "config.json"
+    if not config_path.is_file():
+        return f"no vae/config.json there; give a diffusers model folder such as {BASE_MODEL_DIR}"
+    config = json.loads(config_path.read_text())
+    for key, value in VAE.items():
+        expected = list(value) if isinstance(value, tuple) else value
+        if key != "sample_size" and config.get(key) != expected:
+            return (f"its VAE has {key}={config.get(key)!r} where this script builds {expected!r}; "
+                    f"give a model this script wrote (such as {BASE_MODEL_DIR})")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd_lora.demo.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=BASE_MODEL_DIR, help="Folder to write the diffusers model to (default: %(default)s).")
@@ -358,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, vae_steps=args.vae_steps)
 
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
-        parser.error(f"--vae-from {args.vae_from}: no vae/config.json there; give a diffusers model folder "
-                     f"such as {BASE_MODEL_DIR}")
+    if args.vae_from is not None:
+        problem = vae_from_problem(args.vae_from)
+        if problem:
+            parser.error(f"--vae-from {args.vae_from}: {problem}")
+        if args.vae_steps is not None:
+            parser.error("--vae-steps trains stage 1, which --vae-from skips; give one of them")
     output = pretrain(args.output, settings, args.vae_from)
     wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
     print(f"saved {output} ({model_size_bytes(output) / 2**20:.1f} MiB) in {wall / 60:.1f} min "

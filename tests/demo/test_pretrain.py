@@ -43,3 +43,16 @@ def test_vae_from_a_folder_without_a_vae_is_refused(tmp_path, capsys):
         pretrain.main(["--quick", "--no-eval", "--output", str(tmp_path / "x"), "--vae-from", str(tmp_path)])
     err = capsys.readouterr().err
     assert f"--vae-from {tmp_path}: no vae/config.json there" in err
+
+
+def test_vae_from_a_different_vae_or_with_vae_steps_is_refused(quick_model, tmp_path, capsys):
+    other = tmp_path / "other"
+    (other / "vae").mkdir(parents=True)
+    config = json.loads((quick_model / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 16}))
+    with pytest.raises(SystemExit):
+        pretrain.main(["--quick", "--no-eval", "--output", str(tmp_path / "x"), "--vae-from", str(other)])
+    assert "its VAE has latent_channels=16 where this script builds 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.main(["--quick", "--no-eval", "--output", str(tmp_path / "x"), "--vae-from", str(quick_model), "--vae-steps", "5"])
+    assert "--vae-steps trains stage 1, which --vae-from skips" in capsys.readouterr().err
