@@ -97,6 +97,9 @@ class TrainConfig:
     mixed_precision: str = option("auto", "Compute precision of the frozen base model; LoRA weights stay fp32. auto: bf16 on a GPU that has it (fp16 on older ones) and on a CPU with AMX for full-size models, else no (fp32). fp16 needs a CUDA GPU.", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
     xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", ss="ss_gradient_checkpointing", group="model")
+    threads: int | None = option(None, "CPU threads for PyTorch's operations (torch.set_num_threads). Default: PyTorch's choice, one per core "
+                                 "(or OMP_NUM_THREADS). Small models run as fast on one thread and do not slow down when the machine is busy.",
+                                 min=1, max=1024, group="model")
     compile: str = option("off", "torch.compile the U-Net for training: blocks (each down/mid/up block; shorter compile) or unet (one graph). The first step of each bucket shape pays the compile time.", choices=COMPILE_MODES, group="model")
     # --- LoRA ---------------------------------------------------------------------------------------
     rank: int = option(16, "LoRA rank (network dim).", min=1, max=1024, ss="ss_network_dim", group="lora", fixed=True)

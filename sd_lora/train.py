@@ -8,6 +8,7 @@ model, scan and check every image, inject LoRA, cache latents, print a summary, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -132,6 +133,23 @@ def announce_demo(config: TrainConfig, show: bool = True) -> None:
           "pass --model to train your own base model")
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """Run with `threads` CPU threads for PyTorch's operations (None: PyTorch's own setting), and put the previous
+    count back afterwards, so that a notebook or script that trains keeps its setting."""
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        print(f"warning: --threads {threads} is more than the {cores} CPU cores here; threads that share a core wait on "
+              f"each other (use --threads {cores} or fewer)", file=sys.stderr)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -246,7 +264,7 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
         f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {config.targets}"
         + ((" + text encoders" if model.family == "sdxl" else " + text encoder") if config.train_text_encoder else ""),
         f"trainable parameters: {n_params:,}; expected file size: {n_params * bytes_per / 2**20:.2f} MiB ({config.save_precision})",
-        f"latent cache: {'on' if config.cache_latents else 'off'}; mixed precision: {config.mixed_precision}",
+        f"latent cache: {'on' if config.cache_latents else 'off'}; mixed precision: {config.mixed_precision}; CPU threads: {torch.get_num_threads()}",
     ]
     return "\n".join(lines)
 
@@ -341,6 +359,11 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 
 def run(config: TrainConfig) -> TrainResult:
     """Train one LoRA and write its files; returns them and the trained modules."""
+    with cpu_threads(config.threads):
+        return train_lora(config)
+
+
+def train_lora(config: TrainConfig) -> TrainResult:
     check_precision(config)
     if config.compile != "off":
         check_compiler(torch.cuda.is_available())

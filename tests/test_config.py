@@ -104,6 +104,16 @@ def test_combination_checks(tmp_path, args, message):
         load_config(["--data", str(tmp_path), "--model", "some/model"] + args)
 
 
+def test_threads_come_from_flags_and_files_and_are_range_checked(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("threads = 3\n")
+    assert load_config(["--data", str(tmp_path), "--model", "m", "--config", str(cfg)]).threads == 3
+    assert load_config(["--data", str(tmp_path), "--model", "m", "--threads", "2"]).threads == 2
+    assert load_config(["--data", str(tmp_path), "--model", "m"]).threads is None  # PyTorch's own choice
+    with pytest.raises(ConfigError, match="--threads 0 is out of range: it must be >= 1"):
+        load_config(["--data", str(tmp_path), "--model", "m", "--threads", "0"])
+
+
 def test_missing_data_is_reported():
     with pytest.raises(ConfigError, match="--data is required"):
         load_config([])

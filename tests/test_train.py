@@ -323,3 +323,20 @@ def test_compile_without_a_cpp_compiler_is_refused_before_the_model_loads(tiny_d
     assert main(["--data", str(tiny_dataset), "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"),
                  "--compile", "unet"]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
+
+
+def test_threads_apply_to_the_run_and_the_previous_count_comes_back(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    before = torch.get_num_threads()
+    assert main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "1", "--sample-every", "0", "--threads", "1")) == 0
+    assert "CPU threads: 1" in capsys.readouterr().out  # the summary reports what the run used
+    assert torch.get_num_threads() == before
+    assert "threads = 1" in (tmp_path / "out" / "config.toml").read_text()
+
+
+def test_more_threads_than_cores_is_warned_about(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(train_module.os, "cpu_count", lambda: 2)
+    with train_module.cpu_threads(3):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+    assert "--threads 3 is more than the 2 CPU cores here" in capsys.readouterr().err

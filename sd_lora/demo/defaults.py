@@ -28,7 +28,10 @@ preservation, they keep what the base draws for world prompts (without them ever
 # hold prior drift down. 1000 steps: 600 found the robot in 11%, 1000 in 17% (rank 32 or lr 5e-3: no better).
 # On the batch-64 base: 17% with --prior-loss-weight 1, 0.25, 0.1 or 0.05 alike, drift 0.075; without the
 # regularisation scenes 44%, but drift 0.29 (two seeds of the base differ by 0.124).
+# One CPU thread: this model's ops are too small to share out (1000 steps took 2 min 56 s on one thread, the same as
+# on two idle cores), and two threads on a busy 2-core machine wait on each other (5 min 50 s to 7 min 2 s).
 DEFAULT_OPTIONS: dict[str, object] = {
+    "threads": 1,
     "resolution": 64,
     "max_steps": 1000,
     "batch_size": 4,
