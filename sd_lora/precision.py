@@ -39,3 +39,11 @@ def choose_mixed_precision(requested: str, hardware: Hardware, unet_parameters: 
     if hardware.cpu_amx_bf16 and unet_parameters >= FULL_SIZE_PARAMETERS:
         return "bf16"
     return "no"
+
+
+def vae_dtype(family: str, weight_dtype: torch.dtype, replaced: bool = False) -> torch.dtype:
+    """The dtype the VAE is kept in when the frozen base is in `weight_dtype`: SDXL's own VAE overflows in fp16
+    (NaN latents), so it stays fp32 unless `replaced` (--vae names another, e.g. an fp16-safe one)."""
+    if family == "sdxl" and weight_dtype == torch.float16 and not replaced:
+        return torch.float32
+    return weight_dtype

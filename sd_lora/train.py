@@ -35,7 +35,7 @@ from .lora.targets import text_encoder_target_modules, unet_target_modules  # no
 from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
-from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
+from .precision import choose_mixed_precision, probe_hardware, vae_dtype  # noqa: E402
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size  # noqa: E402
 from .sampling.sampler import SIZE_STEP  # noqa: E402
 from .validation import build_validation_set, split_records  # noqa: E402
@@ -187,11 +187,9 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-    if model.family == "sdxl" and weight_dtype == torch.float16 and not model.vae_name:
-        # SDXL's VAE overflows in fp16 (NaN latents): keep it in fp32 unless --vae names an fp16-safe one.
-        model.vae.to(dtype=torch.float32)
+        dtype = vae_dtype(model.family, weight_dtype, replaced=bool(model.vae_name)) if module is model.vae else weight_dtype
+        if next(module.parameters()).dtype != dtype:  # loading usually chose it already
+            module.to(dtype=dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 tensor cores for fp32 matmuls/convs
         torch.backends.cudnn.allow_tf32 = True

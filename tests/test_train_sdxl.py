@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sd_lora.config import load_config
+from sd_lora.config import TrainConfig, load_config
 from sd_lora.models.conditioning import sdxl_time_ids
-from sd_lora.train import main, run
+from sd_lora.models.load import load_base_model
+from sd_lora.train import main, prepare_models, run
 
 FAST = ["--resolution", "32", "--batch-size", "2", "--rank", "4", "--sample-steps", "2", "--sample-seeds", "1"]
 
@@ -93,3 +94,13 @@ def test_zero_terminal_snr_schedule_ends_in_pure_noise(tiny_sdxl_model_dir):
     rescaled = load_base_model(str(tiny_sdxl_model_dir), zero_terminal_snr=True)
     assert plain.family == rescaled.family == "sdxl" and plain.text_encoder_2 is not None
     assert plain.alphas_cumprod[-1] > 1e-3 and rescaled.alphas_cumprod[-1] < 1e-6
+
+
+def test_fp16_keeps_the_sdxl_vae_in_exact_fp32(tiny_sdxl_model_dir):
+    """SDXL's VAE stays fp32 under fp16; it must not pass through fp16 on the way (a lossy round trip)."""
+    model = load_base_model(str(tiny_sdxl_model_dir))
+    reference = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    prepare_models(TrainConfig(rank=2), model, torch.device("cpu"), torch.float16)
+    assert {p.dtype for p in model.unet.parameters() if not p.requires_grad} == {torch.float16}
+    for name, value in model.vae.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, reference[name]), name
