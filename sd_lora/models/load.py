@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..precision import vae_dtype
+from .streaming import load_cast, parameter_count
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -121,10 +123,10 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     """Load every component on the CPU, in fp32 unless `dtype_for` says otherwise; the caller moves them.
 
     `dtype_for(unet_parameters)`, given the loaded U-Net's parameter count, picks the dtype the frozen weights
-    are kept in: a diffusers folder's U-Net is cast at once and the VAE and text encoders load straight into it,
-    so their fp32 copies never exist (casting the U-Net still reads its whole memory-mapped fp32 file, which
-    sets the peak RSS: measured for SD1.5 in benchmarks/RESULTS.md). SDXL's VAE stays fp32 under fp16 (it
-    overflows) unless `vae` replaces it.
+    are kept in (the count comes from the config, on the meta device). Every component loads straight into it,
+    so no fp32 copy exists; a local folder's U-Net is read tensor by tensor (`streaming.load_cast`), so its
+    fp32 file is never resident at once either. SDXL's VAE stays fp32 under fp16 (it overflows) unless `vae`
+    replaces it.
 
     `name` is a Hub id, a diffusers folder, or a single-file checkpoint (`.safetensors`; `.ckpt`/`.pt` only with
     `allow_unsafe_pickle`), read offline against shipped full-size configs or the diffusers folder `model_config`.
@@ -138,7 +140,7 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     path = Path(name).expanduser()
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
         return _load_checkpoint_file(name, path, prediction_type=prediction_type, vae=vae, zero_terminal_snr=zero_terminal_snr,
-                                     allow_unsafe_pickle=allow_unsafe_pickle, model_config=model_config)
+                                     allow_unsafe_pickle=allow_unsafe_pickle, model_config=model_config, dtype_for=dtype_for)
     if path.exists():
         _check_local_folder(path)
         source = str(path)
@@ -158,12 +160,20 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         except OSError as e:  # missing files, no network for a Hub id, gated repo ...
             raise UserError(f"--model {name}: cannot load {sub}/ ({str(e).splitlines()[0].strip().rstrip('.')}); {fix}") from None
 
-    unet = load(UNet2DConditionModel, "unet")
-    family = detect_family(dict(unet.config), model_index, name)
-    dtype = dtype_for(sum(p.numel() for p in unet.parameters())) if dtype_for else torch.float32
-    if dtype != torch.float32:
-        unet.to(dtype=dtype)
-    vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
+    def config(cls, sub):
+        try:
+            return cls.load_config(source, subfolder=sub)
+        except OSError as e:
+            raise UserError(f"--model {name}: cannot read {sub}/config.json ({str(e).splitlines()[0].strip().rstrip('.')}); {fix}") from None
+
+    unet_config = config(UNet2DConditionModel, "unet")
+    family = detect_family(unet_config, model_index, name)
+    dtype = dtype_for(parameter_count(UNet2DConditionModel, unet_config)) if dtype_for else torch.float32
+    unet = None
+    if dtype != torch.float32 and path.exists():  # a cast: read tensor by tensor, never the whole fp32 file at once
+        unet = load_cast(UNet2DConditionModel, path / "unet", dtype)
+    if unet is None:
+        unet = load(UNet2DConditionModel, "unet", **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
     text_dtype = {} if dtype == torch.float32 else {"dtype": dtype}  # transformers' name for it
     scheduler = load(DDPMScheduler, "scheduler")
     if zero_terminal_snr:
@@ -173,7 +183,7 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         family=family,
         prediction_type=prediction_type or scheduler.config.get("prediction_type", "epsilon"),
         unet=unet,
-        vae=_load_vae(vae) if vae else load(AutoencoderKL, "vae", torch_dtype=vae_dtype),
+        vae=_load_vae(vae) if vae else load(AutoencoderKL, "vae", torch_dtype=vae_dtype(family, dtype)),
         text_encoder=load(CLIPTextModel, "text_encoder", **text_dtype),
         tokenizer=load(CLIPTokenizer, "tokenizer"),
         scheduler_config=dict(scheduler.config),
@@ -211,14 +221,14 @@ def _load_vae(name: str):
 
 
 def _load_checkpoint_file(name: str, path: Path, *, prediction_type, vae, zero_terminal_snr, allow_unsafe_pickle,
-                          model_config) -> BaseModel:
+                          model_config, dtype_for) -> BaseModel:
     """A single-file checkpoint, converted offline into diffusers components; prints what was detected."""
     from diffusers import DDPMScheduler
 
     from .single_file import load_single_file
 
     parts = load_single_file(path, prediction_type=prediction_type, allow_unsafe_pickle=allow_unsafe_pickle,
-                             config_dir=model_config)
+                             config_dir=model_config, dtype_for=dtype_for)
     print(f"--model {name}: {parts['info']}")
     config = dict(parts["scheduler_config"])
     if zero_terminal_snr:

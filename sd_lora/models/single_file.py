@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..precision import vae_dtype
 from .checkpoint_layout import FAMILIES, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIXES, checkpoint_state_dict
+from .streaming import parameter_count
 
 __all__ = ["CheckpointInfo", "checkpoint_state_dict", "detect_checkpoint", "detect_from_shapes", "infer_family",
            "load_single_file", "read_safetensors_header", "save_single_file", "write_skeleton"]
@@ -364,9 +366,12 @@ def load_single_file(
     allow_unsafe_pickle: bool = False,
     config_dir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    dtype_for: Callable[[int], torch.dtype] | None = None,
     tokenizer_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Load a single-file checkpoint offline into diffusers components, on the CPU in `dtype`.
+    """Load a single-file checkpoint offline into diffusers components, on the CPU in `dtype` (or, with
+    `dtype_for`, in the dtype it picks for the U-Net's parameter count, counted from the config before loading;
+    SDXL's VAE stays fp32 under fp16 as `precision.vae_dtype` says).
 
     Returns `{"unet", "vae", "text_encoder", "tokenizer", ["text_encoder_2", "tokenizer_2"], "scheduler",
     "scheduler_config", "family", "prediction_type", "info"}` (`info`: the `CheckpointInfo`, print it).
@@ -397,6 +402,10 @@ def load_single_file(
                                       tokenizer_cache=tokenizer_cache)
         else:
             skeleton = _check_config_dir(Path(config_dir).expanduser(), info, path)
+        if dtype_for is not None:
+            from diffusers import UNet2DConditionModel
+
+            dtype = dtype_for(parameter_count(UNet2DConditionModel, UNet2DConditionModel.load_config(str(skeleton / "unet"))))
         components = _load_components(state_dict, skeleton, info.family, path, dtype)
         scheduler_config = json.loads((skeleton / "scheduler" / "scheduler_config.json").read_text())
 
@@ -445,12 +454,13 @@ def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, 
     # float32: no torch_dtype, so diffusers casts each tensor to the freshly built module's float32 (its
     # ModelMixin.to would warn on every dtype cast); other dtypes are cast tensor by tensor while loading.
     torch_dtype = None if dtype == torch.float32 else dtype
+    vae_torch_dtype = None if vae_dtype(family, dtype) == torch.float32 else dtype
     try:
         parts: dict[str, Any] = {
             "unet": UNet2DConditionModel.from_single_file(state_dict, config=config, subfolder="unet",
                                                           local_files_only=True, torch_dtype=torch_dtype),
             "vae": AutoencoderKL.from_single_file(state_dict, config=config, subfolder="vae",
-                                                  local_files_only=True, torch_dtype=torch_dtype),
+                                                  local_files_only=True, torch_dtype=vae_torch_dtype),
         }
         for name in TEXT_ENCODERS[family]:
             cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel

@@ -341,6 +341,24 @@ def test_half_precision_file_and_loading_dtype(request, tmp_path):
     assert half["unet"].dtype == half["vae"].dtype == torch.float16
 
 
+def test_dtype_for_picks_the_loading_dtype_from_the_unet_config(request, tmp_path):
+    pipe = _pipeline(_folder(request, "sdxl"))
+    path = save_single_file(pipe.components, tmp_path / "xl.safetensors", "sdxl")
+    seen = []
+
+    def dtype_for(unet_parameters):
+        seen.append(unet_parameters)
+        return torch.float16
+
+    loaded = load_single_file(path, config_dir=_folder(request, "sdxl"), dtype_for=dtype_for)
+    assert seen == [sum(p.numel() for p in pipe.unet.parameters())]  # counted before any weight was read
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in loaded[name].parameters()} == {torch.float16}, name
+    # SDXL's own VAE overflows in fp16: it loads in fp32, its weights exactly the file's.
+    for name, p in pipe.vae.state_dict().items():
+        assert torch.equal(loaded["vae"].state_dict()[name], p), name
+
+
 def test_single_file_checkpoint_trains_one_lora_step(request, tmp_path):
     from sd_lora.diffusion import add_noise, diffusion_loss, training_target
     from sd_lora.lora.inject import inject_lora, trainable_parameters
