@@ -122,9 +122,9 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
                     model_config: str | None = None, dtype_for: Callable[[int], torch.dtype] | None = None) -> BaseModel:
     """Load every component on the CPU, in fp32 unless `dtype_for` says otherwise; the caller moves them.
 
-    `dtype_for(unet_parameters)`, given the loaded U-Net's parameter count, picks the dtype the frozen weights
-    are kept in (the count comes from the config, on the meta device). Every component loads straight into it,
-    so no fp32 copy exists; a local folder's U-Net is read tensor by tensor (`streaming.load_cast`), so its
+    `dtype_for(unet_parameters)`, given the U-Net's parameter count (from its config, on the meta device, before
+    any weight is read), picks the dtype the frozen weights are kept in. The model's own components load
+    straight into it, so no fp32 copy exists; a local folder's U-Net is read tensor by tensor (`streaming.load_cast`), so its
     fp32 file is never resident at once either. SDXL's VAE stays fp32 under fp16 (it overflows) unless `vae`
     replaces it.
 
