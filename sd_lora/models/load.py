@@ -154,19 +154,13 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     fix = ("the folder is incomplete or damaged; download the model again" if path.exists() else
            "check the id, your network and, for gated models, your Hugging Face login; or pass a local diffusers folder")
 
-    def load(cls, sub, **kwargs):
+    def load(cls, sub, method="from_pretrained", **kwargs):
         try:
-            return cls.from_pretrained(source, subfolder=sub, **kwargs)
+            return getattr(cls, method)(source, subfolder=sub, **kwargs)
         except OSError as e:  # missing files, no network for a Hub id, gated repo ...
             raise UserError(f"--model {name}: cannot load {sub}/ ({str(e).splitlines()[0].strip().rstrip('.')}); {fix}") from None
 
-    def config(cls, sub):
-        try:
-            return cls.load_config(source, subfolder=sub)
-        except OSError as e:
-            raise UserError(f"--model {name}: cannot read {sub}/config.json ({str(e).splitlines()[0].strip().rstrip('.')}); {fix}") from None
-
-    unet_config = config(UNet2DConditionModel, "unet")
+    unet_config = load(UNet2DConditionModel, "unet", method="load_config")
     family = detect_family(unet_config, model_index, name)
     dtype = dtype_for(parameter_count(UNet2DConditionModel, unet_config)) if dtype_for else torch.float32
     unet = None
