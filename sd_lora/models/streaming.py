@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -31,11 +32,14 @@ SAFETENSORS_DTYPES = {
 
 def read_cast(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file `path`, read in file order; floating-point ones cast to `dtype`.
-    Only one tensor is held in its stored dtype at a time."""
+    Only one tensor is held in its stored dtype at a time. A damaged file is a `UserError`; a dtype outside
+    `SAFETENSORS_DTYPES` (fp8, ...) a `ValueError`."""
     damaged = f"{path}: the weights file is damaged or truncated; download the model again"
     with open(path, "rb", buffering=0) as f:
         try:
             (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > path.stat().st_size - 8:
+                raise ValueError("header larger than the file")
             header = json.loads(f.read(header_size))
             header.pop("__metadata__", None)
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
@@ -45,14 +49,17 @@ def read_cast(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         for key, entry in entries:
             stored = SAFETENSORS_DTYPES.get(entry.get("dtype"))
             if stored is None:
-                raise UserError(f"{path}: tensor {key} has dtype {entry.get('dtype')}, which sd_lora does not read")
+                raise ValueError(f"{path}: tensor {key} has dtype {entry.get('dtype')}, which this reader does not handle")
             begin, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if end - begin != math.prod(shape) * stored.itemsize:
+                raise UserError(damaged)
             data = bytearray(end - begin)
             f.seek(8 + header_size + begin)
             if f.readinto(data) != len(data):
                 raise UserError(damaged)
             tensor = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
-            tensor = tensor.reshape(entry["shape"])
+            tensor = tensor.reshape(shape)
             tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return tensors
 
@@ -78,7 +85,7 @@ def load_cast(cls, folder: Path, dtype: torch.dtype) -> torch.nn.Module | None:
     model = empty_model(cls, cls.load_config(folder))
     try:
         model.load_state_dict(read_cast(weights, dtype), strict=True, assign=True)
-    except RuntimeError:  # missing, unexpected or reshaped keys: diffusers converts them or says what is wrong
+    except (RuntimeError, ValueError):  # other keys, shapes or dtypes: diffusers converts them or says what is wrong
         return None
     if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         return None

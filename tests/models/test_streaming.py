@@ -32,6 +32,13 @@ def test_a_truncated_file_is_reported_with_the_fix(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UserError, match="damaged or truncated; download the model again"):
         read_cast(path, torch.bfloat16)
+    header = b'{"a":{"dtype":"F32","shape":[3,3],"data_offsets":[0,30]}}'  # 30 bytes cannot hold 9 floats
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(30))
+    with pytest.raises(UserError, match="damaged or truncated"):
+        read_cast(path, torch.bfloat16)
+    path.write_bytes((2**60).to_bytes(8, "little") + b"{}")  # a header size no file has
+    with pytest.raises(UserError, match="damaged or truncated"):
+        read_cast(path, torch.bfloat16)
     path.write_bytes(b"\x05\x00")
     with pytest.raises(UserError, match="w.safetensors: the weights file is damaged"):
         read_cast(path, torch.bfloat16)
@@ -56,6 +63,10 @@ def test_other_layouts_fall_back_to_diffusers(tiny_model_dir, tmp_path):
     weights = read_cast(folder / WEIGHTS_NAME, torch.float32)
     weights["renamed.weight"] = weights.pop("conv_in.weight")
     save_file(weights, str(folder / WEIGHTS_NAME))
+    assert load_cast(UNet2DConditionModel, folder, torch.bfloat16) is None
+    # A dtype this reader does not handle.
+    header = b'{"a":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}'
+    (folder / WEIGHTS_NAME).write_bytes(len(header).to_bytes(8, "little") + header + bytes(2))
     assert load_cast(UNet2DConditionModel, folder, torch.bfloat16) is None
     # No single safetensors file (sharded or .bin weights).
     (folder / WEIGHTS_NAME).unlink()
