@@ -3,8 +3,8 @@
 diffusers' `from_pretrained` memory-maps the weights file. Casting fp32 weights to bf16 reads every page of the
 map, and the pages stay resident until loading ends, so the peak is the whole fp32 file plus the cast model
 (SDXL's U-Net: 10.3 GB + 5.2 GB by that arithmetic). Reading each tensor with plain file reads and casting it at once
-keeps the peak at the cast model plus one fp32 tensor (SD1.5's U-Net: 2.4 GiB against 5.5 GiB, measured in
-benchmarks/RESULTS.md). Hand-written because safetensors' own readers all map the file.
+keeps the peak at the cast model plus one fp32 tensor (SD1.5's U-Net: 2.4 GiB against 5.5 GiB, measured by
+benchmarks/load_peak.py). Hand-written because safetensors' own readers all map the file.
 
 Only the common layout streams (one `diffusion_pytorch_model.safetensors` whose keys match the model exactly);
 anything else - sharded or `.bin` weights, keys diffusers converts on load, modules it keeps in fp32 - returns
