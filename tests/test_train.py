@@ -327,9 +327,13 @@ def test_compile_without_a_cpp_compiler_is_refused_before_the_model_loads(tiny_d
 
 def test_threads_apply_to_the_run_and_the_previous_count_comes_back(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     before = torch.get_num_threads()
-    assert main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "1", "--sample-every", "0", "--threads", "1")) == 0
-    assert "CPU threads: 1" in capsys.readouterr().out  # the summary reports what the run used
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # whatever the test process runs with, the run must change it
+    try:
+        assert main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "1", "--sample-every", "0", "--threads", "1")) == 0
+        assert "CPU threads: 1" in capsys.readouterr().out  # the summary reports what the run used
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert "threads = 1" in (tmp_path / "out" / "config.toml").read_text()
 
 
