@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch
 from ..errors import UserError
 from ..precision import vae_dtype
 from .checkpoint_layout import FAMILIES, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIXES, checkpoint_state_dict
-from .streaming import parameter_count
+from .streaming import parameter_count, read_header
 
 __all__ = ["CheckpointInfo", "checkpoint_state_dict", "detect_checkpoint", "detect_from_shapes", "infer_family",
            "load_single_file", "read_safetensors_header", "save_single_file", "write_skeleton"]
@@ -82,14 +81,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[in
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read(8)
-            size = path.stat().st_size
-            length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 2 <= length <= min(size - 8, 200_000_000):
-                raise ValueError("bad header length")
-            header = json.loads(f.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
+            header, _ = read_header(f, path.stat().st_size)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, UnicodeDecodeError) as e:

@@ -18,6 +18,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -30,6 +31,22 @@ SAFETENSORS_DTYPES = {
 }
 
 
+MAX_HEADER_BYTES = 200_000_000  # far above any real model's header; a larger length means a damaged file
+
+
+def read_header(f: BinaryIO, file_size: int) -> tuple[dict, int]:
+    """The JSON header of the `.safetensors` file open as `f` (at its start), `__metadata__` included, and the
+    offset where tensor data begins. ValueError if the bytes cannot be a safetensors header."""
+    raw = f.read(8)
+    length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+    if not 2 <= length <= min(file_size - 8, MAX_HEADER_BYTES):
+        raise ValueError("bad header length")
+    header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, 8 + length
+
+
 def read_cast(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file `path`, read in file order; floating-point ones cast to `dtype`.
     Only one tensor is held in its stored dtype at a time. A damaged file is a `UserError`; a dtype outside
@@ -37,13 +54,10 @@ def read_cast(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     damaged = f"{path}: the weights file is damaged or truncated; download the model again"
     with open(path, "rb", buffering=0) as f:
         try:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            if header_size > path.stat().st_size - 8:
-                raise ValueError("header larger than the file")
-            header = json.loads(f.read(header_size))
+            header, data_start = read_header(f, path.stat().st_size)
             header.pop("__metadata__", None)
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):  # UnicodeDecodeError is a ValueError
             raise UserError(damaged) from None
         tensors = {}
         for key, entry in entries:
@@ -55,7 +69,7 @@ def read_cast(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             if end - begin != math.prod(shape) * stored.itemsize:
                 raise UserError(damaged)
             data = bytearray(end - begin)
-            f.seek(8 + header_size + begin)
+            f.seek(data_start + begin)
             if f.readinto(data) != len(data):
                 raise UserError(damaged)
             tensor = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
