@@ -138,11 +138,11 @@ def cpu_threads(threads: int | None):
     """Run with `threads` CPU threads for PyTorch's operations (None: PyTorch's own setting), and put the previous
     count back afterwards, so that a notebook or script that trains keeps its setting."""
     before = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    if threads is not None and threads > cores:
-        print(f"warning: --threads {threads} is more than the {cores} CPU cores here; threads that share a core wait on "
-              f"each other (use --threads {cores} or fewer)", file=sys.stderr)
     if threads is not None:
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            print(f"warning: --threads {threads} is more than the {cores} CPU cores here; threads that share a core wait on "
+                  f"each other (use --threads {cores} or fewer)", file=sys.stderr)
         torch.set_num_threads(threads)
     try:
         yield

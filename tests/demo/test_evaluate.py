@@ -152,7 +152,7 @@ def test_the_default_run_learns_zkchar_and_keeps_the_world(tmp_path):
     report = evaluate.evaluate_lora(tmp_path / "chars.safetensors", settings=settings)
     print(evaluate.format_lora_report(report, settings))  # the numbers, with -s
     assert report.concept_training == 1.0 and report.concept_base == 0.0 and report.alone_base == 0.0
-    assert report.alone_lora >= 2 / 3 and report.concept_lora > 0.1  # measured: 100% alone, 17% of all trigger images, drift 0.075
+    assert report.alone_lora >= 2 / 3 and report.concept_lora > 0.1  # measured: 100% alone, 17% of all trigger images, drift 0.073
     assert report.teal_base == 0.0 and report.teal_lora > 0.01
     assert report.fidelity_lora >= 0.9
     assert report.drift < report.seed_to_seed
