@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from . import diffusion
+from .lora.inject import autocast_casts_lora_inputs
 from .models.conditioning import Conditioner
 
 
@@ -148,7 +149,7 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
                 if not last:  # DDP: all-reduce gradients only once per group
                     for m in modules:
                         stack.enter_context(acc.no_sync(m))
-                with acc.autocast():
+                with acc.autocast(), autocast_casts_lora_inputs(modules, acc.device.type):
                     loss = compute_loss(t, obj, batch, state)
                 acc.backward(loss / group_size)
             accumulated = accumulated + loss.detach() / group_size  # stays on the device: no sync per micro-batch

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import diffusion
+from .lora.inject import autocast_casts_lora_inputs
 
 
 @dataclass
@@ -62,7 +63,7 @@ def validation_loss(trainee, objective, items: list[ValidationItem], batch_size:
     for item in items:
         by_shape.setdefault(tuple(item.latents.shape), []).append(item)
     try:
-        with torch.no_grad(), acc.autocast():
+        with torch.no_grad(), acc.autocast(), autocast_casts_lora_inputs(modules, device.type):
             for group in by_shape.values():
                 for start in range(0, len(group), batch_size):
                     chunk = group[start:start + batch_size]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from sd_lora import loop
 from sd_lora.lora.inject import inject_lora, trainable_parameters
@@ -14,6 +15,9 @@ from sd_lora.lora.targets import unet_target_modules
 from sd_lora.models.conditioning import Conditioner
 from sd_lora.models.load import load_base_model
 from sd_lora.optim import build_lr_scheduler, build_optimizer
+from sd_lora.train import make_accelerator
+
+MIXED = {torch.float32: "no", torch.bfloat16: "bf16"}
 
 
 class FixedBatches:
@@ -46,10 +50,12 @@ class Recorder:
         return self.stop_at is not None and len(self.losses) >= self.stop_at
 
 
-def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8):
+def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8, weight_dtype=torch.float32):
+    """A Trainee on the tiny model; with a 16-bit `weight_dtype` the base is stored in it and the loop runs
+    under autocast, as `--mixed-precision bf16|fp16` runs."""
     model = load_base_model(str(model_dir))
     for m in (model.unet, model.vae, model.text_encoder):
-        m.requires_grad_(False)
+        m.requires_grad_(False).to(weight_dtype)
     torch.manual_seed(0)
     inject_lora(model.unet, unet_target_modules(model.unet, "attn-mlp"), rank=rank, alpha=rank)
     if checkpointing:
@@ -61,11 +67,11 @@ def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8):
     batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "captions": ["zkchar, red circle", "zkchar, blue square"]}
     batches = FixedBatches(batch)
     trainee = loop.Trainee(
-        accelerator=Accelerator(), unet=model.unet, text_encoders=[model.text_encoder],
+        accelerator=make_accelerator(SimpleNamespace(mixed_precision=MIXED[weight_dtype])), unet=model.unet, text_encoders=[model.text_encoder],
         conditioner=Conditioner(model.family, [model.tokenizer], [model.text_encoder]), vae=None,
         dataloader=batches, batch_sampler=batches, optimizer=optimizer,
         lr_scheduler=build_lr_scheduler("constant", optimizer, warmup_steps=0, total_steps=100),
-        trainable=params, train_text_encoder=False, weight_dtype=torch.float32, max_grad_norm=1.0,
+        trainable=params, train_text_encoder=False, weight_dtype=weight_dtype, max_grad_norm=1.0,
         generator=torch.Generator().manual_seed(1),
     )
     objective = loop.Objective(model.alphas_cumprod, model.num_train_timesteps, "epsilon", 0.18215)
@@ -185,3 +191,20 @@ def test_prior_samples_weigh_prior_loss_weight(tiny_model_dir):
     assert fixed_loss(trainee, heavy, all_prior) == pytest.approx(3 * plain, rel=1e-5)
     one_prior = fixed_loss(trainee, heavy, mixed)
     assert plain < one_prior < 3 * plain
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_peft_input_casts_are_left_to_autocast_only_while_it_runs(tiny_model_dir, weight_dtype):
+    """Under bf16 autocast the LoRA layers skip PEFT's fp32 copy of their inputs during the training forward
+    (autocast casts them once); in fp32 and after the step PEFT's own cast stays on."""
+    model, trainee, objective, batch = make_trainee(tiny_model_dir, weight_dtype=weight_dtype)
+    layer = next(m for m in model.unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append((m.cast_input_dtype_enabled, args[0].dtype)))
+    recorder = Recorder()
+    loop.train(trainee, objective, loop.TrainState(), max_steps=2, hooks=recorder)
+    autocast = weight_dtype != torch.float32
+    assert seen == [(not autocast, weight_dtype)] * 2
+    assert layer.cast_input_dtype_enabled
+    assert all(map(math.isfinite, recorder.losses)) and len(recorder.losses) == 2
+    assert {p.dtype for p in trainee.trainable} == {torch.float32}

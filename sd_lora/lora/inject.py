@@ -21,6 +21,7 @@ that exactly the requested modules were wrapped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable
@@ -184,6 +185,25 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every LoRA layer of `model` on or off (off = the base model's exact output)."""
     for layer in _lora_layers(model).values():
         layer.enable_adapters(enabled)
+
+
+@contextlib.contextmanager
+def autocast_casts_lora_inputs(modules: Iterable[nn.Module], device_type: str):
+    """While autocast is on for `device_type`, leave the casting of LoRA layers' inputs to autocast.
+
+    PEFT casts each LoRA layer's input to the LoRA weights' dtype (fp32 when a 16-bit base trains fp32 LoRA
+    weights), and autocast casts it straight back to 16 bits for the LoRA matmuls: two copies of every adapted
+    activation forward and two more backward, for the same numbers (16 -> 32 -> 16 bits is exact). Outside
+    autocast (e.g. sampling a model whose modules share one dtype) PEFT's cast is what makes the dtypes meet,
+    so it is switched off only while autocast is on here, and restored on exit.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    active = torch.is_autocast_enabled(device_type)
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(disable_input_dtype_casting(module, active=active))
+        yield
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -9,6 +9,7 @@ from torch import nn
 from sd_lora.errors import UserError
 from sd_lora.lora.inject import (
     LoraModuleWeights,
+    autocast_casts_lora_inputs,
     count_parameters,
     inject_lora,
     load_lora_weights_into,
@@ -119,6 +120,54 @@ def test_lora_params_are_fp32_on_a_half_precision_base(make_pipe, dtype, unet_in
     latents, t, states = unet_inputs
     out = _unet_out(unet, (latents.to(dtype), t, states.to(dtype)))
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def _bf16_step(unet, inputs, count_casts):
+    """Loss and LoRA gradients of one bf16-autocast forward + backward; counts dtype casts when asked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                casts.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    unet.zero_grad(set_to_none=True)
+    latents, t, states = inputs
+    with CountCasts(), torch.autocast("cpu", dtype=torch.bfloat16), count_casts(unet):
+        loss = unet(latents.to(torch.bfloat16), t, states.to(torch.bfloat16)).sample.float().square().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainable_parameters(unet)], len(casts)
+
+
+def test_autocast_casts_lora_inputs_drops_peft_round_trip(make_pipe, unet_inputs):
+    """Under autocast PEFT's fp32 copy of each LoRA input is redundant: without it the loss and every LoRA
+    gradient are bit for bit the same and two casts per LoRA layer and direction are gone."""
+    import contextlib
+
+    unet = make_pipe("sd1").unet.to(torch.bfloat16)
+    inject_lora(unet, unet_target_modules(unet), rank=4, alpha=2)
+    _randomize_lora(unet)
+    layers = sum(1 for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    loss, grads, casts = _bf16_step(unet, unet_inputs, lambda m: contextlib.nullcontext())
+    loss2, grads2, casts2 = _bf16_step(unet, unet_inputs, lambda m: autocast_casts_lora_inputs([m], "cpu"))
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+    assert casts - casts2 >= 2 * layers  # bf16 -> fp32 -> bf16 per layer forward, and again backward
+    assert all(m.cast_input_dtype_enabled for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
+def test_autocast_casts_lora_inputs_keeps_peft_casts_without_autocast(make_pipe, unet_inputs):
+    unet = make_pipe("sd1").unet.to(torch.bfloat16)
+    inject_lora(unet, unet_target_modules(unet), rank=4, alpha=2)
+    _randomize_lora(unet)
+    latents, t, states = unet_inputs
+    with autocast_casts_lora_inputs([unet], "cpu"):  # autocast off: PEFT must still meet fp32 LoRA weights
+        assert all(m.cast_input_dtype_enabled for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+        out = _unet_out(unet, (latents.to(torch.bfloat16), t, states.to(torch.bfloat16)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_second_injection_is_refused(make_pipe):
