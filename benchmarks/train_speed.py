@@ -9,7 +9,9 @@ full-size SD1.5 U-Net step against the machine's measured matmul peak.
 Part 1 trains one model on a generated dataset (8 JPEGs of 768-1024 px, captions in .txt files) at
 `--resolution`, batch `--batch-size`, LoRA rank `--rank` on the attn-mlp targets, for `--steps` optimizer
 steps, in each configuration. The model is the tiny SD1 model (`sd_lora.models.tiny`), or with `--model sd15`
-the full-size SD1.5 architecture with random weights (written once as a 4 GiB diffusers folder under --out).
+(`sdxl`) the full-size SD1.5 (SDXL) architecture with random weights, written once as a diffusers folder under
+--out from the config skeletons sd_lora ships (4 GiB fp32; SDXL 7 GiB fp16). The naive loop is diffusers' SD1
+example, so `--model sdxl` runs sd_lora's configurations only.
 
 - `naive`: what diffusers' `examples/text_to_image/train_text_to_image_lora.py` does every step: decode and
   resize + centre-crop the image (torchvision transforms, DataLoader with 0 workers), tokenize, VAE-encode,
@@ -66,31 +68,23 @@ EXPERIMENTS = {
     "default+channels-last": ("default", "channels-last"),
     "default+malloc-trim": ("default", "malloc-trim"),
 }
-SD15_UNET = dict(  # shared/reference/model-configs.md
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, use_linear_projection=False,
-)
-SD15_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, in_channels=3, out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-)
-SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
+FULL_SIZE_FAMILY = {"sd15": "sd1", "sdxl": "sdxl"}  # --model -> sd_lora's config skeleton (shared/reference/model-configs.md)
 
 
 # --- set-up (parent process) ---------------------------------------------------------------------------
 
 
-def write_dataset(root: Path, count: int = 8) -> Path:
-    """`root/1_zkchar/` with `count` JPEG photos-sized drawings and .txt captions (fixed seed)."""
+def write_dataset(root: Path, count: int = 8, repeats: int = 1, square: bool = False) -> Path:
+    """`root/<repeats>_zkchar/` with `count` JPEG photo-sized drawings and .txt captions (fixed seed): three
+    aspect ratios, or with `square` all 1024x1024, so that every image lands in one bucket and a batch of up to
+    `count * repeats` is always full."""
     from PIL import Image, ImageDraw, ImageFilter
 
-    folder = root / "1_zkchar"
+    folder = root / f"{repeats}_zkchar"
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    sizes, colours = [(1024, 768), (768, 1024), (896, 896)], ["red", "blue", "green", "yellow", "purple"]
+    sizes = [(1024, 1024)] if square else [(1024, 768), (768, 1024), (896, 896)]
+    colours = ["red", "blue", "green", "yellow", "purple"]
     for i in range(count):
         w, h = sizes[i % len(sizes)]
         bg = colours[i % len(colours)]
@@ -140,28 +134,42 @@ def random_init(module, device):
     return module.requires_grad_(False)
 
 
-def save_sd15_model(directory: Path) -> Path:
-    """A full-size SD1.5 diffusers folder with random weights (about 4 GiB, fp32) and the real CLIP tokenizer."""
+def meta_component(folder: Path, name: str):
+    """Component `name` of the diffusers config folder `folder`, built on the meta device (no weight memory)."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import transformers
 
-    from sd_lora.models.clip_vocab import write_clip_tokenizer_files
-
+    library, class_name = json.loads((folder / "model_index.json").read_text())[name]
+    cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE, scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP, projection_dim=768))
-    cpu = torch.device("cpu")
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(directory / "tokenizer-src")))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, prediction_type="epsilon", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=random_init(vae, cpu), text_encoder=random_init(text_encoder, cpu), tokenizer=tokenizer,
-                                   unet=random_init(unet, cpu), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(directory), safe_serialization=True)
-    shutil.rmtree(directory / "tokenizer-src")
+        if library == "diffusers":
+            return cls.from_config(cls.load_config(str(folder / name)))
+        return cls(cls.config_class.from_pretrained(str(folder / name)))
+
+
+def save_random_model(family: str, directory: Path, resolution: int, dtype=None) -> Path:
+    """A full-size `family` ("sd1", "sd2", "sdxl") diffusers folder with random weights: the configs and CLIP
+    tokenizers sd_lora ships for single-file checkpoints (`write_skeleton`), every component saved as safetensors
+    (fp32 unless `dtype`; about 4 GiB for SD1.5, 7 GiB for SDXL in fp16)."""
+    import torch
+
+    from sd_lora.models.single_file import write_skeleton
+
+    write_skeleton(family, directory, prediction_type="epsilon", resolution=resolution)
+    components = [name for name in json.loads((directory / "model_index.json").read_text())
+                  if name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    for name in components:
+        module = meta_component(directory, name)
+        module = random_init(module.to(dtype) if dtype is not None else module, torch.device("cpu"))
+        module.save_pretrained(str(directory / name), safe_serialization=True)
+        del module
     return directory
+
+
+def save_sd15_model(directory: Path) -> Path:
+    """Full-size SD1.5 with random weights (about 4 GiB, fp32)."""
+    return save_random_model("sd1", directory, 512)
 
 
 # --- workers (one configuration per subprocess) ------------------------------------------------------
@@ -173,6 +181,8 @@ def peak_memory() -> dict:
     out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
     if torch.cuda.is_available():
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_reserved_peak_mib"] = torch.cuda.max_memory_reserved() / 2**20  # what the allocator held
+        out["cuda_total_mib"] = torch.cuda.get_device_properties(0).total_memory / 2**20
     return out
 
 
@@ -360,9 +370,7 @@ def worker_naive(args) -> dict:
 def worker_sd15(args) -> dict:
     """FLOPs and speed of one full-size SD1.5 U-Net LoRA step, against the measured matmul peak."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from sd_lora.lora.inject import inject_lora, trainable_parameters
     from sd_lora.lora.targets import unet_target_modules
@@ -400,10 +408,9 @@ def worker_sd15(args) -> dict:
 
     matmul_peak()
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP))
+    from sd_lora.models.single_file import SKELETONS
+
+    unet, vae, text_encoder = (meta_component(SKELETONS / "sd1", name) for name in ("unet", "vae", "text_encoder"))
     unet, vae, text_encoder = random_init(unet, device), random_init(vae, device).eval(), random_init(text_encoder, device).eval()
     inject_lora(unet, unet_target_modules(unet, "attn-mlp"), rank=16, alpha=16, dropout=0.0)
     unet.train()
@@ -526,10 +533,10 @@ def main() -> int:
     parser.add_argument("--experiments", action="store_true", help="also run the monkeypatched experiments")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
+    parser.add_argument("--model", choices=("tiny", *FULL_SIZE_FAMILY), default="tiny",
                         help="model of the training runs: the tiny SD1 model, or full-size SD1.5 with random weights (4 GiB on disk)")
-    parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 256 (sd15)")
-    parser.add_argument("--batch-size", type=int, help="default: 2 (tiny), 1 (sd15)")
+    parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 256 (sd15), 1024 (sdxl)")
+    parser.add_argument("--batch-size", type=int, help="default: 2 (tiny), 1 (sd15, sdxl)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--sd15-resolution", type=int, default=256)
     parser.add_argument("--sd15-steps", type=int, default=3)
@@ -553,22 +560,31 @@ def main() -> int:
         names += list(EXPERIMENTS)
     if not args.only:
         names.append("sd15")
-    sd15_model = args.model == "sd15"
-    args.resolution = args.resolution or (256 if sd15_model else 64)
-    args.batch_size = args.batch_size or (1 if sd15_model else 2)
+    full_size = args.model in FULL_SIZE_FAMILY
+    if args.model == "sdxl" and {"naive", "sd15"} & set(names):
+        raise SystemExit("--model sdxl: the naive loop is diffusers' SD1 example; pass --only with sd_lora configurations")
+    args.resolution = args.resolution or {"tiny": 64, "sd15": 256, "sdxl": 1024}[args.model]
+    args.batch_size = args.batch_size or (1 if full_size else 2)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = args.out / ("sd15-model" if sd15_model else "model")
+    args.model_dir = args.out / (f"{args.model}-model" if full_size else "model")
     if not (args.model_dir / "model_index.json").is_file():
         from sd_lora.models.tiny import save_tiny_model
 
-        save_sd15_model(args.model_dir) if sd15_model else save_tiny_model(args.model_dir)
+        if full_size:
+            import torch
+
+            sdxl = args.model == "sdxl"
+            save_random_model(FULL_SIZE_FAMILY[args.model], args.model_dir, 1024 if sdxl else 512,
+                              dtype=torch.float16 if sdxl else None)
+        else:
+            save_tiny_model(args.model_dir)
     if not (args.out / "data").is_dir():
         write_dataset(args.out / "data")
     info = machine()
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} ({info['threads']} threads)"
           + (f", {info['gpu']}" if "gpu" in info else "") + f"; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'full-size SD1.5 (random weights)' if sd15_model else 'tiny SD1'} model, {args.resolution} px, batch {args.batch_size}, rank {args.rank}, {args.steps} steps, "
+    print(f"{f'full-size {args.model} (random weights)' if full_size else 'tiny SD1'} model, {args.resolution} px, batch {args.batch_size}, rank {args.rank}, {args.steps} steps, "
           f"{args.repeats} repeats (median s/step after {WARMUP_STEPS} warm-up steps)")
 
     train_names = [n for n in names if n != "sd15"]
