@@ -54,3 +54,32 @@ def release_vae_encoder(vae: torch.nn.Module) -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return freed
+
+
+_CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: torch.OutOfMemoryError (CUDA, MPS, XPU) or the CPU allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(marker in str(error) for marker in _CPU_OUT_OF_MEMORY))
+
+
+def ways_to_fit(*, batch_size: int, gradient_accumulation_steps: int, gradient_checkpointing: bool, mixed_precision: str,
+                optimizer: str, train_text_encoder: bool, resolution: int, device_type: str) -> list[str]:
+    """What would lower this run's memory, most effective first, as flags to change (pure)."""
+    ways = []
+    if batch_size > 1:
+        ways.append(f"--batch-size {batch_size // 2} --gradient-accumulation-steps {gradient_accumulation_steps * 2} "
+                    "(the same images per optimizer step)")
+    if not gradient_checkpointing:
+        ways.append("--gradient-checkpointing (recomputes activations: about a third slower)")
+    if mixed_precision == "no":
+        ways.append("--mixed-precision bf16 (fp16 on GPUs without bf16)" if device_type != "cpu" else "--mixed-precision bf16")
+    if optimizer == "adamw" and device_type == "cuda":
+        ways.append("--optimizer adamw8bit (pip install 'sd_lora[bitsandbytes]')")
+    if train_text_encoder:
+        ways.append("training the U-Net only (drop --train-text-encoder)")
+    if resolution > 256:
+        ways.append(f"--resolution {resolution * 3 // 4 // 64 * 64} (fewer pixels per image)")
+    return ways

@@ -511,6 +511,14 @@ def train_lora(config: TrainConfig) -> TrainResult:
         except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
             outputs.close()
             raise Interrupted("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", 130) from None
+        except Exception as e:
+            if not memory.is_out_of_memory(e):
+                raise
+            out_of_memory = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
+        else:
+            out_of_memory = None
+        if out_of_memory:  # outside the handler, so the failed step's tensors (held by the traceback) are gone
+            raise out_of_memory_error(config, state, trainee, outputs, accelerator.device, out_of_memory)
         if stop.requested and state.step < total_steps:
             lora = outputs.save_lora(config.output_dir / f"{config.output_name}-step{state.step:08d}.safetensors", state)
             state_dir = outputs.save_state(state)
@@ -537,6 +545,27 @@ def train_lora(config: TrainConfig) -> TrainResult:
         print(memory.describe_peak(accelerator.device))
         print(f"done: {final}")
     return TrainResult(final, config, state, model.unet, model.text_encoders, outputs)
+
+
+def out_of_memory_error(config: TrainConfig, state: loop.TrainState, trainee: loop.Trainee, outputs: RunOutputs,
+                        device: torch.device, message: str) -> UserError:
+    """Save the LoRA of the last completed step and say which settings would fit (the error to raise)."""
+    trainee.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    saved = " Nothing had been trained yet."
+    if state.step > 0:
+        path = outputs.save_lora(config.output_dir / f"{config.output_name}-step{state.step:08d}.safetensors", state)
+        saved = f" The LoRA of step {state.step} was saved to {path}; --init-weights {path} starts a new run from it."
+    outputs.close()
+    ways = memory.ways_to_fit(
+        batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing, mixed_precision=config.mixed_precision, optimizer=config.optimizer,
+        train_text_encoder=config.train_text_encoder, resolution=config.resolution or outputs.model.native_resolution,
+        device_type=device.type,
+    )
+    advice = "\nTo fit, change one or more of: " + "; ".join(ways) if ways else ""
+    return UserError(f"out of {device.type} memory in step {state.step + 1} ({message}).{saved}{advice}\n{memory.describe_peak(device)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,3 +34,24 @@ def test_releasing_the_vae_encoder_keeps_decoding_exact():
     assert vae.encoder is None and not any(k.startswith(("encoder.", "quant_conv.")) for k in vae.state_dict())
     with torch.no_grad():
         assert torch.equal(vae.decode(latents).sample, before)
+
+
+def test_out_of_memory_is_recognised_on_gpus_and_the_cpu():
+    assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert memory.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes."))
+    assert not memory.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not memory.is_out_of_memory(ValueError("DefaultCPUAllocator: can't allocate memory"))
+
+
+def test_ways_to_fit_name_only_the_flags_that_would_change_something():
+    base = dict(batch_size=4, gradient_accumulation_steps=1, gradient_checkpointing=False, mixed_precision="no",
+                optimizer="adamw", train_text_encoder=True, resolution=1024, device_type="cuda")
+    ways = memory.ways_to_fit(**base)
+    assert ways[0].startswith("--batch-size 2 --gradient-accumulation-steps 2 ")  # keeps 4 images per step
+    assert [w.split(" (")[0] for w in ways[1:]] == [
+        "--gradient-checkpointing", "--mixed-precision bf16", "--optimizer adamw8bit",
+        "training the U-Net only", "--resolution 768"]
+    lean = dict(base, batch_size=1, gradient_checkpointing=True, mixed_precision="bf16", optimizer="adamw8bit",
+                train_text_encoder=False, resolution=256)
+    assert memory.ways_to_fit(**lean) == []
+    assert not any("adamw8bit" in w for w in memory.ways_to_fit(**dict(base, device_type="cpu")))  # CUDA only

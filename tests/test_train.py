@@ -344,3 +344,32 @@ def test_more_threads_than_cores_is_warned_about(monkeypatch, capsys):
         assert torch.get_num_threads() == 3
     assert torch.get_num_threads() == before
     assert "--threads 3 is more than the 2 CPU cores here" in capsys.readouterr().err
+
+
+def test_out_of_memory_keeps_the_last_step_and_says_what_would_fit(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """Step 3 runs out of memory: the LoRA of step 2 is saved and the error names the flags that use less."""
+    from sd_lora import loop
+    from sd_lora.errors import UserError
+
+    calls, compute_loss = [], loop.compute_loss
+
+    def failing_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return compute_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_loss", failing_third_step)
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as caught:
+        run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--sample-every", "0",
+                                   "--output-name", "zk")))
+    message = str(caught.value)
+    saved = out / "zk-step00000002.safetensors"
+    assert message.startswith("out of cpu memory in step 3 (OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB)")
+    assert f"saved to {saved}; --init-weights {saved} starts a new run from it" in message
+    assert "--batch-size 1 --gradient-accumulation-steps 2" in message and "--gradient-checkpointing" in message
+    assert "peak memory:" in message
+    with safe_open(str(saved), "pt") as f:
+        assert f.metadata()["ss_steps"] == "2" and len(list(f.keys())) == 48 * 3
+    assert not (out / "zk.safetensors").exists()
