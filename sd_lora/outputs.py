@@ -6,6 +6,7 @@ Only the main process writes files; every process takes part in the stop decisio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -64,7 +65,8 @@ class RunOutputs:
 
     def __init__(self, config: TrainConfig, model: BaseModel, accelerator, *, trainee: loop.Trainee, objective: loop.Objective,
                  dataset_meta: dict, prompts, total_steps: int, start_step: int, data_fingerprint: str,
-                 validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None):
+                 validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None,
+                 text_encoders_offloaded: bool = False):
         from tqdm.auto import tqdm
 
         self.config, self.model, self.acc = config, model, accelerator
@@ -77,6 +79,7 @@ class RunOutputs:
         self.data_fingerprint = data_fingerprint
         self.validation_items = validation_items
         self.stop = stop
+        self.text_encoders_offloaded = text_encoders_offloaded  # in CPU memory between sample grids
         self.best_validation = progress.best_validation if progress else None
         self.best_validation_step = progress.best_validation_step if progress else None
         self.smoothed: float | None = None
@@ -160,12 +163,27 @@ class RunOutputs:
         )
         return pipe, settings
 
+    @contextlib.contextmanager
+    def _generating(self):
+        """Around sampling: eager mode (no compile per grid size), and offloaded text encoders back on the device."""
+        moved = self.model.text_encoders if self.text_encoders_offloaded else []
+        for encoder in moved:
+            encoder.to(self.acc.device)
+        try:
+            with eager():
+                yield
+        finally:
+            for encoder in moved:
+                encoder.to("cpu")
+            if moved and self.acc.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def sample(self, step: int) -> None:
         if not self.main or not self.config.sample_every:
             return
         pipe, settings = self._sampling()
         cells: list = []
-        with eager():
+        with self._generating():
             grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}", cells_out=cells)
         self.last_sampled = (step, cells)
         if step == 0:
@@ -185,7 +203,7 @@ class RunOutputs:
             try:
                 for model in models:
                     set_lora_enabled(model, False)
-                with eager():
+                with self._generating():
                     before, _ = generate_images(pipe, self.prompts, settings)
             finally:
                 for model in models:
@@ -193,7 +211,7 @@ class RunOutputs:
         if self.last_sampled and self.last_sampled[0] == step:
             after = self.last_sampled[1]
         else:
-            with eager():
+            with self._generating():
                 after = generate_images(pipe, self.prompts, settings)[0]
         grid = side_by_side_grid(before, after, [p.prompt for p in self.prompts], list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")

@@ -461,10 +461,15 @@ def train_lora(config: TrainConfig) -> TrainResult:
         if state.step >= total_steps:
             raise UserError(f"--resume {resumed.path}: the run already has {state.step} steps; raise --max-steps or --epochs to extend it")
 
+    conditioner = Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip,
+                              cache_outputs=not config.train_text_encoder and not config.shuffle_tags and not config.tag_dropout)
+    drawn = [r.caption for r in dataset.records] + [v.caption for v in validation_items] + [""] * (config.caption_dropout > 0)
+    offloaded = cache_text_conditioning(conditioner, drawn, model, accelerator, weight_dtype)
     prompts = file_prompts or default_prompts([r.caption for r in train_records])
     if accelerator.is_main_process:
         cache_bytes = dataset.latent_cache.memory_bytes() if dataset.latent_cache is not None else 0
-        print(memory.describe_estimate(memory.estimate([model.unet, model.vae, *model.text_encoders], trainable, cache_bytes)))
+        placed = [model.unet, model.vae, *([] if offloaded else model.text_encoders)]
+        print(memory.describe_estimate(memory.estimate(placed, trainable, cache_bytes)))
         print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model,
                       len(validation_records), accelerator.num_processes))
         if resumed:
@@ -472,9 +477,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
 
     trainee = loop.Trainee(
         accelerator=accelerator, unet=unet, text_encoders=text_encoders,
-        conditioner=Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip,
-                                cache_outputs=not config.train_text_encoder and not config.shuffle_tags and not config.tag_dropout),
-        vae=None if config.cache_latents else model.vae, dataloader=dataloader,
+        conditioner=conditioner, vae=None if config.cache_latents else model.vae, dataloader=dataloader,
         batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable,
         train_text_encoder=config.train_text_encoder, weight_dtype=weight_dtype,
         max_grad_norm=config.max_grad_norm, generator=generator,
@@ -489,6 +492,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
             config, model, accelerator, trainee=trainee, objective=objective, dataset_meta={**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records))},
             prompts=prompts, total_steps=total_steps, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
+            text_encoders_offloaded=offloaded,
         )
         try:
             if not resumed:
@@ -535,6 +539,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     outputs.sample(state.step)
     outputs.compare_with_base(state.step)
     outputs.close()
+    for encoder in model.text_encoders if offloaded else []:  # the returned model on one device again
+        encoder.to(accelerator.device)
     if accelerator.is_main_process:
         if state.truncated_captions:
             print(f"warning: {state.truncated_captions} captions were longer than {model.tokenizer.model_max_length} tokens and were truncated", file=sys.stderr)
@@ -545,6 +551,28 @@ def train_lora(config: TrainConfig) -> TrainResult:
         print(memory.describe_peak(accelerator.device))
         print(f"done: {final}")
     return TrainResult(final, config, state, model.unet, model.text_encoders, outputs)
+
+
+def cache_text_conditioning(conditioner: Conditioner, captions: list[str], model: BaseModel, accelerator, dtype: torch.dtype) -> bool:
+    """Encode every caption the run can draw before training, batched (frozen text encoders, fixed captions).
+    On a GPU the text encoders then move to CPU memory: training never calls them again and sample grids bring
+    them back (SDXL's two encoders: about 1.6 GiB in bf16). Returns whether they were moved."""
+    if not conditioner.cache_outputs:
+        return False
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(set(captions)), desc="caching text", unit="caption", disable=not accelerator.is_main_process) as bar:
+        conditioner.cache(captions, accelerator.device, dtype, progress=bar.update)
+    if accelerator.device.type == "cpu":
+        return False
+    moved = sum(memory.module_bytes(e) for e in model.text_encoders)
+    for encoder in model.text_encoders:
+        encoder.to("cpu")
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if accelerator.is_main_process:
+        print(f"text encoder outputs cached: text encoders moved to the CPU ({moved / 2**20:.0f} MiB)")
+    return True
 
 
 def out_of_memory_error(config: TrainConfig, state: loop.TrainState, trainee: loop.Trainee, outputs: RunOutputs,

@@ -373,3 +373,22 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_would_fit(tiny_dataset,
     with safe_open(str(saved), "pt") as f:
         assert f.metadata()["ss_steps"] == "2" and len(list(f.keys())) == 48 * 3
     assert not (out / "zk.safetensors").exists()
+
+
+def test_text_encoder_runs_once_up_front_not_during_training(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Frozen text encoder, fixed captions: every caption is encoded in one batch before step 1 (the lazy cache
+    used to call the encoder from inside training steps as captions first appeared)."""
+    from sd_lora.models import load as load_module
+
+    calls, load_base_model = [], load_module.load_base_model
+
+    def counting(*args, **kwargs):
+        model = load_base_model(*args, **kwargs)
+        model.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(train_module, "load_base_model", counting)
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "6", "--sample-every", "0")))
+    captions = {p.read_text() for p in tiny_dataset.rglob("*.txt")}
+    assert len(captions) == 3 and calls == [3]  # the distinct captions of the six images, in one call
+    assert "caching text" in capsys.readouterr().err

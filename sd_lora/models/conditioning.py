@@ -41,6 +41,20 @@ class Conditioner:
             return self._cached(captions, batch, device, dtype)
         return self._encode(captions, batch, device, dtype)
 
+    def cache(self, captions, device, dtype, *, batch_size: int = 32, progress=None) -> int:
+        """Encode every distinct caption not cached yet, `batch_size` at a time, before training needs them;
+        `progress(n)` is called after each batch. Returns how many captions were encoded. Once every caption a
+        run can draw is cached, the text encoders are not called again and may live elsewhere (`offload`)."""
+        if not self.cache_outputs:
+            raise ValueError("cache() needs cache_outputs=True (frozen text encoders, fixed captions)")
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            self._cached(chunk, batch_for_text_only(len(chunk)), device, dtype)
+            if progress is not None:
+                progress(len(chunk))
+        return len(missing)
+
     def _cached(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
@@ -60,21 +74,26 @@ class Conditioner:
     def _encode(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
         if self.family != "sdxl":
             ids, truncated = tokenize(self.tokenizers[0], captions)
-            hidden = encode_tokens(self.text_encoders[0], ids.to(device), self.clip_skip)  # (B, 77, D)
-            return {"encoder_hidden_states": hidden}, truncated
+            hidden = encode_tokens(self.text_encoders[0], ids.to(_device_of(self.text_encoders[0])), self.clip_skip)  # (B, 77, D)
+            return {"encoder_hidden_states": hidden.to(device)}, truncated
         hidden_states, truncated, pooled = [], 0, None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids, n = tokenize(tokenizer, captions)
             truncated = max(truncated, n)
-            out = encoder(ids.to(device), output_hidden_states=True, return_dict=True)
+            out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True, return_dict=True)
             # SDXL conditions on the penultimate layer ("clip skip 2" is built in); --clip-skip N goes N-1
             # layers further back, without the final layer norm, as the SDXL pipeline does.
             hidden_states.append(out.hidden_states[-(self.clip_skip + 1)])
             pooled = getattr(out, "text_embeds", None)
-        hidden = torch.cat(hidden_states, dim=-1)  # (B, 77, 768 + 1280)
+        hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77, 768 + 1280)
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}  # (B, 1280), (B, 6)
+        added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device, dtype)}  # (B, 1280), (B, 6)
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}, truncated
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where a (possibly offloaded) text encoder's weights are: its inputs go there, its outputs come back."""
+    return next(module.parameters()).device
 
 
 def batch_for_text_only(n: int) -> dict:
