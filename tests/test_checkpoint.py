@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 
 from sd_lora import checkpoint, outputs
 from sd_lora.config import load_config
-from sd_lora.errors import Interrupted, UserError
+from sd_lora.errors import Interrupted
 from sd_lora.train import main, run
 
 # Everything random is switched on: LoRA dropout, flips, tag shuffling, caption dropout, noise offset,

@@ -15,11 +15,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sd_lora.formats.kohya import read_lora_file, save_lora_file, to_kohya_state_dict
-from sd_lora.formats.modelspec import family_metadata
-from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.formats.kohya import read_lora_file
 from sd_lora.lora.maths import delta
-from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
+from sd_lora.lora.targets import text_encoder_target_modules
 from sd_lora.errors import UserError
 from sd_lora.merge import main, parse_lora_arg, read_lora_modules
 from helpers import write_random_lora

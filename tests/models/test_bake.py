@@ -15,10 +15,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
-from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
-from sd_lora.formats.sgm import sgm_module_map
-from sd_lora.lora.inject import LoraModuleWeights
-from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.merge import main as merge_main
 from sd_lora.models.bake import BAKE_RECORD, bake_model
 from helpers import write_random_lora
