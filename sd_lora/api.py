@@ -28,7 +28,8 @@ from pathlib import Path
 
 from sd_lora.errors import UserError
 from sd_lora.formats.diffusers_format import to_diffusers_state_dict
-from sd_lora.formats.readers import architecture_of_pipeline, read_any_lora, require_exact, shape_mismatches
+from sd_lora.formats.architecture import architecture_of_pipeline
+from sd_lora.formats.readers import read_any_lora, require_exact, shape_mismatches
 
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> {adapter name: weight}
 

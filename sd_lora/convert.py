@@ -35,14 +35,8 @@ from sd_lora.formats.diffusers_format import (
     to_diffusers_state_dict,
 )
 from sd_lora.formats.kohya import HASH_KEY, save_lora_file, to_kohya_state_dict
-from sd_lora.formats.readers import (
-    Architecture,
-    LoraFile,
-    architecture_from_model_dir,
-    common_dtype,
-    read_any_lora,
-    require_exact,
-)
+from sd_lora.formats.architecture import Architecture, architecture_from_model_dir
+from sd_lora.formats.readers import LoraFile, common_dtype, read_any_lora, require_exact
 
 TARGETS = ("kohya", "diffusers")
 # kohya's family metadata (formats.modelspec); A1111 hides a LoRA whose ss_base_model_version does not match.

@@ -26,7 +26,7 @@ from torch import nn
 from sd_lora.errors import UserError
 from sd_lora.formats.kohya import kohya_module_name
 from sd_lora.formats.modelspec import family_metadata
-from sd_lora.formats.readers import family_of_config
+from sd_lora.formats.architecture import family_of_config
 from sd_lora.formats.sgm import sgm_module_map
 from sd_lora.lora import maths
 from sd_lora.lora.targets import UNET_PRESETS, text_encoder_target_modules, unet_target_modules

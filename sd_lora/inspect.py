@@ -28,13 +28,8 @@ from pathlib import Path
 
 from sd_lora.errors import UserError, run_cli
 from sd_lora.formats.diffusers_format import ADAPTER_METADATA_KEY, strip_peft_prefix
-from sd_lora.formats.readers import (
-    LoraFile,
-    ModuleEntry,
-    architecture_from_model_dir,
-    read_any_lora,
-    shape_mismatches,
-)
+from sd_lora.formats.architecture import architecture_from_model_dir
+from sd_lora.formats.readers import LoraFile, ModuleEntry, read_any_lora, shape_mismatches
 
 LOADERS = ("AUTOMATIC1111", "ComfyUI", "diffusers")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")

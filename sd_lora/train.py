@@ -163,7 +163,8 @@ def check_output_dir(path: Path) -> None:
 def read_init_weights(config: TrainConfig, model: BaseModel) -> tuple[TrainConfig, dict]:
     """--init-weights: the file's LoRA modules by component, and the config with its rank, alpha and
     text-encoder training taken from the file (a LoRA from any trainer, in any format sd_lora reads)."""
-    from .formats.readers import architecture_of, read_any_lora, require_exact
+    from .formats.architecture import architecture_of
+    from .formats.readers import read_any_lora, require_exact
 
     names = list(trained_modules(model, True))[1:]
     lora = read_any_lora(config.init_weights, architecture=architecture_of(model.unet, dict(zip(names, model.text_encoders))))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from sd_lora.convert import convert_lora, main
 from sd_lora.formats.kohya import save_lora_file, tensor_data_sha256, to_kohya_state_dict
-from sd_lora.formats.readers import architecture_of_pipeline
+from sd_lora.formats.architecture import architecture_of_pipeline
 from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline

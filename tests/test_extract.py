@@ -14,12 +14,8 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sd_lora.extract import main
-from sd_lora.formats.kohya import read_lora_file, save_lora_file, to_kohya_state_dict
-from sd_lora.formats.modelspec import family_metadata
-from sd_lora.formats.sgm import sgm_module_map
-from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.formats.kohya import read_lora_file
 from sd_lora.lora.maths import delta
-from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.merge import read_lora_modules
 from sd_lora.models.bake import bake_model
 from helpers import write_random_lora
@@ -102,7 +98,8 @@ def test_model_problems(tiny_model_dir, tmp_path, capsys):
 
 
 def test_sdxl_extract_uses_sgm_names(tmp_path, capsys):
-    from sd_lora.formats.readers import architecture_of_pipeline, read_any_lora
+    from sd_lora.formats.architecture import architecture_of_pipeline
+    from sd_lora.formats.readers import read_any_lora
     from sd_lora.models.tiny import save_tiny_sdxl_model
 
     base_dir = save_tiny_sdxl_model(tmp_path / "sdxl")

@@ -14,7 +14,7 @@ Key styles read (`LoraFile.format`):
 - `diffusers-old`: attention-processor keys (`...attn1.processor.to_q_lora.down.weight`), the text encoder's
   `...self_attn.to_q_lora.down.weight` / `...mlp.fc1.lora_linear_layer.down.weight` and `...to_q.lora.down.weight`.
 
-Names are resolved BY LOOKUP against every layer of an architecture (`Architecture`): a model you pass, or the
+Names are resolved BY LOOKUP against every layer of an architecture (`formats.architecture`): a model you pass, or the
 full-size SD1.5 / SD2.1 / SDXL base built on the meta device (cached), chosen from the file's family evidence.
 kohya names are never split back into paths by guessing which `_` was a `.`. Nothing is refused for being
 unusual: unknown names, norm-layer LoRA, LoHa, orphan alphas and stray keys are listed in `LoraFile.unsupported`
@@ -29,210 +29,23 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from sd_lora.errors import UserError
+from sd_lora.formats.architecture import Architecture, Layer, full_size_architecture
 from sd_lora.formats.diffusers_format import (
     COMPONENT_PREFIXES as DIFFUSERS_PREFIXES,
 )
 from sd_lora.formats.diffusers_format import (
     adapter_alpha,
-    diffusers_name_lookup,
     parse_adapter_metadata,
     strip_peft_prefix,
 )
-from sd_lora.formats.kohya import kohya_module_name, read_lora_file
-from sd_lora.formats.sgm import sgm_module_map
+from sd_lora.formats.kohya import read_lora_file
 from sd_lora.lora.inject import LoraModuleWeights
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 FORMATS = ("kohya", "diffusers", "diffusers-old")
-
-# --- architectures: every layer a LoRA name can point at ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layer:
-    kind: str  # "linear" | "conv" | "norm" | "embedding" | "other"
-    shape: tuple[int, ...]  # the layer's weight shape
-
-
-@dataclass(frozen=True, eq=False)
-class Architecture:
-    """The layers of a U-Net and its text encoders, by component and diffusers module path.
-
-    Components use the kohya vocabulary: `unet` + `text_encoder` (SD1/SD2) or `unet` + `text_encoder_1` +
-    `text_encoder_2` (SDXL). Text-encoder paths are as the loaded transformers model names them (a flattened
-    `CLIPTextModel` has no `text_model.`), which is also what `lora.inject.lora_weights` returns.
-    """
-
-    family: str  # "sd1" | "sd2" | "sdxl"
-    layers: Mapping[str, Mapping[str, Layer]]
-    sgm_paths: Mapping[str, str] | None = None  # SDXL: U-Net diffusers path -> SGM path (formats.sgm)
-
-    @cached_property
-    def kohya_names(self) -> dict[str, tuple[str, str, bool]]:
-        """kohya module name -> (component, path, written with an SGM name). SDXL U-Net layers are found
-        under both spellings (kohya writes SGM names; some tools write diffusers paths)."""
-        lookup: dict[str, tuple[str, str, bool]] = {}
-        for component, layers in self.layers.items():
-            for path in layers:
-                entries = [(kohya_module_name(component, path), False)]
-                if component == "unet" and self.sgm_paths and path in self.sgm_paths:
-                    entries.append((kohya_module_name("unet", path, sgm_paths=self.sgm_paths), True))
-                for name, sgm in entries:
-                    if lookup.setdefault(name, (component, path, sgm)) != (component, path, sgm):
-                        raise RuntimeError(f"{lookup[name]} and {(component, path)} both have the kohya name {name}")
-        return lookup
-
-    @cached_property
-    def diffusers_names(self) -> dict[str, tuple[str, str]]:
-        """diffusers module name (`unet.<path>`, `text_encoder.text_model.<path>`) -> (component, path)."""
-        return diffusers_name_lookup({c: list(layers) for c, layers in self.layers.items()})
-
-
-def architecture_of(unet: nn.Module, text_encoders: Mapping[str, nn.Module], family: str | None = None) -> Architecture:
-    """The `Architecture` of live (or meta-device) models; `text_encoders` keyed `text_encoder` (SD1/SD2) or
-    `text_encoder_1` / `text_encoder_2` (SDXL). PEFT LoRA wrappers already in the models are looked through."""
-    family = family or family_of_config(dict(unet.config), sdxl_text_encoders="text_encoder_2" in text_encoders)
-    layers = {"unet": _layers(unet)} | {name: _layers(model) for name, model in text_encoders.items()}
-    return Architecture(family, layers, sgm_module_map(unet) if family == "sdxl" else None)
-
-
-def architecture_of_pipeline(pipe) -> Architecture:
-    """`architecture_of` a diffusers SD / SDXL pipeline (its unet, text_encoder and text_encoder_2)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return architecture_of(pipe.unet, {"text_encoder_1": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2})
-    return architecture_of(pipe.unet, {"text_encoder": pipe.text_encoder})
-
-
-def architecture_from_model_dir(path: str | os.PathLike) -> Architecture:
-    """The `Architecture` of a local diffusers model folder, built from its configs on the meta device (no
-    weights are read, so this is quick even for SDXL)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file() or not (folder / "unet" / "config.json").is_file():
-        raise UserError(
-            f"--model {folder}: not a diffusers model folder (needs model_index.json and unet/config.json); "
-            "pass the folder that holds them"
-        )
-    try:
-        unet_config = UNet2DConditionModel.load_config(folder / "unet")
-        configs = {
-            sub: CLIPTextConfig.from_pretrained(folder / sub)
-            for sub in ("text_encoder", "text_encoder_2")
-            if (folder / sub / "config.json").is_file()
-        }
-    except (OSError, ValueError) as e:
-        message = f"--model {folder}: cannot read its configs ({e}); the folder is incomplete or damaged"
-        raise UserError(message) from None
-    if "text_encoder" not in configs:
-        raise UserError(f"--model {folder}: has no text_encoder/config.json; it is not a Stable Diffusion model")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        if "text_encoder_2" in configs:
-            text_encoders = {
-                "text_encoder_1": CLIPTextModel(configs["text_encoder"]),
-                "text_encoder_2": CLIPTextModelWithProjection(configs["text_encoder_2"]),
-            }
-        else:
-            text_encoders = {"text_encoder": CLIPTextModel(configs["text_encoder"])}
-    return architecture_of(unet, text_encoders)
-
-
-def family_of_config(unet_config: Mapping, *, sdxl_text_encoders: bool = False) -> str:
-    """"sdxl", "sd2" or "sd1" from a U-Net config (SD2 introduced linear projections; SDXL "text_time")."""
-    if sdxl_text_encoders or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    cross = unet_config.get("cross_attention_dim")
-    if cross in (768, 1024):
-        return "sd1" if cross == 768 else "sd2"
-    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
-
-
-# Full-size base models (/work/shared/reference/model-configs.md), for name resolution without a model.
-_FULL_SIZE_UNETS = {
-    "sd1": dict(cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False),
-    "sd2": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                upcast_attention=True, sample_size=96),
-    "sdxl": dict(
-        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048, use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        sample_size=128,
-    ),
-}  # fmt: skip
-_SD_UNET_DEFAULTS = dict(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64, norm_num_groups=32,
-)  # fmt: skip
-_CLIP = {  # hidden, intermediate, layers, heads, act (+ projection for SDXL's second encoder)
-    "vit-l": (768, 3072, 12, 12, "quick_gelu"),
-    "vit-h": (1024, 4096, 23, 16, "gelu"),
-    "vit-bigg": (1280, 5120, 32, 20, "gelu"),
-}
-
-
-@lru_cache(maxsize=None)
-def full_size_architecture(family: str) -> Architecture:
-    """SD1.5, SD2.1 or SDXL base 1.0, built once on the meta device."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-
-    def clip(kind: str, projection: bool = False):
-        hidden, intermediate, layers, heads, act = _CLIP[kind]
-        config = CLIPTextConfig(
-            vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, layer_norm_eps=1e-5,
-            bos_token_id=0, eos_token_id=2, projection_dim=hidden,
-        )  # fmt: skip
-        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**({**_SD_UNET_DEFAULTS, **_FULL_SIZE_UNETS[family]}))
-        if family == "sdxl":
-            text_encoders = {"text_encoder_1": clip("vit-l"), "text_encoder_2": clip("vit-bigg", projection=True)}
-        else:
-            text_encoders = {"text_encoder": clip("vit-l" if family == "sd1" else "vit-h")}
-    return architecture_of(unet, text_encoders, family)
-
-
-_PEFT_CHILD = re.compile(r"base_layer|lora_\w+")
-
-
-def _layers(model: nn.Module) -> dict[str, Layer]:
-    """Every module with a weight of its own, by path, looking through PEFT's LoRA wrappers."""
-    layers = {}
-    for name, module in model.named_modules():
-        if not name or any(_PEFT_CHILD.fullmatch(part) for part in name.split(".")):
-            continue
-        layer = getattr(module, "base_layer", module)
-        weight = layer._parameters.get("weight")
-        if weight is not None:
-            layers[name] = Layer(_kind(layer), tuple(weight.shape))
-    return layers
-
-
-def _kind(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if isinstance(layer, nn.Conv2d):
-        return "conv"
-    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
-        return "norm"
-    return "embedding" if isinstance(layer, nn.Embedding) else "other"
-
 
 # --- what a file holds ---------------------------------------------------------------------------------------
 

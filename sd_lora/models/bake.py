@@ -26,13 +26,8 @@ from torch import nn
 
 from sd_lora.errors import UserError
 from sd_lora.export import SAVE_DTYPES
-from sd_lora.formats.readers import (
-    architecture_of_pipeline,
-    family_of_config,
-    read_any_lora,
-    require_exact,
-    shape_mismatches,
-)
+from sd_lora.formats.architecture import architecture_of_pipeline, family_of_config
+from sd_lora.formats.readers import read_any_lora, require_exact, shape_mismatches
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
 

@@ -13,14 +13,8 @@ from safetensors.torch import save_file
 from sd_lora.errors import UserError
 from sd_lora.formats.diffusers_format import to_diffusers_state_dict
 from sd_lora.formats.kohya import kohya_module_name, to_kohya_state_dict
-from sd_lora.formats.readers import (
-    architecture_of_pipeline,
-    full_size_architecture,
-    parse_lora_state_dict,
-    read_any_lora,
-    read_as_kohya,
-    shape_mismatches,
-)
+from sd_lora.formats.architecture import architecture_of_pipeline, full_size_architecture
+from sd_lora.formats.readers import parse_lora_state_dict, read_any_lora, read_as_kohya, shape_mismatches
 from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
