@@ -335,7 +335,6 @@ def worker_naive(args) -> dict:
     unet.train()
     step_s, step, train_loss, train_rss = [], 0, 0.0, 0.0
     with profiled(args.profile) as step_done:
-        setup_s = time.perf_counter() - started
         last = time.perf_counter()
         while step < args.steps:
             for batch in loader:

@@ -116,7 +116,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, tokenizer_dir: Path 
     `sd1` has 1x1-conv `proj_in/proj_out` and epsilon prediction; `sd2` uses linear projections, GELU CLIP
     and upcast attention; `sd2-v` is `sd2` with v-prediction, like SD2.1-768.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if family not in FAMILIES:
@@ -220,7 +220,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", to
     Euler scheduler with SDXL's betas. `tokenizer_dir` (optional) holds `tokenizer/` and `tokenizer_2/`, written
     there when missing; TE2's tokenizer pads with "!" as SDXL's does.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if prediction_type not in ("epsilon", "v_prediction"):
