@@ -15,7 +15,7 @@ from sd_lora.lora.targets import unet_target_modules
 from sd_lora.models.conditioning import Conditioner
 from sd_lora.models.load import load_base_model
 from sd_lora.optim import build_lr_scheduler, build_optimizer
-from sd_lora.train import make_accelerator
+from sd_lora.trainee_setup import make_accelerator
 
 MIXED = {torch.float32: "no", torch.bfloat16: "bf16"}
 

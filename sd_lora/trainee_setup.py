@@ -1,0 +1,149 @@
+"""The models of a run made ready to train: the Accelerator, the frozen base placed in its compute dtype with LoRA
+injected in fp32 (from a preset or an --init-weights file), and the text encoders' outputs cached up front.
+
+`train.train_lora` calls these in order; each takes the resolved `TrainConfig` (`--mixed-precision` already
+decided, never "auto").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+
+from . import memory
+from .compiling import compile_unet
+from .config import TrainConfig
+from .errors import UserError
+from .export import trained_modules
+from .lora.inject import inject_lora, load_lora_weights_into, trainable_parameters
+from .lora.targets import text_encoder_target_modules, unet_target_modules
+from .models.conditioning import Conditioner
+from .models.load import BaseModel
+from .precision import vae_dtype
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(config: TrainConfig):
+    """The Accelerator for a resolved `config` (`mixed_precision` is no, fp16 or bf16, not auto)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    # Hack: accelerate keeps one process-wide state and refuses a second Accelerator with another
+    # mixed precision. A notebook (or test) that trains twice in one process needs a fresh one; reset
+    # it only in single-process runs, where no other rank shares that state.
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # Without a GPU, say so: under `accelerate launch --num_processes N` accelerate then joins the processes
+    # with gloo on the CPU instead of running N independent trainings.
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def read_init_weights(config: TrainConfig, model: BaseModel) -> tuple[TrainConfig, dict]:
+    """--init-weights: the file's LoRA modules by component, and the config with its rank, alpha and
+    text-encoder training taken from the file (a LoRA from any trainer, in any format sd_lora reads)."""
+    from .formats.architecture import architecture_of
+    from .formats.readers import read_any_lora, require_exact
+
+    names = list(trained_modules(model, True))[1:]
+    lora = read_any_lora(config.init_weights, architecture=architecture_of(model.unet, dict(zip(names, model.text_encoders))))
+    require_exact(lora, "start training from")
+    modules = [w for component in lora.components.values() for w in component.values()]
+    ranks, alphas = {w.rank for w in modules}, {round(w.alpha, 6) for w in modules}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise UserError(f"--init-weights {config.init_weights}: modules have different ranks {sorted(ranks)} or alphas "
+                        f"{sorted(alphas)}; make them uniform first, e.g. python -m sd_lora.resize IN OUT --rank {max(ranks)}")
+    text = any(lora.components.get(n) for n in names)
+    print(f"--init-weights {config.init_weights}: {lora.format} file, rank {modules[0].rank}, alpha {modules[0].alpha:g}, "
+          f"{len(lora.components.get('unet', {}))} U-Net modules" + (", text encoder modules too (they train)" if text else ""))
+    config = dataclasses.replace(config, rank=modules[0].rank, alpha=modules[0].alpha, train_text_encoder=text)
+    return config, lora.components
+
+
+def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, weight_dtype: torch.dtype,
+                   init_weights: dict | None = None) -> list[torch.nn.Parameter]:
+    """Freeze the base, inject LoRA where the preset (or the --init-weights file) says, cast and place;
+    returns the trainable parameters."""
+    for module in (model.unet, model.vae, *model.text_encoders):
+        module.requires_grad_(False)
+        module.to(device)
+        dtype = vae_dtype(model.family, weight_dtype, replaced=bool(model.vae_name)) if module is model.vae else weight_dtype
+        if next(module.parameters()).dtype != dtype:  # loading usually chose it already
+            module.to(dtype=dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 tensor cores for fp32 matmuls/convs
+        torch.backends.cudnn.allow_tf32 = True
+        model.unet.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on tensor cores
+    if config.xformers:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UserError("--xformers needs the xformers package: pip install 'sd_lora[xformers]' (CUDA GPUs), or drop --xformers to use PyTorch SDPA") from None
+        model.unet.enable_xformers_memory_efficient_attention()
+    # LoRA parameters are created and kept in fp32 whatever the base dtype.
+    lora = dict(rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)
+    text_encoders = model.text_encoders if config.train_text_encoder else []
+    targets = dict(zip(trained_modules(model, config.train_text_encoder), [model.unet, *text_encoders]))
+    for component, module in targets.items():
+        if init_weights is not None:
+            inject_lora(module, sorted(init_weights.get(component, {})), **lora)
+            load_lora_weights_into(module, init_weights.get(component, {}), source=str(config.init_weights))
+        elif component == "unet":
+            inject_lora(module, unet_target_modules(module, config.targets), **lora)
+        else:  # SDXL: both encoders, six linears per layer each
+            inject_lora(module, text_encoder_target_modules(module), **lora)
+    for module in (model.unet, *model.text_encoders):
+        module.to(device)
+    if config.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for encoder in text_encoders:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_unet(model.unet, config.compile)
+    model.unet.train()
+    for encoder in model.text_encoders:
+        encoder.train(config.train_text_encoder)
+    model.vae.eval()
+    return trainable_parameters(model.unet) + [p for e in text_encoders for p in trainable_parameters(e)]
+
+
+def cache_text_conditioning(conditioner: Conditioner, captions: list[str], model: BaseModel, accelerator, dtype: torch.dtype) -> bool:
+    """Encode every caption the run can draw before training, batched (frozen text encoders, fixed captions).
+    On a GPU the text encoders then move to CPU memory: training never calls them again and sample grids bring
+    them back (SDXL's two encoders: about 1.6 GiB in bf16). Returns whether they were moved."""
+    if not conditioner.cache_outputs:
+        return False
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(set(captions)), desc="caching text", unit="caption", disable=not accelerator.is_main_process) as bar:
+        conditioner.cache(captions, accelerator.device, dtype, progress=bar.update)
+    if accelerator.device.type == "cpu":
+        return False
+    moved = sum(memory.module_bytes(e) for e in model.text_encoders)
+    for encoder in model.text_encoders:
+        encoder.to("cpu")
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if accelerator.is_main_process:
+        print(f"text encoder outputs cached: text encoders moved to the CPU ({moved / 2**20:.0f} MiB)")
+    return True
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """Run with `threads` CPU threads for PyTorch's operations (None: PyTorch's own setting), and put the previous
+    count back afterwards, so that a notebook or script that trains keeps its setting."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            print(f"warning: --threads {threads} is more than the {cores} CPU cores here; threads that share a core wait on "
+                  f"each other (use --threads {cores} or fewer)", file=sys.stderr)
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
