@@ -1,5 +1,6 @@
 """The models of a run made ready to train: the Accelerator, the frozen base placed in its compute dtype with LoRA
-injected in fp32 (from a preset or an --init-weights file), and the text encoders' outputs cached up front.
+injected in fp32 (from a preset or an --init-weights file), the text encoders' outputs cached up front, and the
+CPU threads the run uses.
 
 `train.train_lora` calls these in order; each takes the resolved `TrainConfig` (`--mixed-precision` already
 decided, never "auto").
