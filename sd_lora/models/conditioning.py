@@ -44,7 +44,8 @@ class Conditioner:
     def cache(self, captions, device, dtype, *, batch_size: int = 32, progress=None) -> int:
         """Encode every distinct caption not cached yet, `batch_size` at a time, before training needs them;
         `progress(n)` is called after each batch. Returns how many captions were encoded. Once every caption a
-        run can draw is cached, the text encoders are not called again and may live elsewhere (`offload`)."""
+        run can draw is cached, the text encoders are not called again (on a GPU `trainee_setup.cache_text_conditioning`
+        then moves them to CPU memory; an encoder is always run where its weights are)."""
         if not self.cache_outputs:
             raise ValueError("cache() needs cache_outputs=True (frozen text encoders, fixed captions)")
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
@@ -87,7 +88,8 @@ class Conditioner:
             pooled = getattr(out, "text_embeds", None)
         hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77, 768 + 1280)
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-        added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device, dtype)}  # (B, 1280), (B, 6)
+        pooled = None if pooled is None else pooled.to(device)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}  # (B, 1280), (B, 6)
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}, truncated
 
 
