@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import checkpoint, loop
+from . import checkpoint, loop, memory
 from .compiling import eager
 from .config import TrainConfig
 from .errors import UserError
@@ -91,6 +91,7 @@ class RunOutputs:
         self.last_sampled: tuple[int, list] | None = None
         # Step 0's samples are the base model's exactly when training starts from zero LoRA weights here.
         self.base_at_step_0 = start_step == 0 and not config.init_weights
+        self.first_step = start_step + 1  # after it the peak includes a step's activations: reported once
         self.skipped_steps = 0
         self.progress = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
         self._process = psutil.Process()
@@ -107,6 +108,8 @@ class RunOutputs:
         if self.main:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")
+            if state.step == self.first_step:  # the estimate printed before training had no activations in it
+                self.progress.write(f"after step {state.step}, {memory.describe_peak(self.acc.device)}")
         c, step = self.config, state.step
         before_end = step < self.total_steps
         if self.validation_items and (step % c.validate_every == 0 or not before_end):

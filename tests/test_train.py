@@ -36,6 +36,7 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert "images: 6 (12 per epoch with repeats)" in proc.stdout
     assert "total steps: 4" in proc.stdout and "trainable parameters:" in proc.stdout
     assert "latents cached: VAE encoder released" in proc.stdout  # samples still decode (grids below)
+    assert proc.stdout.count("after step 1, peak memory: ") == 1  # measured with a step's activations, once
     assert f"done: {out / 'zk.safetensors'}" in proc.stdout
     # Files: final + intermediate LoRA, grids at 0, every 2 steps and the end, config, metrics.
     assert (out / "zk.safetensors").is_file() and (out / "zk-step00000002.safetensors").is_file()
