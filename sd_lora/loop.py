@@ -62,7 +62,7 @@ class Trainee:
 
 
 class Hooks(Protocol):
-    def on_step_end(self, state: TrainState, loss: float, lr: float, seconds: float) -> None: ...
+    def on_step_end(self, state: TrainState, loss: float, lr: float, seconds: float, grad_norm: float) -> None: ...
 
     def on_skipped_step(self, state: TrainState, loss: float, grad_norm: float) -> None: ...
 
@@ -158,9 +158,11 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             # One optimizer step: check, clip, step, schedule.
             if acc.num_processes > 1:  # every rank must take the same skip/stop decision: use the global mean
                 accumulated = acc.reduce(accumulated, reduction="mean")
-            accumulated = float(accumulated)  # the one host sync per step: logging and the NaN check need it
             norm = gradient_norm(t)
-            finite = math.isfinite(accumulated) and (not check_gradients or bool(torch.isfinite(norm)))
+            # The one host sync per step: logging and the NaN check need the loss and the gradient norm.
+            accumulated, grad_norm = torch.stack([torch.as_tensor(accumulated, dtype=torch.float32, device=norm.device),
+                                                  norm.float()]).tolist()
+            finite = math.isfinite(accumulated) and (not check_gradients or math.isfinite(grad_norm))
             lr = t.lr_scheduler.get_last_lr()[0]  # the rate this step uses
             if finite:
                 t.optimizer.step()
@@ -169,11 +171,11 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             if not finite:
                 state.nan_steps += 1
                 if state.nan_steps > nan_skip:
-                    raise NonFiniteLoss(state.step + 1, accumulated, float(norm))
-                hooks.on_skipped_step(state, accumulated, float(norm))
+                    raise NonFiniteLoss(state.step + 1, accumulated, grad_norm)
+                hooks.on_skipped_step(state, accumulated, grad_norm)
             else:
                 state.step += 1
-                hooks.on_step_end(state, accumulated, lr, time.perf_counter() - started)
+                hooks.on_step_end(state, accumulated, lr, time.perf_counter() - started, grad_norm)
             accumulated, started = 0.0, time.perf_counter()
             if state.batch_in_epoch == per_epoch:  # the epoch is complete: the position moves to the next one
                 state.epoch += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
@@ -101,10 +102,11 @@ class RunOutputs:
 
     # --- loop.Hooks ------------------------------------------------------------------------------------
 
-    def on_step_end(self, state: loop.TrainState, loss: float, lr: float, seconds: float) -> None:
+    def on_step_end(self, state: loop.TrainState, loss: float, lr: float, seconds: float, grad_norm: float) -> None:
         self.state = state
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        self.log({"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr})
+        norm = grad_norm if math.isfinite(grad_norm) else None  # fp16: the loss scaler's overflow steps; JSON has no inf
+        self.log({"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": norm})
         if self.main:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")

@@ -38,10 +38,11 @@ class FixedBatches:
 
 class Recorder:
     def __init__(self, stop_at=None):
-        self.losses, self.skipped, self.stop_at = [], [], stop_at
+        self.losses, self.skipped, self.stop_at, self.grad_norms = [], [], stop_at, []
 
-    def on_step_end(self, state, loss, lr, seconds):
+    def on_step_end(self, state, loss, lr, seconds, grad_norm):
         self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
 
     def on_skipped_step(self, state, loss, grad_norm):
         self.skipped.append(state.step + 1)
@@ -96,6 +97,7 @@ def test_loss_goes_down_on_a_fixed_batch(tiny_model_dir):
     state = loop.train(trainee, objective, loop.TrainState(), max_steps=60, hooks=recorder)
     after = fixed_loss(trainee, objective, batch)
     assert state.step == 60 and len(recorder.losses) == 60
+    assert len(recorder.grad_norms) == 60 and all(0 < g < 1e3 for g in recorder.grad_norms)  # pre-clip L2 norms
     assert after < 0.75 * before, (before, after)
     # Only LoRA moved: every base weight is bit-identical.
     for name, p in model.unet.named_parameters():

@@ -46,7 +46,7 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert config["resolution"] == 32 and config["output-name"] == "zk" and config["prediction-type"] == "epsilon"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert all({"loss", "lr", "elapsed", "epoch"} <= m.keys() and m["loss"] > 0 for m in metrics)
+    assert all({"loss", "lr", "elapsed", "epoch", "grad_norm"} <= m.keys() and m["loss"] > 0 and m["grad_norm"] > 0 for m in metrics)
     # The file: kohya keys only, fp16 by default, metadata.
     with safe_open(str(out / "zk.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
