@@ -98,7 +98,8 @@ class RunOutputs:
         self._process = psutil.Process()
         if self.main:
             atomic_write_text(self.out / "config.toml", config.to_toml())
-            self.metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
+            # A resumed run continues its log; a new run in the same folder starts one (old lines would repeat steps).
+            self.metrics = open(self.out / "metrics.jsonl", "a" if progress else "w", encoding="utf-8", buffering=1)
 
     # --- loop.Hooks ------------------------------------------------------------------------------------
 

@@ -393,3 +393,11 @@ def test_text_encoder_runs_once_up_front_not_during_training(tiny_dataset, tiny_
     captions = {p.read_text() for p in tiny_dataset.rglob("*.txt")}
     assert len(captions) == 3 and calls == [3]  # the distinct captions of the six images, in one call
     assert "caching text" in capsys.readouterr().err
+
+
+def test_a_new_run_in_the_same_folder_starts_a_new_metrics_log(tiny_dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    for steps in ("3", "2"):
+        run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", steps, "--sample-every", "0")))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the second run's log only (a resumed run appends: tests/test_checkpoint.py)
