@@ -119,7 +119,9 @@ def total_ram_mib() -> float:
 
 def report(model: str, resolution: int, runs: list[dict]) -> dict:
     print(f"\n{model} at {resolution} px, rank-16 attn-mlp LoRA")
-    print(f"{'batch':>6}{'s/it':>9}{'images/s':>10}{'peak MiB':>10}{'RSS MiB':>9}")
+    total = next((r["device_total_mib"] for r in runs if r.get("device_total_mib")), None)
+    print(f"{'batch':>6}{'s/it':>9}{'images/s':>10}{'peak MiB':>10}{'RSS MiB':>9}"
+          + (f"   (GPU memory {total:.0f} MiB; peak = CUDA reserved)" if total else "   (peak = RSS)"))
     for r in runs:
         if r["ok"]:
             print(f"{r['batch']:>6}{r['s_per_it']:>9.3f}{r['images_per_s']:>10.2f}{r['peak_mib']:>10.0f}{r['peak_rss_mib']:>9.0f}")
@@ -153,8 +155,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not (data_root(args) / "data").is_dir():
         train_speed.write_dataset(data_root(args) / "data", count=min(8, args.max_batch), repeats=math.ceil(args.max_batch / 8), square=True)
-    info = train_speed.machine()
-    print(f"machine: {info.get('gpu', 'no GPU')}; {info['nproc']} CPUs; torch {info['torch']}; config {args.config}")
+    # Not train_speed.machine(): asking torch about the GPU here would create a CUDA context in this process and
+    # hold some of the memory the runs are sizing their batches against.
+    from importlib.metadata import version
+
+    info = {"nproc": os.cpu_count(), "torch": version("torch")}
+    print(f"machine: {info['nproc']} CPUs; torch {info['torch']}; config {args.config} (device memory: per run below)")
     started = time.perf_counter()
     summary = {"machine": info, "config": args.config, "models": []}
     for model in models:
