@@ -38,19 +38,8 @@ OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA out of memory", "DefaultCPUAllocator:
 
 def model_folder(args, model: str) -> Path:
     """The diffusers folder `model` trains from, written once under --out."""
-    kind, _ = MODELS[model]
-    folder = args.out / f"{kind}-model"
-    if not (folder / "model_index.json").is_file():
-        if kind == "tiny":
-            from sd_lora.models.tiny import save_tiny_model
-
-            save_tiny_model(folder)
-        else:
-            import torch
-
-            family = train_speed.FULL_SIZE_FAMILY[kind]
-            train_speed.save_random_model(family, folder, MODELS[model][1], dtype=torch.float16 if kind == "sdxl" else None)
-    return folder
+    kind, resolution = MODELS[model]
+    return train_speed.write_model(kind, args.out / f"{kind}-model", resolution)
 
 
 def data_root(args) -> Path:
@@ -66,12 +55,12 @@ def train(args, model: str, batch: int) -> dict:
     result = args.out / "results" / f"{name}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(train_speed.__file__)), "--worker", args.config, "--result", str(result),
-               "--out", str(data_root(args)), "--run-dir", str(args.out / "runs" / name), "--model-dir", str(model_folder(args, model)),
-               "--resolution", str(resolution), "--batch-size", str(batch), "--rank", str(args.rank), "--steps", str(args.steps)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    command = train_speed.worker_command(args.config, result=result, out=data_root(args), run_dir=args.out / "runs" / name,
+                                         model_dir=model_folder(args, model), resolution=resolution, batch_size=batch,
+                                         rank=args.rank, steps=args.steps)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=train_speed.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, cwd=train_speed.ROOT, env={**os.environ, **train_speed.WORKER_ENV},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
     if done.returncode:
         killed = done.returncode < 0  # the kernel's OOM killer on a CPU

@@ -167,6 +167,22 @@ def save_random_model(family: str, directory: Path, resolution: int, dtype=None)
     return directory
 
 
+def write_model(kind: str, directory: Path, resolution: int | None = None) -> Path:
+    """The diffusers folder a `--model` kind ("tiny", "sd15", "sdxl") trains from, written once: the tiny SD1 model,
+    or full size with random weights (SDXL in fp16), its configs sized for `resolution` (default: native)."""
+    if (directory / "model_index.json").is_file():
+        return directory
+    if kind not in FULL_SIZE_FAMILY:
+        from sd_lora.models.tiny import save_tiny_model
+
+        return save_tiny_model(directory)
+    import torch
+
+    sdxl = kind == "sdxl"
+    return save_random_model(FULL_SIZE_FAMILY[kind], directory, resolution or (1024 if sdxl else 512),
+                             dtype=torch.float16 if sdxl else None)
+
+
 def save_sd15_model(directory: Path) -> Path:
     """Full-size SD1.5 with random weights (about 4 GiB, fp32)."""
     return save_random_model("sd1", directory, 512)
@@ -488,19 +504,28 @@ def run_worker(args) -> int:
 # --- parent: run, summarise ------------------------------------------------------------------------------
 
 
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def worker_command(name: str, *, result: Path, out: Path, run_dir: Path, model_dir: Path, resolution: int,
+                   batch_size: int, rank: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of one configuration's worker subprocess (`run_worker`); the dataset is `out/data`."""
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result", str(result), "--out", str(out),
+            "--run-dir", str(run_dir), "--model-dir", str(model_dir), "--resolution", str(resolution),
+            "--batch-size", str(batch_size), "--rank", str(rank), "--steps", str(steps), *extra]
+
+
 def spawn(args, name: str, repeat: int) -> dict:
     result = args.out / "results" / f"{name}-{repeat}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, __file__, "--worker", name, "--result", str(result), "--out", str(args.out),
-               "--run-dir", str(args.out / "runs" / f"{name}-{repeat}"), "--model-dir", str(args.model_dir),
-               "--resolution", str(args.resolution),
-               "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--steps", str(args.steps),
-               "--sd15-resolution", str(args.sd15_resolution), "--sd15-steps", str(args.sd15_steps)]
+    extra = ("--sd15-resolution", str(args.sd15_resolution), "--sd15-steps", str(args.sd15_steps))
     if args.profile == name:
-        command += ["--profile", name]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        extra += ("--profile", name)
+    command = worker_command(name, result=result, out=args.out, run_dir=args.out / "runs" / f"{name}-{repeat}",
+                             model_dir=args.model_dir, resolution=args.resolution, batch_size=args.batch_size,
+                             rank=args.rank, steps=args.steps, extra=extra)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if not args.verbose else None,
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **WORKER_ENV}, stdout=subprocess.DEVNULL if not args.verbose else None,
                           stderr=None if args.verbose or args.profile == name else subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"configuration {name} failed:\n{(done.stderr or '')[-3000:]}")
@@ -566,18 +591,7 @@ def main() -> int:
     args.batch_size = args.batch_size or (1 if full_size else 2)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = args.out / (f"{args.model}-model" if full_size else "model")
-    if not (args.model_dir / "model_index.json").is_file():
-        from sd_lora.models.tiny import save_tiny_model
-
-        if full_size:
-            import torch
-
-            sdxl = args.model == "sdxl"
-            save_random_model(FULL_SIZE_FAMILY[args.model], args.model_dir, 1024 if sdxl else 512,
-                              dtype=torch.float16 if sdxl else None)
-        else:
-            save_tiny_model(args.model_dir)
+    args.model_dir = write_model(args.model, args.out / (f"{args.model}-model" if full_size else "model"))
     if not (args.out / "data").is_dir():
         write_dataset(args.out / "data")
     info = machine()
