@@ -43,6 +43,16 @@ def describe_peak(device: torch.device) -> str:
     return text
 
 
+def move_modules(modules: list[torch.nn.Module], device: torch.device | str) -> None:
+    """Move `modules` to `device`; GPU memory they leave behind goes back to the device at once (PyTorch's caching
+    allocator would otherwise keep it for this process)."""
+    leaves_gpu = torch.device(device).type != "cuda" and any(next(m.parameters()).is_cuda for m in modules)
+    for module in modules:
+        module.to(device)
+    if leaves_gpu:
+        torch.cuda.empty_cache()
+
+
 def release_vae_encoder(vae: torch.nn.Module) -> int:
     """Drop the VAE's encoder half (and quant_conv) once every latent is cached: sampling only decodes.
     Returns the bytes of parameters let go (SD1.5/SDXL: about 130 MiB in fp32)."""

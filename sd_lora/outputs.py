@@ -173,16 +173,12 @@ class RunOutputs:
     def _generating(self):
         """Around sampling: eager mode (no compile per grid size), and offloaded text encoders back on the device."""
         moved = self.model.text_encoders if self.text_encoders_offloaded else []
-        for encoder in moved:
-            encoder.to(self.acc.device)
+        memory.move_modules(moved, self.acc.device)
         try:
             with eager():
                 yield
         finally:
-            for encoder in moved:
-                encoder.to("cpu")
-            if moved and self.acc.device.type == "cuda":
-                torch.cuda.empty_cache()
+            memory.move_modules(moved, "cpu")
 
     def sample(self, step: int) -> None:
         if not self.main or not self.config.sample_every:

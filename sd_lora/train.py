@@ -440,8 +440,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     outputs.sample(state.step)
     outputs.compare_with_base(state.step)
     outputs.close()
-    for encoder in model.text_encoders if offloaded else []:  # the returned model on one device again
-        encoder.to(accelerator.device)
+    if offloaded:  # the returned model on one device again
+        memory.move_modules(model.text_encoders, accelerator.device)
     if accelerator.is_main_process:
         if state.truncated_captions:
             print(f"warning: {state.truncated_captions} captions were longer than {model.tokenizer.model_max_length} tokens and were truncated", file=sys.stderr)

@@ -124,10 +124,7 @@ def cache_text_conditioning(conditioner: Conditioner, captions: list[str], model
     if accelerator.device.type == "cpu":
         return False
     moved = sum(memory.module_bytes(e) for e in model.text_encoders)
-    for encoder in model.text_encoders:
-        encoder.to("cpu")
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
+    memory.move_modules(model.text_encoders, "cpu")
     if accelerator.is_main_process:
         print(f"text encoder outputs cached: text encoders moved to the CPU ({moved / 2**20:.0f} MiB)")
     return True

@@ -55,3 +55,13 @@ def test_ways_to_fit_name_only_the_flags_that_would_change_something():
                 train_text_encoder=False, resolution=256)
     assert memory.ways_to_fit(**lean) == []
     assert not any("adamw8bit" in w for w in memory.ways_to_fit(**dict(base, device_type="cpu")))  # CUDA only
+
+
+def test_move_modules_moves_every_module_and_frees_gpu_cache_only_when_leaving_a_gpu(monkeypatch):
+    freed = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
+    modules = [torch.nn.Linear(2, 2), torch.nn.Linear(3, 1)]
+    memory.move_modules(modules, "meta")
+    assert all(p.is_meta for m in modules for p in m.parameters())
+    memory.move_modules([], "cpu")
+    assert freed == []  # nothing was on a GPU (the CUDA branch needs a GPU to run)
