@@ -160,27 +160,6 @@ def test_should_stop_ends_after_the_current_step(tiny_model_dir):
     assert state.step == 3 and state.batch_in_epoch == 3 and state.epoch == 0
 
 
-def test_cached_text_conditioning_equals_fresh_encoding(tiny_model_dir, tiny_sdxl_model_dir):
-    from sd_lora.models.load import load_base_model
-
-    captions = ["zkchar, red circle", "", "zkchar, red circle", "a blue square"]
-    batch = {"original_size": torch.tensor([[40, 36]] * 4), "crop_top_left": torch.tensor([[2, 0]] * 4),
-             "target_size": torch.tensor([[32, 32]] * 4)}
-    for model_dir in (tiny_model_dir, tiny_sdxl_model_dir):
-        model = load_base_model(str(model_dir))
-        fresh = Conditioner(model.family, model.tokenizers, model.text_encoders)
-        cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True)
-        with torch.no_grad():
-            a, _ = fresh(captions, batch, "cpu", torch.float32)
-            cached(captions[:2], {k: v[:2] for k, v in batch.items()}, "cpu", torch.float32)  # fills two entries
-            b, _ = cached(captions, batch, "cpu", torch.float32)
-        assert len(cached._cache) == 3  # one entry per distinct caption
-        assert torch.allclose(a["encoder_hidden_states"], b["encoder_hidden_states"], atol=1e-6)
-        if model.family == "sdxl":
-            for key in ("text_embeds", "time_ids"):
-                assert torch.allclose(a["added_cond_kwargs"][key], b["added_cond_kwargs"][key], atol=1e-6)
-
-
 def test_prior_samples_weigh_prior_loss_weight(tiny_model_dir):
     import dataclasses
 

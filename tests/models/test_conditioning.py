@@ -11,6 +11,33 @@ from sd_lora.models.load import load_base_model
 CAPTIONS = ["zkchar, red circle", "", "zkchar, red circle", "a blue square", "zkchar, green star"]
 
 
+def _sizes(n: int) -> dict:
+    return {"original_size": torch.tensor([[40, 36]] * n), "crop_top_left": torch.tensor([[2, 0]] * n),
+            "target_size": torch.tensor([[32, 32]] * n)}
+
+
+def _assert_same_conditioning(a: dict, b: dict, family: str) -> None:
+    assert torch.allclose(a["encoder_hidden_states"], b["encoder_hidden_states"], atol=1e-6)
+    if family == "sdxl":
+        for key in ("text_embeds", "time_ids"):
+            assert torch.allclose(a["added_cond_kwargs"][key], b["added_cond_kwargs"][key], atol=1e-6)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_cached_text_conditioning_equals_fresh_encoding(request, model_fixture):
+    """The lazy cache: captions encoded as batches first bring them, once each."""
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    captions, batch = CAPTIONS[:4], _sizes(4)
+    fresh = Conditioner(model.family, model.tokenizers, model.text_encoders)
+    cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True)
+    with torch.no_grad():
+        a, _ = fresh(captions, batch, "cpu", torch.float32)
+        cached(captions[:2], {k: v[:2] for k, v in batch.items()}, "cpu", torch.float32)  # fills two entries
+        b, _ = cached(captions, batch, "cpu", torch.float32)
+    assert len(cached._cache) == 3  # one entry per distinct caption
+    _assert_same_conditioning(a, b, model.family)
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
 def test_cache_encodes_each_caption_once_in_batches_then_never_calls_the_encoders(request, model_fixture):
     model = load_base_model(str(request.getfixturevalue(model_fixture)))
@@ -24,16 +51,11 @@ def test_cache_encodes_each_caption_once_in_batches_then_never_calls_the_encoder
     calls = []
     for encoder in model.text_encoders:
         encoder.register_forward_pre_hook(lambda *a: calls.append(1))
-    sizes = {"original_size": torch.tensor([[40, 36]] * 5), "crop_top_left": torch.tensor([[2, 0]] * 5),
-             "target_size": torch.tensor([[32, 32]] * 5)}
-    b, _ = cached(CAPTIONS, sizes, "cpu", torch.float32)
+    b, _ = cached(CAPTIONS, _sizes(5), "cpu", torch.float32)
     assert calls == []  # training draws only cached captions
     with torch.no_grad():
-        a, _ = fresh(CAPTIONS, sizes, "cpu", torch.float32)
-    assert torch.allclose(a["encoder_hidden_states"], b["encoder_hidden_states"], atol=1e-6)
-    if model.family == "sdxl":
-        for key in ("text_embeds", "time_ids"):
-            assert torch.allclose(a["added_cond_kwargs"][key], b["added_cond_kwargs"][key], atol=1e-6)
+        a, _ = fresh(CAPTIONS, _sizes(5), "cpu", torch.float32)
+    _assert_same_conditioning(a, b, model.family)
 
 
 def test_cache_needs_cached_outputs(tiny_model_dir):
