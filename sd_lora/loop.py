@@ -61,12 +61,57 @@ class Trainee:
     generator: torch.Generator = field(repr=False, default=None)
 
 
-class Hooks(Protocol):
-    def on_step_end(self, state: TrainState, loss: float, lr: float, seconds: float, grad_norm: float) -> None: ...
+@dataclass
+class StepRecord:
+    """One optimizer step's numbers as the host sees them (loss and gradient norm arrive last)."""
 
-    def on_skipped_step(self, state: TrainState, loss: float, grad_norm: float) -> None: ...
+    step: int
+    epoch: int
+    lr: float  # the rate this step used
+    seconds: float  # host time since the previous step ended
+    loss: float = math.nan  # mean over the step's micro-batches
+    grad_norm: float = math.nan  # before clipping
+
+    def finite(self, check_gradients: bool) -> bool:
+        return math.isfinite(self.loss) and (not check_gradients or math.isfinite(self.grad_norm))
+
+
+class Hooks(Protocol):
+    def on_step_end(self, state: TrainState) -> None:
+        """The weights now hold step `state.step`'s update: validate, sample, save."""
+
+    def on_step_logged(self, record: StepRecord) -> None:
+        """A finite step's numbers reached the host (with `skip_on_device`, one step after `on_step_end`)."""
+
+    def on_skipped_step(self, record: StepRecord, nan_steps: int) -> None:
+        """A step's loss or gradient was not finite; its update was skipped. `nan_steps` counts them so far."""
 
     def should_stop(self) -> bool: ...
+
+
+class Readout:
+    """A step's loss and gradient norm on their way to the host.
+
+    The copy is queued without waiting; `values()` waits for this copy only (a CUDA event), not for the work
+    queued after it. Reading step N's values once step N+1 is queued therefore never leaves the GPU idle,
+    where `.item()` would drain its queue. On other devices the values are copied at once.
+    """
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor):
+        packed = torch.stack([torch.as_tensor(loss, dtype=torch.float32, device=grad_norm.device), grad_norm.float()])
+        self._event = None
+        if packed.is_cuda:
+            self._host = packed.to("cpu", non_blocking=True)  # into pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed.cpu()
+
+    def values(self) -> tuple[float, float]:
+        if self._event is not None:
+            self._event.synchronize()
+        loss, grad_norm = self._host.tolist()
+        return loss, grad_norm
 
 
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
@@ -80,9 +125,9 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     device = t.accelerator.device
     # 1. Latents of the images: from the cache, or encoded now from fresh pixels.
     if "latents" in batch:
-        latents = batch["latents"].to(device, dtype=t.weight_dtype)
+        latents = batch["latents"].to(device, dtype=t.weight_dtype, non_blocking=True)  # pinned on a GPU: no wait
     else:
-        pixels = batch["pixels"].to(device, dtype=t.vae.dtype)
+        pixels = batch["pixels"].to(device, dtype=t.vae.dtype, non_blocking=True)
         latents = encode_pixels(t.vae, pixels, obj.vae_scaling_factor, t.generator).to(t.weight_dtype)
     # 2. Caption conditioning (SDXL: plus size conditioning); gradients reach the text encoders only when
     #    their LoRA trains.
@@ -101,16 +146,17 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     if obj.min_snr_gamma:
         weights = diffusion.min_snr_weights(timesteps, obj.alphas_cumprod, obj.min_snr_gamma, obj.prediction_type)
     if "prior" in batch and obj.prior_loss_weight != 1.0:  # regularisation images weigh prior_loss_weight
-        prior = diffusion.prior_weights(batch["prior"].to(device), obj.prior_loss_weight)
+        prior = diffusion.prior_weights(batch["prior"].to(device, non_blocking=True), obj.prior_loss_weight)
         weights = prior if weights is None else weights * prior
     return diffusion.diffusion_loss(prediction, target, weights)
 
 
 class NonFiniteLoss(Exception):
-    """A step produced a NaN/inf loss or gradient and no --nan-skip budget is left."""
+    """A step produced a NaN/inf loss or gradient and no --nan-skip budget is left. The weights hold step
+    `weights_step`'s values, which no non-finite step has touched."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
-        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+    def __init__(self, step: int, loss: float, grad_norm: float, weights_step: int):
+        self.step, self.loss, self.grad_norm, self.weights_step = step, loss, grad_norm, weights_step
         super().__init__(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}")
 
 
@@ -122,16 +168,52 @@ def gradient_norm(t: Trainee) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
+def supports_skip_on_device(optimizer) -> bool:
+    """Whether `optimizer.step()` can skip an update on a flag that stays on the device: torch's fused
+    Adam/AdamW/SGD read `found_inf` (the attribute GradScaler sets) and then leave weights, moments and step
+    counts untouched. Not under fp16's loss scaler, which sets that flag itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    return bool(getattr(inner, "_step_supports_amp_scaling", False)) and getattr(optimizer, "scaler", None) is None
+
+
+def step_unless(optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device where `skip` (a float32 scalar tensor, 0 or 1) is 1."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+
+
 def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hooks: Hooks,
-          gradient_accumulation_steps: int = 1, nan_skip: int = 0, check_gradients: bool = True) -> TrainState:
+          gradient_accumulation_steps: int = 1, nan_skip: int = 0, check_gradients: bool = True,
+          skip_on_device: bool = False) -> TrainState:
     """Run optimizer steps until `state.step == max_steps` or `hooks.should_stop()`; returns the state.
 
     Resumable: starts at `state.epoch`, skipping the `state.batch_in_epoch` batches already consumed.
     A step whose loss or gradient is not finite is skipped (weights untouched) while `nan_skip` allows,
     otherwise NonFiniteLoss is raised with the weights still at their last good values.
+
+    By default the host reads each step's loss and gradient norm before it steps: a wait for the device.
+    With `skip_on_device` (for optimizers where `supports_skip_on_device` holds) nothing in a step waits:
+    the optimizer skips a non-finite update on the device, the skipped step keeps its place in the step
+    count and the schedule, and the host reads the numbers one step later, when that costs the device nothing.
     """
     acc = t.accelerator
     modules = [t.unet, *t.text_encoders] if t.train_text_encoder else [t.unet]
+    pending: tuple[StepRecord, Readout] | None = None  # skip_on_device: the step whose numbers are on their way
+
+    def settle(record: StepRecord, readout: Readout) -> None:
+        record.loss, record.grad_norm = readout.values()
+        if record.finite(check_gradients):
+            hooks.on_step_logged(record)
+            return
+        state.nan_steps += 1
+        if state.nan_steps > nan_skip:
+            raise NonFiniteLoss(record.step, record.loss, record.grad_norm, weights_step=state.step)
+        hooks.on_skipped_step(record, state.nan_steps)
+
     while state.step < max_steps:
         t.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         per_epoch = len(t.batch_sampler)
@@ -159,32 +241,47 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             if acc.num_processes > 1:  # every rank must take the same skip/stop decision: use the global mean
                 accumulated = acc.reduce(accumulated, reduction="mean")
             norm = gradient_norm(t)
-            # The one host sync per step: logging and the NaN check need the loss and the gradient norm.
-            accumulated, grad_norm = torch.stack([torch.as_tensor(accumulated, dtype=torch.float32, device=norm.device),
-                                                  norm.float()]).tolist()
-            finite = math.isfinite(accumulated) and (not check_gradients or math.isfinite(grad_norm))
-            lr = t.lr_scheduler.get_last_lr()[0]  # the rate this step uses
-            if finite:
-                t.optimizer.step()
+            readout = Readout(accumulated, norm)
+            record = StepRecord(state.step + 1, state.epoch, t.lr_scheduler.get_last_lr()[0], time.perf_counter() - started)
+            if skip_on_device:
+                step_unless(t.optimizer, non_finite(accumulated, norm if check_gradients else None))
                 t.lr_scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                state.nan_steps += 1
-                if state.nan_steps > nan_skip:
-                    raise NonFiniteLoss(state.step + 1, accumulated, grad_norm)
-                hooks.on_skipped_step(state, accumulated, grad_norm)
-            else:
                 state.step += 1
-                hooks.on_step_end(state, accumulated, lr, time.perf_counter() - started, grad_norm)
+                if pending is not None:  # the previous step's numbers: the device has long computed them
+                    settle(*pending)
+                pending = (record, readout)
+            else:
+                record.loss, record.grad_norm = readout.values()
+                if record.finite(check_gradients):
+                    t.optimizer.step()
+                    t.lr_scheduler.step()
+                    state.step += 1
+                    hooks.on_step_logged(record)
+                else:
+                    settle(record, readout)
+            t.optimizer.zero_grad(set_to_none=True)
             accumulated, started = 0.0, time.perf_counter()
             if state.batch_in_epoch == per_epoch:  # the epoch is complete: the position moves to the next one
                 state.epoch += 1
                 state.batch_in_epoch = 0
+            if state.step == record.step:  # taken, not skipped before stepping
+                hooks.on_step_end(state)
             if state.step >= max_steps or hooks.should_stop():
+                if pending is not None:
+                    settle(*pending)
                 return state
         if not consumed:
             raise RuntimeError(f"the data loader yielded no batch for epoch {state.epoch} from batch {state.batch_in_epoch}")
     return state
+
+
+def non_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """1.0 where the loss (or, when given, the gradient norm) is NaN/inf, else 0.0: a float32 scalar on the
+    device, computed without reading anything back."""
+    bad = ~torch.isfinite(loss.float())
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(grad_norm.float())
+    return bad.float().reshape(())
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:

@@ -103,14 +103,18 @@ class RunOutputs:
 
     # --- loop.Hooks ------------------------------------------------------------------------------------
 
-    def on_step_end(self, state: loop.TrainState, loss: float, lr: float, seconds: float, grad_norm: float) -> None:
-        self.state = state
+    def on_step_logged(self, record: loop.StepRecord) -> None:
+        loss = record.loss
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        norm = grad_norm if math.isfinite(grad_norm) else None  # fp16: the loss scaler's overflow steps; JSON has no inf
-        self.log({"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": norm})
+        norm = record.grad_norm if math.isfinite(record.grad_norm) else None  # fp16: the loss scaler's overflow steps; JSON has no inf
+        self.log({"step": record.step, "epoch": record.epoch, "loss": loss, "lr": record.lr, "grad_norm": norm})
+        if self.main:
+            self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{record.lr:.2e}", s_it=f"{record.seconds:.2f}")
+
+    def on_step_end(self, state: loop.TrainState) -> None:
+        self.state = state
         if self.main:
             self.progress.update(1)
-            self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")
             if state.step == self.first_step:  # the estimate printed before training had no activations in it
                 self.progress.write(f"after step {state.step}, {memory.describe_peak(self.acc.device)}")
         c, step = self.config, state.step
@@ -124,19 +128,20 @@ class RunOutputs:
         if c.save_state_every and step % c.save_state_every == 0:
             self.save_state(state)
 
-    def on_skipped_step(self, state: loop.TrainState, loss: float, grad_norm: float) -> None:
+    def on_skipped_step(self, record: loop.StepRecord, nan_steps: int) -> None:
         self.skipped_steps += 1
-        self.log({"step": state.step + 1, "skipped": True, "loss": str(loss), "grad_norm": str(grad_norm)})
+        self.log({"step": record.step, "skipped": True, "loss": str(record.loss), "grad_norm": str(record.grad_norm)})
         if self.main:
-            self.progress.write(f"warning: step {state.step + 1} skipped: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                                f"{state.nan_steps} of --nan-skip {self.config.nan_skip} used")
+            self.progress.write(f"warning: step {record.step} skipped: non-finite loss ({record.loss}) or gradient norm "
+                                f"({record.grad_norm}); {nan_steps} of --nan-skip {self.config.nan_skip} used")
 
     def should_stop(self) -> bool:
-        # Every rank must stop at the same step: take the max of the local flags across processes.
+        if self.acc.num_processes == 1:
+            return self.stop.requested  # a host flag: asking costs the device nothing
+        # Every rank must stop at the same step: take the max of the local flags across processes (one
+        # all-reduce and read per step, the price of a common decision).
         flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            flag = self.acc.reduce(flag, reduction="max")
-        return bool(flag.item())
+        return bool(self.acc.reduce(flag, reduction="max").item())
 
     # --- outputs ---------------------------------------------------------------------------------------
 

@@ -225,6 +225,13 @@ def validation_sizes(dataset: ImageDataset, index: int) -> dict:
     }
 
 
+def skip_steps_on_device(device: torch.device, optimizer) -> bool:
+    """On a GPU with the fused AdamW (the default there) the optimizer skips a non-finite step itself, so no
+    step waits for the device (`loop.train`'s `skip_on_device`). On the CPU waiting costs nothing, and the
+    host check keeps a skipped step out of the schedule."""
+    return device.type == "cuda" and loop.supports_skip_on_device(optimizer)
+
+
 def vae_encoder(model: BaseModel, accelerator, generator: torch.Generator):
     """pixels (B, 3, H, W) in [-1, 1] on the CPU -> scaled latents on the CPU: the latent cache's `encode`."""
     scaling = float(model.vae.config.scaling_factor)
@@ -326,6 +333,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=config.num_workers,
         generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=accelerator.device.type == "cuda",  # page-locked batches reach the GPU without a wait
     )
     per_epoch = loop.steps_per_epoch(len(batch_sampler), config.gradient_accumulation_steps)
     total_steps = config.max_steps or per_epoch * (config.epochs or DEFAULT_EPOCHS)
@@ -402,9 +410,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
                 trainee, objective, state, max_steps=total_steps, hooks=outputs,
                 gradient_accumulation_steps=config.gradient_accumulation_steps, nan_skip=config.nan_skip,
                 check_gradients=config.mixed_precision != "fp16",  # fp16's loss scaler skips overflowing steps itself
+                skip_on_device=skip_steps_on_device(accelerator.device, optimizer),
             )
         except loop.NonFiniteLoss as e:
-            stopped = loop.TrainState(step=e.step - 1, epoch=outputs.state.epoch, batch_in_epoch=outputs.state.batch_in_epoch)
+            stopped = loop.TrainState(step=e.weights_step, epoch=outputs.state.epoch, batch_in_epoch=outputs.state.batch_in_epoch)
             path = outputs.save_lora(config.output_dir / f"{config.output_name}-step{stopped.step:08d}-last-good.safetensors", stopped)
             outputs.close()
             raise UserError(

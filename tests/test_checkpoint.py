@@ -32,8 +32,8 @@ def stop_at(monkeypatch, step: int):
     """Make the run receive a (simulated) SIGINT during step `step`."""
     original = outputs.RunOutputs.on_step_end
 
-    def on_step_end(self, state, loss, lr, seconds, grad_norm):
-        original(self, state, loss, lr, seconds, grad_norm)
+    def on_step_end(self, state):
+        original(self, state)
         if state.step == step:
             self.stop.signal = signal.SIGINT
 

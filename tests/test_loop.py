@@ -37,18 +37,25 @@ class FixedBatches:
 
 
 class Recorder:
+    """loop.Hooks that keep what they are told: numbers of logged steps, steps ended, steps skipped."""
+
     def __init__(self, stop_at=None):
-        self.losses, self.skipped, self.stop_at, self.grad_norms = [], [], stop_at, []
+        self.losses, self.grad_norms, self.logged, self.ended, self.skipped = [], [], [], [], []
+        self.stop_at = stop_at
 
-    def on_step_end(self, state, loss, lr, seconds, grad_norm):
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
+    def on_step_end(self, state):
+        self.ended.append(state.step)
 
-    def on_skipped_step(self, state, loss, grad_norm):
-        self.skipped.append(state.step + 1)
+    def on_step_logged(self, record):
+        self.logged.append(record.step)
+        self.losses.append(record.loss)
+        self.grad_norms.append(record.grad_norm)
+
+    def on_skipped_step(self, record, nan_steps):
+        self.skipped.append(record.step)
 
     def should_stop(self):
-        return self.stop_at is not None and len(self.losses) >= self.stop_at
+        return self.stop_at is not None and len(self.ended) >= self.stop_at
 
 
 def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8, weight_dtype=torch.float32):
@@ -189,3 +196,106 @@ def test_peft_input_casts_are_left_to_autocast_only_while_it_runs(tiny_model_dir
     assert layer.cast_input_dtype_enabled
     assert all(map(math.isfinite, recorder.losses)) and len(recorder.losses) == 2
     assert {p.dtype for p in trainee.trainable} == {torch.float32}
+
+
+def fused(trainee):
+    """The trainee with torch's fused AdamW (the CUDA default; on the CPU too it skips on `found_inf`)."""
+    trainee.optimizer = torch.optim.AdamW(trainee.trainable, lr=1e-2, weight_decay=0.0, fused=True)
+    trainee.lr_scheduler = build_lr_scheduler("constant", trainee.optimizer, warmup_steps=0, total_steps=100)
+    return trainee
+
+
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_" in n}
+
+
+def test_skip_on_device_trains_exactly_as_the_host_check(tiny_model_dir):
+    """Finite steps: the same weights, losses and gradient norms; the numbers arrive one step late."""
+    results = []
+    for on_device in (False, True):
+        model, trainee, objective, _ = make_trainee(tiny_model_dir)
+        assert loop.supports_skip_on_device(fused(trainee).optimizer)
+        recorder = Recorder()
+        state = loop.train(trainee, objective, loop.TrainState(), max_steps=4, hooks=recorder, skip_on_device=on_device)
+        assert state.step == 4 and state.nan_steps == 0
+        assert recorder.ended == recorder.logged == [1, 2, 3, 4]
+        assert not hasattr(trainee.optimizer, "found_inf")  # the flag is only there during the step
+        results.append((lora_weights(model), recorder.losses, recorder.grad_norms))
+    (host_w, host_losses, host_norms), (dev_w, dev_losses, dev_norms) = results
+    assert host_losses == dev_losses and host_norms == dev_norms
+    assert all(torch.equal(host_w[n], dev_w[n]) for n in host_w)
+    assert any(torch.count_nonzero(w) for n, w in dev_w.items() if "lora_B" in n)  # it did train
+
+
+def test_skip_on_device_leaves_weights_and_moments_untouched_then_stops(tiny_model_dir):
+    model, trainee, objective, batch = make_trainee(tiny_model_dir)
+    fused(trainee)
+    loop.train(trainee, objective, loop.TrainState(), max_steps=2, hooks=Recorder(), skip_on_device=True)
+    good = lora_weights(model)
+    moments = [(trainee.optimizer.state[p]["exp_avg"].clone(), trainee.optimizer.state[p]["exp_avg_sq"].clone()) for p in trainee.trainable]
+    steps = {float(trainee.optimizer.state[p]["step"]) for p in trainee.trainable}
+    poisoned = dict(batch, latents=torch.full_like(batch["latents"], float("nan")))
+    trainee.dataloader = trainee.batch_sampler = FixedBatches(poisoned)
+    recorder = Recorder()
+    # --nan-skip 1: step 3 is skipped (known during step 4), step 4 exhausts the budget (known during step 5).
+    with pytest.raises(loop.NonFiniteLoss) as e:
+        loop.train(trainee, objective, loop.TrainState(step=2), max_steps=10, hooks=recorder, nan_skip=1, skip_on_device=True)
+    assert e.value.step == 4 and math.isnan(e.value.loss) and e.value.weights_step == 5
+    assert recorder.skipped == [3] and recorder.logged == [] and recorder.ended == [3, 4]
+    assert all(torch.equal(p, good[n]) for n, p in lora_weights(model).items())
+    assert {float(trainee.optimizer.state[p]["step"]) for p in trainee.trainable} == steps == {2.0}
+    for p, (m, v) in zip(trainee.trainable, moments):
+        assert torch.equal(trainee.optimizer.state[p]["exp_avg"], m) and torch.equal(trainee.optimizer.state[p]["exp_avg_sq"], v)
+
+
+def test_skip_on_device_reads_a_step_only_after_the_next_one_is_queued(tiny_model_dir, monkeypatch):
+    """What keeps a GPU busy: with skip_on_device the host's only reads of step values are Readouts of the
+    previous step, after the next step's update is queued; nothing else in the loop reads a tensor back."""
+    _, trainee, objective, _ = make_trainee(tiny_model_dir)
+    fused(trainee)
+    events, reading = [], []
+    trainee.optimizer.register_step_pre_hook(lambda *_: events.append("step"))
+    values = loop.Readout.values
+
+    def logged_values(self):
+        events.append("read")
+        reading.append(True)
+        try:
+            return values(self)
+        finally:
+            reading.pop()
+
+    monkeypatch.setattr(loop.Readout, "values", logged_values)
+    host_reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if not reading:
+                host_reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    loop.train(trainee, objective, loop.TrainState(), max_steps=4, hooks=Recorder(), skip_on_device=True)
+    assert events == ["step", "step", "read", "step", "read", "step", "read", "read"]
+    assert host_reads == []
+    torch.ones(()).item()  # the spies see a read outside a Readout
+    assert host_reads == ["item"]
+
+
+def test_only_optimizers_that_read_found_inf_skip_on_the_device():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert loop.supports_skip_on_device(torch.optim.AdamW(params, fused=True))
+    assert not loop.supports_skip_on_device(torch.optim.AdamW(params, foreach=True))
+    assert not loop.supports_skip_on_device(torch.optim.SGD(params, lr=1.0))
+    # accelerate's wrapper: the inner optimizer decides, unless fp16's loss scaler owns found_inf.
+    wrapped = SimpleNamespace(optimizer=torch.optim.AdamW(params, fused=True), scaler=None)
+    assert loop.supports_skip_on_device(wrapped)
+    assert not loop.supports_skip_on_device(SimpleNamespace(optimizer=wrapped.optimizer, scaler=object()))
+
+
+def test_non_finite_is_a_device_flag():
+    nan, inf, one = torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(1.0)
+    assert loop.non_finite(one, one).item() == 0.0 and loop.non_finite(one, one).dtype == torch.float32
+    assert loop.non_finite(nan, one).item() == 1.0 and loop.non_finite(one, inf).item() == 1.0
+    assert loop.non_finite(one, None).item() == 0.0  # fp16: the gradient norm is the loss scaler's business

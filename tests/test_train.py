@@ -401,3 +401,33 @@ def test_a_new_run_in_the_same_folder_starts_a_new_metrics_log(tiny_dataset, tin
         run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", steps, "--sample-every", "0")))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # the second run's log only (a resumed run appends: tests/test_checkpoint.py)
+
+
+def test_steps_skipped_on_the_device_log_every_step_and_train_the_same_lora(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """The GPU path (fused AdamW, skip on the device, numbers read one step late) forced on the CPU: the same
+    LoRA and metrics.jsonl as the host check, each step logged once and in order, validation included."""
+    from sd_lora import loop
+
+    def fused_adamw(name, groups, *, weight_decay, device):
+        return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, fused=True)
+
+    monkeypatch.setattr(train_module, "build_optimizer", fused_adamw)
+    runs, decided = {}, []
+    for on_device in (False, True):
+        def decide(device, optimizer, on=on_device):
+            decided.append(on and loop.supports_skip_on_device(optimizer))  # accelerate's wrapper around fused AdamW
+            return decided[-1]
+
+        monkeypatch.setattr(train_module, "skip_steps_on_device", decide)
+        out = tmp_path / str(on_device)
+        result = run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--sample-every", "0",
+                                            "--validation-split", "0.2", "--validate-every", "2")))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[on_device] = ({n: p.detach().clone() for n, p in result.unet.named_parameters() if "lora_" in n},
+                           [(r["step"], r["loss"], r["grad_norm"]) for r in records if "loss" in r],
+                           [(r["step"], r["val_loss"]) for r in records if "val_loss" in r])
+    assert decided == [False, True]
+    (host_w, host_steps, host_val), (dev_w, dev_steps, dev_val) = runs[False], runs[True]
+    assert [s for s, _, _ in dev_steps] == [1, 2, 3, 4, 5]
+    assert dev_steps == host_steps and dev_val == host_val and [s for s, _ in dev_val] == [2, 4, 5]
+    assert all(torch.equal(host_w[n], dev_w[n]) for n in host_w)

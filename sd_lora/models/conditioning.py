@@ -69,7 +69,7 @@ class Conditioner:
         kwargs = {"encoder_hidden_states": torch.stack([r[0] for r in rows])}
         if self.family == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.stack([r[1] for r in rows]), "time_ids": time_ids.to(device, dtype)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.stack([r[1] for r in rows]), "time_ids": time_ids.to(device, dtype, non_blocking=True)}
         return kwargs, sum(r[2] for r in rows)
 
     def _encode(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
@@ -89,7 +89,7 @@ class Conditioner:
         hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77, 768 + 1280)
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         pooled = None if pooled is None else pooled.to(device)
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}  # (B, 1280), (B, 6)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype, non_blocking=True)}  # (B, 1280), (B, 6)
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}, truncated
 
 
