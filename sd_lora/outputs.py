@@ -61,6 +61,22 @@ class StopRequest:
         return self.signal is not None
 
 
+def continue_log(path: Path, step: int):
+    """`path` (metrics.jsonl) opened to append after `step`. Lines of later steps, left by a run that went on
+    past the state now resumed, are dropped first (they would repeat steps), and so is a line a crash cut short."""
+    if path.is_file():
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+    return open(path, "a", encoding="utf-8", buffering=1)
+
+
 class RunOutputs:
     """Implements `loop.Hooks` for a real run."""
 
@@ -99,7 +115,8 @@ class RunOutputs:
         if self.main:
             atomic_write_text(self.out / "config.toml", config.to_toml())
             # A resumed run continues its log; a new run in the same folder starts one (old lines would repeat steps).
-            self.metrics = open(self.out / "metrics.jsonl", "a" if progress else "w", encoding="utf-8", buffering=1)
+            log = self.out / "metrics.jsonl"
+            self.metrics = continue_log(log, progress.step) if progress else open(log, "w", encoding="utf-8", buffering=1)
 
     # --- loop.Hooks ------------------------------------------------------------------------------------
 

@@ -212,3 +212,14 @@ def test_nan_loss_stops_with_last_good_weights_and_causes(tiny_dataset, tiny_mod
     calls["n"] = 0
     assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "skip", "--max-steps", "6", "--nan-skip", "1")) == 2
     assert "training stopped at step 3" in capsys.readouterr().err  # one skipped, the second bad step stops
+
+
+@pytest.mark.slow
+def test_resuming_an_earlier_state_drops_the_later_metrics(tiny_dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / "m"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--save-state-every", "2", "--keep-states", "2")) == 0
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "lo')  # a line a crash cut short
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--resume", str(out / "state-00000002"))) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # not 1, 2, 3, 4, 3, 4
