@@ -1,4 +1,4 @@
-"""`python -m sd_lora.inspect`: the report, the --model check, and the loader compatibility rules.
+"""`python -m sd_lora.inspect`: the report, the --model check, and the loader rules of `sd_lora.formats.compatibility`.
 
 THE check: on crafted files, the diffusers verdict of `compatibility()` agrees with what `pipe.load_lora_weights`
 actually does on a tiny SD1 pipeline: raises <-> "rejects"; "applies" <-> a LoRA layer at exactly those modules and
@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from sd_lora.formats.diffusers_format import to_diffusers_state_dict
 from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
 from sd_lora.formats.readers import parse_lora_state_dict, read_any_lora
-from sd_lora.inspect import compatibility, main
+from sd_lora.formats.compatibility import compatibility
+from sd_lora.inspect import main
 from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.models.tiny import save_tiny_model
