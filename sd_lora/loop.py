@@ -16,6 +16,7 @@ import torch
 
 from . import diffusion
 from .lora.inject import autocast_casts_lora_inputs
+from .memory import to_device
 from .models.conditioning import Conditioner
 
 
@@ -125,9 +126,9 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     device = t.accelerator.device
     # 1. Latents of the images: from the cache, or encoded now from fresh pixels.
     if "latents" in batch:
-        latents = batch["latents"].to(device, dtype=t.weight_dtype, non_blocking=True)  # pinned on a GPU: no wait
+        latents = to_device(batch["latents"], device, t.weight_dtype)
     else:
-        pixels = batch["pixels"].to(device, dtype=t.vae.dtype, non_blocking=True)
+        pixels = to_device(batch["pixels"], device, t.vae.dtype)
         latents = encode_pixels(t.vae, pixels, obj.vae_scaling_factor, t.generator).to(t.weight_dtype)
     # 2. Caption conditioning (SDXL: plus size conditioning); gradients reach the text encoders only when
     #    their LoRA trains.
@@ -146,7 +147,7 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     if obj.min_snr_gamma:
         weights = diffusion.min_snr_weights(timesteps, obj.alphas_cumprod, obj.min_snr_gamma, obj.prediction_type)
     if "prior" in batch and obj.prior_loss_weight != 1.0:  # regularisation images weigh prior_loss_weight
-        prior = diffusion.prior_weights(batch["prior"].to(device, non_blocking=True), obj.prior_loss_weight)
+        prior = diffusion.prior_weights(to_device(batch["prior"], device), obj.prior_loss_weight)
         weights = prior if weights is None else weights * prior
     return diffusion.diffusion_loss(prediction, target, weights)
 

@@ -1,4 +1,5 @@
-"""Memory: what a run will hold before it starts, and what it peaked at when it ends."""
+"""Memory: what a run will hold before it starts, what it peaked at when it ends, and moving tensors and
+modules between host and device."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def describe_peak(device: torch.device) -> str:
     if device.type == "cuda":
         text += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB CUDA allocated"
     return text
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batch tensor from the host on `device`, without making the host wait for the device: copied as it is
+    (from the DataLoader's pinned memory the copy is asynchronous), then converted there. Converting first
+    would copy from a fresh pageable tensor, which the CUDA driver may only do after the queued work ends."""
+    tensor = tensor.to(device, non_blocking=True)
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def move_modules(modules: list[torch.nn.Module], device: torch.device | str) -> None:

@@ -65,3 +65,20 @@ def test_move_modules_moves_every_module_and_frees_gpu_cache_only_when_leaving_a
     assert all(p.is_meta for m in modules for p in m.parameters())
     memory.move_modules([], "cpu")
     assert freed == []  # nothing was on a GPU (the CUDA branch needs a GPU to run)
+
+
+def test_to_device_copies_the_tensor_as_it_is_then_converts_it(monkeypatch):
+    """The copy must leave from the DataLoader's pinned tensor itself (asynchronous on CUDA); a conversion on
+    the host first would hand the driver a fresh pageable tensor."""
+    calls, original = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    y = memory.to_device(x, "cpu", torch.bfloat16)
+    assert calls == [(("cpu",), {"non_blocking": True}), ((torch.bfloat16,), {})]
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), x)
+    assert memory.to_device(x, "cpu") is x  # same device, no dtype: nothing to do

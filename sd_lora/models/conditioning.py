@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import to_device
 from .text import encode_tokens, tokenize
 
 
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
     """(B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), from (B, 2) size tensors."""
     return torch.cat([original_size, crop_top_left, target_size], dim=1).to(torch.float32)
+
+
+def batch_time_ids(batch: dict, device, dtype) -> torch.Tensor:
+    """A batch's (B, 6) time ids on `device` in `dtype`; the (B, 2) size tensors are copied first, from the
+    DataLoader's pinned memory without a wait."""
+    sizes = [to_device(batch[key], device) for key in ("original_size", "crop_top_left", "target_size")]
+    return sdxl_time_ids(*sizes).to(dtype)
 
 
 class Conditioner:
@@ -68,8 +76,7 @@ class Conditioner:
         rows = [self._cache[c] for c in captions]
         kwargs = {"encoder_hidden_states": torch.stack([r[0] for r in rows])}
         if self.family == "sdxl":
-            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.stack([r[1] for r in rows]), "time_ids": time_ids.to(device, dtype, non_blocking=True)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.stack([r[1] for r in rows]), "time_ids": batch_time_ids(batch, device, dtype)}
         return kwargs, sum(r[2] for r in rows)
 
     def _encode(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
@@ -87,9 +94,8 @@ class Conditioner:
             hidden_states.append(out.hidden_states[-(self.clip_skip + 1)])
             pooled = getattr(out, "text_embeds", None)
         hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77, 768 + 1280)
-        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         pooled = None if pooled is None else pooled.to(device)
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype, non_blocking=True)}  # (B, 1280), (B, 6)
+        added = {"text_embeds": pooled, "time_ids": batch_time_ids(batch, device, dtype)}  # (B, 1280), (B, 6)
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}, truncated
 
 
