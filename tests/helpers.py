@@ -25,14 +25,11 @@ def write_dataset(root: Path, count: int = 6, repeats: int = 2, sizes=((48, 64),
     return root
 
 
-def write_random_lora(path, pipe, *, rank, alpha, seed, unet_every=1, te_every=1, family=None, metadata=None):
-    """A kohya file with random down/up factors on every `unet_every`-th attn-mlp U-Net module and every
-    `te_every`-th text-encoder linear (SDXL: both encoders), with family metadata (or `metadata`)."""
+def random_lora_components(pipe, *, rank, alpha, seed, unet_every=1, te_every=1, scale=0.2) -> dict:
+    """{component: {module path: LoraModuleWeights}} with random down/up factors (N(0, scale^2)) on every
+    `unet_every`-th attn-mlp U-Net module and every `te_every`-th text-encoder linear (SDXL: both encoders)."""
     import torch
 
-    from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
-    from sd_lora.formats.modelspec import family_metadata
-    from sd_lora.formats.sgm import sgm_module_map
     from sd_lora.lora.inject import LoraModuleWeights
     from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 
@@ -47,9 +44,20 @@ def write_random_lora(path, pipe, *, rank, alpha, seed, unet_every=1, te_every=1
         components[component] = {}
         for module in paths:
             shape = layers[module].weight.shape  # (out, in) or (out, in, 1, 1)
-            down = torch.randn(rank, *shape[1:], generator=g) * 0.2
-            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * 0.2
+            down = torch.randn(rank, *shape[1:], generator=g) * scale
+            up = torch.randn(shape[0], rank, *shape[2:], generator=g) * scale
             components[component][module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
+    return components
+
+
+def write_random_lora(path, pipe, *, rank, alpha, seed, unet_every=1, te_every=1, family=None, metadata=None):
+    """A kohya file of `random_lora_components`, with family metadata (or `metadata`)."""
+    from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
+    from sd_lora.formats.modelspec import family_metadata
+    from sd_lora.formats.sgm import sgm_module_map
+
+    components = random_lora_components(pipe, rank=rank, alpha=alpha, seed=seed, unet_every=unet_every, te_every=te_every)
+    sdxl = "text_encoder_2" in components
     if metadata is None:
         metadata = family_metadata(family=family or ("sdxl" if sdxl else "sd1"), prediction_type="epsilon",
                                    resolution=(512, 512), title=Path(path).stem, date="2024-01-01T00:00:00")

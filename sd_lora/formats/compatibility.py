@@ -3,8 +3,8 @@ and why, or whether it refuses the file.
 
 The rules come from /work/shared/reference/lora-format.md §4 and the loaders' source (A1111 v1.10.1
 `extensions-builtin/Lora`, ComfyUI `comfy/lora.py`, diffusers 0.42 `lora_pipeline.py`); `compatibility()` is a
-pure function of the parsed file. tests/test_inspect.py checks the diffusers verdicts against diffusers itself
-(beside the `python -m sd_lora.inspect` report that prints them, whose fixtures they share).
+pure function of the parsed file. tests/formats/test_compatibility.py checks the diffusers verdicts against
+diffusers itself. `python -m sd_lora.inspect` prints them.
 """
 
 from __future__ import annotations
