@@ -205,8 +205,8 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
     modules = [t.unet, *t.text_encoders] if t.train_text_encoder else [t.unet]
     pending: tuple[StepRecord, Readout] | None = None  # skip_on_device: the step whose numbers are on their way
 
-    def settle(record: StepRecord, readout: Readout) -> None:
-        record.loss, record.grad_norm = readout.values()
+    def report(record: StepRecord) -> None:
+        """Hand a step's numbers to the hooks; a non-finite step counts against --nan-skip."""
         if record.finite(check_gradients):
             hooks.on_step_logged(record)
             return
@@ -214,6 +214,10 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
         if state.nan_steps > nan_skip:
             raise NonFiniteLoss(record.step, record.loss, record.grad_norm, weights_step=state.step)
         hooks.on_skipped_step(record, state.nan_steps)
+
+    def settle(record: StepRecord, readout: Readout) -> None:
+        record.loss, record.grad_norm = readout.values()
+        report(record)
 
     while state.step < max_steps:
         t.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
@@ -257,9 +261,7 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
                     t.optimizer.step()
                     t.lr_scheduler.step()
                     state.step += 1
-                    hooks.on_step_logged(record)
-                else:
-                    settle(record, readout)
+                report(record)
             t.optimizer.zero_grad(set_to_none=True)
             accumulated, started = 0.0, time.perf_counter()
             if state.batch_in_epoch == per_epoch:  # the epoch is complete: the position moves to the next one
