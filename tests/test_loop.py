@@ -95,6 +95,10 @@ def fixed_loss(trainee, objective, batch, seed=123):
     return value
 
 
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_" in n}
+
+
 @pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch(tiny_model_dir):
     model, trainee, objective, batch = make_trainee(tiny_model_dir)
@@ -144,7 +148,7 @@ def test_steps_per_epoch_rounds_partial_accumulation_up():
 def test_non_finite_loss_stops_with_weights_untouched_or_skips(tiny_model_dir):
     model, trainee, objective, batch = make_trainee(tiny_model_dir)
     loop.train(trainee, objective, loop.TrainState(), max_steps=2, hooks=Recorder())  # two good steps
-    good = {n: p.clone() for n, p in model.unet.named_parameters() if "lora_" in n}
+    good = lora_weights(model)
     poisoned = dict(batch, latents=torch.full_like(batch["latents"], float("nan")))
     trainee.dataloader = trainee.batch_sampler = FixedBatches(poisoned)
     state = loop.TrainState(step=2)
@@ -203,10 +207,6 @@ def fused(trainee):
     trainee.optimizer = torch.optim.AdamW(trainee.trainable, lr=1e-2, weight_decay=0.0, fused=True)
     trainee.lr_scheduler = build_lr_scheduler("constant", trainee.optimizer, warmup_steps=0, total_steps=100)
     return trainee
-
-
-def lora_weights(model):
-    return {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_" in n}
 
 
 def test_skip_on_device_trains_exactly_as_the_host_check(tiny_model_dir):
