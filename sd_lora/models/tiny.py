@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -123,11 +124,10 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0, tokenizer_dir: Path 
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     sd2 = family != "sd1"
     if tokenizer_dir is None:
-        import tempfile
-
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="sd_lora_tok_"))
-        write_clip_tokenizer(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        with tempfile.TemporaryDirectory(prefix="sd_lora_tok_") as tmp:  # the loaded tokenizer lives in memory
+            tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tmp))))
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -221,22 +221,15 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", to
     there when missing; TE2's tokenizer pads with "!" as SDXL's does.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if tokenizer_dir is None:
-        import tempfile
-
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="sd_lora_sdxl_tok_"))
-    tokenizer_dir = Path(tokenizer_dir)
-    for sub, pad in (("tokenizer", None), ("tokenizer_2", "!")):
-        if not (tokenizer_dir / sub / "vocab.json").is_file():
-            write_clip_tokenizer(tokenizer_dir / sub)
-            if pad is not None:
-                _set_pad_token(tokenizer_dir / sub, pad)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir / "tokenizer"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir / "tokenizer_2"))
+        with tempfile.TemporaryDirectory(prefix="sd_lora_sdxl_tok_") as tmp:  # the loaded tokenizers live in memory
+            tokenizer, tokenizer_2 = sdxl_tokenizers(Path(tmp))
+    else:
+        tokenizer, tokenizer_2 = sdxl_tokenizers(Path(tokenizer_dir))
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
@@ -280,6 +273,19 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", to
         scheduler=scheduler,
         add_watermarker=False,
     )
+
+
+def sdxl_tokenizers(directory: Path):
+    """SDXL's two CLIP tokenizers from `directory/tokenizer{,_2}`, written there first when missing; the second
+    pads with "!" as SDXL's does."""
+    from transformers import CLIPTokenizer
+
+    for sub, pad in (("tokenizer", None), ("tokenizer_2", "!")):
+        if not (directory / sub / "vocab.json").is_file():
+            write_clip_tokenizer(directory / sub)
+            if pad is not None:
+                _set_pad_token(directory / sub, pad)
+    return CLIPTokenizer.from_pretrained(str(directory / "tokenizer")), CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2"))
 
 
 def _set_pad_token(directory: Path, pad_token: str) -> None:
