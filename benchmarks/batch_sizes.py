@@ -70,7 +70,7 @@ def train(args, model: str, batch: int) -> dict:
     out = json.loads(result.read_text())
     s_per_it = statistics.median(out["step_s"][train_speed.WARMUP_STEPS:] or out["step_s"])
     peak = out.get("cuda_reserved_peak_mib", out["peak_rss_mib"])
-    return {"batch": batch, "ok": True, "s_per_it": s_per_it, "images_per_s": batch / s_per_it, "peak_mib": peak,
+    return {"batch": batch, "ok": True, "s_per_it": s_per_it, "images_per_s": train_speed.images_per_second(out), "peak_mib": peak,
             "cuda_allocated_peak_mib": out.get("cuda_peak_mib"), "peak_rss_mib": out["peak_rss_mib"],
             "device_total_mib": out.get("cuda_total_mib"), "wall_s": wall}
 

@@ -22,7 +22,9 @@ Every configuration runs in its own subprocess (peak RSS is `ru_maxrss` of that 
 cache building and training; plus `torch.cuda.max_memory_allocated` on a GPU), `--repeats` times, the
 configurations interleaved so that load from other processes spreads evenly. s/step is the median over
 steps after `WARMUP_STEPS` (per-step times come from `metrics.jsonl` `elapsed` for sd_lora and from the loop
-itself for naive; both include fetching the batch), and the reported value is the median over repeats.
+itself for naive; both include fetching the batch). images/s is the images those steps trained over their
+time: the dataset's three aspect ratios make sd_lora's buckets end in short batches (8 images at batch 2 are
+5 steps an epoch), which the naive loop's square crops never have. Reported values are medians over repeats.
 
 Part 2 (`sd15`) builds the full-size SD1.5 U-Net (config from shared/reference/model-configs.md, random
 weights), injects rank-16 attn-mlp LoRA, counts one training step's FLOPs with `FlopCounterMode` (forward +
@@ -263,6 +265,7 @@ def apply_patch(name: str) -> None:
 
 
 def worker_sd_lora(args, flags: list[str], patch: str | None) -> dict:
+    import sd_lora.loop
     import sd_lora.outputs
     from sd_lora.config import load_config
     from sd_lora.train import run
@@ -275,11 +278,21 @@ def worker_sd_lora(args, flags: list[str], patch: str | None) -> dict:
     argv = ["--data", str(args.out / "data"), "--model", str(args.model_dir), "--output-dir", str(out),
             "--resolution", str(args.resolution), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
             "--max-steps", str(args.steps), "--sample-every", "0", "--seed", "0", *flags]
+    step_images, images = [], [0]  # images per optimizer step: a bucket's last batch may be short
+    compute_loss = sd_lora.loop.compute_loss
+
+    def counting_compute_loss(t, obj, batch, state):
+        images[0] += len(batch["captions"])
+        return compute_loss(t, obj, batch, state)
+
+    sd_lora.loop.compute_loss = counting_compute_loss
     with profiled(args.profile) as step_done:
         original = sd_lora.outputs.RunOutputs.on_step_end
 
         def on_step_end(self, *a, **kw):
             original(self, *a, **kw)
+            step_images.append(images[0])
+            images[0] = 0
             step_done()
 
         sd_lora.outputs.RunOutputs.on_step_end = on_step_end
@@ -289,7 +302,9 @@ def worker_sd_lora(args, flags: list[str], patch: str | None) -> dict:
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     elapsed = [r["elapsed"] for r in records]
     step_s = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-    return {"step_s": step_s, "train_s": elapsed[-1], "run_s": run_s, "import_rss_mib": import_rss,
+    if len(step_images) != len(step_s):
+        raise RuntimeError(f"counted images for {len(step_images)} steps but metrics.jsonl has {len(step_s)}")
+    return {"step_s": step_s, "step_images": step_images, "train_s": elapsed[-1], "run_s": run_s, "import_rss_mib": import_rss,
             "train_rss_mib": max(r["rss_mb"] for r in records), **peak_memory()}
 
 
@@ -349,7 +364,7 @@ def worker_naive(args) -> dict:
     loader = torch.utils.data.DataLoader(Dataset(), shuffle=True, collate_fn=collate_fn, batch_size=args.batch_size, num_workers=0)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.steps)
     unet.train()
-    step_s, step, train_loss, train_rss = [], 0, 0.0, 0.0
+    step_s, step_images, step, train_loss, train_rss = [], [], 0, 0.0, 0.0
     with profiled(args.profile) as step_done:
         last = time.perf_counter()
         while step < args.steps:
@@ -372,13 +387,14 @@ def worker_naive(args) -> dict:
                 optimizer.zero_grad()
                 now = time.perf_counter()
                 step_s.append(now - last)
+                step_images.append(bsz)
                 last = now
                 step += 1
                 train_rss = max(train_rss, current_rss_mib())  # sd_lora logs the same, once per step
                 step_done()
                 if step >= args.steps:
                     break
-    return {"step_s": step_s, "train_s": sum(step_s), "run_s": time.perf_counter() - started, "import_rss_mib": import_rss,
+    return {"step_s": step_s, "step_images": step_images, "train_s": sum(step_s), "run_s": time.perf_counter() - started, "import_rss_mib": import_rss,
             "train_rss_mib": train_rss, **peak_memory()}
 
 
@@ -534,11 +550,19 @@ def spawn(args, name: str, repeat: int) -> dict:
     return out
 
 
-def summarise(name: str, runs: list[dict], batch_size: int) -> dict:
+def images_per_second(run: dict) -> float:
+    """Images trained per second over the steps after the warm-up: their images over their time. Not
+    `batch / median(s/step)`: with aspect-ratio buckets a bucket's last batch can be short and fast."""
+    timed = slice(WARMUP_STEPS, None) if len(run["step_s"]) > WARMUP_STEPS else slice(None)
+    return sum(run["step_images"][timed]) / sum(run["step_s"][timed])
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
     per_step = [statistics.median(r["step_s"][WARMUP_STEPS:] or r["step_s"]) for r in runs]
     s_step = statistics.median(per_step)
     row = {
-        "config": name, "repeats": len(runs), "s_per_step": s_step, "images_per_s": batch_size / s_step,
+        "config": name, "repeats": len(runs), "s_per_step": s_step, "images_per_s": statistics.median(map(images_per_second, runs)),
+        "images_per_step": statistics.median(statistics.mean(r["step_images"]) for r in runs),
         "s_per_step_runs": per_step, "train_s": statistics.median(r["train_s"] for r in runs),
         "setup_s": statistics.median(r["run_s"] - r["train_s"] for r in runs),
         "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
@@ -606,13 +630,13 @@ def main() -> int:
         order = train_names if repeat % 2 == 0 else train_names[::-1]  # interleave, alternate the order
         for name in order:
             runs[name].append(spawn(args, name, repeat))
-    rows = [summarise(n, runs[n], args.batch_size) for n in train_names]
+    rows = [summarise(n, runs[n]) for n in train_names]
     sd15 = spawn(args, "sd15", 0) if "sd15" in names else None
 
-    header = f"{'config':<24}{'images/s':>10}{'s/step':>9}{'setup s':>9}{'peak RSS MiB':>14}{'(imports':>10}{'training)':>10}"
+    header = f"{'config':<24}{'images/s':>10}{'s/step':>9}{'img/step':>9}{'setup s':>9}{'peak RSS MiB':>14}{'(imports':>10}{'training)':>10}"
     print(header + ("  CUDA peak MiB" if rows and "cuda_peak_mib" in rows[0] else ""))
     for row in rows:
-        print(f"{row['config']:<24}{row['images_per_s']:>10.2f}{row['s_per_step']:>9.3f}{row['setup_s']:>9.1f}"
+        print(f"{row['config']:<24}{row['images_per_s']:>10.2f}{row['s_per_step']:>9.3f}{row['images_per_step']:>9.2f}{row['setup_s']:>9.1f}"
               f"{row['peak_rss_mib']:>14.0f}{row['import_rss_mib']:>10.0f}{row['train_rss_mib']:>10.0f}"
               + (f"{row['cuda_peak_mib']:>15.0f}" if "cuda_peak_mib" in row else ""))
     if sd15:
