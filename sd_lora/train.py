@@ -332,6 +332,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     # which would shift LoRA-dropout draws after a resume. (Sample randomness comes from the sampler's seeds.)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,  # not re-forked (and re-imported) at every epoch
         generator=torch.Generator().manual_seed(config.seed),
         pin_memory=accelerator.device.type == "cuda",  # page-locked batches reach the GPU without a wait
     )

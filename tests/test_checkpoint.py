@@ -223,3 +223,26 @@ def test_resuming_an_earlier_state_drops_the_later_metrics(tiny_dataset, tiny_mo
     assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--resume", str(out / "state-00000002"))) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # not 1, 2, 3, 4, 3, 4
+
+
+@pytest.mark.slow
+def test_worker_processes_load_the_same_batches_and_start_once(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """--num-workers 2 trains bit-identically to loading in the training process (flips, tag shuffling and
+    caption dropout are drawn from the sampler's seeds, not the worker's), and its workers start once, not
+    once per epoch: 7 steps are three epochs here."""
+    in_process = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "7")))
+    starts = []
+    multiprocess_iter = torch.utils.data.dataloader._MultiProcessingDataLoaderIter
+    original_init = multiprocess_iter.__init__
+
+    def counting_init(self, loader):
+        starts.append(loader)
+        original_init(self, loader)
+
+    monkeypatch.setattr(multiprocess_iter, "__init__", counting_init)
+    workers = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "7", "--num-workers", "2")))
+    assert workers.state.epoch == 2 and len(starts) == 1
+    a, b = load_file(str(in_process.path)), load_file(str(workers.path))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
