@@ -109,7 +109,6 @@ class RunOutputs:
         # Step 0's samples are the base model's exactly when training starts from zero LoRA weights here.
         self.base_at_step_0 = start_step == 0 and not config.init_weights
         self.first_step = start_step + 1  # after it the peak includes a step's activations: reported once
-        self.skipped_steps = 0
         self.progress = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
         self._process = psutil.Process()
         if self.main:
@@ -146,7 +145,6 @@ class RunOutputs:
             self.save_state(state)
 
     def on_skipped_step(self, record: loop.StepRecord, nan_steps: int) -> None:
-        self.skipped_steps += 1
         self.log({"step": record.step, "skipped": True, "loss": str(record.loss), "grad_norm": str(record.grad_norm)})
         if self.main:
             self.progress.write(f"warning: step {record.step} skipped: non-finite loss ({record.loss}) or gradient norm "

@@ -455,8 +455,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         if state.truncated_captions:
             print(f"warning: {state.truncated_captions} captions were longer than {model.tokenizer.model_max_length} tokens and were truncated", file=sys.stderr)
-        if outputs.skipped_steps:
-            print(f"warning: {outputs.skipped_steps} steps were skipped for a non-finite loss or gradient", file=sys.stderr)
+        if state.nan_steps:  # over the whole run, resumed parts included
+            skipped = "1 step was" if state.nan_steps == 1 else f"{state.nan_steps} steps were"
+            print(f"warning: {skipped} skipped for a non-finite loss or gradient (--nan-skip {config.nan_skip})", file=sys.stderr)
         if outputs.best_validation_step is not None:
             print(f"best validation loss {outputs.best_validation:.5f} at step {outputs.best_validation_step}")
         print(memory.describe_peak(accelerator.device))

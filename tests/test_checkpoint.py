@@ -196,12 +196,13 @@ def test_too_little_disk_space_is_refused_before_training(tiny_dataset, tiny_mod
 def test_nan_loss_stops_with_last_good_weights_and_causes(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
     from sd_lora import diffusion
 
-    real_loss, calls = diffusion.diffusion_loss, {"n": 0}
+    real_loss, calls = diffusion.diffusion_loss, {"n": 0, "last_bad": None}
 
     def poisoned(prediction, target, weights=None):
         calls["n"] += 1
         loss = real_loss(prediction, target, weights)
-        return loss * float("nan") if calls["n"] > 4 else loss  # micro-batches 5+ (steps 3+) diverge
+        bad = calls["n"] > 4 and (calls["last_bad"] is None or calls["n"] <= calls["last_bad"])
+        return loss * float("nan") if bad else loss  # micro-batches 5+ (steps 3+) diverge, up to last_bad
 
     monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
     out = tmp_path / "o"
@@ -212,6 +213,10 @@ def test_nan_loss_stops_with_last_good_weights_and_causes(tiny_dataset, tiny_mod
     calls["n"] = 0
     assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "skip", "--max-steps", "6", "--nan-skip", "1")) == 2
     assert "training stopped at step 3" in capsys.readouterr().err  # one skipped, the second bad step stops
+    calls.update(n=0, last_bad=6)  # only step 3 is bad: skipped, the run finishes and says so
+    assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "once", "--max-steps", "6", "--nan-skip", "1")) == 0
+    printed, err = capsys.readouterr()
+    assert "warning: step 3 skipped" in printed and "warning: 1 step was skipped for a non-finite loss or gradient (--nan-skip 1)" in err
 
 
 @pytest.mark.slow
