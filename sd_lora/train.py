@@ -175,11 +175,11 @@ class TrainResult:
     state: loop.TrainState
     unet: torch.nn.Module  # trained, with LoRA layers (unwrapped)
     text_encoders: list[torch.nn.Module]
+    outputs: RunOutputs
 
     @property
     def text_encoder(self) -> torch.nn.Module:
         return self.text_encoders[0]
-    outputs: RunOutputs
 
 
 def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
