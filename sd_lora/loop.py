@@ -91,15 +91,15 @@ class Hooks(Protocol):
 
 
 class Readout:
-    """A step's loss and gradient norm on their way to the host.
+    """Scalars on their way to the host: a step's loss and gradient norm, a stop vote.
 
     The copy is queued without waiting; `values()` waits for this copy only (a CUDA event), not for the work
     queued after it. Reading step N's values once step N+1 is queued therefore never leaves the GPU idle,
     where `.item()` would drain its queue. On other devices the values are copied at once.
     """
 
-    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor):
-        packed = torch.stack([torch.as_tensor(loss, dtype=torch.float32, device=grad_norm.device), grad_norm.float()])
+    def __init__(self, *scalars: torch.Tensor):
+        packed = torch.stack([s.reshape(()).float() for s in scalars])
         self._event = None
         if packed.is_cuda:
             self._host = packed.to("cpu", non_blocking=True)  # into pinned memory
@@ -108,11 +108,10 @@ class Readout:
         else:
             self._host = packed.cpu()
 
-    def values(self) -> tuple[float, float]:
+    def values(self) -> tuple[float, ...]:
         if self._event is not None:
             self._event.synchronize()
-        loss, grad_norm = self._host.tolist()
-        return loss, grad_norm
+        return tuple(self._host.tolist())
 
 
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:

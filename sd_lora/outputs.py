@@ -61,6 +61,25 @@ class StopRequest:
         return self.signal is not None
 
 
+class StopVote:
+    """The stop decision of several processes, taken together and one optimizer step late so that no step
+    waits for the device: each call queues an all-reduce (max) of every process's flag plus its copy to the
+    host, and returns the previous call's result, long computed by then. Every process reads the same result
+    at the same step, so all stop together, one step after the first request."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._previous: loop.Readout | None = None
+
+    def __call__(self, requested: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.full((1,), float(requested), device=self.device)  # filled on the device: no copy from the host
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: the stream waits, the host does not
+        previous, self._previous = self._previous, loop.Readout(flag)
+        return previous is not None and previous.values()[0] > 0
+
+
 def continue_log(path: Path, step: int):
     """`path` (metrics.jsonl) opened to append after `step`. Lines of later steps, left by a run that went on
     past the state now resumed, are dropped first (they would repeat steps), and so is a line a crash cut short."""
@@ -96,6 +115,8 @@ class RunOutputs:
         self.data_fingerprint = data_fingerprint
         self.validation_items = validation_items
         self.stop = stop
+        self.stop_vote = StopVote(accelerator.device) if accelerator.num_processes > 1 else None
+        self.stopped = False  # the common decision to stop early, once taken
         self.text_encoders_offloaded = text_encoders_offloaded  # in CPU memory between sample grids
         self.best_validation = progress.best_validation if progress else None
         self.best_validation_step = progress.best_validation_step if progress else None
@@ -152,11 +173,10 @@ class RunOutputs:
 
     def should_stop(self) -> bool:
         if self.acc.num_processes == 1:
-            return self.stop.requested  # a host flag: asking costs the device nothing
-        # Every rank must stop at the same step: take the max of the local flags across processes (one
-        # all-reduce and read per step, the price of a common decision).
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.acc.device)
-        return bool(self.acc.reduce(flag, reduction="max").item())
+            self.stopped = self.stop.requested  # a host flag: asking costs the device nothing
+        else:  # every rank stops at the same step, also the ranks that got no signal
+            self.stopped = self.stop_vote(self.stop.requested)
+        return self.stopped
 
     # --- outputs ---------------------------------------------------------------------------------------
 

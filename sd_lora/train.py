@@ -434,16 +434,16 @@ def train_lora(config: TrainConfig) -> TrainResult:
             out_of_memory = None
         if out_of_memory:  # outside the handler, so the failed step's tensors (held by the traceback) are gone
             raise out_of_memory_error(config, state, trainee, outputs, accelerator.device, out_of_memory)
-        if stop.requested and state.step < total_steps:
+        if outputs.stopped and state.step < total_steps:  # decided by every process, not only those signalled
             lora = outputs.save_lora(config.output_dir / f"{config.output_name}-step{state.step:08d}.safetensors", state)
             state_dir = outputs.save_state(state)
             outputs.close()
             resume = f"python -m sd_lora.train --config {config.output_dir / 'config.toml'} --resume latest"
-            raise Interrupted(
-                f"stopped by {signal.Signals(stop.signal).name} at step {state.step} of {total_steps}. Saved {lora} and the "
-                f"training state {state_dir}.\nTo continue: {resume}",
-                128 + stop.signal,
-            )
+            cause = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
+            saved = (f"Saved {lora} and the training state {state_dir}." if accelerator.is_main_process else
+                     "The main process saved the LoRA and the training state.")
+            raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {resume}",
+                              128 + (stop.signal or signal.SIGTERM))
     accelerator.wait_for_everyone()
     final = config.output_dir / f"{config.output_name}.safetensors"
     outputs.save_lora(final, state)

@@ -46,3 +46,44 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset, tiny_m
     assert steps == [1, 2, 3, 4]
     assert sorted(p.name for p in (out2 / "samples").iterdir()) == ["data-compare-step00000004.png", "data-step00000000.png", "data-step00000002.png", "data-step00000004.png"]
     assert sorted(p.name for p in out2.glob("*.safetensors")) == ["data-step00000002.safetensors", "data.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resume_finishes(tiny_dataset, tiny_model_dir, tmp_path):
+    """SIGTERM reaches rank 1 only (a scheduler or the OOM killer picks one process): the ranks still decide
+    together, the main process saves the LoRA and the training state of that step, and resuming with two
+    processes finishes the run."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "stopped"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "sd_lora.train", "--data", str(tiny_dataset), "--model", str(tiny_model_dir),
+              "--output-dir", str(out), "--output-name", "zk", "--batch-size", "2", "--resolution", "32", "--rank", "4", "--sample-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*launch, "--max-steps", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in p.environ()}
+    ranks[1].send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert stderr.count("stopped by SIGTERM at step ") == 1 and stderr.count("stopped by a signal to another process at step ") == 1
+    stopped_at = {int(line.split(" at step ")[1].split()[0]) for line in stderr.splitlines() if " at step " in line and "stopped by" in line}
+    assert len(stopped_at) == 1  # both ranks at the same step
+    step = stopped_at.pop()
+    assert 3 <= step < 400
+    assert (out / f"state-{step:08d}").is_dir() and (out / f"zk-step{step:08d}.safetensors").is_file()
+    assert not (out / "zk.safetensors").exists()  # no "final" file for an unfinished run
+
+    resumed = subprocess.run([*launch, "--max-steps", str(step + 2), "--resume", "latest"], capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "zk.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+    assert steps == list(range(1, step + 3))

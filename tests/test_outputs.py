@@ -1,0 +1,35 @@
+"""The run's hooks: the common stop decision of several processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# One rank of a 2-process gloo group: vote six times, asking to stop from vote `ask_from` on (a signal's
+# flag stays set), and write the decisions.
+VOTER = """
+import json, sys
+import torch, torch.distributed as dist
+from sd_lora.outputs import StopVote
+rank, ask_from, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+vote = StopVote(torch.device("cpu"))
+decisions = [vote(ask_from >= 0 and i >= ask_from) for i in range(6)]
+dist.destroy_process_group()
+open(out, "w").write(json.dumps(decisions))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asks", [(-1, 2), (4, 1), (-1, -1)])
+def test_processes_stop_together_one_step_after_the_first_request(tmp_path, asks):
+    procs = [subprocess.Popen([sys.executable, "-c", VOTER, str(rank), str(ask_from), str(tmp_path / "store"), str(tmp_path / f"{rank}.json")])
+             for rank, ask_from in enumerate(asks)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    decisions = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    first = min((a for a in asks if a >= 0), default=None)
+    expected = [first is not None and i > first for i in range(6)]  # the vote of step i is read at step i + 1
+    assert decisions == [expected, expected]
