@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ class StopRequest:
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
+        self._owner = os.getpid()
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,6 +52,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._owner:
+            # A DataLoader worker, forked with this handler: Ctrl-C signals the whole process group, and the
+            # worker must keep serving the step in progress; the training process decides and announces.
+            return
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user really wants out now
         self.signal = signum

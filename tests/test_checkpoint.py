@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -65,17 +66,20 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
 
 @pytest.mark.slow
 def test_sigint_to_the_real_cli_saves_and_resume_finishes_identically(tiny_dataset, tiny_model_dir, tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, DataLoader workers included: they must neither
+    die (the step in progress still needs its batch) nor announce the stop themselves."""
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "sd_lora.train", *args(tiny_dataset, tiny_model_dir, out, "--max-steps", "60", "--output-name", "cli")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "sd_lora.train", *args(tiny_dataset, tiny_model_dir, out, "--max-steps", "60", "--output-name", "cli",
+                                                        "--num-workers", "2")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # the training process and its two workers
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "SIGINT received" in stderr and "To continue: python -m sd_lora.train --config" in stderr
+    assert stderr.count("SIGINT received") == 1 and "To continue: python -m sd_lora.train --config" in stderr
     assert "Traceback" not in stderr
     states = checkpoint.list_states(out)
     assert len(states) == 1
