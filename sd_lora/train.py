@@ -257,6 +257,16 @@ def build_validation(config: TrainConfig, model: BaseModel, accelerator, records
     )
 
 
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """End a persistent DataLoader's worker processes. The returned TrainResult keeps the loader (through its
+    outputs), and in a notebook its workers would otherwise live on, each holding memory, after `run()` returns.
+    Hack: DataLoader has no public call for this; its iterator's `__del__` does the same."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def check_free_space(path: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(path).free
     if free < needed_bytes:
@@ -407,12 +417,15 @@ def train_lora(config: TrainConfig) -> TrainResult:
         try:
             if not resumed:
                 outputs.sample(0)  # the untouched base: LoRA starts as an exact no-op
-            state = loop.train(
-                trainee, objective, state, max_steps=total_steps, hooks=outputs,
-                gradient_accumulation_steps=config.gradient_accumulation_steps, nan_skip=config.nan_skip,
-                check_gradients=config.mixed_precision != "fp16",  # fp16's loss scaler skips overflowing steps itself
-                skip_on_device=skip_steps_on_device(accelerator.device, optimizer),
-            )
+            try:
+                state = loop.train(
+                    trainee, objective, state, max_steps=total_steps, hooks=outputs,
+                    gradient_accumulation_steps=config.gradient_accumulation_steps, nan_skip=config.nan_skip,
+                    check_gradients=config.mixed_precision != "fp16",  # fp16's loss scaler skips overflowing steps itself
+                    skip_on_device=skip_steps_on_device(accelerator.device, optimizer),
+                )
+            finally:
+                stop_workers(dataloader)
         except loop.NonFiniteLoss as e:
             stopped = loop.TrainState(step=e.weights_step, epoch=outputs.state.epoch, batch_in_epoch=outputs.state.batch_in_epoch)
             path = outputs.save_lora(config.output_dir / f"{config.output_name}-step{stopped.step:08d}-last-good.safetensors", stopped)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -251,6 +252,7 @@ def test_worker_processes_load_the_same_batches_and_start_once(tiny_dataset, tin
     monkeypatch.setattr(multiprocess_iter, "__init__", counting_init)
     workers = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "7", "--num-workers", "2")))
     assert workers.state.epoch == 2 and len(starts) == 1
+    assert psutil.Process().children() == []  # ended with the run, although the result keeps the loader
     a, b = load_file(str(in_process.path)), load_file(str(workers.path))
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
