@@ -1,0 +1,116 @@
+"""The data of a run made ready to train: which records train, validate and regularise, the options every
+image is prepared with, the held-out images' fixed latents, and the DataLoader with its worker processes.
+
+`train.train_lora` calls these: the record sets before any model loads (a bad folder fails fast), the rest
+once it has (buckets follow its pixel step). The model appears only through the VAE that encodes the
+held-out images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from . import loop
+from .config import TrainConfig
+from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, regularization_records,
+                   scan_dataset)
+from .models.load import BaseModel
+from .validation import build_validation_set, split_records
+
+
+def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
+    """(training records, validation records) from --validation-split or --validation-data."""
+    if config.validation_data is not None:
+        held = scan_dataset(config.validation_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+        return list(scan.records), list(held.records)
+    return split_records(scan.records, config.validation_split, config.seed)
+
+
+def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> list:
+    """--reg-data: its images as prior records, as many samples per epoch as the training images; `show`
+    prints its warnings and summary (on the main process only)."""
+    if config.reg_data is None:
+        return []
+    scan = scan_dataset(config.reg_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+    for warning in scan.warnings if show else []:
+        print(f"warning: --reg-data: {warning}", file=sys.stderr)
+    records = regularization_records(scan.records, sum(r.repeats for r in train_records))
+    if show:
+        print(f"regularisation: {len(records)} of {len(scan.records)} images from {config.reg_data}, "
+              f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
+    return records
+
+
+def data_options(config: TrainConfig, step: int) -> DataOptions:
+    return DataOptions(
+        resolution=config.resolution, step=step, min_bucket_side=config.min_bucket_side,
+        max_bucket_side=config.max_bucket_side, buckets=config.buckets, no_upscale=config.no_upscale,
+        random_crop=config.random_crop, flip=config.flip, shuffle_tags=config.shuffle_tags,
+        keep_tokens=config.keep_tokens, caption_dropout=config.caption_dropout, tag_dropout=config.tag_dropout, seed=config.seed,
+    )
+
+
+def validation_sizes(dataset: ImageDataset, index: int) -> dict:
+    """SDXL size conditioning of a held-out image, from its centre crop."""
+    record, plan = dataset.records[index], dataset.crop_plan(index)
+    width, height = dataset.bucket_of[index]
+    return {
+        "original_size": torch.tensor([record.height, record.width]),
+        "crop_top_left": torch.tensor([plan.top, plan.left]),
+        "target_size": torch.tensor([height, width]),
+    }
+
+
+def vae_encoder(model: BaseModel, accelerator, generator: torch.Generator):
+    """pixels (B, 3, H, W) in [-1, 1] on the CPU -> scaled latents on the CPU: the latent cache's `encode`."""
+    scaling = float(model.vae.config.scaling_factor)
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():
+            return loop.encode_pixels(model.vae, pixels.to(accelerator.device, model.vae.dtype), scaling, generator).float().cpu()
+    return encode
+
+
+def build_validation(config: TrainConfig, model: BaseModel, accelerator, records: list, options: DataOptions) -> list:
+    """Held-out images as fixed (latents, caption, noise, timestep, sizes): centre crops, no flips, encoded
+    with their own generator so that the training draws do not depend on the validation set."""
+    if not records:
+        return []
+    held = ImageDataset(records, dataclasses.replace(options, flip=False, random_crop=False))
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1)
+    cache = build_latent_cache(held, vae_encoder(model, accelerator, generator), batch_size=config.batch_size,
+                               progress=accelerator.is_main_process)
+    return build_validation_set(
+        [cache.get(i, False) for i in range(len(held))], [r.caption for r in records],
+        [validation_sizes(held, i) for i in range(len(held))], seed=config.seed, num_train_timesteps=model.num_train_timesteps,
+    )
+
+
+def data_loader(config: TrainConfig, dataset: ImageDataset, accelerator) -> torch.utils.data.DataLoader:
+    """Batches of `dataset`: one bucket per global batch, each process taking its slice (`loader.batch_sampler`
+    is the BucketBatchSampler; call its `set_epoch` before each epoch)."""
+    batch_sampler = BucketBatchSampler(
+        dataset.bucket_of, [r.repeats for r in dataset.records], config.batch_size, config.seed,
+        num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+    )
+    # The loader gets its own generator: by default each new iterator draws a seed from the global torch RNG,
+    # which would shift LoRA-dropout draws after a resume. (Sample randomness comes from the sampler's seeds.)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,  # not re-forked (and re-imported) at every epoch
+        generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=accelerator.device.type == "cuda",  # page-locked batches reach the GPU without a wait
+    )
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """End a persistent DataLoader's worker processes. The returned TrainResult keeps the loader (through its
+    outputs), and in a notebook its workers would otherwise live on, each holding memory, after `run()` returns.
+    Hack: DataLoader has no public call for this; its iterator's `__del__` does the same."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None

@@ -1,0 +1,45 @@
+"""The run's data side: the DataLoader over buckets, and its worker processes ended with the run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import psutil
+import torch
+
+from sd_lora.config import load_config
+from sd_lora.data import BucketBatchSampler
+from sd_lora.data_setup import data_loader, stop_workers
+
+
+class Buckets(torch.utils.data.Dataset):
+    """Six items in two buckets, as ImageDataset exposes them to the sampler."""
+
+    bucket_of = [(64, 64)] * 4 + [(64, 96)] * 2
+    records = [SimpleNamespace(repeats=1)] * 6
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, key):
+        index, _seed = key
+        return {"latents": torch.full((4, 2, 2), float(index)), "original_size": (64, 64), "crop_top_left": (0, 0),
+                "target_size": (64, 64), "caption": f"item {index}", "flipped": False, "index": index}
+
+
+def test_each_process_takes_its_slice_of_one_bucket_per_global_batch(tmp_path):
+    config = load_config(["--data", str(tmp_path), "--batch-size", "1", "--num-workers", "1"])
+    loaders = [data_loader(config, Buckets(), SimpleNamespace(num_processes=2, process_index=rank, device=torch.device("cpu")))
+               for rank in range(2)]
+    assert all(isinstance(loader.batch_sampler, BucketBatchSampler) for loader in loaders)
+    assert loaders[0].persistent_workers and loaders[0].num_workers == 1
+    batches = [[b["index"] for b in loader] for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) == 3  # 4 + 2 items, global batches of 2
+    for mine, theirs in zip(*batches):
+        assert len(mine) == len(theirs) == 1 and Buckets.bucket_of[mine[0]] == Buckets.bucket_of[theirs[0]]
+    assert sorted(i for b in batches for batch in b for i in batch) == list(range(6))
+    assert len(psutil.Process().children()) == 2  # persistent: alive between epochs
+    for loader in loaders:
+        stop_workers(loader)
+        stop_workers(loader)  # a second call (or a loader never iterated) does nothing
+    assert psutil.Process().children() == []
