@@ -341,9 +341,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
             stopped = loop.TrainState(step=e.weights_step, epoch=outputs.state.epoch, batch_in_epoch=outputs.state.batch_in_epoch)
             path = outputs.save_lora(config.output_dir / f"{config.output_name}-step{stopped.step:08d}-last-good.safetensors", stopped)
             outputs.close()
+            accelerator.wait_for_everyone()  # see below: no rank exits before the main process has saved
             raise UserError(
                 f"training stopped at step {e.step}: the loss or a gradient became NaN/inf ({e}). The last good weights "
-                f"were saved to {path}. Likely causes: a learning rate too high (try half of {config.learning_rate:g}), "
+                f"were saved {f'to {path}' if path else 'by the main process'}. Likely causes: a learning rate too high (try half of {config.learning_rate:g}), "
                 "fp16 overflow (try --mixed-precision bf16 or a fp16-safe VAE), or a bad image. "
                 "--nan-skip N skips up to N such steps instead of stopping."
             ) from None
@@ -362,6 +363,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
             lora = outputs.save_lora(config.output_dir / f"{config.output_name}-step{state.step:08d}.safetensors", state)
             state_dir = outputs.save_state(state)
             outputs.close()
+            # A launcher (torchrun) stops every process once one exits: the others wait for the main one's saves.
+            accelerator.wait_for_everyone()
             resume = f"python -m sd_lora.train --config {config.output_dir / 'config.toml'} --resume latest"
             cause = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
             saved = (f"Saved {lora} and the training state {state_dir}." if accelerator.is_main_process else
