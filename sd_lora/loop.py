@@ -151,6 +151,21 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     return diffusion.diffusion_loss(prediction, target, weights)
 
 
+def forward_backward(t: Trainee, obj: Objective, batch: dict, state: TrainState, divide_by: int = 1, sync: bool = True) -> torch.Tensor:
+    """One micro-batch: its loss (returned) and the gradients of loss / `divide_by`, added to the trainable
+    parameters' `.grad`. Without `sync`, DDP leaves the gradients unreduced (a group's earlier micro-batches)."""
+    acc = t.accelerator
+    modules = [t.unet, *t.text_encoders] if t.train_text_encoder else [t.unet]
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for m in modules:
+                stack.enter_context(acc.no_sync(m))
+        with acc.autocast(), autocast_casts_lora_inputs(modules, acc.device.type):
+            loss = compute_loss(t, obj, batch, state)
+        acc.backward(loss / divide_by)
+    return loss
+
+
 class NonFiniteLoss(Exception):
     """A step produced a NaN/inf loss or gradient and no --nan-skip budget is left. The weights hold step
     `weights_step`'s values, which no non-finite step has touched."""
@@ -201,7 +216,6 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
     count and the schedule, and the host reads the numbers one step later, when that costs the device nothing.
     """
     acc = t.accelerator
-    modules = [t.unet, *t.text_encoders] if t.train_text_encoder else [t.unet]
     pending: tuple[StepRecord, Readout] | None = None  # skip_on_device: the step whose numbers are on their way
 
     def report(record: StepRecord) -> None:
@@ -231,13 +245,7 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             group_start = i - i % gradient_accumulation_steps
             group_size = min(gradient_accumulation_steps, per_epoch - group_start)
             last = i - group_start + 1 == group_size
-            with contextlib.ExitStack() as stack:
-                if not last:  # DDP: all-reduce gradients only once per group
-                    for m in modules:
-                        stack.enter_context(acc.no_sync(m))
-                with acc.autocast(), autocast_casts_lora_inputs(modules, acc.device.type):
-                    loss = compute_loss(t, obj, batch, state)
-                acc.backward(loss / group_size)
+            loss = forward_backward(t, obj, batch, state, group_size, sync=last)  # DDP: all-reduce once per group
             accumulated = accumulated + loss.detach() / group_size  # stays on the device: no sync per micro-batch
             if not last:
                 continue

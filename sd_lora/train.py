@@ -37,7 +37,7 @@ from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size  # noqa: E402
 from .sampling.sampler import SIZE_STEP  # noqa: E402
-from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, cpu_threads, make_accelerator,  # noqa: E402
+from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator,  # noqa: E402
                             prepare_models, read_init_weights)
 
 DEFAULT_EPOCHS = 10
@@ -326,6 +326,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
             text_encoders_offloaded=offloaded,
         )
         try:
+            fits = check_step_memory(trainee, objective, dataset, config.batch_size, config.seed)  # before anything slow
+            if accelerator.is_main_process:
+                outputs.progress.write(fits)
             if not resumed:
                 outputs.sample(0)  # the untouched base: LoRA starts as an exact no-op
             try:

@@ -1,6 +1,6 @@
 """The models of a run made ready to train: the Accelerator, the frozen base placed in its compute dtype with LoRA
-injected in fp32 (from a preset or an --init-weights file), the text encoders' outputs cached up front, and the
-CPU threads the run uses.
+injected in fp32 (from a preset or an --init-weights file), the text encoders' outputs cached up front, a trial
+step at the largest bucket that checks the run fits in memory, and the CPU threads the run uses.
 
 `train.train_lora` calls these in order; each takes the resolved `TrainConfig` (`--mixed-precision` already
 decided, never "auto").
@@ -15,9 +15,10 @@ import sys
 
 import torch
 
-from . import memory
+from . import loop, memory
 from .compiling import compile_unet
 from .config import TrainConfig
+from .data import collate
 from .errors import UserError
 from .export import trained_modules
 from .lora.inject import inject_lora, load_lora_weights_into, trainable_parameters
@@ -128,6 +129,30 @@ def cache_text_conditioning(conditioner: Conditioner, captions: list[str], model
     if accelerator.is_main_process:
         print(f"text encoder outputs cached: text encoders moved to the CPU ({moved / 2**20:.0f} MiB)")
     return True
+
+
+def largest_bucket_batch(dataset, batch_size: int, seed: int) -> tuple[tuple[int, int], dict]:
+    """((width, height), batch): a batch as the loader yields one, from the dataset's largest bucket by area
+    (its images repeated when it holds fewer than `batch_size`)."""
+    bucket = max(set(dataset.bucket_of), key=lambda size: (size[0] * size[1], size))
+    members = [i for i, b in enumerate(dataset.bucket_of) if b == bucket]
+    return bucket, collate([dataset[(members[j % len(members)], seed + j)] for j in range(batch_size)])
+
+
+def check_step_memory(trainee: loop.Trainee, objective: loop.Objective, dataset, batch_size: int, seed: int) -> str:
+    """One forward and backward pass at the largest bucket before training, so that a run that cannot fit
+    fails now (not when that bucket first comes up, maybe hours in), and a line saying what it peaked at.
+    The run is left as it was: no update, gradients cleared, the global and CUDA RNG states restored, and the
+    trainee's own generator untouched (the trial draws from a copy)."""
+    device = trainee.accelerator.device
+    (width, height), batch = largest_bucket_batch(dataset, batch_size, seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trial = dataclasses.replace(trainee, generator=torch.Generator(device=device).manual_seed(seed))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        loop.forward_backward(trial, objective, batch, loop.TrainState(), sync=False)
+    trainee.optimizer.zero_grad(set_to_none=True)
+    return f"memory check, one step at the largest bucket ({width}x{height}, batch {batch_size}): {memory.describe_peak(device)}"
 
 
 @contextlib.contextmanager

@@ -206,8 +206,9 @@ def test_nan_loss_stops_with_last_good_weights_and_causes(tiny_dataset, tiny_mod
     def poisoned(prediction, target, weights=None):
         calls["n"] += 1
         loss = real_loss(prediction, target, weights)
-        bad = calls["n"] > 4 and (calls["last_bad"] is None or calls["n"] <= calls["last_bad"])
-        return loss * float("nan") if bad else loss  # micro-batches 5+ (steps 3+) diverge, up to last_bad
+        # Call 1 is the memory check's trial step; micro-batches 5+ (calls 6+, steps 3+) diverge, up to last_bad.
+        bad = calls["n"] > 5 and (calls["last_bad"] is None or calls["n"] <= calls["last_bad"])
+        return loss * float("nan") if bad else loss
 
     monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
     out = tmp_path / "o"
@@ -218,7 +219,7 @@ def test_nan_loss_stops_with_last_good_weights_and_causes(tiny_dataset, tiny_mod
     calls["n"] = 0
     assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "skip", "--max-steps", "6", "--nan-skip", "1")) == 2
     assert "training stopped at step 3" in capsys.readouterr().err  # one skipped, the second bad step stops
-    calls.update(n=0, last_bad=6)  # only step 3 is bad: skipped, the run finishes and says so
+    calls.update(n=0, last_bad=7)  # only step 3 is bad: skipped, the run finishes and says so
     assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "once", "--max-steps", "6", "--nan-skip", "1")) == 0
     printed, err = capsys.readouterr()
     assert "warning: step 3 skipped" in printed and "warning: 1 step was skipped for a non-finite loss or gradient (--nan-skip 1)" in err
@@ -257,3 +258,33 @@ def test_worker_processes_load_the_same_batches_and_start_once(tiny_dataset, tin
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_the_memory_check_leaves_the_run_as_it_was(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """The trial step at the largest bucket draws dropout masks, noise and timesteps and fills gradients; the
+    run that follows must not see any of it (dropout, flips, tag shuffling and text-encoder LoRA are on)."""
+    from sd_lora import train as train_module
+
+    checked = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "3")))
+    monkeypatch.setattr(train_module, "check_step_memory", lambda *a, **kw: "no check")
+    unchecked = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "3")))
+    a, b = load_file(str(checked.path)), load_file(str(unchecked.path))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_fit_fails_at_the_memory_check_before_sampling(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from sd_lora import loop
+
+    def out_of_memory(*a, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 21474836480 bytes")
+
+    monkeypatch.setattr(loop, "compute_loss", out_of_memory)
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--sample-every", "2")) == 2
+    err = capsys.readouterr().err
+    assert "out of cpu memory in step 1" in err and "Nothing had been trained yet" in err and "To fit, change" in err
+    assert not (out / "samples").exists() or not any((out / "samples").iterdir())  # failed before the base grid

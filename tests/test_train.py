@@ -37,6 +37,7 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert "total steps: 4" in proc.stdout and "trainable parameters:" in proc.stdout
     assert "latents cached: VAE encoder released" in proc.stdout  # samples still decode (grids below)
     assert proc.stdout.count("after step 1, peak memory: ") == 1  # measured with a step's activations, once
+    assert "memory check, one step at the largest bucket (32x32, batch 2): peak memory: " in proc.stdout
     assert f"done: {out / 'zk.safetensors'}" in proc.stdout
     # Files: final + intermediate LoRA, grids at 0, every 2 steps and the end, config, metrics.
     assert (out / "zk.safetensors").is_file() and (out / "zk-step00000002.safetensors").is_file()
@@ -356,7 +357,7 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_would_fit(tiny_dataset,
 
     def failing_third_step(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:  # the memory check's trial step, then steps 1, 2 and 3
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return compute_loss(*args, **kwargs)
 
