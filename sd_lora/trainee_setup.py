@@ -141,13 +141,12 @@ def largest_bucket_batch(dataset, batch_size: int, seed: int) -> tuple[tuple[int
 
 def check_step_memory(trainee: loop.Trainee, objective: loop.Objective, dataset, batch_size: int, seed: int) -> str:
     """One forward and backward pass at the largest bucket before training, so that a run that cannot fit
-    fails now (not when that bucket first comes up, maybe hours in), and a line saying what it peaked at.
+    fails now (not when that bucket first comes up, maybe hours in), and a line with the run's peak so far, that
+    step included (not reset: the run's final peak must still count the caching before it).
     The run is left as it was: no update, gradients cleared, the global and CUDA RNG states restored, and the
     trainee's own generator untouched (the trial draws from a copy)."""
     device = trainee.accelerator.device
     (width, height), batch = largest_bucket_batch(dataset, batch_size, seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     trial = dataclasses.replace(trainee, generator=torch.Generator(device=device).manual_seed(seed))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         loop.forward_backward(trial, objective, batch, loop.TrainState(), sync=False)
