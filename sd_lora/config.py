@@ -84,7 +84,7 @@ class TrainConfig:
         None, "Encode every image with the VAE once before training. Default: on unless --random-crop.", ss="ss_cache_latents", group="data"
     )
     latent_cache_dir: Path | None = option(None, "Keep cached latents on disk here, keyed by image content, bucket, crop, flip and VAE, so later runs skip encoding.", group="data")
-    num_workers: int = option(0, "DataLoader worker processes, started once for the run (0 loads in the training process).", min=0, max=64, group="data")
+    num_workers: int = option(0, "DataLoader worker processes, started once for the run (0: the training process loads batches, a thread one batch ahead when latents are not cached).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
     model: str | None = option(None, "Base model: a Hugging Face id, a local diffusers folder or a single-file checkpoint (SD1.x, SD2.x, SDXL). "
                                "Default: the built-in demo base model (64 px toy world), with options tuned for it.", ss="ss_sd_model_name", group="model", fixed=True)

@@ -9,7 +9,9 @@ held-out images.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import sys
+import threading
 
 import torch
 
@@ -104,6 +106,56 @@ def data_loader(config: TrainConfig, dataset: ImageDataset, accelerator) -> torc
         generator=torch.Generator().manual_seed(config.seed),
         pin_memory=accelerator.device.type == "cuda",  # page-locked batches reach the GPU without a wait
     )
+
+
+class Prefetch:
+    """Iterates `loader` one batch ahead in a background thread, so that decoding and resizing the next
+    images overlaps the current step instead of following it (with `--num-workers 0` and latents not cached:
+    worker processes do the same at a memory cost). The order is the loader's, exceptions (a bad image's
+    UserError) reach the training thread, and leaving an epoch early stops the thread. Python threads can
+    overlap here because PIL's decode and resize and torch's ops release the GIL."""
+
+    def __init__(self, loader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def offer(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for batch in self.loader:
+                    if not offer(("batch", batch)):
+                        return
+                offer(("end", None))
+            except BaseException as e:  # handed to the training thread, which raises it
+                offer(("error", e))
+
+        thread = threading.Thread(target=produce, name="sd_lora-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item = ready.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 def stop_workers(loader: torch.utils.data.DataLoader) -> None:

@@ -25,8 +25,8 @@ from .compiling import check_compiler  # noqa: E402
 from .config import TrainConfig, load_config  # noqa: E402
 from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, scan_dataset  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
-from .data_setup import (build_validation, data_loader, data_options, regularization_set, split_validation, stop_workers,  # noqa: E402
-                         vae_encoder)
+from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, split_validation,  # noqa: E402
+                         stop_workers, vae_encoder)
 from .errors import Interrupted, UserError, run_cli  # noqa: E402
 from .export import trained_modules  # noqa: E402
 from .outputs import RunOutputs, StopRequest  # noqa: E402
@@ -308,7 +308,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
 
     trainee = loop.Trainee(
         accelerator=accelerator, unet=unet, text_encoders=text_encoders,
-        conditioner=conditioner, vae=None if config.cache_latents else model.vae, dataloader=dataloader,
+        conditioner=conditioner, vae=None if config.cache_latents else model.vae,
+        dataloader=Prefetch(dataloader) if config.num_workers == 0 and not config.cache_latents else dataloader,
         batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable,
         train_text_encoder=config.train_text_encoder, weight_dtype=weight_dtype,
         max_grad_norm=config.max_grad_norm, generator=generator,

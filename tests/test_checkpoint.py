@@ -288,3 +288,19 @@ def test_a_run_that_cannot_fit_fails_at_the_memory_check_before_sampling(tiny_da
     err = capsys.readouterr().err
     assert "out of cpu memory in step 1" in err and "Nothing had been trained yet" in err and "To fit, change" in err
     assert not (out / "samples").exists() or not any((out / "samples").iterdir())  # failed before the base grid
+
+
+@pytest.mark.slow
+def test_loading_a_batch_ahead_trains_the_same_lora(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """Without the latent cache the next batch is loaded in a thread while a step runs; the run must be
+    the one the training thread alone would give (five steps of two micro-batches cross an epoch boundary)."""
+    from sd_lora import train as train_module
+
+    no_cache = ("--no-cache-latents", "--max-steps", "5")
+    ahead = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", *no_cache)))
+    monkeypatch.setattr(train_module, "Prefetch", lambda loader: loader)
+    inline = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", *no_cache)))
+    a, b = load_file(str(ahead.path)), load_file(str(inline.path))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -43,3 +43,38 @@ def test_each_process_takes_its_slice_of_one_bucket_per_global_batch(tmp_path):
         stop_workers(loader)
         stop_workers(loader)  # a second call (or a loader never iterated) does nothing
     assert psutil.Process().children() == []
+
+
+def test_prefetch_yields_the_loaders_batches_in_order_and_hands_over_errors():
+    import threading
+
+    import pytest
+
+    from sd_lora.data_setup import Prefetch
+    from sd_lora.errors import UserError
+
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3)
+    ahead = Prefetch(loader)
+    assert len(ahead) == 4
+    assert [b.tolist() for b in ahead] == [b.tolist() for b in loader]  # twice: each pass is a new iteration
+    assert [b.tolist() for b in ahead] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise UserError("img2.png: cannot decode image (truncated file)")
+            return i
+
+    seen = []
+    with pytest.raises(UserError, match="img2.png: cannot decode image"):
+        for batch in Prefetch(torch.utils.data.DataLoader(Bad(), batch_size=1)):
+            seen.append(batch.item())
+    assert seen == [0, 1]
+
+    iterator = iter(Prefetch(torch.utils.data.DataLoader(list(range(100)), batch_size=1)))
+    assert next(iterator).item() == 0
+    iterator.close()  # leaving an epoch early, as the loop does at --max-steps
+    assert not any(t.name == "sd_lora-prefetch" for t in threading.enumerate())
