@@ -1,5 +1,6 @@
 """The data of a run made ready to train: which records train, validate and regularise, the options every
-image is prepared with, the held-out images' fixed latents, and the DataLoader with its worker processes.
+image is prepared with, the held-out images' fixed latents, and the DataLoader with its worker processes or
+its prefetch thread.
 
 `train.train_lora` calls these: the record sets before any model loads (a bad folder fails fast), the rest
 once it has (buckets follow its pixel step). The model appears only through the VAE that encodes the
@@ -110,10 +111,10 @@ def data_loader(config: TrainConfig, dataset: ImageDataset, accelerator) -> torc
 
 class Prefetch:
     """Iterates `loader` one batch ahead in a background thread, so that decoding and resizing the next
-    images overlaps the current step instead of following it (with `--num-workers 0` and latents not cached:
-    worker processes do the same at a memory cost). The order is the loader's, exceptions (a bad image's
-    UserError) reach the training thread, and leaving an epoch early stops the thread. Python threads can
-    overlap here because PIL's decode and resize and torch's ops release the GIL."""
+    images overlaps the current step instead of following it. Used when latents are not cached and
+    `--num-workers` is 0 (worker processes would do the same, at a memory cost). The order is the loader's,
+    an exception (a bad image's UserError) reaches the training thread, and leaving an epoch early stops the
+    thread. A thread can overlap the step because PIL's decode and resize and torch's ops release the GIL."""
 
     def __init__(self, loader, depth: int = 2):
         self.loader, self.depth = loader, depth
