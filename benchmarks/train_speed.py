@@ -285,7 +285,13 @@ def worker_sd_lora(args, flags: list[str], patch: str | None) -> dict:
         images[0] += len(batch["captions"])
         return compute_loss(t, obj, batch, state)
 
-    sd_lora.loop.compute_loss = counting_compute_loss
+    train = sd_lora.loop.train
+
+    def counting_train(*a, **kw):
+        images[0] = 0  # the memory check's trial step before training is not a training step
+        return train(*a, **kw)
+
+    sd_lora.loop.compute_loss, sd_lora.loop.train = counting_compute_loss, counting_train
     with profiled(args.profile) as step_done:
         original = sd_lora.outputs.RunOutputs.on_step_end
 
