@@ -30,6 +30,14 @@ def args(data, model, out, *extra):
     return ["--data", str(data), "--model", str(model), "--output-dir", str(out), *EXACT, *extra]
 
 
+def assert_same_lora(path_a, path_b) -> None:
+    """Two LoRA files hold the same tensors under the same keys, bit for bit."""
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def stop_at(monkeypatch, step: int):
     """Make the run receive a (simulated) SIGINT during step `step`."""
     original = outputs.RunOutputs.on_step_end
@@ -56,10 +64,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
     monkeypatch.undo()
     resumed = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "7", "--resume", "latest")))
     assert resumed.state.step == 7
-    a, b = load_file(str(full.path)), load_file(str(resumed.path))
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_lora(full.path, resumed.path)
     # metrics continue where they stopped
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
@@ -91,8 +96,7 @@ def test_sigint_to_the_real_cli_saves_and_resume_finishes_identically(tiny_datas
     code = main(["--config", str(out / "config.toml"), "--resume", "latest"])
     assert code == 0
     full = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "full", "--max-steps", "60", "--output-name", "cli")))
-    a, b = load_file(str(full.path)), load_file(str(out / "cli.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_lora(full.path, out / "cli.safetensors")
 
 
 @pytest.mark.slow
@@ -254,10 +258,7 @@ def test_worker_processes_load_the_same_batches_and_start_once(tiny_dataset, tin
     workers = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "7", "--num-workers", "2")))
     assert workers.state.epoch == 2 and len(starts) == 1
     assert psutil.Process().children() == []  # ended with the run, although the result keeps the loader
-    a, b = load_file(str(in_process.path)), load_file(str(workers.path))
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_lora(in_process.path, workers.path)
 
 
 @pytest.mark.slow
@@ -269,10 +270,7 @@ def test_the_memory_check_leaves_the_run_as_it_was(tiny_dataset, tiny_model_dir,
     checked = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "3")))
     monkeypatch.setattr(train_module, "check_step_memory", lambda *a, **kw: "no check")
     unchecked = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "3")))
-    a, b = load_file(str(checked.path)), load_file(str(unchecked.path))
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_lora(checked.path, unchecked.path)
 
 
 @pytest.mark.slow
@@ -300,7 +298,4 @@ def test_loading_a_batch_ahead_trains_the_same_lora(tiny_dataset, tiny_model_dir
     ahead = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", *no_cache)))
     monkeypatch.setattr(train_module, "Prefetch", lambda loader: loader)
     inline = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", *no_cache)))
-    a, b = load_file(str(ahead.path)), load_file(str(inline.path))
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_lora(ahead.path, inline.path)
