@@ -26,6 +26,7 @@ from typing import Any
 
 from .compiling import COMPILE_MODES
 from .errors import ConfigError, UserError
+from .fsio import readable
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
@@ -279,6 +280,10 @@ def _check_range(config: TrainConfig, problems: list[str]) -> None:
         if value is None or isinstance(value, bool):
             continue
         flag = f"--{_key(name)}"
+        if isinstance(value, (str, Path)) and readable(value) != str(value):
+            problems.append(f"{flag} {readable(value)!r}: not valid UTF-8 (the bytes shown as \ufffd), which config.toml and "
+                            "the LoRA's metadata cannot record; rename it using UTF-8 characters")
+            continue
         if meta["choices"] and value not in meta["choices"]:
             close = difflib.get_close_matches(str(value), meta["choices"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

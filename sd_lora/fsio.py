@@ -40,6 +40,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def readable(name: str | os.PathLike) -> str:
+    """`name` as valid text: bytes of a file name that are not UTF-8 (a Windows zip unpacked on Linux: Python
+    holds them as lone surrogates, which no UTF-8 writer accepts) become U+FFFD. For captions, labels and
+    metadata; open files by the original path."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

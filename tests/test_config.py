@@ -1,6 +1,7 @@
 """Options: CLI and TOML parsing from one declaration, validation reporting every problem at once."""
 
 import dataclasses
+import os
 
 import pytest
 
@@ -112,6 +113,16 @@ def test_threads_come_from_flags_and_files_and_are_range_checked(tmp_path):
     assert load_config(["--data", str(tmp_path), "--model", "m"]).threads is None  # PyTorch's own choice
     with pytest.raises(ConfigError, match="--threads 0 is out of range: it must be >= 1"):
         load_config(["--data", str(tmp_path), "--model", "m", "--threads", "0"])
+
+
+def test_paths_that_are_not_utf8_are_refused(tmp_path):
+    data = tmp_path / os.fsdecode(b"d\xe9s")  # config.toml and the LoRA's metadata can only hold UTF-8
+    data.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--data", str(data), "--output-dir", str(tmp_path / os.fsdecode(b"o\xe9ut"))])
+    message = str(caught.value)
+    assert f"--data '{tmp_path}/d\ufffds': not valid UTF-8" in message and "rename it" in message
+    assert f"--output-dir '{tmp_path}/o\ufffdut': not valid UTF-8" in message
 
 
 def test_missing_data_is_reported():

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sd_lora.data.dataset import ImageDataset
 from sd_lora.errors import UserError
-from sd_lora.fsio import atomic_write_bytes
+from sd_lora.fsio import atomic_write_bytes, readable
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 # Part of every disk key: bump it when the pixels an entry is encoded from change for the same file and
@@ -138,7 +138,7 @@ def write_entry(path: Path, key: str, latent: torch.Tensor, source: Path) -> Non
     """Atomically write one (C, h, w) latent; `key` is stored too, so a renamed file is not trusted."""
     from safetensors.torch import save
 
-    data = save({"latent": latent.detach().to("cpu").contiguous()}, metadata={"key": key, "image": str(source)})
+    data = save({"latent": latent.detach().to("cpu").contiguous()}, metadata={"key": key, "image": readable(source)})
     atomic_write_bytes(path, data)
 
 

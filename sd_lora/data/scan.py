@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from sd_lora.data.captions import split_tags
 from sd_lora.data.images import IMAGE_EXTENSIONS, ImageProblem, check_image, is_image_file
 from sd_lora.errors import UserError
+from sd_lora.fsio import readable
 
 METADATA_FILE = "metadata.jsonl"
 MAX_LISTED_PROBLEMS = 50
@@ -329,7 +330,7 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Problems) -> tuple[str, int, str]:
     """(folder label, repeats, fallback caption) for an image, from its nearest kohya `N_name` folder."""
-    folders = image.relative_to(root).parts[:-1]
+    folders = tuple(map(readable, image.relative_to(root).parts[:-1]))
     for depth in range(len(folders), 0, -1):
         match = _REPEAT_FOLDER.match(folders[depth - 1])
         if match:
@@ -342,7 +343,7 @@ def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Proble
                     problems.setup.append(problem)
             return label, max(repeats, 1), match[2]
     label = PurePosixPath(*folders).as_posix() if folders else "."
-    name = folders[-1] if folders else root.name
+    name = folders[-1] if folders else readable(root.name)
     match = _REPEAT_FOLDER.match(name)
     return label, 1, match[2] if match else name.replace("_", " ")
 
@@ -418,5 +419,6 @@ def fingerprint(records: list[ImageRecord]) -> str:
     h = hashlib.sha256()
     for r in records:
         prior = "\0prior" if r.prior else ""  # (only when set: fingerprints of runs without regularisation stay as they were)
-        h.update(f"{r.path}\0{r.caption}\0{r.repeats}\0{r.width}x{r.height}\0{r.path.stat().st_size}{prior}\n".encode())
+        line = f"{r.path}\0{r.caption}\0{r.repeats}\0{r.width}x{r.height}\0{r.path.stat().st_size}{prior}\n"
+        h.update(line.encode("utf-8", "surrogateescape"))  # a file name's non-UTF-8 bytes as they are on disk
     return h.hexdigest()[:16]

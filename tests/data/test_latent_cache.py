@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from sd_lora.data.dataset import DataOptions, ImageDataset
-from sd_lora.data.latent_cache import LatentCache, build_latent_cache
+from sd_lora.data.latent_cache import LatentCache, build_latent_cache, read_entry, write_entry
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 
@@ -231,3 +233,13 @@ def test_vae_identity_tracks_name_config_dtype_and_weights():
         vae_identity("vae", {"scaling_factor": 0.18215}, torch.float32, {"conv.weight": torch.ones(2, 2) * 1.001}),
     ]
     assert len({base, *changed}) == 5
+
+
+def test_entry_of_an_image_whose_name_is_not_utf8(tmp_path):
+    from safetensors import safe_open
+
+    path, latent = tmp_path / "ab" / "abc.safetensors", torch.randn(4, 8, 8)
+    write_entry(path, "abc", latent, tmp_path / os.fsdecode(b"caf\xe9.png"))  # Latin-1 bytes in the file name
+    assert torch.equal(read_entry(path, "abc"), latent)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["image"] == f"{tmp_path}/caf\ufffd.png"

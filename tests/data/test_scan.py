@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sd_lora.data.scan import MAX_LISTED_PROBLEMS, dataset_metadata, scan_dataset
+from sd_lora.data.scan import MAX_LISTED_PROBLEMS, dataset_metadata, fingerprint, scan_dataset
 from sd_lora.errors import UserError
 
 from .conftest import write_image, write_text
@@ -48,6 +48,25 @@ def test_kohya_repeat_folders_and_folder_captions(tmp_path):
         "6 images have no caption file or metadata entry; using the folder name as caption "
         f"(e.g. {root / '10_zk char' / '2_closeup' / 'f.png'} -> 'closeup')"
     ]
+
+
+def test_names_that_are_not_utf8_train_with_readable_captions(tmp_path):
+    # A Windows zip unpacked on Linux: Latin-1 bytes in file and folder names (Python holds them as surrogates).
+    root = tmp_path / "data"
+    folder = os.fsdecode(b"3_caf\xe9")
+    write_image(root / folder / os.fsdecode(b"\xe9t\xe9.png"))
+    write_image(root / "2_zk" / os.fsdecode(b"caf\xe9.png"))
+    write_text(root / "2_zk" / os.fsdecode(b"caf\xe9.txt"), "zk, a thing")
+    result = scan_dataset(root)
+    got = {os.fsencode(r.path.name): (r.repeats, r.folder, r.caption) for r in result.records}
+    assert got == {b"\xe9t\xe9.png": (3, "3_caf\ufffd", "caf\ufffd"), b"caf\xe9.png": (2, "2_zk", "zk, a thing")}
+    assert all(r.path.is_file() for r in result.records)  # the files themselves are opened by their real names
+    meta = dataset_metadata(result.records)
+    assert json.loads(meta["ss_tag_frequency"])["3_caf\ufffd"] == {"caf\ufffd": 1}
+    assert all(value.encode("utf-8") for value in meta.values())  # writable into a .safetensors header
+    assert len(fingerprint(result.records)) == 16
+    write_image(root / folder / os.fsdecode(b"\xe9t\xe9.png"), size=(40, 32))  # a changed image is noticed
+    assert fingerprint(scan_dataset(root).records) != fingerprint(result.records)
 
 
 def test_zero_repeats_is_an_error_naming_the_folder(tmp_path):
