@@ -28,7 +28,7 @@ from sd_lora.fsio import readable
 
 METADATA_FILE = "metadata.jsonl"
 MAX_LISTED_PROBLEMS = 50
-_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's N_name; "10_" repeats 10 times with no class token
 _MANY_REPEATS = 1000  # above this a folder name like "20240101_photos" was probably not meant as repeats
 
 
@@ -129,6 +129,10 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
             f"{_count(len(fallback), 'image has', 'images have')} no caption file or metadata entry; "
             f"using the folder name as caption (e.g. {example} -> {caption!r})"
         )
+        unnamed = sum(not caption for _, caption in fallback)
+        if unnamed:
+            warnings.append(f"{_count(unnamed, 'image trains', 'images train')} with an empty caption: no caption file, "
+                            f"and its N_ folder has no name after the repeat count (e.g. {next(e for e, c in fallback if not c)})")
     if empty:
         warnings.append(f"{_count(len(empty), 'caption file is', 'caption files are')} empty (e.g. "
                         f"{empty[0]}); those images train with an empty caption")

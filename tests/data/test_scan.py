@@ -69,6 +69,17 @@ def test_names_that_are_not_utf8_train_with_readable_captions(tmp_path):
     assert fingerprint(scan_dataset(root).records) != fingerprint(result.records)
 
 
+def test_repeat_folder_without_a_name(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "10_" / "a.png")  # kohya: 10 repeats, no class token
+    write_image(root / "10_" / "b.png")
+    write_text(root / "10_" / "b.txt", "zk")
+    result = scan_dataset(root)
+    assert [(r.repeats, r.folder, r.caption) for r in result.records] == [(10, "10_", ""), (10, "10_", "zk")]
+    assert result.warnings[-1] == ("1 image trains with an empty caption: no caption file, and its N_ folder has no "
+                                   f"name after the repeat count (e.g. {root / '10_' / 'a.png'})")
+
+
 def test_zero_repeats_is_an_error_naming_the_folder(tmp_path):
     root = tmp_path / "data"
     write_image(root / "0_x" / "a.png")
