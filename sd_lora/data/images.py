@@ -107,7 +107,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open `path` upright (EXIF orientation applied) in mode "RGB".
 
-    Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white. 16-bit and 32-bit
+    Transparency (RGBA, LA, PA, and P, RGB or L with a transparent colour key) is composited on white. 16-bit and 32-bit
     grey modes are scaled so the format's full range maps to 0..255 (65535 -> 255), not clipped.
     Raises `ImageProblem` for files that cannot be decoded.
     """
@@ -118,12 +118,12 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
     """Convert any Pillow mode to RGB as described in `open_image`; `path` only names the file in errors."""
     mode = img.mode
+    if mode in ("P", "RGB", "L") and "transparency" in img.info:  # a PNG colour key (tRNS): that colour is transparent
+        mode, img = "RGBA", img.convert("RGBA")
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return _high_bit_depth_to_rgb(img)
-    if mode == "P" and "transparency" in img.info:
-        mode, img = "RGBA", img.convert("RGBA")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img if mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGB", rgba.size, _WHITE)

@@ -51,6 +51,16 @@ def test_palette_with_transparency_composited_on_white(tmp_path):
     assert (pixel(out, (0, 0)), pixel(out, (1, 0))) == ((255, 255, 255), (200, 0, 0))
 
 
+@pytest.mark.parametrize("mode, key, other", [("RGB", (10, 20, 30), (200, 0, 0)), ("L", 77, 140)])
+def test_colour_key_transparency_composited_on_white(tmp_path, mode, key, other):
+    img = Image.new(mode, (16, 16), other)
+    img.putpixel((0, 0), key)
+    img.save(tmp_path / "a.png", transparency=key)  # a tRNS chunk: this one colour is transparent
+    assert Image.open(tmp_path / "a.png").mode == mode
+    grey = (other,) * 3 if mode == "L" else other
+    assert (pixel(open_image(tmp_path / "a.png"), (0, 0)), pixel(open_image(tmp_path / "a.png"), (1, 0))) == ((255, 255, 255), grey)
+
+
 def test_palette_without_transparency(tmp_path):
     img = Image.new("P", (16, 16), 1)
     img.putpalette([0, 0, 0, 0, 90, 0] + [0] * (254 * 3))
