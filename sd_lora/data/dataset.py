@@ -172,7 +172,10 @@ class ImageDataset(torch.utils.data.Dataset):
             dropout=options.caption_dropout, tag_dropout=options.tag_dropout,
         )
         sample["original_size"] = (record.height, record.width)
-        sample["crop_top_left"] = (plan.top, plan.left)  # in the resized, unflipped image
+        # SDXL's crop condition: pixels cut from the top and left of the resized image, as the model sees it,
+        # so a mirrored sample's left edge is the right-hand margin of the unflipped crop.
+        left = plan.resize_width - plan.left - bucket_width if flipped else plan.left
+        sample["crop_top_left"] = (plan.top, left)
         sample["target_size"] = (bucket_height, bucket_width)
         sample["flipped"] = flipped
         sample["index"] = index
