@@ -179,6 +179,7 @@ def gradient_norm(t: Trainee) -> torch.Tensor:
     """Total L2 norm of the trainable gradients, clipped to max_grad_norm when that is > 0."""
     if t.max_grad_norm > 0:
         return t.accelerator.clip_grad_norm_(t.trainable, t.max_grad_norm)
+    t.accelerator.unscale_gradients()  # under fp16's loss scaler: the real gradients' norm (otherwise a no-op)
     grads = [p.grad for p in t.trainable if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
@@ -252,18 +253,20 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             # One optimizer step: check, clip, step, schedule.
             if acc.num_processes > 1:  # every rank must take the same skip/stop decision: use the global mean
                 accumulated = acc.reduce(accumulated, reduction="mean")
-            norm = gradient_norm(t)
-            readout = Readout(accumulated, norm)
             record = StepRecord(state.step + 1, state.epoch, t.lr_scheduler.get_last_lr()[0], time.perf_counter() - started)
             if skip_on_device:
+                norm = gradient_norm(t)
                 step_unless(t.optimizer, non_finite(accumulated, norm if check_gradients else None))
                 t.lr_scheduler.step()
                 state.step += 1
                 if pending is not None:  # the previous step's numbers: the device has long computed them
                     settle(*pending)
-                pending = (record, readout)
+                pending = (record, Readout(accumulated, norm))
             else:
-                record.loss, record.grad_norm = readout.values()
+                # The loss is read before clipping: under fp16's loss scaler clipping unscales the gradients,
+                # and a scaler left unscaled by a skipped step would refuse the next step's unscale.
+                record.loss = float(accumulated)
+                record.grad_norm = float(gradient_norm(t)) if math.isfinite(record.loss) else math.nan
                 if record.finite(check_gradients):
                     t.optimizer.step()
                     t.lr_scheduler.step()

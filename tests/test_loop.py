@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from types import SimpleNamespace
@@ -163,6 +164,51 @@ def test_non_finite_loss_stops_with_weights_untouched_or_skips(tiny_model_dir):
     with pytest.raises(loop.NonFiniteLoss):
         loop.train(trainee, objective, loop.TrainState(step=2), max_steps=5, hooks=recorder, nan_skip=2)
     assert recorder.skipped == [3, 3] and recorder.losses == []
+
+
+class Batches(FixedBatches):
+    """The given batches in turn, one pass per epoch."""
+
+    def __init__(self, batches):
+        super().__init__(None, per_epoch=len(batches))
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches[self.start:])
+
+
+def train_under_fp16_loss_scaler(model_dir, monkeypatch, max_grad_norm: float):
+    """Steps on [good, NaN, good] batches under accelerate's fp16 GradScaler (a GPU's fp16), simulated on the
+    CPU; returns (model, weights before, state, recorder)."""
+    from accelerate import Accelerator
+
+    model, trainee, objective, batch = make_trainee(model_dir)
+    acc = Accelerator(cpu=True)
+    monkeypatch.setattr(acc.state, "_mixed_precision", "fp16")  # what Accelerator(mixed_precision="fp16") sets up on CUDA
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = acc.prepare(trainee.optimizer)
+    assert optimizer.scaler is acc.scaler and not loop.supports_skip_on_device(optimizer)
+    poisoned = dict(batch, latents=torch.full_like(batch["latents"], float("nan")))
+    batches = Batches([batch, poisoned, batch])
+    trainee = dataclasses.replace(trainee, accelerator=acc, optimizer=optimizer, dataloader=batches, batch_sampler=batches,
+                                  lr_scheduler=build_lr_scheduler("constant", optimizer, warmup_steps=0, total_steps=100),
+                                  max_grad_norm=max_grad_norm)
+    before, recorder = lora_weights(model), Recorder()
+    state = loop.train(trainee, objective, loop.TrainState(), max_steps=2, hooks=recorder, nan_skip=1, check_gradients=False)
+    return model, before, state, recorder
+
+
+def test_fp16_loss_scaler_skipped_step_and_gradient_norm(tiny_model_dir, monkeypatch):
+    """Clipping unscales the gradients; a step skipped for a NaN loss after that left the scaler waiting for an
+    update() that never came, and the next step's clipping failed ("unscale_() has already been called").
+    Without clipping the logged gradient norm was the scaled one (x1024 here)."""
+    norms = {}
+    for max_grad_norm in (1.0, 0.0):
+        model, before, state, recorder = train_under_fp16_loss_scaler(tiny_model_dir, monkeypatch, max_grad_norm)
+        assert (state.step, recorder.logged, recorder.skipped) == (2, [1, 2], [2])
+        assert any(not torch.equal(p, before[n]) for n, p in lora_weights(model).items())  # the good steps updated
+        norms[max_grad_norm] = recorder.grad_norms[0]  # the same first step: the same gradients
+    assert 0 < norms[0.0] == pytest.approx(norms[1.0], rel=1e-5)
 
 
 def test_should_stop_ends_after_the_current_step(tiny_model_dir):
