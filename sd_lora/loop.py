@@ -115,9 +115,12 @@ class Readout:
 
 
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the VAE posterior."""
-    with torch.no_grad():
-        dist = vae.encode(pixels).latent_dist
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the VAE posterior.
+
+    The VAE runs in its own dtype, outside any autocast: SDXL's VAE stays fp32 under --mixed-precision fp16
+    because fp16 overflows it (NaN latents), and fp16 autocast would compute its convolutions in fp16 anyway."""
+    with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
         return dist.sample(generator=generator) * scaling_factor
 
 

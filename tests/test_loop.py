@@ -345,3 +345,16 @@ def test_non_finite_is_a_device_flag():
     assert loop.non_finite(one, one).item() == 0.0 and loop.non_finite(one, one).dtype == torch.float32
     assert loop.non_finite(nan, one).item() == 1.0 and loop.non_finite(one, inf).item() == 1.0
     assert loop.non_finite(one, None).item() == 0.0  # fp16: the gradient norm is the loss scaler's business
+
+
+def test_vae_encodes_in_its_own_dtype_under_autocast():
+    """SDXL's VAE stays fp32 under --mixed-precision fp16 because fp16 overflows it; the autocast that the
+    training step (and latent caching) runs in must not compute it in 16 bits anyway."""
+    from sd_lora.models.tiny import tiny_vae
+
+    vae = tiny_vae().eval()
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = loop.encode_pixels(vae, pixels, 0.18215, torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loop.encode_pixels(vae, pixels, 0.18215, torch.Generator().manual_seed(1))
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, plain)

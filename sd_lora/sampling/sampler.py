@@ -17,7 +17,7 @@ import io
 import json
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -279,15 +279,31 @@ def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
             m.training = training
 
 
-def _autocast_if_mixed(pipe):
+@contextmanager
+def _autocast_if_mixed(pipe) -> Iterator[None]:
     """Autocast to the 16-bit dtype when the modules' dtypes differ (e.g. a bf16 U-Net with an fp32 text
     encoder). The pipeline feeds the text encoder's dtype to the U-Net and the U-Net's output to the VAE,
-    which fails on mixed dtypes without it. With one dtype everywhere, nothing changes."""
+    which fails on mixed dtypes without it. With one dtype everywhere, nothing changes.
+
+    The VAE's decode is kept out of the autocast and runs in the VAE's own dtype (a hack: `pipe.vae.decode`
+    is wrapped for the duration): SDXL's VAE stays fp32 under fp16 because fp16 overflows it (black or NaN
+    images), and fp16 autocast would compute its convolutions in fp16 anyway."""
     modules = [pipe.components.get(name) for name in ("unet", "text_encoder", "vae")]
     dtypes = {m.dtype for m in modules if m is not None}
-    if len(dtypes) <= 1:
-        return nullcontext()
     low = [d for d in (pipe.unet.dtype, *dtypes) if d in (torch.float16, torch.bfloat16)]
-    if not low:
-        return nullcontext()
-    return torch.autocast(device_type=pipe.unet.device.type, dtype=low[0])
+    if len(dtypes) <= 1 or not low:
+        yield
+        return
+    vae, device_type = pipe.vae, pipe.unet.device.type
+    decode = vae.decode
+
+    def decode_in_own_dtype(latents, *args, **kwargs):
+        with torch.autocast(device_type=device_type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_own_dtype
+    try:
+        with torch.autocast(device_type=device_type, dtype=low[0]):
+            yield
+    finally:
+        del vae.decode  # the class's own method again

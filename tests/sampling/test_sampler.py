@@ -196,9 +196,19 @@ def test_sizes_are_checked_before_sampling(sd1_pipe):
 def test_mixed_dtypes_sample_under_autocast(fresh_sd1_pipe):
     pipe = fresh_sd1_pipe
     pipe.unet.to(torch.bfloat16)  # text encoder and VAE stay float32, as with a bf16 U-Net in training
-    cells, _ = generate_images(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    computed = {}  # the dtype each part computed in, from its last layer's output
+    hooks = [module.register_forward_hook(lambda m, i, out, name=name: computed.__setitem__(name, out.dtype))
+             for name, module in (("unet", pipe.unet.conv_out), ("vae", pipe.vae.decoder.conv_out))]
+    try:
+        cells, _ = generate_images(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert cells[0][0].size == (32, 32) and pixels(cells[0][0]).std() > 0
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.float32
+    # The VAE decodes in its own float32, outside the autocast (SDXL's VAE is kept fp32 because fp16 overflows it).
+    assert computed == {"unet": torch.bfloat16, "vae": torch.float32}
+    assert "decode" not in vars(pipe.vae)  # the wrapper is gone again
 
 
 def test_settings_validation():
