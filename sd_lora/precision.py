@@ -27,7 +27,10 @@ class Hardware:
 def probe_hardware() -> Hardware:
     cuda = torch.cuda.is_available()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private: absent in some builds
-    return Hardware(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), cpu_amx_bf16=bool(amx()))
+    # Without including_emulation=False every CUDA GPU "supports" bf16: pre-Ampere ones (T4, V100) emulate it,
+    # far slower than their fp16 tensor cores.
+    cuda_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    return Hardware(cuda=cuda, cuda_bf16=cuda_bf16, cpu_amx_bf16=bool(amx()))
 
 
 def choose_mixed_precision(requested: str, hardware: Hardware, unet_parameters: int) -> str:

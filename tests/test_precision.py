@@ -39,3 +39,12 @@ def test_probe_matches_torch():
     hardware = precision.probe_hardware()
     assert hardware.cuda == torch.cuda.is_available()
     assert hardware.cuda_bf16 is False or hardware.cuda
+
+
+def test_probe_counts_emulated_bf16_as_unsupported(monkeypatch):
+    """A T4 or V100 "supports" bf16 by emulation only; auto must pick fp16 (tensor cores) there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    hardware = precision.probe_hardware()
+    assert hardware.cuda and not hardware.cuda_bf16
+    assert choose_mixed_precision("auto", hardware, SD15_UNET) == "fp16"
