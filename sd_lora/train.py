@@ -222,7 +222,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
         dtype_for=lambda unet_parameters: WEIGHT_DTYPES[mixed_precision_for(config, unet_parameters)],
     )
     config = resolve_defaults(config, model)  # records the same mixed precision in the config
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)

@@ -30,9 +30,13 @@ from .precision import vae_dtype
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_accelerator(config: TrainConfig):
-    """The Accelerator for a resolved `config` (`mixed_precision` is no, fp16 or bf16, not auto)."""
-    from accelerate import Accelerator
+def make_accelerator(config: TrainConfig, *, unused_lora: bool = False):
+    """The Accelerator for a resolved `config` (`mixed_precision` is no, fp16 or bf16, not auto).
+
+    `unused_lora`: some trained LoRA layers never reach the loss (text-encoder layers after the hidden state
+    that conditions the U-Net: SDXL's first encoder, --clip-skip > 1). DDP must then look for them every step,
+    or it fails waiting for their gradients."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, PartialState
 
     # Hack: accelerate keeps one process-wide state and refuses a second Accelerator with another
@@ -42,7 +46,8 @@ def make_accelerator(config: TrainConfig):
         AcceleratorState._reset_state(reset_partial_state=True)
     # Without a GPU, say so: under `accelerate launch --num_processes N` accelerate then joins the processes
     # with gloo on the CPU instead of running N independent trainings.
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_lora else []
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=ddp)
 
 
 def read_init_weights(config: TrainConfig, model: BaseModel) -> tuple[TrainConfig, dict]:

@@ -49,6 +49,24 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dataset, tiny_m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family, extra", [("sd1", ["--clip-skip", "2"]), ("sdxl", [])])
+def test_two_processes_train_the_text_encoder(tiny_dataset, tiny_model_dir, tiny_sdxl_model_dir, tmp_path, family, extra):
+    """LoRA layers after the hidden state that conditions the U-Net (--clip-skip 2; SDXL's first encoder) get
+    no gradient, which DDP refuses unless told; and clip skip reached through DDP's wrapper for the final norm."""
+    model = tiny_model_dir if family == "sd1" else tiny_sdxl_model_dir
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "sd_lora.train", "--data", str(tiny_dataset), "--model", str(model),
+           "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--train-text-encoder", "--sample-every", "0",
+           "--resolution", "32", "--rank", "4", "--max-steps", "2", "--save-precision", "fp32", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lora = load_file(str(tmp_path / "two" / "data.safetensors"))
+    te_ups = [k for k in lora if k.startswith("lora_te") and k.endswith("lora_up.weight")]
+    assert te_ups and any(lora[k].abs().max() > 0 for k in te_ups)  # the text encoder's LoRA trained
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resume_finishes(tiny_dataset, tiny_model_dir, tmp_path):
     """SIGTERM reaches rank 1 only (a scheduler or the OOM killer picks one process): the ranks still decide
     together, the main process saves the LoRA and the training state of that step, and resuming with two

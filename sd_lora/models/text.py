@@ -14,6 +14,7 @@ def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, int]:
 
 
 def _final_layer_norm(text_encoder) -> torch.nn.Module:
+    text_encoder = getattr(text_encoder, "module", text_encoder)  # under DDP (several processes, TE trained)
     # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); older versions nest it.
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
