@@ -29,18 +29,22 @@ def check_compiler(cuda: bool) -> None:
         raise UserError("--compile on the CPU needs a C++ compiler (g++ or clang++; e.g. apt install g++); or drop --compile")
 
 
-def compile_unet(unet: torch.nn.Module, mode: str) -> None:
-    """Compile `unet` in place: its blocks one by one (`blocks`) or as a whole (`unet`)."""
+def compile_unet(unet: torch.nn.Module, mode: str, batch_shapes: int = 1) -> None:
+    """Compile `unet` in place: its blocks one by one (`blocks`) or as a whole (`unet`), for up to
+    `batch_shapes` input shapes (bucket sizes, each with its full and its short last batch)."""
     if mode == "off":
         return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
     # Static shapes: each bucket shape gets its own graph. Dynamic-shape graphs failed to compile
     # (inductor, torch 2.14, on these U-Nets) as soon as a second bucket shape arrived.
-    if mode == "unet":
-        unet.compile(dynamic=False)
-        return
-    if mode != "blocks":
-        raise ValueError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
-    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    blocks = [unet] if mode == "unet" else [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    # Dynamo keeps at most `recompile_limit` graphs per code object, then silently runs it eagerly. Blocks of
+    # one class share their forward's code object, so all of them, at every shape, count against one limit.
+    graphs = batch_shapes * len(blocks)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * graphs)
     for block in blocks:
         block.compile(dynamic=False)
 

@@ -234,7 +234,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation.
     torch.manual_seed(config.seed)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    trainable = prepare_models(config, model, accelerator.device, weight_dtype, init_weights)
+    trainable = prepare_models(config, model, accelerator.device, weight_dtype, init_weights,
+                               batch_shapes=2 * len(dataset.bucket_counts()))  # each bucket's full and short batch
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
 
     if config.cache_latents:

@@ -65,16 +65,20 @@ def read_init_weights(config: TrainConfig, model: BaseModel) -> tuple[TrainConfi
         raise UserError(f"--init-weights {config.init_weights}: modules have different ranks {sorted(ranks)} or alphas "
                         f"{sorted(alphas)}; make them uniform first, e.g. python -m sd_lora.resize IN OUT --rank {max(ranks)}")
     text = any(lora.components.get(n) for n in names)
+    fresh = [c for c in ["unet", *(names if text else [])] if not lora.components.get(c)]
     print(f"--init-weights {config.init_weights}: {lora.format} file, rank {modules[0].rank}, alpha {modules[0].alpha:g}, "
-          f"{len(lora.components.get('unet', {}))} U-Net modules" + (", text encoder modules too (they train)" if text else ""))
+          f"{len(lora.components.get('unet', {}))} U-Net modules" + (", text encoder modules too (they train)" if text else "")
+          + (f"; nothing for {' and '.join(fresh)}, which start{'s' if len(fresh) == 1 else ''} a fresh LoRA" if fresh else ""))
     config = dataclasses.replace(config, rank=modules[0].rank, alpha=modules[0].alpha, train_text_encoder=text)
     return config, lora.components
 
 
 def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, weight_dtype: torch.dtype,
-                   init_weights: dict | None = None) -> list[torch.nn.Parameter]:
+                   init_weights: dict | None = None, batch_shapes: int = 1) -> list[torch.nn.Parameter]:
     """Freeze the base, inject LoRA where the preset (or the --init-weights file) says, cast and place;
-    returns the trainable parameters."""
+    returns the trainable parameters. A trained component the --init-weights file has nothing for (a
+    text-encoder-only file, an SDXL file without its second encoder) starts a fresh LoRA on the preset's
+    targets. `batch_shapes`: input shapes --compile must hold graphs for."""
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.to(device)
@@ -96,9 +100,9 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     text_encoders = model.text_encoders if config.train_text_encoder else []
     targets = dict(zip(trained_modules(model, config.train_text_encoder), [model.unet, *text_encoders]))
     for component, module in targets.items():
-        if init_weights is not None:
-            inject_lora(module, sorted(init_weights.get(component, {})), **lora)
-            load_lora_weights_into(module, init_weights.get(component, {}), source=str(config.init_weights))
+        if init_weights is not None and init_weights.get(component):
+            inject_lora(module, sorted(init_weights[component]), **lora)
+            load_lora_weights_into(module, init_weights[component], source=str(config.init_weights))
         elif component == "unet":
             inject_lora(module, unet_target_modules(module, config.targets), **lora)
         else:  # SDXL: both encoders, six linears per layer each
@@ -109,7 +113,7 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
         model.unet.enable_gradient_checkpointing()
         for encoder in text_encoders:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compile_unet(model.unet, config.compile)
+    compile_unet(model.unet, config.compile, batch_shapes)
     model.unet.train()
     for encoder in model.text_encoders:
         encoder.train(config.train_text_encoder)

@@ -253,6 +253,27 @@ def test_warm_start_from_init_weights_and_both_formats(tiny_dataset, tiny_model_
     assert len(d) == len([k for k in b if not k.endswith(".alpha")])
 
 
+def test_init_weights_without_the_unet_starts_a_fresh_unet_lora(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """A text-encoder-only file used to crash (inject_lora: target_modules is empty): components the file has
+    nothing for start a fresh LoRA on the preset's targets, the file's own modules carry over."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
+    from tests.helpers import random_lora_components
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    components = random_lora_components(pipe, rank=4, alpha=4, seed=0)
+    del components["unet"]
+    source = save_lora_file(tmp_path / "te-only.safetensors", to_kohya_state_dict(components), {"ss_network_dim": "4"})
+    result = run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0",
+                                        "--init-weights", str(source), "--learning-rate", "1e-12", "--save-precision", "fp32")))
+    assert "nothing for unet, which starts a fresh LoRA" in capsys.readouterr().out
+    a, b = load_file(str(source)), load_file(str(result.path))
+    assert a.keys() < b.keys() and any(k.startswith("lora_unet_") for k in b)  # the U-Net's preset modules, fresh
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the file's modules carried over
+
+
 @pytest.mark.slow
 def test_latent_cache_dir_is_reused_by_a_second_run(tiny_dataset, tiny_model_dir, tmp_path):
     cache = tmp_path / "latents"
