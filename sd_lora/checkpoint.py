@@ -89,10 +89,11 @@ def save_state(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
         save_file(trainable_tensors(modules), str(tmp / "lora_params.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states(generator)},
-            tmp / "training_state.pt",
-        )
+        training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states(generator)}
+        scaler = getattr(optimizer, "scaler", None)  # fp16's loss scale (accelerate's optimizer wrapper holds it)
+        if scaler is not None:
+            training["scaler"] = scaler.state_dict()
+        torch.save(training, tmp / "training_state.pt")
         meta = {"progress": asdict(progress), "data_fingerprint": data_fingerprint}
         (tmp / "progress.json").write_text(json.dumps(meta, indent=2))
         (tmp / "config.toml").write_text(config.to_toml())
@@ -167,7 +168,9 @@ def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> Loaded
         listed = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot resume from {path}: this run differs from the saved one:\n{listed}\nUse the saved settings (--config {path / 'config.toml'}), or start a new run in another --output-dir")
     progress = Progress(**meta["progress"])
-    training = torch.load(path / "training_state.pt", weights_only=True)  # tensors and plain values only: no pickled code
+    # Tensors and plain values only (no pickled code), onto the CPU: with several GPUs every rank would otherwise
+    # load rank 0's tensors onto GPU 0; load_state_dict moves them to each parameter's device.
+    training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
     return LoadedState(path, progress, load_file(str(path / "lora_params.safetensors")), training, meta["data_fingerprint"])
 
 

@@ -287,6 +287,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         checkpoint.restore_trainable(modules, resumed.tensors)
         optimizer.load_state_dict(resumed.training["optimizer"])
         lr_scheduler.load_state_dict(resumed.training["lr_scheduler"])
+        if accelerator.scaler is not None and "scaler" in resumed.training:  # fp16: the loss scale reached
+            accelerator.scaler.load_state_dict(resumed.training["scaler"])
         checkpoint.restore_rng_states(resumed.training["rng"], generator)
         p = resumed.progress
         state = loop.TrainState(step=p.step, epoch=p.epoch, batch_in_epoch=p.batch_in_epoch, nan_steps=p.nan_steps)

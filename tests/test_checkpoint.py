@@ -70,6 +70,24 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
     assert steps == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_state_keeps_the_fp16_loss_scale(tmp_path):
+    """Under fp16 a resumed run goes on with the loss scale it had reached, not 65536 again (a few overflow
+    steps, and a run no longer identical to an uninterrupted one)."""
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    optimizer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # as accelerate's fp16 optimizer wrapper holds it
+    optimizer.scaler.scale(torch.ones(()))  # a step's loss scaled: the scaler's state exists from here
+    optimizer.scaler.update(2.0**11)  # the scale a run reached
+    config = load_config(["--data", str(tmp_path)])
+    path = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3), modules={"unet": module}, optimizer=optimizer,
+                                 lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), generator=torch.Generator(),
+                                 config=config, data_fingerprint="x", keep=1)
+    loaded = checkpoint.load_state(path, config, "x")
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(loaded.training["scaler"])
+    assert restored.get_scale() == 2.0**11
+
+
 @pytest.mark.slow
 def test_sigint_to_the_real_cli_saves_and_resume_finishes_identically(tiny_dataset, tiny_model_dir, tmp_path):
     """Ctrl-C in a terminal signals the whole process group, DataLoader workers included: they must neither
