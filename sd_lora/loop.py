@@ -26,7 +26,6 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     batch_in_epoch: int = 0  # batches of the current epoch already consumed
     nan_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
-    truncated_captions: int = 0
 
 
 @dataclass
@@ -135,8 +134,7 @@ def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> 
     # 2. Caption conditioning (SDXL: plus size conditioning); gradients reach the text encoders only when
     #    their LoRA trains.
     with torch.set_grad_enabled(t.train_text_encoder):
-        cond, truncated = t.conditioner(batch["captions"], batch, device, t.weight_dtype)
-    state.truncated_captions += truncated
+        cond = t.conditioner(batch["captions"], batch, device, t.weight_dtype)
     # 3. Noise and uniform timesteps, then the forward process x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
     shard = {"replicas": t.accelerator.num_processes, "rank": t.accelerator.process_index}
     noise = diffusion.sample_noise(latents, t.generator, obj.noise_offset, **shard)

@@ -33,6 +33,7 @@ from .outputs import RunOutputs, StopRequest  # noqa: E402
 from .lora.inject import trainable_parameters  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
+from .models.text import too_long  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
 from .sampling.prompts import default_prompts, read_prompt_file, validate_size  # noqa: E402
@@ -189,6 +190,17 @@ def skip_steps_on_device(device: torch.device, optimizer) -> bool:
     return device.type == "cuda" and loop.supports_skip_on_device(optimizer)
 
 
+def warn_long_captions(tokenizer, captions: list[str]) -> None:
+    """Captions longer than the text encoder reads (77 tokens) lose their end: said once, before training."""
+    long = too_long(tokenizer, captions)
+    if long:
+        caption, tokens = max(long.items(), key=lambda item: item[1])
+        shown = caption if len(caption) <= 80 else caption[:77] + "..."
+        print(f"warning: {len(long)} of {len(set(captions))} captions are longer than the {tokenizer.model_max_length} tokens the "
+              f"text encoder reads, and lose their end (the longest, {tokens} tokens: {shown!r}); shorten them or put what "
+              "matters first", file=sys.stderr)
+
+
 def check_free_space(path: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(path).free
     if free < needed_bytes:
@@ -222,6 +234,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         dtype_for=lambda unet_parameters: WEIGHT_DTYPES[mixed_precision_for(config, unet_parameters)],
     )
     config = resolve_defaults(config, model)  # records the same mixed precision in the config
+    if process.is_main_process:
+        warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records])
     accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
@@ -387,8 +401,6 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if offloaded:  # the returned model on one device again
         memory.move_modules(model.text_encoders, accelerator.device)
     if accelerator.is_main_process:
-        if state.truncated_captions:
-            print(f"warning: {state.truncated_captions} captions were longer than {model.tokenizer.model_max_length} tokens and were truncated", file=sys.stderr)
         if state.nan_steps:  # over the whole run, resumed parts included
             skipped = "1 step was" if state.nan_steps == 1 else f"{state.nan_steps} steps were"
             print(f"warning: {skipped} skipped for a non-finite loss or gradient (--nan-skip {config.nan_skip})", file=sys.stderr)

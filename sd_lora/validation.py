@@ -71,7 +71,7 @@ def validation_loss(trainee, objective, items: list[ValidationItem], batch_size:
                     noise = torch.stack([c.noise for c in chunk]).to(device, trainee.weight_dtype)
                     timesteps = torch.tensor([c.timestep for c in chunk], device=device)
                     sizes = {k: torch.stack([c.sizes[k] for c in chunk]) for k in chunk[0].sizes}
-                    cond, _ = trainee.conditioner([c.caption for c in chunk], sizes, device, trainee.weight_dtype)
+                    cond = trainee.conditioner([c.caption for c in chunk], sizes, device, trainee.weight_dtype)
                     noisy = diffusion.add_noise(latents, noise, timesteps, objective.alphas_cumprod)
                     prediction = trainee.unet(noisy, timesteps, **cond).sample
                     target = diffusion.training_target(objective.prediction_type, latents, noise, timesteps, objective.alphas_cumprod)

@@ -453,3 +453,16 @@ def test_steps_skipped_on_the_device_log_every_step_and_train_the_same_lora(tiny
     assert [s for s, _, _ in dev_steps] == [1, 2, 3, 4, 5]
     assert dev_steps == host_steps and dev_val == host_val and [s for s, _ in dev_val] == [2, 4, 5]
     assert all(torch.equal(host_w[n], dev_w[n]) for n in host_w)
+
+
+def test_captions_longer_than_the_text_encoder_reads_are_named_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    folder = tiny_dataset / "2_zkchar"
+    long = "zkchar, " + ", ".join(f"detail {i}" for i in range(60))
+    for name in ("img0.txt", "img1.txt"):
+        (folder / name).write_text(long)
+    distinct = len({p.read_text() for p in folder.glob("*.txt")})
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "2", "--sample-every", "0")))
+    err = capsys.readouterr().err
+    assert err.count("lose their end") == 1  # once, before training, not counted again per step
+    assert f"warning: 1 of {distinct} captions are longer than the 77 tokens the text encoder reads, and lose their end (the longest, " in err
+    assert f"{long[:77]}..." in err

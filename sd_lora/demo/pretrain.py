@@ -277,7 +277,7 @@ def train_unet_and_text_encoder(unet, text_encoder, tokenizer, vae, scheduler, s
         pixels, captions = world_batch(settings, step)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator=generator) * scaling  # (B, 4, 16, 16)
-        input_ids, _ = tokenize(tokenizer, captions)
+        input_ids = tokenize(tokenizer, captions)
         cond = encode_tokens(text_encoder, input_ids)  # (B, 77, D)
         noise = diffusion.sample_noise(latents, generator, settings.noise_offset)
         timesteps = diffusion.sample_timesteps(latents.shape[0], len(alphas_cumprod), generator, latents.device)

@@ -41,10 +41,10 @@ class Conditioner:
             raise ValueError("SDXL needs two text encoders")
         self.family, self.tokenizers, self.text_encoders, self.clip_skip = family, tokenizers, text_encoders, clip_skip
         self.cache_outputs = cache_outputs
-        self._cache: dict[str, tuple] = {}  # caption -> (hidden (77, D), pooled (P,) or None, truncated)
+        self._cache: dict[str, tuple] = {}  # caption -> (hidden (77, D), pooled (P,) or None)
 
-    def __call__(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
-        """(U-Net keyword arguments, number of captions truncated to 77 tokens)."""
+    def __call__(self, captions: list[str], batch: dict, device, dtype) -> dict:
+        """The U-Net's keyword arguments for `captions` (and, for SDXL, the batch's size conditioning)."""
         if self.cache_outputs:
             return self._cached(captions, batch, device, dtype)
         return self._encode(captions, batch, device, dtype)
@@ -64,30 +64,28 @@ class Conditioner:
                 progress(len(chunk))
         return len(missing)
 
-    def _cached(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
+    def _cached(self, captions: list[str], batch: dict, device, dtype) -> dict:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
             with torch.no_grad():
-                kwargs, _ = self._encode(missing, batch_for_text_only(len(missing)), device, dtype)
+                kwargs = self._encode(missing, batch_for_text_only(len(missing)), device, dtype)
             pooled = kwargs.get("added_cond_kwargs", {}).get("text_embeds")
             for i, caption in enumerate(missing):
-                _, truncated = tokenize(self.tokenizers[0], [caption])
-                self._cache[caption] = (kwargs["encoder_hidden_states"][i], None if pooled is None else pooled[i], truncated)
+                self._cache[caption] = (kwargs["encoder_hidden_states"][i], None if pooled is None else pooled[i])
         rows = [self._cache[c] for c in captions]
         kwargs = {"encoder_hidden_states": torch.stack([r[0] for r in rows])}
         if self.family == "sdxl":
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.stack([r[1] for r in rows]), "time_ids": batch_time_ids(batch, device, dtype)}
-        return kwargs, sum(r[2] for r in rows)
+        return kwargs
 
-    def _encode(self, captions: list[str], batch: dict, device, dtype) -> tuple[dict, int]:
+    def _encode(self, captions: list[str], batch: dict, device, dtype) -> dict:
         if self.family != "sdxl":
-            ids, truncated = tokenize(self.tokenizers[0], captions)
+            ids = tokenize(self.tokenizers[0], captions)
             hidden = encode_tokens(self.text_encoders[0], ids.to(_device_of(self.text_encoders[0])), self.clip_skip)  # (B, 77, D)
-            return {"encoder_hidden_states": hidden.to(device)}, truncated
-        hidden_states, truncated, pooled = [], 0, None
+            return {"encoder_hidden_states": hidden.to(device)}
+        hidden_states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids, n = tokenize(tokenizer, captions)
-            truncated = max(truncated, n)
+            ids = tokenize(tokenizer, captions)
             out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True, return_dict=True)
             # SDXL conditions on the penultimate layer ("clip skip 2" is built in); --clip-skip N goes N-1
             # layers further back, without the final layer norm, as the SDXL pipeline does.
@@ -96,7 +94,7 @@ class Conditioner:
         hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77, 768 + 1280)
         pooled = None if pooled is None else pooled.to(device)
         added = {"text_embeds": pooled, "time_ids": batch_time_ids(batch, device, dtype)}  # (B, 1280), (B, 6)
-        return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}, truncated
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

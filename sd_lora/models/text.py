@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, int]:
-    """Token ids (B, 77) padded to the model length, and how many captions were truncated."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    full = tokenizer(captions, padding=False, truncation=False).input_ids
-    truncated = sum(len(f) > tokenizer.model_max_length for f in full)
-    return ids, truncated
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (B, 77) padded to the model length; longer captions are cut (see `too_long`)."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def too_long(tokenizer, captions: list[str]) -> dict[str, int]:
+    """{caption: its token count} for the distinct captions longer than the model length (77 for CLIP, start
+    and end tokens included): the text encoder sees only their first tokens."""
+    distinct = list(dict.fromkeys(captions))
+    counts = [len(ids) for ids in tokenizer(distinct, padding=False, truncation=False, verbose=False).input_ids]
+    return {c: n for c, n in zip(distinct, counts) if n > tokenizer.model_max_length}
 
 
 def _final_layer_norm(text_encoder) -> torch.nn.Module:

@@ -212,7 +212,7 @@ def _text_conditioning(pipe, row: _Row, clip_skip: int) -> dict:
     from sd_lora.models.text import encode_tokens, tokenize
 
     device = next(pipe.text_encoder.parameters()).device
-    ids, _ = tokenize(pipe.tokenizer, [row.prompt, row.negative])
+    ids = tokenize(pipe.tokenizer, [row.prompt, row.negative])
     embeds = encode_tokens(pipe.text_encoder, ids.to(device), clip_skip)
     return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 

@@ -31,9 +31,9 @@ def test_cached_text_conditioning_equals_fresh_encoding(request, model_fixture):
     fresh = Conditioner(model.family, model.tokenizers, model.text_encoders)
     cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True)
     with torch.no_grad():
-        a, _ = fresh(captions, batch, "cpu", torch.float32)
+        a = fresh(captions, batch, "cpu", torch.float32)
         cached(captions[:2], {k: v[:2] for k, v in batch.items()}, "cpu", torch.float32)  # fills two entries
-        b, _ = cached(captions, batch, "cpu", torch.float32)
+        b = cached(captions, batch, "cpu", torch.float32)
     assert len(cached._cache) == 3  # one entry per distinct caption
     _assert_same_conditioning(a, b, model.family)
 
@@ -51,10 +51,10 @@ def test_cache_encodes_each_caption_once_in_batches_then_never_calls_the_encoder
     calls = []
     for encoder in model.text_encoders:
         encoder.register_forward_pre_hook(lambda *a: calls.append(1))
-    b, _ = cached(CAPTIONS, _sizes(5), "cpu", torch.float32)
+    b = cached(CAPTIONS, _sizes(5), "cpu", torch.float32)
     assert calls == []  # training draws only cached captions
     with torch.no_grad():
-        a, _ = fresh(CAPTIONS, _sizes(5), "cpu", torch.float32)
+        a = fresh(CAPTIONS, _sizes(5), "cpu", torch.float32)
     _assert_same_conditioning(a, b, model.family)
 
 

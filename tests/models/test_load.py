@@ -7,7 +7,7 @@ import torch
 
 from sd_lora.errors import UserError
 from sd_lora.models.load import detect_family, load_base_model
-from sd_lora.models.text import encode_tokens, tokenize
+from sd_lora.models.text import encode_tokens, tokenize, too_long
 
 
 def test_loads_tiny_sd1_folder(tiny_model_dir):
@@ -52,8 +52,9 @@ def test_refusals(tmp_path):
 
 def test_clip_skip_uses_earlier_hidden_state(tiny_model_dir):
     m = load_base_model(str(tiny_model_dir))
-    ids, truncated = tokenize(m.tokenizer, ["zkchar, a red circle", "a " * 100])
-    assert ids.shape == (2, 77) and truncated == 1
+    ids = tokenize(m.tokenizer, ["zkchar, a red circle", "a " * 100])
+    assert ids.shape == (2, 77)
+    assert too_long(m.tokenizer, ["zkchar, a red circle", "a " * 100, "a " * 100]) == {"a " * 100: 102}  # + start, end
     with torch.no_grad():
         last = encode_tokens(m.text_encoder, ids, 1)
         skip2 = encode_tokens(m.text_encoder, ids, 2)

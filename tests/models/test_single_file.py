@@ -377,7 +377,7 @@ def test_single_file_checkpoint_trains_one_lora_step(request, tmp_path):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         latents = vae.encode(torch.rand(2, 3, 32, 32, generator=g) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
-        ids, _ = tokenize(m["tokenizer"], ["zkchar, a red circle", "a blue square"])
+        ids = tokenize(m["tokenizer"], ["zkchar, a red circle", "a blue square"])
         text = encode_tokens(m["text_encoder"], ids)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     noise = torch.randn(latents.shape, generator=g)
