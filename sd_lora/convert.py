@@ -42,13 +42,12 @@ from sd_lora.formats.diffusers_format import (
 )
 from sd_lora.formats.kohya import HASH_KEY, save_lora_file, to_kohya_state_dict
 from sd_lora.formats.architecture import Architecture, architecture_from_model_dir
+from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import LoraFile, common_dtype, read_any_lora, require_exact
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
 
 TARGETS = ("kohya", "diffusers")
-# kohya's family metadata (formats.modelspec); A1111 hides a LoRA whose ss_base_model_version does not match.
-_BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass
@@ -72,12 +71,8 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
     components = {c: w for c, w in lora.components.items() if w}
     dtype = common_dtype(components)
     metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, ADAPTER_METADATA_KEY)}
-    added = {}
-    if lora.family and "ss_base_model_version" not in metadata:
-        added["ss_base_model_version"] = _BASE_MODEL_VERSIONS[lora.family]
-        if "ss_v2" not in metadata:
-            added["ss_v2"] = str(lora.family == "sd2")
-        metadata |= added
+    added = missing_family_metadata(metadata, lora.family)
+    metadata |= added
     unified_alpha = None
     if to == "kohya":
         components, unified_alpha = unify_alphas(components)

@@ -37,6 +37,7 @@ import torch
 from sd_lora.errors import UserError, run_cli
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.kohya import KEY_SUFFIXES, save_lora_file
+from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import family_from_metadata, read_as_kohya
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
@@ -322,6 +323,8 @@ def merge_files(
     modules, errors = merge_loras(inputs, rank, dtype)
     method = {"method": "concat"} if rank is None else {"method": "svd", "rank": rank}
     metadata, dropped = merged_metadata(inputs, modules, output, method)
+    added = missing_family_metadata(metadata, family)  # the inputs' family, also when none of them said it
+    metadata |= added
     write_lora_modules(output, modules, metadata)
 
     ranks = sorted({w.rank for w in modules.values()})
@@ -333,6 +336,8 @@ def merge_files(
     print(error_summary(errors, verbose))
     if dropped:
         print(f"note: the inputs disagree on {', '.join(dropped)}; left out of the merged file's metadata")
+    if added:
+        print(f"added metadata: {', '.join(f'{k}={v}' for k, v in added.items())}")
     print(f"wrote {output}")
     return output
 
