@@ -140,6 +140,8 @@ def _a1111(lora: LoraFile) -> Verdict:
             why = "diffusers-style keys are ignored silently (A1111 reads lora_unet_ / lora_te*_ names)"
         elif m.component is None:
             why = "unknown module names are dropped silently"
+        elif m.sd1_te_prefix:
+            why = "SDXL text encoder 1 named lora_te_ (SD1's prefix): A1111 maps only lora_te1_ for SDXL"
         elif not _a1111_finds(m, lora.family):
             why = "A1111 has no layer of that name (SDXL layers outside attention need SGM names; OpenCLIP and "
             why += "non-encoder-layer text modules are not mapped)"

@@ -6,7 +6,8 @@
 
 Key styles read (`LoraFile.format`):
 - `kohya`: `lora_unet_<name>` / `lora_te_` / `lora_te1_` / `lora_te2_` with `.lora_down.weight`, `.lora_up.weight`,
-  `.alpha` (SD1/SD2 diffusers-path names, SDXL SGM names or diffusers-path names), plus what other trainers add
+  `.alpha` (SD1/SD2 diffusers-path names, SDXL SGM names or diffusers-path names; SDXL text encoder 1 also as
+  `lora_te_` when the file has no `lora_te1_` names, as diffusers and ComfyUI read it), plus what other trainers add
   (`lora_mid`, `dora_scale`, LoHa `hada_*`, LoKr `lokr_*`), which is reported, not converted;
 - `diffusers`: `lora_A.weight` / `lora_B.weight` after a module name, with or without the `unet.` /
   `text_encoder.` / `text_encoder_2.` prefix and PEFT's `base_model.model.`; alphas from diffusers'
@@ -63,6 +64,7 @@ class ModuleEntry:
     path: str | None = None  # the diffusers module path it resolved to
     layer: Layer | None = None
     sgm_name: bool = False  # a kohya U-Net name in the SGM spelling
+    sd1_te_prefix: bool = False  # an SDXL text-encoder-1 module named `lora_te_` (SD1's prefix), not `lora_te1_`
     prefixed: bool = True  # diffusers styles: starts with unet. / text_encoder. / text_encoder_2.
 
     @property
@@ -224,8 +226,11 @@ def parse_lora_state_dict(
         if looks_like and looks_like != family:
             warnings.append(f"the file looks like a {looks_like} LoRA but the model is {family}")
     adapter_metadata = parse_adapter_metadata(metadata, source)
+    # Some tools name SDXL's first text encoder `lora_te_`; diffusers and ComfyUI apply those names to it (A1111
+    # drops them), so they are read as `lora_te1_` when the file has no `lora_te1_` names of its own.
+    te_as_te1 = architecture.family == "sdxl" and not any(m.spelled.startswith("lora_te1_") for m in modules)
     for entry in modules:
-        _resolve(entry, architecture)
+        _resolve(entry, architecture, te_as_te1)
     components, unsupported = _components(modules, stray, architecture, adapter_metadata, family)
     return LoraFile(
         source=source, format=file_format, family=family, family_evidence=evidence, metadata=metadata,
@@ -234,10 +239,17 @@ def parse_lora_state_dict(
     )  # fmt: skip
 
 
-def _resolve(entry: ModuleEntry, architecture: Architecture) -> None:
-    """Fill in component / path / layer by lookup; unresolved entries keep component None."""
+def _resolve(entry: ModuleEntry, architecture: Architecture, te_as_te1: bool = False) -> None:
+    """Fill in component / path / layer by lookup; unresolved entries keep component None.
+
+    `te_as_te1`: an SDXL architecture and a file without `lora_te1_` names, whose `lora_te_` names mean text
+    encoder 1 (see `parse_lora_state_dict`)."""
     if entry.style == "kohya":
-        found = architecture.kohya_names.get(entry.spelled)
+        spelled = entry.spelled
+        if te_as_te1 and spelled.startswith("lora_te_"):
+            spelled = "lora_te1_" + spelled.removeprefix("lora_te_")
+        found = architecture.kohya_names.get(spelled)
+        entry.sd1_te_prefix = bool(found) and spelled != entry.spelled
         if found:
             entry.component, entry.path, entry.sgm_name = found
     else:

@@ -158,3 +158,25 @@ def test_a1111_openclip_attention_and_sdxl_naming_rules():
     verdict = compatibility(lora(names))["AUTOMATIC1111"]
     assert sorted(verdict.drops) == sorted(names[:2])
     assert any("hidden for SDXL checkpoints" in r for r in verdict.reasons)  # no ss_base_model_version
+
+
+def test_sdxl_lora_te_names_verdicts_match_diffusers(tmp_path):
+    """SDXL text encoder 1 under SD1's `lora_te_` prefix: diffusers applies it to text_encoder (checked here),
+    ComfyUI maps `lora_te_text_model_encoder_layers_*` to clip_l for SDXL too; A1111 maps only `lora_te1_`."""
+    from sd_lora.formats.architecture import architecture_of_pipeline
+    from sd_lora.models.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    components = random_lora_components(pipe, rank=2, alpha=2.0, seed=0, unet_every=8)
+    state = to_kohya_state_dict(components, sgm_paths=architecture_of_pipeline(pipe).sgm_paths)
+    save_file({k.replace("lora_te1_", "lora_te_"): v for k, v in state.items()}, tmp_path / "te.safetensors")
+    lora = read_any_lora(tmp_path / "te.safetensors")
+    verdicts = compatibility(lora)
+    te1 = sorted(m.name for m in lora.modules if m.name.startswith("lora_te_"))
+    assert len(te1) == len(components["text_encoder_1"]) > 0
+    assert sorted(verdicts["AUTOMATIC1111"].drops) == te1
+    assert not verdicts["ComfyUI"].drops and not verdicts["diffusers"].drops and not verdicts["diffusers"].rejects
+
+    pipe.load_lora_weights(tmp_path, weight_name="te.safetensors")
+    wrapped = {n for n, m in pipe.text_encoder.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == set(components["text_encoder_1"])

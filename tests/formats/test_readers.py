@@ -96,6 +96,26 @@ def test_sdxl_sgm_names_resolve_against_the_given_model_or_sdxl_base(tiny_sdxl):
     assert not any(m.sgm_name for m in plain.modules)
 
 
+def test_sdxl_text_encoder_1_named_lora_te_reads_as_text_encoder_1(tiny_sdxl, tmp_path):
+    # diffusers and ComfyUI apply SDXL `lora_te_` names to text encoder 1 when the file has no `lora_te1_` names
+    components = _components(tiny_sdxl, {"text_encoder_1": tiny_sdxl.text_encoder, "text_encoder_2": tiny_sdxl.text_encoder_2})
+    arch = architecture_of_pipeline(tiny_sdxl)
+    state = {k.replace("lora_te1_", "lora_te_"): v for k, v in to_kohya_state_dict(components, sgm_paths=arch.sgm_paths).items()}
+    assert any(k.startswith("lora_te_") for k in state)
+    for given in (arch, None):
+        lora = parse_lora_state_dict(state, architecture=given)
+        assert lora.family == "sdxl" and not lora.unsupported
+        assert _same(lora, components)
+    save_file(state, tmp_path / "te.safetensors")
+    written, _ = read_as_kohya(tmp_path / "te.safetensors")  # what convert / merge / resize work on
+    assert {k.split("_")[1] for k in written} == {"unet", "te1", "te2"}
+    # with `lora_te1_` names of its own, the file's `lora_te_` names mean nothing for SDXL
+    te1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    extra = {f"{te1}.lora_down.weight": torch.zeros(1, 32), f"{te1}.lora_up.weight": torch.zeros(64, 1)}
+    mixed = parse_lora_state_dict(state | extra, architecture=arch)
+    assert any("match no layer" in problem for problem in mixed.unsupported)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd1():
     return build_tiny_pipeline("sd1")
