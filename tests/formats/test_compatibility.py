@@ -24,6 +24,8 @@ from sd_lora.lora.inject import LoraModuleWeights
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 Q = f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q"
+ATTN0 = "lora_unet_down_blocks_0_attentions_0_"
+Q_SGM = Q.replace(ATTN0, "lora_unet_input_blocks_1_1_")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,13 @@ def _crafted(case: str, clean) -> dict[str, torch.Tensor]:
                  f"unet.{ATTN}.attn2.to_q.lora_B.weight": torch.randn(32, 4) * 0.1}  # fmt: skip
         replaced = f"lora_unet_{ATTN.replace('.', '_')}_attn2_to_q."
         kohya = {k: v for k, v in kohya.items() if not k.startswith(replaced)}
+    # SGM U-Net names in an SD1 file (down_blocks.0.attentions.0 is input_blocks.1.1): the SD pipeline does not map them
+    sgm = {k.replace(ATTN0, "lora_unet_input_blocks_1_1_"): v for k, v in kohya.items()}
+    if case == "one SGM-named U-Net module":
+        kohya = {k: v for k, v in kohya.items() if not k.startswith(Q)}
+        kohya |= {k: v for k, v in sgm.items() if k.startswith(Q_SGM)}
+    if case == "SGM U-Net names":
+        kohya = {k: v for k, v in sgm.items() if not k.startswith("lora_unet_") or "input_blocks" in k}
     if case == "diffusers keys":
         return to_diffusers_state_dict(clean)
     if case == "diffusers keys without prefixes":
@@ -80,7 +89,7 @@ def _crafted(case: str, clean) -> dict[str, torch.Tensor]:
 CASES = [
     "clean kohya", "unknown module", "only unknown U-Net modules", "only unknown text-encoder modules", "orphan alpha",
     "lora_mid", "dora_scale", "norm-layer LoRA", "LoHa", "mixed prefixes", "diffusers keys",
-    "diffusers keys without prefixes",
+    "diffusers keys without prefixes", "one SGM-named U-Net module", "SGM U-Net names",
 ]  # fmt: skip
 
 
