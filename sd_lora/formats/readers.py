@@ -118,13 +118,18 @@ def read_as_kohya(path: str | os.PathLike, *, architecture: Architecture | None 
 
     Refuses (`UserError`) a file with anything `components` cannot represent. SDXL U-Net names are SGM names.
     """
+    lora = read_any_lora(path, architecture=architecture)
+    return kohya_state_dict_of(lora), dict(lora.metadata)
+
+
+def kohya_state_dict_of(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """`read_as_kohya` of a file already read: its kohya state dict, or a `UserError` (see there)."""
     from sd_lora.formats.kohya import to_kohya_state_dict
 
-    lora = read_any_lora(path, architecture=architecture)
     require_exact(lora, "read")
     dtype = common_dtype(lora.components)
     sgm = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
-    return to_kohya_state_dict(lora.components, dtype, sgm_paths=sgm), dict(lora.metadata)
+    return to_kohya_state_dict(lora.components, dtype, sgm_paths=sgm)
 
 
 def require_exact(lora: LoraFile, action: str) -> None:
