@@ -17,11 +17,12 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .compiling import COMPILE_MODES
@@ -50,12 +51,15 @@ def option(
     metavar: str | None = None,
     group: str = "training",
     fixed: bool = False,
+    local_path: bool = False,
 ) -> Any:
     """Declare one option. `ss` names the kohya metadata key it is saved under, if any; `fixed` options
-    cannot change when a run is resumed (the saved state would not fit them)."""
+    cannot change when a run is resumed (the saved state would not fit them); `local_path` marks a string
+    option that may name a file or folder on this machine (`Path` options are paths anyway), which the LoRA
+    file's metadata records by its basename only (see `public_name`)."""
     meta = dict(
         help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, ss=ss, metavar=metavar, group=group,
-        fixed=fixed,
+        fixed=fixed, local_path=local_path,
     )
     return field(default=default, metadata=meta)
 
@@ -88,11 +92,11 @@ class TrainConfig:
     num_workers: int = option(0, "DataLoader worker processes, started once for the run (0: the training process loads batches, a thread one batch ahead when latents are not cached).", min=0, max=64, group="data")
     # --- model --------------------------------------------------------------------------------------
     model: str | None = option(None, "Base model: a Hugging Face id, a local diffusers folder or a single-file checkpoint (SD1.x, SD2.x, SDXL). "
-                               "Default: the built-in demo base model (64 px toy world), with options tuned for it.", ss="ss_sd_model_name", group="model", fixed=True)
+                               "Default: the built-in demo base model (64 px toy world), with options tuned for it.", ss="ss_sd_model_name", group="model", fixed=True, local_path=True)
     prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model", fixed=True)
     allow_unsafe_pickle: bool = option(False, "Allow a .ckpt/.pt --model: pickle files can run code when loaded (read with torch.load(weights_only=True) first).", group="model")
     model_config: Path | None = option(None, "Diffusers folder whose configs and tokenizers describe a single-file --model (default: built-in SD1.5/SD2.1/SDXL configs).", group="model", fixed=True)
-    vae: str | None = option(None, "Replace the model's VAE (diffusers folder or Hub id), e.g. an fp16-safe SDXL VAE.", group="model", fixed=True)
+    vae: str | None = option(None, "Replace the model's VAE (diffusers folder or Hub id), e.g. an fp16-safe SDXL VAE.", group="model", fixed=True, local_path=True)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; needs v-prediction).", ss="ss_zero_terminal_snr", group="model", fixed=True)
     clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
     mixed_precision: str = option("auto", "Compute precision of the frozen base model; LoRA weights stay fp32. auto: bf16 on a GPU that has it (fp16 on older ones) and on a CPU with AMX for full-size models, else no (fp32). fp16 needs a CUDA GPU.", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
@@ -140,7 +144,7 @@ class TrainConfig:
     # --- reliability --------------------------------------------------------------------------------
     save_state_every: int = option(0, "Write a full training state (LoRA, optimizer, schedule, RNGs, data position) every N steps (0: only on interrupt).", min=0, group="reliability")
     keep_states: int = option(2, "Keep only the newest K state folders.", min=1, group="reliability")
-    resume: str | None = option(None, "Continue from a state folder: 'latest' (newest in --output-dir) or its path.", metavar="latest|DIR", group="reliability")
+    resume: str | None = option(None, "Continue from a state folder: 'latest' (newest in --output-dir) or its path.", metavar="latest|DIR", group="reliability", local_path=True)
     nan_skip: int = option(0, "Skip up to N optimizer steps with a non-finite loss or gradient instead of stopping.", min=0, group="reliability")
     reg_data: Path | None = option(None, "Regularisation (prior-preservation) images: a folder like --data whose images and captions keep the base's "
                                    "behaviour while the LoRA learns (kohya's reg_data_dir). Each epoch sees as many of them as training images.", group="data", fixed=True)
@@ -164,13 +168,25 @@ class TrainConfig:
     def use_latent_cache(self) -> bool:
         return (not self.random_crop) if self.cache_latents is None else self.cache_latents
 
-    def to_dict(self) -> dict[str, Any]:
-        """Kebab-case keys, JSON/TOML-friendly values; `load_config` reads it back unchanged."""
+    def to_dict(self, *, public: bool = False) -> dict[str, Any]:
+        """Kebab-case keys, JSON/TOML-friendly values; `load_config` reads it back unchanged.
+
+        `public=True`: for files users share (the LoRA's metadata), local paths are reduced to their basenames
+        (`public_name`), so no user or folder name leaks; config.toml beside the outputs keeps them whole.
+        """
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if public:
+                value = self._public_value(f)
             out[_key(f.name)] = str(value) if isinstance(value, Path) else value
         return out
+
+    def _public_value(self, f: dataclasses.Field) -> Any:
+        value = getattr(self, f.name)
+        if isinstance(value, Path) or (f.metadata.get("local_path") and isinstance(value, str)):
+            return public_name(str(value))
+        return value
 
     def to_toml(self) -> str:
         lines = ["# Resolved sd_lora training configuration (unset options are omitted)."]
@@ -186,11 +202,22 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             ss = f.metadata.get("ss")
             if ss:
-                out[ss] = _ss_value(getattr(self, f.name))
+                out[ss] = _ss_value(self._public_value(f))
         out["ss_network_alpha"] = _ss_value(self.effective_alpha)
         out["ss_text_encoder_lr"] = _ss_value(self.effective_text_encoder_lr if self.train_text_encoder else None)
         out["ss_unet_lr"] = _ss_value(self.learning_rate)
         return out
+
+
+def public_name(value: str) -> str:
+    """What a shared file may say about a path the user gave: a local file or folder's basename (as kohya writes
+    ss_sd_model_name); anything else, such as a Hugging Face Hub id ("runwayml/stable-diffusion-v1-5"), whole."""
+    if "\\" in value or re.match(r"[A-Za-z]:[\\/]", value):  # a Windows path
+        return PureWindowsPath(value).name
+    path = Path(value).expanduser()
+    if path.is_absolute() or value.startswith(".") or path.exists():
+        return path.name or path.resolve().name  # "." names the current folder
+    return value
 
 
 def _key(name: str) -> str:

@@ -11,17 +11,23 @@ approximated; `python -m sd_lora.inspect IN` says what is in it.
 - `--to kohya`: written by `formats.kohya.save_lora_file` (SDXL U-Net names in kohya's SGM spelling), keeping the
   input's metadata (`ss_*`, `modelspec.*`; `sshs_model_hash` recomputed) and adding `ss_base_model_version` /
   `ss_v2` when the input lacks them and the family is known, so A1111 lists the file under the right model.
+  Modules with different alphas (PEFT `alpha_pattern` / `rank_pattern`, mixed kohya alphas) are given the most
+  common one, their scale folded into `up` (`lora.maths.with_alpha`): diffusers applies one alpha to every
+  module of a kohya file, so per-module alphas load wrong there.
 - `--to diffusers`: `formats.diffusers_format`, alpha baked into lora_B (see there why); the metadata is kept too.
 
-Exact: the factors are copied bit for bit (in their own dtype, or float32 when the input mixes dtypes). The one
-change is diffusers' missing alpha: kohya -> diffusers scales lora_B by alpha / r, so diffusers -> kohya gives
-alpha = r. Every output is read back and compared before the command reports success.
+Exact: the factors are copied bit for bit (in their own dtype, or float32 when the input mixes dtypes). The
+changes are in how the scale is stored, never in the weight change: kohya -> diffusers scales lora_B by alpha / r
+(diffusers has no alpha), so diffusers -> kohya gives alpha = r; and per-module alphas are unified (above).
+Every output is read back and compared with the factors meant to be written before the command reports success.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +42,12 @@ from sd_lora.formats.diffusers_format import (
 )
 from sd_lora.formats.kohya import HASH_KEY, save_lora_file, to_kohya_state_dict
 from sd_lora.formats.architecture import Architecture, architecture_from_model_dir
+from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import LoraFile, common_dtype, read_any_lora, require_exact
+from sd_lora.lora import maths
+from sd_lora.lora.inject import LoraModuleWeights
 
 TARGETS = ("kohya", "diffusers")
-# kohya's family metadata (formats.modelspec); A1111 hides a LoRA whose ss_base_model_version does not match.
-_BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Conversion:
     output: Path
     to: str
     added_metadata: dict[str, str]
+    unified_alpha: float | None = None  # the one alpha every module got, when the input's alphas differed
 
 
 def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Architecture | None = None) -> Conversion:
@@ -63,13 +71,13 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
     components = {c: w for c, w in lora.components.items() if w}
     dtype = common_dtype(components)
     metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, ADAPTER_METADATA_KEY)}
-    added = {}
-    if lora.family and "ss_base_model_version" not in metadata:
-        added["ss_base_model_version"] = _BASE_MODEL_VERSIONS[lora.family]
-        if "ss_v2" not in metadata:
-            added["ss_v2"] = str(lora.family == "sd2")
-        metadata |= added
+    added = missing_family_metadata(metadata, lora.family)
+    metadata |= added
+    unified_alpha = None
     if to == "kohya":
+        components, unified_alpha = unify_alphas(components)
+        if unified_alpha is not None and "ss_network_alpha" in metadata:
+            metadata["ss_network_alpha"] = f"{unified_alpha:g}"
         sgm_paths = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
         save_lora_file(dst, to_kohya_state_dict(components, dtype, sgm_paths=sgm_paths), metadata)
         expected = components
@@ -77,11 +85,28 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
         save_diffusers_lora_file(dst, to_diffusers_state_dict(components, dtype), metadata)
         expected = {c: {p: bake_alpha(w) for p, w in ws.items()} for c, ws in components.items()}
     _check_round_trip(dst, expected, dtype, lora.architecture)
-    return Conversion(source=lora, output=dst, to=to, added_metadata=added)
+    return Conversion(source=lora, output=dst, to=to, added_metadata=added, unified_alpha=unified_alpha)
+
+
+def unify_alphas(
+    components: Mapping[str, Mapping[str, LoraModuleWeights]],
+) -> tuple[dict[str, dict[str, LoraModuleWeights]], float | None]:
+    """(components with one alpha, that alpha) when the modules' alphas differ, else (components, None).
+
+    diffusers loads a kohya file with the most common alpha for every module (contract section 1), so each
+    other module keeps its weight change by folding alpha_i / alpha into `up` (`maths.with_alpha`, as `merge`
+    and `resize` store their results). The most common alpha (ties: the larger) leaves most factors untouched.
+    """
+    counts = Counter(float(w.alpha) for ws in components.values() for w in ws.values())
+    if len(counts) <= 1:
+        return {c: dict(ws) for c, ws in components.items()}, None
+    alpha = max(counts, key=lambda a: (counts[a], a))
+    return {c: {p: maths.with_alpha(w, alpha) for p, w in ws.items()} for c, ws in components.items()}, alpha
 
 
 def _check_round_trip(path: Path, expected, dtype: torch.dtype, architecture: Architecture) -> None:
-    """Our invariant: the written file reads back to exactly the factors we meant to write."""
+    """Our invariant: the written file reads back to exactly the factors we meant to write (`expected`, after
+    alpha unification or baking: both change how the scale is stored, not the weight change)."""
     written = read_any_lora(path, architecture=architecture)
     got = {c: w for c, w in written.components.items() if w}
     same = not written.unsupported and got.keys() == expected.keys()
@@ -115,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.input} ({source.format}, {family}, {modules} modules) -> {result.output} ({result.to})")
     if result.to == "diffusers" and any(w.alpha != w.rank for ws in source.components.values() for w in ws.values()):
         print("  alpha baked into lora_B (the diffusers format has no alpha; read back, alpha = rank)")
+    if result.unified_alpha is not None:
+        print(f"  alphas unified to {result.unified_alpha:g} (diffusers applies one alpha to every module); the other "
+              "modules' scale is folded into lora_up, so every weight change is the same")
     if result.added_metadata:
         print(f"  added metadata: {', '.join(f'{k}={v}' for k, v in result.added_metadata.items())}")
     return 0

@@ -76,7 +76,7 @@ def training_metadata(
             "ss_steps": str(step),
             "ss_epoch": str(epoch),
             "ss_text_encoder_trained": str(config.train_text_encoder),  # kohya writes it implicitly via network_train_*_only
-            "sd_lora_config": json.dumps(config.to_dict(), default=str),
+            "sd_lora_config": json.dumps(config.to_dict(public=True), default=str),  # basenames: files get shared
         }
     )
     return meta

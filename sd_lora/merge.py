@@ -37,7 +37,8 @@ import torch
 from sd_lora.errors import UserError, run_cli
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.kohya import KEY_SUFFIXES, save_lora_file
-from sd_lora.formats.readers import family_from_metadata, read_as_kohya
+from sd_lora.formats.modelspec import missing_family_metadata
+from sd_lora.formats.readers import family_from_metadata, kohya_state_dict_of, read_any_lora
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
 
@@ -93,26 +94,26 @@ class LoraFile:
     modules: dict[str, LoraModuleWeights]  # kohya module name (`lora_unet_...`) -> weights
     metadata: dict[str, str]
     dtype: torch.dtype  # storage dtype of the factors
+    detected_family: str | None = None  # what `formats.readers` made of the file's keys, shapes and metadata
 
     @property
     def family(self) -> str | None:
-        return lora_family(self.metadata, self.modules)
-
-
-def read_lora_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(kohya state dict, metadata) of a LoRA file in any format `formats.readers` reads (kohya, diffusers/PEFT,
-    old diffusers); anything it cannot represent exactly (LoHa, DoRA, unknown modules) is refused, naming it."""
-    return read_as_kohya(path)
+        """"sd1" | "sd2" | "sdxl": the family metadata (what A1111 goes by), else what the keys and shapes say."""
+        return family_from_metadata(self.metadata)[0] or self.detected_family
 
 
 def read_lora_modules(path: str | Path) -> LoraFile:
-    """A LoRA file grouped by module, without a base model (names are kohya names)."""
+    """A LoRA file grouped by module, without a base model (names are kohya names).
+
+    Any format `formats.readers` reads (kohya, diffusers/PEFT, old diffusers); anything it cannot represent
+    exactly (LoHa, DoRA, unknown modules) is refused, naming it."""
     path = Path(path)
-    state, metadata = read_lora_state(path)
+    lora = read_any_lora(path)
+    state, metadata = kohya_state_dict_of(lora), dict(lora.metadata)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KEY_RE.fullmatch(key)
-        assert match is not None, key  # read_as_kohya writes exactly three kohya keys per module
+        assert match is not None, key  # kohya_state_dict_of writes exactly three kohya keys per module
         parts.setdefault(match.group(1), {})[match.group(2)] = tensor
     down_key, up_key, alpha_key = KEY_SUFFIXES
     modules = {
@@ -120,7 +121,8 @@ def read_lora_modules(path: str | Path) -> LoraFile:
         for name, t in sorted(parts.items())
     }
     dtypes = Counter(w.down.dtype for w in modules.values())
-    return LoraFile(path=path, modules=modules, metadata=metadata, dtype=dtypes.most_common(1)[0][0])
+    return LoraFile(path=path, modules=modules, metadata=metadata, dtype=dtypes.most_common(1)[0][0],
+                    detected_family=lora.family)
 
 
 def write_lora_modules(
@@ -134,14 +136,6 @@ def write_lora_modules(
         state[f"{name}.{up_key}"] = w.up.detach().to("cpu").contiguous()
         state[f"{name}.{alpha_key}"] = torch.tensor(float(w.alpha), dtype=torch.float32)
     return save_lora_file(path, state, metadata)
-
-
-def lora_family(metadata: Mapping[str, str], module_names: Iterable[str] = ()) -> str | None:
-    """"sd1" | "sd2" | "sdxl" from the family metadata (`formats.readers`), else SDXL's `lora_te1_/te2_` names."""
-    family, _ = family_from_metadata(metadata)
-    if family is None and any(name.startswith(("lora_te1_", "lora_te2_")) for name in module_names):
-        return "sdxl"
-    return family
 
 
 def check_one_family(files: list[LoraFile]) -> str | None:
@@ -322,6 +316,8 @@ def merge_files(
     modules, errors = merge_loras(inputs, rank, dtype)
     method = {"method": "concat"} if rank is None else {"method": "svd", "rank": rank}
     metadata, dropped = merged_metadata(inputs, modules, output, method)
+    added = missing_family_metadata(metadata, family)  # the inputs' family, also when none of them said it
+    metadata |= added
     write_lora_modules(output, modules, metadata)
 
     ranks = sorted({w.rank for w in modules.values()})
@@ -333,6 +329,8 @@ def merge_files(
     print(error_summary(errors, verbose))
     if dropped:
         print(f"note: the inputs disagree on {', '.join(dropped)}; left out of the merged file's metadata")
+    if added:
+        print(f"added metadata: {', '.join(f'{k}={v}' for k, v in added.items())}")
     print(f"wrote {output}")
     return output
 

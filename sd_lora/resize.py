@@ -8,7 +8,8 @@
 values (`--rank` then caps it), so ranks vary per module. Reported: retained energy and each module's relative
 error ||delta - delta_new||_F / ||delta||_F, measured on the factors as stored (rounding included).
 
-Metadata is kept; ss_network_dim / ss_network_alpha are updated, and when ranks vary per module ss_network_dim
+Metadata is kept (`ss_base_model_version` / `ss_v2` added for the detected family when missing, as `convert` and
+`merge` do); ss_network_dim / ss_network_alpha are updated, and when ranks vary per module ss_network_dim
 is "Dynamic" and the ranks are listed under `sd_lora_module_ranks` (JSON). `sd_lora_resize` records how.
 """
 
@@ -22,6 +23,7 @@ import torch
 
 from sd_lora.errors import UserError
 from sd_lora.formats.kohya import HASH_KEY
+from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.lora import maths
 from sd_lora.merge import (
     RANKS_NOTE_KEY,
@@ -68,6 +70,8 @@ def resize_file(
     modules, errors, retained = resize_modules(lora.modules, rank, energy, dtype)
 
     metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, RANKS_NOTE_KEY)}
+    added = missing_family_metadata(metadata, lora.family)
+    metadata.update(added)
     metadata.update(rank_metadata(modules))
     old_ranks = sorted({w.rank for w in lora.modules.values()})
     metadata["sd_lora_resize"] = json.dumps(
@@ -83,6 +87,8 @@ def resize_file(
     lowest = min(retained, key=retained.get)
     print(f"retained energy: min {retained[lowest]:.4f} ({lowest}), mean {sum(retained.values()) / len(retained):.4f}")
     print(error_summary(errors, verbose))
+    if added:
+        print(f"added metadata: {', '.join(f'{k}={v}' for k, v in added.items())}")
     print(f"wrote {dst}")
     return dst
 

@@ -17,6 +17,7 @@ from sd_lora.convert import convert_lora, main
 from sd_lora.formats.kohya import save_lora_file, tensor_data_sha256, to_kohya_state_dict
 from sd_lora.formats.architecture import architecture_of_pipeline
 from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.lora.maths import delta
 from sd_lora.lora.targets import text_encoder_target_modules, unet_target_modules
 from sd_lora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
@@ -126,3 +127,22 @@ def test_refusals(pipes, tmp_path, capsys):
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "--to", "kohya"]) == 2
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "x.safetensors"), "--to", "lycoris"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_to_kohya_gives_every_module_one_alpha_and_keeps_every_delta(pipes, tmp_path, capsys):
+    """diffusers applies the most common alpha to every module of a kohya file, so mixed alphas must be unified."""
+    original = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=float(RANK))
+    mixed = {k: torch.tensor(1.0) if k.endswith("attn2_to_k.alpha") else v for k, v in original.items()}
+    save_file(mixed, tmp_path / "mixed.safetensors", {"ss_network_alpha": "Dynamic"})
+    assert main([str(tmp_path / "mixed.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    assert "alphas unified to 4" in capsys.readouterr().out
+    back = load_file(tmp_path / "k.safetensors")
+    assert back.keys() == mixed.keys()
+    assert {v.item() for k, v in back.items() if k.endswith(".alpha")} == {RANK}
+    assert _metadata(tmp_path / "k.safetensors")["ss_network_alpha"] == "4"
+    for name in {k.split(".")[0] for k in mixed}:
+        before = LoraModuleWeights(mixed[f"{name}.lora_down.weight"], mixed[f"{name}.lora_up.weight"],
+                                   mixed[f"{name}.alpha"].item())
+        after = LoraModuleWeights(back[f"{name}.lora_down.weight"], back[f"{name}.lora_up.weight"],
+                                  back[f"{name}.alpha"].item())
+        assert torch.allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6), name

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
 
 from sd_lora.formats.kohya import read_lora_file
 from sd_lora.lora.maths import delta
 from sd_lora.lora.targets import text_encoder_target_modules
 from sd_lora.errors import UserError
 from sd_lora.merge import main, parse_lora_arg, read_lora_modules
+from sd_lora.models.tiny import build_tiny_sdxl_pipeline
 from helpers import write_random_lora
 
 TOLERANCE = 1e-4
@@ -215,3 +217,26 @@ def test_bad_file_is_a_user_error(tmp_path, capsys):
     bad.write_bytes(b"not a safetensors file at all")
     assert main(["--lora", str(bad), "--output", str(tmp_path / "m.safetensors")]) == 2
     assert "not a readable .safetensors file" in capsys.readouterr().err
+
+
+def test_sdxl_inputs_without_family_metadata_give_a_merged_file_that_says_sdxl(tmp_path, capsys):
+    # A1111 takes a LoRA without ss_base_model_version for SD1 and hides it on SDXL checkpoints
+    a = write_random_lora(tmp_path / "a.safetensors", build_tiny_sdxl_pipeline(), rank=2, alpha=2.0, seed=1,
+                          metadata={})  # fmt: skip
+    out = tmp_path / "merged.safetensors"
+    assert main(["--lora", f"{a}:0.5", "--lora", f"{a}:0.5", "--output", str(out)]) == 0
+    assert "added metadata: ss_base_model_version=sdxl_base_v1-0, ss_v2=False" in capsys.readouterr().out
+    metadata = read_lora_file(out)[1]
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == ("sdxl_base_v1-0", "False")
+
+
+def test_unet_only_sdxl_input_without_family_metadata_is_merged_as_sdxl(tmp_path, capsys):
+    # no lora_te1_ / lora_te2_ names either: the family comes from the U-Net keys (formats.readers)
+    full = write_random_lora(tmp_path / "full.safetensors", build_tiny_sdxl_pipeline(), rank=2, alpha=2.0, seed=1,
+                             metadata={})  # fmt: skip
+    state, _ = read_lora_file(full)
+    save_file({k: v for k, v in state.items() if k.startswith("lora_unet_")}, tmp_path / "unet.safetensors")
+    out = tmp_path / "merged.safetensors"
+    assert main(["--lora", str(tmp_path / "unet.safetensors"), "--output", str(out)]) == 0
+    assert "merged 1 LoRAs (sdxl)" in capsys.readouterr().out
+    assert read_lora_file(out)[1]["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -14,6 +14,8 @@ from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.maths import delta, rank_for_energy
 from sd_lora.merge import read_lora_modules
 from sd_lora.resize import main, resize_modules
+from sd_lora.models.tiny import build_tiny_sdxl_pipeline
+from helpers import write_random_lora
 
 RANK = 8
 # (component, module path, out, in, conv) - shapes like a tiny SD1 model's
@@ -143,3 +145,13 @@ def test_bad_arguments(tmp_path, capsys, args, message):
 def test_missing_input(tmp_path, capsys):
     assert main([str(tmp_path / "nope.safetensors"), str(tmp_path / "out.safetensors"), "--rank", "4"]) == 2
     assert "nope.safetensors: no such LoRA file" in capsys.readouterr().err
+
+
+def test_sdxl_input_without_family_metadata_gives_a_resized_file_that_says_sdxl(tmp_path, capsys):
+    # A1111 takes a LoRA without ss_base_model_version for SD1 and hides it on SDXL checkpoints
+    src = write_random_lora(tmp_path / "a.safetensors", build_tiny_sdxl_pipeline(), rank=4, alpha=4.0, seed=1,
+                            metadata={})  # fmt: skip
+    assert main([str(src), str(tmp_path / "b.safetensors"), "--rank", "2"]) == 0
+    assert "added metadata: ss_base_model_version=sdxl_base_v1-0, ss_v2=False" in capsys.readouterr().out
+    metadata = read_lora_file(tmp_path / "b.safetensors")[1]
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == ("sdxl_base_v1-0", "False")

@@ -59,6 +59,11 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 2, "img_count": 6}}
     assert json.loads(meta["ss_tag_frequency"])["2_zkchar"]["zkchar"] == 6
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "32x32"
+    # shared files name no local folders (basenames only); config.toml keeps the full paths for resuming
+    assert meta["ss_sd_model_name"] == Path(tiny_model_dir).name
+    assert not [k for k, v in meta.items() for p in (tiny_dataset, tiny_model_dir, out) if str(p) in v]
+    assert json.loads(meta["sd_lora_config"])["data"] == Path(tiny_dataset).name
+    assert config["data"] == str(tiny_dataset)
 
 
 @pytest.mark.slow

@@ -43,7 +43,9 @@ class Architecture:
 
     family: str  # "sd1" | "sd2" | "sdxl"
     layers: Mapping[str, Mapping[str, Layer]]
-    sgm_paths: Mapping[str, str] | None = None  # SDXL: U-Net diffusers path -> SGM path (formats.sgm)
+    # U-Net diffusers path -> SGM path (formats.sgm). kohya writes SGM names for SDXL; files for SD1 / SD2 use
+    # them too now and then (A1111 and ComfyUI apply them), so they are looked up for every family.
+    sgm_paths: Mapping[str, str] | None = None
 
     @cached_property
     def kohya_names(self) -> dict[str, tuple[str, str, bool]]:
@@ -71,7 +73,19 @@ def architecture_of(unet: nn.Module, text_encoders: Mapping[str, nn.Module], fam
     `text_encoder_1` / `text_encoder_2` (SDXL). PEFT LoRA wrappers already in the models are looked through."""
     family = family or family_of_config(dict(unet.config), sdxl_text_encoders="text_encoder_2" in text_encoders)
     layers = {"unet": _layers(unet)} | {name: _layers(model) for name, model in text_encoders.items()}
-    return Architecture(family, layers, sgm_module_map(unet) if family == "sdxl" else None)
+    return Architecture(family, layers, _sgm_paths(unet, family))
+
+
+def _sgm_paths(unet: nn.Module, family: str) -> dict[str, str] | None:
+    """SGM names of the U-Net's layers. Required for SDXL (its files use them); for SD1 / SD2 a U-Net layout the
+    SGM map does not know just leaves SGM-named LoRA modules unresolved (reported), as before SGM names for
+    SD1 / SD2 were read at all."""
+    try:
+        return sgm_module_map(unet)
+    except ValueError:
+        if family == "sdxl":
+            raise
+        return None
 
 
 def architecture_of_pipeline(pipe) -> Architecture:

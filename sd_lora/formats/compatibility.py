@@ -72,9 +72,10 @@ def _diffusers(lora: LoraFile) -> Verdict:
         if left:
             v.reject(f"its kohya conversion cannot rename {len(left)} keys and raises: {preview(left, 3)}")
             return v
-        _peft_injection(v, lora.modules)
-        if lora.family == "sdxl" and any(m.sgm_name for m in lora.modules):
-            v.reasons.append("SGM U-Net names are mapped by StableDiffusionXLPipeline (it passes the U-Net config)")
+        _peft_injection(v, lora.modules, sgm_names_mapped=lora.family == "sdxl")
+        if any(m.sgm_name for m in lora.modules):
+            v.reasons.append("SGM U-Net names are mapped only by StableDiffusionXLPipeline (it passes the U-Net "
+                             "config)")
         v.reasons += _alpha_notes(lora)
         return v
     no_lora = [k for k in rest if "lora" not in k]
@@ -90,14 +91,15 @@ def _diffusers(lora: LoraFile) -> Verdict:
     return v
 
 
-def _peft_injection(v: Verdict, modules: list[ModuleEntry]) -> None:
-    """PEFT per component: unknown names are dropped with a warning, but none known raises; norms raise."""
+def _peft_injection(v: Verdict, modules: list[ModuleEntry], sgm_names_mapped: bool = True) -> None:
+    """PEFT per component: unknown names are dropped with a warning, but none known raises; norms raise.
+    `sgm_names_mapped=False`: the SD pipeline, which does not map SGM U-Net names, so they are unknown names."""
     groups: dict[str, list[ModuleEntry]] = {}
     for m in modules:
         groups.setdefault(_diffusers_component(m), []).append(m)
     for component, members in sorted(groups.items()):
-        unknown = [m.name for m in members if m.component is None]
-        known = [m for m in members if m.component is not None]
+        unknown = [m.name for m in members if m.component is None or (m.sgm_name and not sgm_names_mapped)]
+        known = [m for m in members if m.component is not None and (sgm_names_mapped or not m.sgm_name)]
         if not known:
             v.reject(f"no {component} module name matches the model (PEFT: target modules not found)")
             return
@@ -140,6 +142,8 @@ def _a1111(lora: LoraFile) -> Verdict:
             why = "diffusers-style keys are ignored silently (A1111 reads lora_unet_ / lora_te*_ names)"
         elif m.component is None:
             why = "unknown module names are dropped silently"
+        elif m.sd1_te_prefix:
+            why = "SDXL text encoder 1 named lora_te_ (SD1's prefix): A1111 maps only lora_te1_ for SDXL"
         elif not _a1111_finds(m, lora.family):
             why = "A1111 has no layer of that name (SDXL layers outside attention need SGM names; OpenCLIP and "
             why += "non-encoder-layer text modules are not mapped)"

@@ -9,11 +9,28 @@ LoRA, prediction type `epsilon` or `v`. Every value is a string (the safetensors
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
 MODELSPEC_VERSION = "1.0.1"
+# kohya's ss_base_model_version per family (epsilon prediction; `family_metadata` adds `_v` for v-prediction)
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def missing_family_metadata(metadata: Mapping[str, str], family: str | None) -> dict[str, str]:
+    """`ss_base_model_version` / `ss_v2` for `family` when `metadata` lacks them; {} when it has them or the
+    family is unknown. For the tools that rewrite existing files (`convert`, `merge`, `resize`): A1111 takes an
+    SDXL or SD2 LoRA without `ss_base_model_version` for SD1 and hides it on the right checkpoints. What the
+    file already says is never changed (e.g. `sd_v2_v`, which the keys cannot tell from `sd_v2`).
+    """
+    if family is None or "ss_base_model_version" in metadata:
+        return {}
+    added = {"ss_base_model_version": BASE_MODEL_VERSIONS[family]}
+    if "ss_v2" not in metadata:
+        added["ss_v2"] = str(family == "sd2")
+    return added
 
 
 
@@ -41,10 +58,10 @@ def family_metadata(
     if family == "sdxl":
         # kohya writes sdxl_base_v1-0 for every SDXL-architecture model (v-prediction ones too: the
         # prediction type goes in modelspec); A1111 recognises SDXL LoRAs by the "sdxl_" prefix.
-        version, architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+        version, architecture = BASE_MODEL_VERSIONS["sdxl"], "stable-diffusion-xl-v1-base"
         implementation = "https://github.com/Stability-AI/generative-models"
     else:
-        version = "sd_v1" if family == "sd1" else "sd_v2"
+        version = BASE_MODEL_VERSIONS[family]
         if v_pred:
             version += "_v"
         if family == "sd1":

@@ -6,7 +6,9 @@
 
 Key styles read (`LoraFile.format`):
 - `kohya`: `lora_unet_<name>` / `lora_te_` / `lora_te1_` / `lora_te2_` with `.lora_down.weight`, `.lora_up.weight`,
-  `.alpha` (SD1/SD2 diffusers-path names, SDXL SGM names or diffusers-path names), plus what other trainers add
+  `.alpha` (U-Net names as diffusers paths or in the SGM spelling kohya writes for SDXL, for any family; SDXL
+  text encoder 1 also as `lora_te_` when the file has no `lora_te1_` names, as diffusers and ComfyUI read it),
+  plus what other trainers add
   (`lora_mid`, `dora_scale`, LoHa `hada_*`, LoKr `lokr_*`), which is reported, not converted;
 - `diffusers`: `lora_A.weight` / `lora_B.weight` after a module name, with or without the `unet.` /
   `text_encoder.` / `text_encoder_2.` prefix and PEFT's `base_model.model.`; alphas from diffusers'
@@ -63,6 +65,7 @@ class ModuleEntry:
     path: str | None = None  # the diffusers module path it resolved to
     layer: Layer | None = None
     sgm_name: bool = False  # a kohya U-Net name in the SGM spelling
+    sd1_te_prefix: bool = False  # an SDXL text-encoder-1 module named `lora_te_` (SD1's prefix), not `lora_te1_`
     prefixed: bool = True  # diffusers styles: starts with unet. / text_encoder. / text_encoder_2.
 
     @property
@@ -115,13 +118,18 @@ def read_as_kohya(path: str | os.PathLike, *, architecture: Architecture | None 
 
     Refuses (`UserError`) a file with anything `components` cannot represent. SDXL U-Net names are SGM names.
     """
+    lora = read_any_lora(path, architecture=architecture)
+    return kohya_state_dict_of(lora), dict(lora.metadata)
+
+
+def kohya_state_dict_of(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """`read_as_kohya` of a file already read: its kohya state dict, or a `UserError` (see there)."""
     from sd_lora.formats.kohya import to_kohya_state_dict
 
-    lora = read_any_lora(path, architecture=architecture)
     require_exact(lora, "read")
     dtype = common_dtype(lora.components)
     sgm = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
-    return to_kohya_state_dict(lora.components, dtype, sgm_paths=sgm), dict(lora.metadata)
+    return to_kohya_state_dict(lora.components, dtype, sgm_paths=sgm)
 
 
 def require_exact(lora: LoraFile, action: str) -> None:
@@ -207,25 +215,29 @@ def parse_lora_state_dict(
     file_format = "kohya" if styles["kohya"] else "diffusers-old" if styles["diffusers-old"] else "diffusers"
 
     family_by_metadata, metadata_why = family_from_metadata(metadata)
-    family_by_keys, keys_why = family_from_modules(modules)
+    family_by_keys, keys_why, decisive = family_from_modules(modules)
     evidence = {"metadata": metadata_why, "keys": keys_why}
     warnings = []
     if len(styles) > 1:
         warnings.append(f"mixed key styles: {', '.join(f'{n} {s} modules' for s, n in sorted(styles.items()))}")
-    if family_by_metadata and family_by_keys and family_by_metadata != family_by_keys:
+    if decisive and family_by_metadata and family_by_metadata != family_by_keys:
         warnings.append(f"the metadata says {family_by_metadata} but the keys and shapes say {family_by_keys}")
+    # Decisive shapes outrank the metadata (it can be wrong), the metadata outranks mere hints such as SGM names.
+    looks_like = family_by_keys if decisive else family_by_metadata or family_by_keys
     if architecture is None:
-        family = family_by_keys or family_by_metadata
+        family = looks_like
         # Unknown SD1 vs SD2: their U-Net paths are the same and SD2's text encoder has the deeper layer list.
         architecture = full_size_architecture(family or "sd2")
     else:
         family = architecture.family
-        looks_like = family_by_keys or family_by_metadata
         if looks_like and looks_like != family:
             warnings.append(f"the file looks like a {looks_like} LoRA but the model is {family}")
     adapter_metadata = parse_adapter_metadata(metadata, source)
+    # Some tools name SDXL's first text encoder `lora_te_`; diffusers and ComfyUI apply those names to it (A1111
+    # drops them), so they are read as `lora_te1_` when the file has no `lora_te1_` names of its own.
+    te_as_te1 = architecture.family == "sdxl" and not any(m.spelled.startswith("lora_te1_") for m in modules)
     for entry in modules:
-        _resolve(entry, architecture)
+        _resolve(entry, architecture, te_as_te1)
     components, unsupported = _components(modules, stray, architecture, adapter_metadata, family)
     return LoraFile(
         source=source, format=file_format, family=family, family_evidence=evidence, metadata=metadata,
@@ -234,10 +246,17 @@ def parse_lora_state_dict(
     )  # fmt: skip
 
 
-def _resolve(entry: ModuleEntry, architecture: Architecture) -> None:
-    """Fill in component / path / layer by lookup; unresolved entries keep component None."""
+def _resolve(entry: ModuleEntry, architecture: Architecture, te_as_te1: bool = False) -> None:
+    """Fill in component / path / layer by lookup; unresolved entries keep component None.
+
+    `te_as_te1`: an SDXL architecture and a file without `lora_te1_` names, whose `lora_te_` names mean text
+    encoder 1 (see `parse_lora_state_dict`)."""
     if entry.style == "kohya":
-        found = architecture.kohya_names.get(entry.spelled)
+        spelled = entry.spelled
+        if te_as_te1 and spelled.startswith("lora_te_"):
+            spelled = "lora_te1_" + spelled.removeprefix("lora_te_")
+        found = architecture.kohya_names.get(spelled)
+        entry.sd1_te_prefix = bool(found) and spelled != entry.spelled
         if found:
             entry.component, entry.path, entry.sgm_name = found
     else:
@@ -322,11 +341,21 @@ _CROSS_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TEXT_DIMS = {768: "sd1", 1024: "sd2"}  # ViT-L (SD1, or SDXL's first encoder), ViT-H
 
 
-def family_from_modules(modules: list[ModuleEntry]) -> tuple[str | None, str]:
-    """(family, why) from key names and tensor shapes alone (no lookup: this chooses what to look up against)."""
-    votes: dict[str, list[str]] = {}
+def family_from_modules(modules: list[ModuleEntry]) -> tuple[str | None, str, bool]:
+    """(family, why, decisive) from key names and tensor shapes alone (no lookup: this chooses what to look up
+    against).
 
-    def vote(family: str, why: str) -> None:
+    Decisive evidence fixes the family: two text encoders, SDXL's text-time embedding, the cross-attention input
+    width, SD1's 1x1-conv proj_in, a 1024-wide or deeper-than-12-layer text encoder. Hints only point at one:
+    SGM U-Net names (kohya writes them for SDXL, but they name SD1 / SD2 layers as well; A1111 and ComfyUI apply
+    them there) and a 768-wide text encoder (SD1's ViT-L, or SDXL's first). With no decisive evidence the hints
+    decide (SDXL over the 768-wide text encoder, which SDXL has too), and `parse_lora_state_dict` lets the file's
+    family metadata outrank them.
+    """
+    decisive: dict[str, list[str]] = {}
+    hints: dict[str, list[str]] = {}
+
+    def vote(votes: dict[str, list[str]], family: str, why: str) -> None:
         votes.setdefault(family, [])
         if why not in votes[family]:
             votes[family].append(why)
@@ -335,30 +364,36 @@ def family_from_modules(modules: list[ModuleEntry]) -> tuple[str | None, str]:
         name = m.spelled.replace(".", "_")
         down = m.tensors.get("down")
         if name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2_")):
-            vote("sdxl", "two text encoders")
-        if re.search(r"(?:^|_)(?:input_blocks|middle_block|output_blocks|label_emb)_", name) or "add_embedding" in name:
-            vote("sdxl", "SGM U-Net names / text-time embedding")
+            vote(decisive, "sdxl", "two text encoders")
+        if re.search(r"(?:^|_)label_emb_", name) or "add_embedding" in name:
+            vote(decisive, "sdxl", "text-time embedding")
+        elif re.search(r"(?:^|_)(?:input_blocks|middle_block|output_blocks)_", name):
+            vote(hints, "sdxl", "SGM U-Net names")
         if down is None:
             continue
         if re.search(r"attn2_to_[kv]$", name) and down.shape[1] in _CROSS_DIMS:
-            vote(_CROSS_DIMS[down.shape[1]], f"cross-attention input {down.shape[1]}")
+            vote(decisive, _CROSS_DIMS[down.shape[1]], f"cross-attention input {down.shape[1]}")
         if name.endswith("proj_in") and down.ndim == 4:
-            vote("sd1", "1x1-conv proj_in")
+            vote(decisive, "sd1", "1x1-conv proj_in")
         first_text = name.startswith(("lora_te_", "lora_te1_", "text_encoder_")) or "text_model" in name
         is_text = first_text and not name.startswith(("lora_te2_", "text_encoder_2_"))
         if is_text and name.endswith("self_attn_q_proj") and down.shape[1] in _TEXT_DIMS:
-            vote(_TEXT_DIMS[down.shape[1]], f"text encoder width {down.shape[1]}")
+            width = down.shape[1]
+            vote(hints if width == 768 else decisive, _TEXT_DIMS[width], f"text encoder width {width}")
         layer = re.search(r"layers_(\d+)_", name)
         if is_text and layer and int(layer.group(1)) >= 12:
-            vote("sd2", "text encoder deeper than 12 layers")
-    if "sdxl" in votes:  # SDXL's first text encoder is SD1's ViT-L: its votes for sd1 are not evidence
-        votes.pop("sd1", None)
-    if len(votes) == 1:
-        family, why = next(iter(votes.items()))
-        return family, "; ".join(why)
-    if not votes:
-        return None, "no decisive key names or shapes"
-    return None, "conflicting: " + "; ".join(f"{f}: {', '.join(w)}" for f, w in sorted(votes.items()))
+            vote(decisive, "sd2", "text encoder deeper than 12 layers")
+    if len(decisive) > 1:
+        return None, "conflicting: " + "; ".join(f"{f}: {', '.join(w)}" for f, w in sorted(decisive.items())), False
+    if decisive:
+        family, why = next(iter(decisive.items()))
+        return family, "; ".join(why + hints.get(family, [])), True
+    if "sdxl" in hints:  # SDXL's first text encoder is SD1's ViT-L: its hint for sd1 is no evidence against SDXL
+        hints.pop("sd1", None)
+    if len(hints) == 1:
+        family, why = next(iter(hints.items()))
+        return family, "; ".join(why) + " (a hint, not decisive)", False
+    return None, "no decisive key names or shapes", False
 
 
 # --- checks against a base model -----------------------------------------------------------------------------

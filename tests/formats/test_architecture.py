@@ -24,7 +24,8 @@ def test_full_size_architectures_come_from_the_shipped_configs(family, layer, ki
     component, path = layer
     assert arch.family == family and arch.layers[component][path] == Layer(kind, shape)
     assert full_size_architecture(family) is arch  # built once
-    assert (arch.sgm_paths is not None) == (family == "sdxl")
+    # SGM names for every family: kohya writes them for SDXL, and SD1 / SD2 files sometimes use them too
+    assert arch.sgm_paths["down_blocks.1.attentions.0.proj_in"] == "input_blocks.4.1.proj_in"
     assert "encoder.layers.23.mlp.fc1" not in arch.layers.get("text_encoder", {})  # SD2's 24th layer, or past ViT-L
 
 

@@ -24,6 +24,8 @@ from sd_lora.lora.inject import LoraModuleWeights
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 Q = f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q"
+ATTN0 = "lora_unet_down_blocks_0_attentions_0_"
+Q_SGM = Q.replace(ATTN0, "lora_unet_input_blocks_1_1_")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,13 @@ def _crafted(case: str, clean) -> dict[str, torch.Tensor]:
                  f"unet.{ATTN}.attn2.to_q.lora_B.weight": torch.randn(32, 4) * 0.1}  # fmt: skip
         replaced = f"lora_unet_{ATTN.replace('.', '_')}_attn2_to_q."
         kohya = {k: v for k, v in kohya.items() if not k.startswith(replaced)}
+    # SGM U-Net names in an SD1 file (down_blocks.0.attentions.0 is input_blocks.1.1): the SD pipeline does not map them
+    sgm = {k.replace(ATTN0, "lora_unet_input_blocks_1_1_"): v for k, v in kohya.items()}
+    if case == "one SGM-named U-Net module":
+        kohya = {k: v for k, v in kohya.items() if not k.startswith(Q)}
+        kohya |= {k: v for k, v in sgm.items() if k.startswith(Q_SGM)}
+    if case == "SGM U-Net names":
+        kohya = {k: v for k, v in sgm.items() if not k.startswith("lora_unet_") or "input_blocks" in k}
     if case == "diffusers keys":
         return to_diffusers_state_dict(clean)
     if case == "diffusers keys without prefixes":
@@ -80,7 +89,7 @@ def _crafted(case: str, clean) -> dict[str, torch.Tensor]:
 CASES = [
     "clean kohya", "unknown module", "only unknown U-Net modules", "only unknown text-encoder modules", "orphan alpha",
     "lora_mid", "dora_scale", "norm-layer LoRA", "LoHa", "mixed prefixes", "diffusers keys",
-    "diffusers keys without prefixes",
+    "diffusers keys without prefixes", "one SGM-named U-Net module", "SGM U-Net names",
 ]  # fmt: skip
 
 
@@ -158,3 +167,25 @@ def test_a1111_openclip_attention_and_sdxl_naming_rules():
     verdict = compatibility(lora(names))["AUTOMATIC1111"]
     assert sorted(verdict.drops) == sorted(names[:2])
     assert any("hidden for SDXL checkpoints" in r for r in verdict.reasons)  # no ss_base_model_version
+
+
+def test_sdxl_lora_te_names_verdicts_match_diffusers(tmp_path):
+    """SDXL text encoder 1 under SD1's `lora_te_` prefix: diffusers applies it to text_encoder (checked here),
+    ComfyUI maps `lora_te_text_model_encoder_layers_*` to clip_l for SDXL too; A1111 maps only `lora_te1_`."""
+    from sd_lora.formats.architecture import architecture_of_pipeline
+    from sd_lora.models.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    components = random_lora_components(pipe, rank=2, alpha=2.0, seed=0, unet_every=8)
+    state = to_kohya_state_dict(components, sgm_paths=architecture_of_pipeline(pipe).sgm_paths)
+    save_file({k.replace("lora_te1_", "lora_te_"): v for k, v in state.items()}, tmp_path / "te.safetensors")
+    lora = read_any_lora(tmp_path / "te.safetensors")
+    verdicts = compatibility(lora)
+    te1 = sorted(m.name for m in lora.modules if m.name.startswith("lora_te_"))
+    assert len(te1) == len(components["text_encoder_1"]) > 0
+    assert sorted(verdicts["AUTOMATIC1111"].drops) == te1
+    assert not verdicts["ComfyUI"].drops and not verdicts["diffusers"].drops and not verdicts["diffusers"].rejects
+
+    pipe.load_lora_weights(tmp_path, weight_name="te.safetensors")
+    wrapped = {n for n, m in pipe.text_encoder.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == set(components["text_encoder_1"])

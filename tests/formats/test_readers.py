@@ -96,6 +96,28 @@ def test_sdxl_sgm_names_resolve_against_the_given_model_or_sdxl_base(tiny_sdxl):
     assert not any(m.sgm_name for m in plain.modules)
 
 
+def test_sdxl_text_encoder_1_named_lora_te_reads_as_text_encoder_1(tiny_sdxl, tmp_path):
+    # diffusers and ComfyUI apply SDXL `lora_te_` names to text encoder 1 when the file has no `lora_te1_` names
+    encoders = {"text_encoder_1": tiny_sdxl.text_encoder, "text_encoder_2": tiny_sdxl.text_encoder_2}
+    components = _components(tiny_sdxl, encoders)
+    arch = architecture_of_pipeline(tiny_sdxl)
+    written = to_kohya_state_dict(components, sgm_paths=arch.sgm_paths)
+    state = {k.replace("lora_te1_", "lora_te_"): v for k, v in written.items()}
+    assert any(k.startswith("lora_te_") for k in state)
+    for given in (arch, None):
+        lora = parse_lora_state_dict(state, architecture=given)
+        assert lora.family == "sdxl" and not lora.unsupported
+        assert _same(lora, components)
+    save_file(state, tmp_path / "te.safetensors")
+    written, _ = read_as_kohya(tmp_path / "te.safetensors")  # what convert / merge / resize work on
+    assert {k.split("_")[1] for k in written} == {"unet", "te1", "te2"}
+    # with `lora_te1_` names of its own, the file's `lora_te_` names mean nothing for SDXL
+    te1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    extra = {f"{te1}.lora_down.weight": torch.zeros(1, 32), f"{te1}.lora_up.weight": torch.zeros(64, 1)}
+    mixed = parse_lora_state_dict(state | extra, architecture=arch)
+    assert any("match no layer" in problem for problem in mixed.unsupported)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd1():
     return build_tiny_pipeline("sd1")
@@ -173,6 +195,27 @@ def test_family_evidence_and_disagreement():
     assert "ss_base_model_version=sd_v1" in lora.family_evidence["metadata"]
     assert any("metadata says sd1 but the keys and shapes say sd2" in w for w in lora.warnings)
     assert parse_lora_state_dict(state).family == "sd2"
+
+
+def test_sd1_file_with_sgm_unet_names_is_sd1_and_resolves_to_sd1_layers(tmp_path):
+    # A1111 and ComfyUI apply SGM-named modules on an SD1 checkpoint; decisive shapes and the metadata say SD1
+    k = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # down_blocks.1.attentions.0 in SD1.5
+    q = "lora_unet_output_blocks_3_1_transformer_blocks_0_attn1_to_q"  # up_blocks.1.attentions.0
+    cross = {f"{k}.lora_down.weight": torch.ones(2, 768), f"{k}.lora_up.weight": torch.ones(640, 2)}
+    self_attn = {f"{q}.lora_down.weight": torch.ones(2, 1280), f"{q}.lora_up.weight": torch.ones(1280, 2)}
+    sd1 = {"ss_base_model_version": "sd_v1"}
+    lora = parse_lora_state_dict(cross | self_attn, sd1)
+    assert lora.family == "sd1" and not lora.unsupported and not lora.warnings
+    assert set(lora.components["unet"]) == {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+                                            "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"}  # fmt: skip
+    assert parse_lora_state_dict(cross | self_attn).family == "sd1"  # the 768-wide cross-attention decides
+    # SGM names alone only hint at SDXL: the file's metadata outranks them
+    assert parse_lora_state_dict(self_attn, sd1).family == "sd1"
+    assert parse_lora_state_dict(self_attn).family == "sdxl"
+    # convert writes SD1 files with diffusers-path names, which every loader applies to SD1
+    save_file(cross | self_attn, tmp_path / "sgm.safetensors", metadata=sd1)
+    state, _ = read_as_kohya(tmp_path / "sgm.safetensors")
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in state
 
 
 def test_unreadable_and_non_lora_files_name_the_file(tmp_path):
