@@ -4,7 +4,8 @@ Layouts understood (they can be mixed):
   - kohya: `10_zkchar/a.png` repeats every image under the folder 10 times per epoch; "zkchar" is the
     caption of images that have none of their own.
   - sidecar captions: `a.png` + `a.txt` (the extension is configurable).
-  - Hugging Face imagefolder: a `metadata.jsonl` whose lines are {"file_name": "a.png", "text": "..."}.
+  - Hugging Face imagefolder: a `metadata.jsonl` whose lines are {"file_name": "a.png", "text": "..."}, or a
+    `metadata.csv` with `file_name` and `text` columns (see `metadata`).
 
 Every image is fully decoded once here, and every problem in the folder is reported in one error, so a
 broken file surfaces before training starts and the user can fix all of them in one pass.
@@ -23,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from sd_lora.data.captions import split_tags
 from sd_lora.data.images import IMAGE_EXTENSIONS, ImageProblem, check_image, is_image_file
-from sd_lora.data.metadata import METADATA_FILE, read_metadata
+from sd_lora.data.metadata import METADATA_FILES, read_metadata
 from sd_lora.errors import UserError
 from sd_lora.fsio import readable
 
@@ -73,21 +74,22 @@ class _Problems:
 def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
-    Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` entry, then the folder
-    name. Raises one `UserError` listing every problem; with `skip_bad_images`, unreadable images and
-    caption files are left out and counted instead (metadata.jsonl and folder-name errors still raise).
+    Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` or `metadata.csv` entry,
+    then the folder name. Raises one `UserError` listing every problem; with `skip_bad_images`, unreadable
+    images and caption files are left out and counted instead (metadata file and folder-name errors still
+    raise).
     """
     shown_root = Path(root)
     root_abs = _check_root(shown_root)
     _check_caption_extension(caption_extension)
     problems = _Problems()
-    images, jsonl_files, aliased_dirs = _walk(root_abs, shown_root, problems)
+    images, metadata_files, aliased_dirs = _walk(root_abs, shown_root, problems)
     if not images and not problems.files:
         raise UserError(
             f"{shown_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
             "in all sub-folders, skipping names that start with '.'). Put your images in this folder."
         )
-    metadata, metadata_problems = read_metadata(root_abs, shown_root, jsonl_files, set(images))
+    metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images))
     problems.setup.extend(metadata_problems)
     folders = {image: _dataset_folder(root_abs, shown_root, image, problems) for image in images}
 
@@ -194,12 +196,12 @@ def _check_caption_extension(extension: str) -> None:
 
 
 def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path], list[Path], list[Path]]:
-    """Images and metadata.jsonl files under `root` (logical paths, sorted), and folders seen twice.
+    """Images and metadata files under `root` (logical paths, sorted), and folders seen twice.
 
     Symlinks are followed; a folder whose resolved path was already visited is not entered again, which
     both stops symlink loops and keeps an image reachable twice from being trained twice.
     """
-    images, jsonl_files, aliased = [], [], []
+    images, metadata_files, aliased = [], [], []
     visited = {root.resolve()}
     pending = [root]
     while pending:
@@ -232,10 +234,10 @@ def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path]
                     pending.append(path)
             elif is_file and is_image_file(path):
                 images.append(path)
-            elif is_file and entry.name == METADATA_FILE:
-                jsonl_files.append(path)
+            elif is_file and entry.name in METADATA_FILES:
+                metadata_files.append(path)
     order = lambda p: p.relative_to(root).parts  # noqa: E731
-    return sorted(images, key=order), sorted(jsonl_files, key=order), sorted(aliased)
+    return sorted(images, key=order), sorted(metadata_files, key=order), sorted(aliased)
 
 
 def _not_a_file(path: Path) -> str:
@@ -312,7 +314,8 @@ def _raise_if_problems(problems: _Problems, skip_bad_images: bool) -> None:
     fixes = []
     if problems.setup:
         fixes.append(
-            "Fix the metadata.jsonl lines and folder names above (--skip-bad-images does not skip them)."
+            f"Fix the {'/'.join(METADATA_FILES)} lines and folder names above "
+            "(--skip-bad-images does not skip them)."
         )
     if listed_files:
         fixes.append("Fix or remove these files, or pass --skip-bad-images to skip them.")
