@@ -202,7 +202,7 @@ def caption_not_utf8(env):
 
 # metadata.jsonl ---------------------------------------------------------------------------------------
 
-METADATA_FIX = "Fix the metadata.jsonl lines and folder names above (--skip-bad-images does not skip them)"
+METADATA_FIX = "Fix the metadata.jsonl/metadata.csv lines and folder names above (--skip-bad-images does not skip them)"
 
 
 @bad("{data}/metadata.jsonl:2: invalid JSON", "each line must be one JSON object", METADATA_FIX)

@@ -4,7 +4,8 @@ Layouts understood (they can be mixed):
   - kohya: `10_zkchar/a.png` repeats every image under the folder 10 times per epoch; "zkchar" is the
     caption of images that have none of their own.
   - sidecar captions: `a.png` + `a.txt` (the extension is configurable).
-  - Hugging Face imagefolder: a `metadata.jsonl` whose lines are {"file_name": "a.png", "text": "..."}.
+  - Hugging Face imagefolder: a `metadata.jsonl` whose lines are {"file_name": "a.png", "text": "..."}, or a
+    `metadata.csv` with `file_name` and `text` columns (see `metadata`).
 
 Every image is fully decoded once here, and every problem in the folder is reported in one error, so a
 broken file surfaces before training starts and the user can fix all of them in one pass.
@@ -19,14 +20,14 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 
 from sd_lora.data.captions import split_tags
 from sd_lora.data.images import IMAGE_EXTENSIONS, ImageProblem, check_image, is_image_file
+from sd_lora.data.metadata import METADATA_FILES, read_metadata
 from sd_lora.errors import UserError
 from sd_lora.fsio import readable
 
-METADATA_FILE = "metadata.jsonl"
 MAX_LISTED_PROBLEMS = 50
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's N_name; "10_" repeats 10 times with no class token
 _MANY_REPEATS = 1000  # above this a folder name like "20240101_photos" was probably not meant as repeats
@@ -73,21 +74,23 @@ class _Problems:
 def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
-    Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` entry, then the folder
-    name. Raises one `UserError` listing every problem; with `skip_bad_images`, unreadable images and
-    caption files are left out and counted instead (metadata.jsonl and folder-name errors still raise).
+    Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` or `metadata.csv` entry,
+    then the folder name. Raises one `UserError` listing every problem; with `skip_bad_images`, unreadable
+    images and caption files are left out and counted instead (metadata file and folder-name errors still
+    raise).
     """
     shown_root = Path(root)
     root_abs = _check_root(shown_root)
     _check_caption_extension(caption_extension)
     problems = _Problems()
-    images, jsonl_files, aliased_dirs = _walk(root_abs, shown_root, problems)
+    images, metadata_files, aliased_dirs = _walk(root_abs, shown_root, problems)
     if not images and not problems.files:
         raise UserError(
             f"{shown_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
             "in all sub-folders, skipping names that start with '.'). Put your images in this folder."
         )
-    metadata = _read_metadata(root_abs, shown_root, jsonl_files, set(images), problems)
+    metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images))
+    problems.setup.extend(metadata_problems)
     folders = {image: _dataset_folder(root_abs, shown_root, image, problems) for image in images}
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -193,12 +196,12 @@ def _check_caption_extension(extension: str) -> None:
 
 
 def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path], list[Path], list[Path]]:
-    """Images and metadata.jsonl files under `root` (logical paths, sorted), and folders seen twice.
+    """Images and metadata files under `root` (logical paths, sorted), and folders seen twice.
 
     Symlinks are followed; a folder whose resolved path was already visited is not entered again, which
     both stops symlink loops and keeps an image reachable twice from being trained twice.
     """
-    images, jsonl_files, aliased = [], [], []
+    images, metadata_files, aliased = [], [], []
     visited = {root.resolve()}
     pending = [root]
     while pending:
@@ -231,10 +234,10 @@ def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path]
                     pending.append(path)
             elif is_file and is_image_file(path):
                 images.append(path)
-            elif is_file and entry.name == METADATA_FILE:
-                jsonl_files.append(path)
+            elif is_file and entry.name in METADATA_FILES:
+                metadata_files.append(path)
     order = lambda p: p.relative_to(root).parts  # noqa: E731
-    return sorted(images, key=order), sorted(jsonl_files, key=order), sorted(aliased)
+    return sorted(images, key=order), sorted(metadata_files, key=order), sorted(aliased)
 
 
 def _not_a_file(path: Path) -> str:
@@ -246,90 +249,6 @@ def _not_a_file(path: Path) -> str:
             return f"symlink loop ({os.readlink(path)} leads back to itself); point it at the image file"
         return f"broken symlink ({os.readlink(path)}); point it at an existing image or remove it"
     return "not a regular file (a pipe, socket or device); replace it with the image file"
-
-
-def _read_metadata(
-    root: Path, shown_root: Path, jsonl_files: list[Path], images: set[Path], problems: _Problems
-) -> dict[Path, str]:
-    """Captions from every metadata.jsonl, keyed by the image's logical path. Problems go to `setup`."""
-    captions: dict[Path, str] = {}
-    origin: dict[Path, str] = {}
-    for jsonl in jsonl_files:
-        shown = shown_root / jsonl.relative_to(root)
-        try:
-            text = jsonl.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            problems.setup.append(
-                f"{shown}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8"
-            )
-            continue
-        except OSError as e:
-            problems.setup.append(f"{shown}: cannot read file ({e.strerror or e})")
-            continue
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{shown}:{number}"
-            entry = _parse_metadata_line(line)
-            if isinstance(entry, str):
-                problems.setup.append(f"{where}: {entry}")
-                continue
-            file_name, caption = entry
-            target = _metadata_target(root, jsonl.parent, file_name, images)
-            if isinstance(target, str):
-                problems.setup.append(f"{where}: {target}")
-            elif target in origin:
-                problems.setup.append(
-                    f"{where}: {file_name!r} already has a caption from {origin[target]}; keep one entry"
-                )
-            else:
-                captions[target], origin[target] = caption, where
-    return captions
-
-
-def _parse_metadata_line(line: str) -> tuple[str, str] | str:
-    """(file_name, text) from one jsonl line, or the problem with it."""
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
-    if not isinstance(entry, dict):
-        example = '{"file_name": "a.png", "text": "..."}'
-        return f"expected a JSON object like {example}, got {line.strip()[:60]}"
-    for key in ("file_name", "text"):
-        if key not in entry:
-            return f"missing key {key!r}; each line needs \"file_name\" and \"text\""
-        if not isinstance(entry[key], str):
-            return f"{key!r} must be a string, got {json.dumps(entry[key])[:60]}"
-    return entry["file_name"], entry["text"].strip()
-
-
-def _metadata_target(root: Path, base: Path, file_name: str, images: set[Path]) -> Path | str:
-    """The scanned image a metadata `file_name` names (relative to `base`), or the problem with it.
-
-    Paths are compared lexically with the scan's own (symlinks followed by the scan stay usable); a name
-    that leaves the data folder by `..`, an absolute path, or a symlink the scan does not follow is refused.
-    """
-    if not file_name:
-        return "'file_name' is empty"
-    if os.path.isabs(file_name) or PureWindowsPath(file_name).anchor:
-        return f"file_name {file_name!r} is absolute; write it relative to the folder of this {METADATA_FILE}"
-    target = Path(os.path.normpath(base / file_name))
-    if not _is_within(target, root):
-        return f"file_name {file_name!r} points outside the data folder; keep images inside it"
-    if target in images:
-        return target
-    if not target.exists():
-        return f"file_name {file_name!r} does not exist (looked for {target})"
-    if not _is_within(target.resolve(), root.resolve()):
-        return (f"file_name {file_name!r} resolves outside the data folder through a symlink; "
-                "copy the image in")
-    return (f"file_name {file_name!r} is not an image the scan uses (supported: "
-            f"{', '.join(IMAGE_EXTENSIONS)}; names starting with '.' are skipped)")
-
-
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
 
 
 def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Problems) -> tuple[str, int, str]:
@@ -395,7 +314,8 @@ def _raise_if_problems(problems: _Problems, skip_bad_images: bool) -> None:
     fixes = []
     if problems.setup:
         fixes.append(
-            "Fix the metadata.jsonl lines and folder names above (--skip-bad-images does not skip them)."
+            f"Fix the {'/'.join(METADATA_FILES)} lines and folder names above "
+            "(--skip-bad-images does not skip them)."
         )
     if listed_files:
         fixes.append("Fix or remove these files, or pass --skip-bad-images to skip them.")
