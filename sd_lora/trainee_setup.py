@@ -141,11 +141,13 @@ def cache_text_conditioning(conditioner: Conditioner, captions: list[str], model
 
 
 def largest_bucket_batch(dataset, batch_size: int, seed: int) -> tuple[tuple[int, int], dict]:
-    """((width, height), batch): a batch as the loader yields one, from the dataset's largest bucket by area
-    (its images repeated when it holds fewer than `batch_size`)."""
-    bucket = max(set(dataset.bucket_of), key=lambda size: (size[0] * size[1], size))
+    """((width, height), batch): the largest batch the loader can yield (pixels x images), as it yields one.
+    A bucket's batches hold at most its samples per epoch (kohya repeats included, so images may recur),
+    never more: a --batch-size beyond every bucket would otherwise test a batch the run never builds."""
+    counts = dataset.bucket_counts()
+    bucket = max(counts, key=lambda size: (size[0] * size[1] * min(batch_size, counts[size]), size))
     members = [i for i, b in enumerate(dataset.bucket_of) if b == bucket]
-    return bucket, collate([dataset[(members[j % len(members)], seed + j)] for j in range(batch_size)])
+    return bucket, collate([dataset[(members[j % len(members)], seed + j)] for j in range(min(batch_size, counts[bucket]))])
 
 
 def check_step_memory(trainee: loop.Trainee, objective: loop.Objective, dataset, batch_size: int, seed: int) -> str:
@@ -160,7 +162,8 @@ def check_step_memory(trainee: loop.Trainee, objective: loop.Objective, dataset,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         loop.forward_backward(trial, objective, batch, loop.TrainState(), sync=False)
     trainee.optimizer.zero_grad(set_to_none=True)
-    return f"memory check, one step at the largest bucket ({width}x{height}, batch {batch_size}): {memory.describe_peak(device)}"
+    images = len(batch["captions"])
+    return f"memory check, one step at the largest bucket ({width}x{height}, batch {images}): {memory.describe_peak(device)}"
 
 
 @contextlib.contextmanager
