@@ -71,7 +71,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     step = model.bucket_step
     problems = []
     if resolution % step:
-        problems.append(f"--resolution {resolution} must be a multiple of {step} px for this model (e.g. {max(step, resolution // step * step)})")
+        problems.append(f"--resolution {resolution} must be a multiple of {step} px for this model (e.g. {max(step, round(resolution / step) * step)})")
     min_side = config.min_bucket_side or max(step, resolution // 2 // step * step)
     max_side = config.max_bucket_side or resolution * 2
     for flag, value in (("--min-bucket-side", config.min_bucket_side), ("--max-bucket-side", config.max_bucket_side)):
@@ -80,6 +80,11 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     if config.zero_terminal_snr and model.prediction_type != "v_prediction":
         problems.append("--zero-terminal-snr needs a v-prediction model (at zero SNR an epsilon model has nothing to "
                         "predict from); use a v-prediction model or pass --prediction-type v_prediction deliberately")
+    # The hidden state conditioning the U-Net must be a layer's output: SD1/SD2 count from the last layer, SDXL
+    # from the penultimate one (models/conditioning.py).
+    layers = min(e.config.num_hidden_layers for e in model.text_encoders) - (model.family == "sdxl")
+    if config.clip_skip > layers:
+        problems.append(f"--clip-skip {config.clip_skip}: this model's text encoder has {layers} usable layers for it; use 1 to {layers}")
     if config.sample_every and resolution % SIZE_STEP:
         problems.append(f"--resolution {resolution}: sample grids need a multiple of {SIZE_STEP} px; change it or pass --sample-every 0")
     if problems:

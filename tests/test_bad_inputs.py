@@ -370,9 +370,14 @@ def flag_without_value(env):
     return [*env.argv(), "--sample-every"]
 
 
-@bad("--resolution 30 must be a multiple of 4 px for this model (e.g. 28)")
+@bad("--resolution 30 must be a multiple of 4 px for this model (e.g. 32)")
 def resolution_not_multiple_of_model_step(env):
     return env.argv("--resolution", "30")
+
+
+@bad("--clip-skip 7: this model's text encoder has 3 usable layers for it; use 1 to 3")
+def clip_skip_beyond_the_text_encoder(env):  # was an IndexError, and one less conditioned on the token embeddings
+    return env.argv("--clip-skip", "7")
 
 
 @bad("--output-dir {tmp}/taken: cannot write there", "choose a writable folder")
