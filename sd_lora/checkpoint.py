@@ -157,21 +157,29 @@ class LoadedState:
 
 
 def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> LoadedState:
-    """Read a state folder and refuse it when the run it belongs to differs from `config` in a fixed option."""
-    saved_config = read_toml(path / "config.toml")
-    saved = {k.replace("_", "-"): v for k, v in saved_config.items()}
-    problems = incompatibilities(saved, config)
-    meta = json.loads((path / "progress.json").read_text())
-    if meta["data_fingerprint"] != data_fingerprint:
+    """Read a state folder and refuse it when the run it belongs to differs from `config` in a fixed option,
+    or when it is damaged (a disk that filled up or failed, a hand-edited file): that error names an older one."""
+    try:
+        saved_config = read_toml(path / "config.toml")
+        meta = json.loads((path / "progress.json").read_text())
+        progress = Progress(**meta["progress"])
+        # Tensors and plain values only (no pickled code), onto the CPU: with several GPUs every rank would
+        # otherwise load rank 0's tensors onto GPU 0; load_state_dict moves them to each parameter's device.
+        training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
+        tensors = load_file(str(path / "lora_params.safetensors"))
+    except Exception as e:  # noqa: BLE001 - whatever fails to read, this folder cannot be resumed from
+        older = [p for p in list_states(path.parent) if p.name < path.name]
+        fix = (f"resume from an older one (--resume {older[-1]}) or delete this one" if older else
+               "no older state is left in that folder: start the run again")
+        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise UserError(f"cannot resume from {path}: the training state is damaged ({type(e).__name__}: {detail}); {fix}") from None
+    problems = incompatibilities({k.replace("_", "-"): v for k, v in saved_config.items()}, config)
+    if meta.get("data_fingerprint") != data_fingerprint:
         problems.append("--data: the images or captions changed since the state was saved")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot resume from {path}: this run differs from the saved one:\n{listed}\nUse the saved settings (--config {path / 'config.toml'}), or start a new run in another --output-dir")
-    progress = Progress(**meta["progress"])
-    # Tensors and plain values only (no pickled code), onto the CPU: with several GPUs every rank would otherwise
-    # load rank 0's tensors onto GPU 0; load_state_dict moves them to each parameter's device.
-    training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
-    return LoadedState(path, progress, load_file(str(path / "lora_params.safetensors")), training, meta["data_fingerprint"])
+    return LoadedState(path, progress, tensors, training, meta["data_fingerprint"])
 
 
 def restore_trainable(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> None:

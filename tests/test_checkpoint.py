@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from sd_lora import checkpoint, outputs
 from sd_lora.config import load_config
-from sd_lora.errors import Interrupted
+from sd_lora.errors import Interrupted, UserError
 from sd_lora.train import main, run
 
 # Everything random is switched on: LoRA dropout, flips, tag shuffling, caption dropout, noise offset,
@@ -68,6 +68,35 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
     # metrics continue where they stopped
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("damage", ["truncated training state", "cut progress.json", "missing LoRA tensors", "bad config.toml"])
+def test_damaged_state_names_an_older_one(tmp_path, damage):
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path)])
+    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                  generator=torch.Generator(), config=config, data_fingerprint="x", keep=2)
+    older = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
+    newer = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
+    if damage == "truncated training state":
+        (newer / "training_state.pt").write_bytes((newer / "training_state.pt").read_bytes()[:100])
+    elif damage == "cut progress.json":
+        (newer / "progress.json").write_text("{")
+    elif damage == "bad config.toml":
+        (newer / "config.toml").write_text("rank = ")
+    else:
+        (newer / "lora_params.safetensors").unlink()
+    with pytest.raises(UserError) as caught:
+        checkpoint.load_state(newer, config, "x")
+    message = str(caught.value)
+    assert message.startswith(f"cannot resume from {newer}: the training state is damaged (")
+    assert message.endswith(f"resume from an older one (--resume {older}) or delete this one")
+    assert checkpoint.load_state(older, config, "x").progress.step == 1
+    with pytest.raises(UserError, match="no older state is left in that folder: start the run again"):
+        for f in older.iterdir():
+            f.write_bytes(b"")
+        checkpoint.load_state(older, config, "x")
 
 
 def test_state_keeps_the_fp16_loss_scale(tmp_path):
