@@ -284,10 +284,23 @@ class RunOutputs:
             written = export_lora(path, components, meta, self.config.save_precision, sgm_paths=sgm_paths(self.model),
                                   file_format=self.config.format)
         except OSError as e:
-            raise UserError(f"could not save {path}: {e.strerror or e}. Earlier files are intact; free space or fix permissions, then --resume latest") from None
+            raise UserError(f"could not save {path}: {e.strerror or e}. {self._rescue(state)}") from None
         self.saved.extend(written)
         self.progress.write(f"saved {', '.join(map(str, written))}")
         return path
+
+    def _rescue(self, state: loop.TrainState) -> str:
+        """After a LoRA file could not be written: keep the weights in a training state if that can still be
+        written (another folder, another file name), and say how to get the file from it."""
+        resume = f"python -m sd_lora.train --config {self.config.output_dir / 'config.toml'} --resume latest"
+        try:
+            path = self.save_state(state)
+        except UserError as e:
+            older = checkpoint.list_states(self.out)
+            kept = f"the newest training state is {older[-1]}" if older else "no training state was saved before"
+            return f"Could not keep the weights in a training state either ({e}); earlier files are intact, and {kept}."
+        return (f"The weights are kept in the training state {path}: free space, fix permissions or move what is in "
+                f"the way, then {resume} writes the file.")
 
     def save_state(self, state: loop.TrainState) -> Path | None:
         if not self.main:

@@ -239,6 +239,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
         dtype_for=lambda unet_parameters: WEIGHT_DTYPES[mixed_precision_for(config, unet_parameters)],
     )
     config = resolve_defaults(config, model)  # records the same mixed precision in the config
+    final = config.output_dir / f"{config.output_name}.safetensors"
+    if final.is_dir():  # found now, not when the trained weights are to be written
+        raise UserError(f"{final} is a folder, but the trained LoRA is saved under that name; rename or remove it, or pass another --output-name")
     if process.is_main_process:
         warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records])
     accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))
@@ -311,7 +314,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         checkpoint.restore_rng_states(resumed.training["rng"], generator)
         p = resumed.progress
         state = loop.TrainState(step=p.step, epoch=p.epoch, batch_in_epoch=p.batch_in_epoch, nan_steps=p.nan_steps)
-        if state.step >= total_steps:
+        # A state at the last step is a finished run whose final file could not be written: resuming writes it.
+        if state.step > total_steps or (state.step == total_steps and final.exists()):
             raise UserError(f"--resume {resumed.path}: the run already has {state.step} steps; raise --max-steps or --epochs to extend it")
 
     conditioner = Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip,
@@ -398,7 +402,6 @@ def train_lora(config: TrainConfig) -> TrainResult:
             raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {resume}",
                               128 + (stop.signal or signal.SIGTERM))
     accelerator.wait_for_everyone()
-    final = config.output_dir / f"{config.output_name}.safetensors"
     outputs.save_lora(final, state)
     outputs.sample(state.step)
     outputs.compare_with_base(state.step)

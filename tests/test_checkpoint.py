@@ -207,6 +207,40 @@ def test_failed_lora_save_says_why_and_keeps_earlier_files(tiny_dataset, tiny_mo
 
 
 @pytest.mark.slow
+def test_failed_final_save_keeps_the_weights_and_resume_writes_the_file(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A run that trained to the end but could not write its file (disk full, permissions) used to lose the
+    weights; they now go to a training state, from which --resume latest writes the very same file."""
+    assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "2", "--output-name", "x")) == 0
+    out, export = tmp_path / "b", outputs.export_lora
+
+    def final_file_fails(path, *a, **k):
+        if path.name == "x.safetensors":
+            raise OSError(13, "Permission denied")
+        return export(path, *a, **k)
+
+    monkeypatch.setattr(outputs, "export_lora", final_file_fails)
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2", "--output-name", "x")) == 2
+    err = capsys.readouterr().err
+    state = out / "state-00000002"
+    assert f"could not save {out / 'x.safetensors'}: Permission denied. The weights are kept in the training state {state}" in err
+    assert not (out / "x.safetensors").exists() and (state / "lora_params.safetensors").is_file()
+    monkeypatch.setattr(outputs, "export_lora", export)
+    assert main(["--config", str(out / "config.toml"), "--resume", "latest"]) == 0
+    assert_same_lora(tmp_path / "a" / "x.safetensors", out / "x.safetensors")
+    # Finished and written: resuming again has nothing to do and says so.
+    assert main(["--config", str(out / "config.toml"), "--resume", "latest"]) == 2
+    assert "the run already has 2 steps" in capsys.readouterr().err
+
+
+def test_a_folder_named_like_the_lora_file_is_refused_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "o" / "x.safetensors").mkdir(parents=True)
+    assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--output-name", "x")) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'o' / 'x.safetensors'} is a folder, but the trained LoRA is saved under that name" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.slow
 def test_validation_loss_is_deterministic_and_best_step_recorded(tiny_dataset, tiny_model_dir, tmp_path):
     result = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "v", "--max-steps", "4",
                                   "--validation-split", "0.3", "--validate-every", "2")))
