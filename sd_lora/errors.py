@@ -34,10 +34,14 @@ class Interrupted(UserError):
 
 def run_cli(body: Callable[[], None]) -> int:
     """Run a command-line tool's body: 0 when it returns; a `UserError` prints one `sd_lora: error: ...` line
-    on stderr (no traceback) and gives its `exit_code` (2 unless it says otherwise)."""
+    on stderr (no traceback) and gives its `exit_code` (2 unless it says otherwise). A Ctrl-C that the body
+    does not handle itself (training handles it once training runs) ends with one line and exit code 130."""
     try:
         body()
     except UserError as e:
         print(f"sd_lora: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("\nsd_lora: interrupted (Ctrl-C); every file written so far is complete (writes are atomic)", file=sys.stderr)
+        return 130
     return 0

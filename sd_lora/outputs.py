@@ -27,7 +27,7 @@ from .fsio import atomic_write_text
 from .models.load import BaseModel
 from .lora.inject import set_lora_enabled
 from .sampling.grid import side_by_side_grid
-from .sampling.sampler import SampleSettings, build_sampling_pipeline, generate_grid, generate_images, save_grid
+from .sampling.sampler import SampleSettings, SamplingStopped, build_sampling_pipeline, generate_grid, generate_images, save_grid
 from .validation import validation_loss
 
 
@@ -231,8 +231,13 @@ class RunOutputs:
             return
         pipe, settings = self._sampling()
         cells: list = []
-        with self._generating():
-            grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}", cells_out=cells)
+        try:
+            with self._generating():
+                grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}",
+                                          cells_out=cells, stop=lambda: self.stop.requested)
+        except SamplingStopped:  # a Ctrl-C or SIGTERM: saving the LoRA comes first
+            self.progress.write(f"samples at step {step} skipped: a stop was requested")
+            return
         self.last_sampled = (step, cells)
         if step == 0:
             self.step_0_cells = cells

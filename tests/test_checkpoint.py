@@ -70,6 +70,25 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
     assert steps == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_a_stop_during_a_sample_grid_skips_the_grid_and_saves(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the step-0 grid is drawn: the grid is abandoned at its next denoising step (it used to
+    be finished first, minutes with many steps and seeds), then the step, the LoRA and the state are saved."""
+    generate_grid = outputs.generate_grid
+
+    def terminated_while_sampling(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process: its StopRequest handler sets the flag
+        return generate_grid(*a, **kw)
+
+    monkeypatch.setattr(outputs, "generate_grid", terminated_while_sampling)
+    out = tmp_path / "o"
+    with pytest.raises(Interrupted) as e:
+        run(load_config(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--sample-every", "2", "--sample-steps", "50")))
+    assert e.value.exit_code == 128 + signal.SIGTERM and "stopped by SIGTERM at step 1" in str(e.value)
+    assert "samples at step 0 skipped: a stop was requested" in capsys.readouterr().out
+    assert not (out / "samples").exists() or not list((out / "samples").iterdir())
+    assert (out / "data-step00000001.safetensors").is_file() and (out / "state-00000001").is_dir()
+
+
 @pytest.mark.parametrize("damage", ["truncated training state", "cut progress.json", "missing LoRA tensors", "bad config.toml"])
 def test_damaged_state_names_an_older_one(tmp_path, damage):
     module = torch.nn.Linear(2, 2)

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -159,11 +159,17 @@ class _Row:
         return f"{self.prompt} [{'; '.join(notes)}]" if notes else self.prompt
 
 
+class SamplingStopped(Exception):
+    """`stop()` said so between two denoising steps: the images are abandoned."""
+
+
 def generate_images(
-    pipe, prompts: list[SamplePrompt], settings: SampleSettings
+    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, stop: Callable[[], bool] | None = None
 ) -> tuple[list[list[Image.Image]], list[dict]]:
     """Sample `cells[row][col]` (one row per prompt, one column per seed) at their own sizes, and a log
-    entry per row. Switches `pipe.scheduler` to `settings.sampler` first if it is another one."""
+    entry per row. Switches `pipe.scheduler` to `settings.sampler` first if it is another one. `stop` is
+    asked after every denoising step; when it returns True, SamplingStopped is raised (a Ctrl-C is not kept
+    waiting for a whole grid)."""
     if not prompts:
         raise ValueError("no sample prompts")
     rows = [_Row.resolve(p, settings) for p in prompts]
@@ -175,6 +181,11 @@ def generate_images(
         pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    def check_stop(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end
+        if stop is not None and stop():
+            raise SamplingStopped
+        return tensors
 
     cells: list[list[Image.Image]] = []
     with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe):
@@ -192,6 +203,7 @@ def generate_images(
                     # draws the latents with it and moves them to the model's device.
                     generator=torch.Generator("cpu").manual_seed(seed),
                     output_type="pil",
+                    callback_on_step_end=check_stop,
                 )
                 images.append(out.images[0])
             cells.append(images)
@@ -218,7 +230,8 @@ def _text_conditioning(pipe, row: _Row, clip_skip: int) -> dict:
 
 
 def generate_grid(
-    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = "", cells_out: list | None = None
+    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = "", cells_out: list | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[Image.Image, dict]:
     """Sample every prompt (row) with every seed (column) and return the grid and a log dict:
     `sampler, scheduler, prediction_type, steps, cfg, seeds, negative, seconds` and `rows` (per row: prompt,
@@ -229,7 +242,7 @@ def generate_grid(
     pipeline's progress bar is turned off.
     """
     start = time.perf_counter()
-    cells, log_rows = generate_images(pipe, prompts, settings)
+    cells, log_rows = generate_images(pipe, prompts, settings, stop=stop)
     if cells_out is not None:  # the caller keeps the images too (e.g. to compare runs without resampling)
         cells_out[:] = cells
     rows = [_Row.resolve(p, settings) for p in prompts]

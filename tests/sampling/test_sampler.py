@@ -12,6 +12,7 @@ from sd_lora.sampling.prompts import SamplePrompt
 from sd_lora.sampling.sampler import (
     SAMPLERS,
     SampleSettings,
+    SamplingStopped,
     build_sampling_pipeline,
     generate_grid,
     generate_images,
@@ -209,6 +210,23 @@ def test_mixed_dtypes_sample_under_autocast(fresh_sd1_pipe):
     # The VAE decodes in its own float32, outside the autocast (SDXL's VAE is kept fp32 because fp16 overflows it).
     assert computed == {"unet": torch.bfloat16, "vae": torch.float32}
     assert "decode" not in vars(pipe.vae)  # the wrapper is gone again
+
+
+def test_stop_is_asked_after_every_denoising_step(sd1_pipe):
+    """A Ctrl-C during a sample grid used to wait for the whole grid (minutes with many steps and seeds)."""
+    asked, unet_calls = [], []
+    modes = [m.training for m in sd1_pipe.unet.modules()]
+    hook = sd1_pipe.unet.register_forward_hook(lambda *a: unet_calls.append(1))
+    try:
+        with pytest.raises(SamplingStopped):
+            generate_images(sd1_pipe, [CIRCLE, SQUARE], SampleSettings(32, 32, steps=10, seeds=(0, 1)),
+                            stop=lambda: asked.append(1) or len(asked) >= 3)
+    finally:
+        hook.remove()
+    assert len(asked) == 3 and len(unet_calls) == 3  # three denoising steps of the first image, not 40
+    assert [m.training for m in sd1_pipe.unet.modules()] == modes  # restored on the way out
+    cells, _ = generate_images(sd1_pipe, [CIRCLE], FAST, stop=lambda: False)
+    assert len(cells[0]) == 2
 
 
 def test_settings_validation():
