@@ -18,16 +18,25 @@ import torch
 
 from . import loop
 from .config import TrainConfig
+from .errors import UserError
 from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, regularization_records,
                    scan_dataset)
 from .models.load import BaseModel
 from .validation import build_validation_set, split_records
 
 
+def scan_option(flag: str, folder, config: TrainConfig):
+    """scan_dataset for a second image folder (--validation-data, --reg-data): its problems name the option."""
+    try:
+        return scan_dataset(folder, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
 def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
     """(training records, validation records) from --validation-split or --validation-data."""
     if config.validation_data is not None:
-        held = scan_dataset(config.validation_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+        held = scan_option("--validation-data", config.validation_data, config)
         return list(scan.records), list(held.records)
     return split_records(scan.records, config.validation_split, config.seed)
 
@@ -37,7 +46,7 @@ def regularization_set(config: TrainConfig, train_records: list, show: bool = Tr
     prints its warnings and summary (on the main process only)."""
     if config.reg_data is None:
         return []
-    scan = scan_dataset(config.reg_data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+    scan = scan_option("--reg-data", config.reg_data, config)
     for warning in scan.warnings if show else []:
         print(f"warning: --reg-data: {warning}", file=sys.stderr)
     records = regularization_records(scan.records, sum(r.repeats for r in train_records))

@@ -78,3 +78,23 @@ def test_prefetch_yields_the_loaders_batches_in_order_and_hands_over_errors():
     assert next(iterator).item() == 0
     iterator.close()  # leaving an epoch early, as the loop does at --max-steps
     assert not any(t.name == "sd_lora-prefetch" for t in threading.enumerate())
+
+
+def test_problems_of_the_other_image_folders_name_their_option(tmp_path):
+    from sd_lora.data.scan import scan_dataset
+    from sd_lora.data_setup import regularization_set, split_validation
+    from sd_lora.errors import UserError
+    from tests.helpers import write_dataset
+
+    data, empty = write_dataset(tmp_path / "data"), tmp_path / "empty"
+    empty.mkdir()
+    scan = scan_dataset(data)
+    for flag, call in (("--reg-data", lambda c: regularization_set(c, scan.records, show=False)),
+                       ("--validation-data", lambda c: split_validation(c, scan))):
+        config = load_config(["--data", str(data), flag, str(empty)])
+        try:
+            call(config)
+        except UserError as e:
+            assert str(e).startswith(f"{flag}: {empty}: no images found"), str(e)
+        else:
+            raise AssertionError(f"an empty {flag} folder was accepted")
