@@ -129,7 +129,7 @@ def load_single_file(
             from diffusers import UNet2DConditionModel
 
             dtype = dtype_for(parameter_count(UNet2DConditionModel, UNet2DConditionModel.load_config(str(skeleton / "unet"))))
-        components = _load_components(state_dict, skeleton, info.family, path, dtype)
+        components = _load_components(state_dict, skeleton, info.family, path, dtype, shipped=config_dir is None)
         scheduler_config = json.loads((skeleton / "scheduler" / "scheduler_config.json").read_text())
 
     if config_dir is not None:
@@ -167,7 +167,8 @@ def _check_config_dir(folder: Path, info: CheckpointInfo, path: Path) -> Path:
     return folder
 
 
-def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, dtype: torch.dtype) -> dict[str, Any]:
+def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, dtype: torch.dtype,
+                     shipped: bool = True) -> dict[str, Any]:
     """Each component through diffusers' single-file conversion, as `<Pipeline>.from_single_file` does it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -193,8 +194,11 @@ def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, 
             parts[tokenizer] = CLIPTokenizer.from_pretrained(str(skeleton / tokenizer))
     except (ValueError, RuntimeError, KeyError, OSError) as e:  # shape mismatches, missing keys, bad configs
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = message.split(" If you want to instead overwrite")[0]  # diffusers' advice is for its own API, not ours
+        fix = (f"; if it is a {family} model of another size, pass --model-config with a diffusers folder of its "
+               "architecture (configs and tokenizer)") if shipped else ""
         raise UserError(f"{path}: cannot load as {family} ({message[:300]}); the file is damaged or its "
-                        "architecture differs from standard " + family) from None
+                        f"architecture differs from standard {family}{fix}") from None
     for name, module in parts.items():
         if isinstance(module, torch.nn.Module):
             empty = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]

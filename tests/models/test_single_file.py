@@ -321,8 +321,12 @@ def test_refusals(request, tmp_path):
     # A tiny checkpoint against configs of another shape / family: a clear error, not a traceback.
     pipe = _pipeline(_folder(request, "sd1"))
     path = save_single_file(pipe.components, tmp_path / "tiny.safetensors", "sd1")
-    with pytest.raises(UserError, match="cannot load as sd1"):
+    with pytest.raises(UserError, match="cannot load as sd1") as caught:
         load_single_file(path, config_dir=_folder(request, "sd2-v"))
+    assert "--model-config" not in str(caught.value)  # the user gave one already
+    with pytest.raises(UserError, match="pass --model-config with a diffusers folder of its architecture") as caught:
+        load_single_file(path)  # a reduced-size model against the shipped full-size configs
+    assert "low_cpu_mem_usage" not in str(caught.value)  # diffusers' hint about its own arguments is cut
     with pytest.raises(UserError, match="does not fit the sd1 checkpoint"):
         load_single_file(path, config_dir=_folder(request, "sdxl"))
 
