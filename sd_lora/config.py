@@ -340,7 +340,7 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--config {c.config}: file not found")
     if c.max_steps is not None and c.epochs is not None:
         problems.append(f"--max-steps {c.max_steps} and --epochs {c.epochs} are both set; set only one of them")
-    if c.max_steps is not None and c.lr_warmup_steps > c.max_steps:
+    if c.max_steps is not None and c.max_steps >= 1 and c.lr_warmup_steps > c.max_steps:  # (< 1 is its own problem)
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
     if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:
         problems.append(f"--keep-tokens {c.keep_tokens} only has an effect with --shuffle-tags or --tag-dropout; add one or drop --keep-tokens")

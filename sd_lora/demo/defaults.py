@@ -56,16 +56,25 @@ DEFAULT_OPTIONS: dict[str, object] = {
 
 def demo_options(explicit: dict[str, object]) -> dict[str, object]:
     """The options a run without --model gets: the demo base and `DEFAULT_OPTIONS`, less those `explicit`
-    (the options the user set) decides. A user's --epochs replaces the demo's --max-steps, and a user's
-    shorter --max-steps gets a proportionally shorter warm-up."""
+    (the options the user set) decides, and less the demo defaults that only fit what the user changed: a
+    user's --epochs replaces the demo's --max-steps, a shorter --max-steps gets a proportionally shorter
+    warm-up, --optimizer prodigy its own learning rate, and with tag dropout off (no --shuffle-tags) there is
+    no first tag to keep. So a problem found in the options is always about a value the user set."""
     options: dict[str, object] = {"model": str(BASE_MODEL_DIR)}
     for name, value in DEFAULT_OPTIONS.items():
         if name in explicit or (name == "max_steps" and "epochs" in explicit):
             continue
         options[name] = value
+    if explicit.get("optimizer") == "prodigy" and "learning_rate" not in explicit:
+        options.pop("learning_rate")  # Prodigy sets its own step size: its learning rate is a multiplier near 1
+    if not explicit.get("tag_dropout", DEFAULT_OPTIONS["tag_dropout"]) and not explicit.get("shuffle_tags"):
+        options.pop("keep_tokens", None)
     steps = explicit.get("max_steps")
     if "lr_warmup_steps" not in explicit and isinstance(steps, int):
-        options["lr_warmup_steps"] = min(int(DEFAULT_OPTIONS["lr_warmup_steps"]), steps // 10)
+        if steps > 0:
+            options["lr_warmup_steps"] = min(int(DEFAULT_OPTIONS["lr_warmup_steps"]), steps // 10)
+        else:  # refused for itself; no warm-up problem on top of it
+            options.pop("lr_warmup_steps", None)
     return options
 
 

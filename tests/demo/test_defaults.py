@@ -34,6 +34,21 @@ def test_a_shorter_run_gets_a_shorter_warm_up(tmp_path):
     assert demo_options({"max_steps": 50, "lr_warmup_steps": 7}).get("lr_warmup_steps") is None
 
 
+def test_problems_are_about_what_the_user_set_not_the_demo(tmp_path):
+    """Found by an audit: turning tag dropout off was refused over the demo's own --keep-tokens 1, Prodigy over
+    the demo's learning rate, and --max-steps -3 also over the warm-up the demo derived from it."""
+    config = load_config(["--data", str(tmp_path), "--tag-dropout", "0"])
+    assert (config.tag_dropout, config.keep_tokens) == (0.0, 0)
+    assert load_config(["--data", str(tmp_path), "--tag-dropout", "0", "--shuffle-tags"]).keep_tokens == 1
+    config = load_config(["--data", str(tmp_path), "--optimizer", "prodigy", "--learning-rate", "1"])
+    assert config.learning_rate == 1.0
+    assert "learning_rate" not in demo_options({"optimizer": "prodigy"})
+    assert demo_options({"optimizer": "adamw8bit"})["learning_rate"] == DEFAULT_OPTIONS["learning_rate"]
+    with pytest.raises(UserError) as caught:
+        load_config(["--data", str(tmp_path), "--max-steps", "-3"])
+    assert "--max-steps -3" in str(caught.value) and "--lr-warmup-steps" not in str(caught.value)
+
+
 def test_with_a_model_nothing_of_the_demo_applies(tmp_path):
     config = load_config(["--data", str(tmp_path), "--model", "some/model"])
     assert config.model == "some/model" and config.resolution is None and config.max_steps is None
