@@ -212,6 +212,20 @@ def test_user_errors(loras, tmp_path, capsys, monkeypatch, extra, message):
     assert err.startswith("sd_lora: error:") and re.search(message, err) and "Traceback" not in err
 
 
+def test_output_that_is_an_input_or_a_folder_is_refused(loras, tmp_path, capsys, monkeypatch):
+    folder, a, b = loras
+    monkeypatch.chdir(folder)
+    before = a.read_bytes()
+    for output in [a.name, f"./{a.name}", str(a)]:
+        assert main(["--lora", f"{a.name}:0.5", "--lora", str(b), "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {Path(output)}: the output would overwrite the input {a.name}; choose another output file" in err
+    assert a.read_bytes() == before
+    (tmp_path / "d.safetensors").mkdir()
+    assert main(["--lora", str(a), "--output", str(tmp_path / "d.safetensors")]) == 2
+    assert "d.safetensors: is a folder; name the file to write" in capsys.readouterr().err
+
+
 def test_bad_file_is_a_user_error(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
