@@ -390,6 +390,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; --config takes a TOML file (see configs/ for examples)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror or e}); check that it exists and that "
+                        "you may read it") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; a config must be TOML text") from None
     except tomllib.TOMLDecodeError as e:

@@ -57,6 +57,15 @@ def test_invalid_toml_names_the_file(tmp_path):
         read_toml(cfg)
 
 
+def test_unreadable_config_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match=f"^{tmp_path}: is a folder; --config takes a TOML file"):
+        load_config(["--config", str(tmp_path)])
+    self_link = tmp_path / "loop.toml"
+    self_link.symlink_to(self_link)  # a symlink to itself: reading it fails with ELOOP, an OSError
+    with pytest.raises(UserError, match=r"loop\.toml: cannot read the config file \(Too many levels of symbolic links\)"):
+        read_toml(self_link)
+
+
 def test_all_problems_reported_together(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config([
