@@ -400,8 +400,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML ({e}); see configs/ for examples") from None
     problems, values = [], {}
+    spelled: dict[str, str] = {}  # field name -> the key that set it, to catch `max_steps` beside `max-steps`
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if name in spelled:
+            problems.append(f"{path}: {spelled[name]!r} and {key!r} are the same option, set twice; keep one of them")
+            continue
+        spelled[name] = key
         if isinstance(value, dict):  # kohya_ss configs group keys in [sections]
             problems.append(f"{path}: [{key}] tables are not used; write its keys ({', '.join(value)}) at the "
                             f"top level, without the [{key}] line")

@@ -50,6 +50,14 @@ def test_unknown_toml_key_is_an_error_with_suggestion(tmp_path):
     assert "unknown key 'foo'" in text and len(e.value.problems) == 2
 
 
+def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
+    cfg = tmp_path / "twice.toml"
+    cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    assert e.value.problems == [f"{cfg}: 'max_steps' and 'max-steps' are the same option, set twice; keep one of them"]
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     cfg = tmp_path / "broken.toml"
     cfg.write_text("rank = = 3\n")
