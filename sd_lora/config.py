@@ -121,7 +121,7 @@ class TrainConfig:
     learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
-    lr_warmup_steps: int = option(0, "Linear warm-up steps.", min=0, ss="ss_lr_warmup_steps")
+    lr_warmup_steps: int = option(0, "Linear warm-up steps (not with --lr-scheduler constant, which has none).", min=0, ss="ss_lr_warmup_steps")
     optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
     weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
@@ -340,6 +340,9 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--config {c.config}: file not found")
     if c.max_steps is not None and c.epochs is not None:
         problems.append(f"--max-steps {c.max_steps} and --epochs {c.epochs} are both set; set only one of them")
+    if c.lr_scheduler == "constant" and c.lr_warmup_steps:  # diffusers' "constant" ignores num_warmup_steps
+        problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} has no effect with --lr-scheduler constant; use "
+                        "constant_with_warmup (or another scheduler), or drop --lr-warmup-steps")
     if c.max_steps is not None and c.lr_warmup_steps > c.max_steps:
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
     if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:

@@ -114,6 +114,8 @@ def test_toml_type_errors(tmp_path):
         (["--output-name", "a/b"], "plain file name"),
         (["--resolution", "512", "--min-bucket-side", "768"], "larger than --resolution"),
         (["--max-steps", "5", "--lr-warmup-steps", "10"], "longer than the run"),
+        (["--lr-scheduler", "constant", "--lr-warmup-steps", "2"],
+         "--lr-warmup-steps 2 has no effect with --lr-scheduler constant; use constant_with_warmup"),
         (["--prior-loss-weight", "0.5"], "add --reg-data DIR"),
         (["--reg-data", "/nonexistent/reg"], "--reg-data /nonexistent/reg: folder not found"),
     ],

@@ -56,8 +56,9 @@ DEFAULT_OPTIONS: dict[str, object] = {
 
 def demo_options(explicit: dict[str, object]) -> dict[str, object]:
     """The options a run without --model gets: the demo base and `DEFAULT_OPTIONS`, less those `explicit`
-    (the options the user set) decides. A user's --epochs replaces the demo's --max-steps, and a user's
-    shorter --max-steps gets a proportionally shorter warm-up."""
+    (the options the user set) decides. A user's --epochs replaces the demo's --max-steps, a user's
+    shorter --max-steps gets a proportionally shorter warm-up, and a user's --lr-scheduler constant (which
+    cannot warm up) gets none."""
     options: dict[str, object] = {"model": str(BASE_MODEL_DIR)}
     for name, value in DEFAULT_OPTIONS.items():
         if name in explicit or (name == "max_steps" and "epochs" in explicit):
@@ -66,6 +67,8 @@ def demo_options(explicit: dict[str, object]) -> dict[str, object]:
     steps = explicit.get("max_steps")
     if "lr_warmup_steps" not in explicit and isinstance(steps, int):
         options["lr_warmup_steps"] = min(int(DEFAULT_OPTIONS["lr_warmup_steps"]), steps // 10)
+    if "lr_warmup_steps" not in explicit and explicit.get("lr_scheduler") == "constant":
+        options.pop("lr_warmup_steps", None)
     return options
 
 

@@ -34,6 +34,13 @@ def test_a_shorter_run_gets_a_shorter_warm_up(tmp_path):
     assert demo_options({"max_steps": 50, "lr_warmup_steps": 7}).get("lr_warmup_steps") is None
 
 
+def test_a_constant_schedule_gets_no_warm_up(tmp_path):
+    config = load_config(["--data", str(tmp_path), "--lr-scheduler", "constant"])  # not refused for the demo's warm-up
+    assert (config.lr_scheduler, config.lr_warmup_steps) == ("constant", 0)
+    config = load_config(["--data", str(tmp_path), "--lr-scheduler", "constant_with_warmup", "--max-steps", "50"])
+    assert config.lr_warmup_steps == 5
+
+
 def test_with_a_model_nothing_of_the_demo_applies(tmp_path):
     config = load_config(["--data", str(tmp_path), "--model", "some/model"])
     assert config.model == "some/model" and config.resolution is None and config.max_steps is None
