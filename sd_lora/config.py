@@ -116,8 +116,8 @@ class TrainConfig:
     # --- optimisation -------------------------------------------------------------------------------
     seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed", fixed=True)
     batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device", fixed=True)
-    max_steps: int | None = option(None, "Optimizer steps to train (overrides --epochs when both are set in one place).", min=1, ss="ss_max_train_steps")
-    epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given).", min=1, ss="ss_num_epochs")
+    max_steps: int | None = option(None, "Optimizer steps to train. Set this or --epochs, not both; on the command line it replaces the --config file's --epochs.", min=1, ss="ss_max_train_steps")
+    epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given). Set this or --max-steps, not both; on the command line it replaces the --config file's --max-steps.", min=1, ss="ss_num_epochs")
     learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")

@@ -40,6 +40,21 @@ def test_toml_then_cli_override(tmp_path):
     assert (c.epochs, c.max_steps) == (3, None)
 
 
+def test_run_length_help_says_what_the_code_does(tmp_path):
+    for name, other in [("max_steps", "--epochs"), ("epochs", "--max-steps")]:
+        assert f"Set this or {other}, not both; on the command line it replaces the --config file's {other}." in (
+            FIELDS[name].metadata["help"]
+        )
+    cfg = tmp_path / "both.toml"
+    cfg.write_text(f'data = "{tmp_path}"\nmodel = "some/model"\nmax-steps = 5\nepochs = 2\n')
+    for args in (["--config", str(cfg)], ["--data", str(tmp_path), "--max-steps", "5", "--epochs", "2"]):
+        with pytest.raises(ConfigError, match="--max-steps 5 and --epochs 2 are both set; set only one of them"):
+            load_config(args)
+    cfg.write_text(f'data = "{tmp_path}"\nmodel = "some/model"\nepochs = 2\n')
+    c = load_config(["--config", str(cfg), "--max-steps", "7"])
+    assert (c.max_steps, c.epochs) == (7, None)
+
+
 def test_unknown_toml_key_is_an_error_with_suggestion(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("learning-rat = 1e-4\nfoo = 1\n")
