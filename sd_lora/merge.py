@@ -324,6 +324,8 @@ def merge_files(
 
     ranks = sorted({w.rank for w in modules.values()})
     how = "exact rank concatenation" if rank is None else f"SVD to rank {rank}"
+    if rank is not None and ranks[-1] < rank:  # the SVD never keeps more than a module's change has
+        how = f"SVD to rank {ranks[-1]} (--rank {rank} is more than any module's change has)"
     print(f"merged {len(files)} LoRAs ({family or 'family unknown'}) by {how}: {len(modules)} modules, "
           f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {_DTYPE_NAMES[dtype]}")
     for f, w in inputs:

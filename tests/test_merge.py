@@ -156,6 +156,15 @@ def test_svd_merge_error_within_report(loras, capsys, rank):
     assert json.loads(read_lora_file(out)[1]["sd_lora_merge"])["method"] == "svd"
 
 
+def test_svd_merge_to_a_rank_above_the_inputs_reports_the_real_rank(loras, capsys):
+    folder, a, b = loras
+    out = folder / "svd_big.safetensors"
+    assert main(["--lora", f"{a}:0.7", "--lora", f"{b}:0.3", "--output", str(out), "--rank", "10000"]) == 0
+    printed = capsys.readouterr().out
+    assert "by SVD to rank 7 (--rank 10000 is more than any module's change has): 66 modules, rank 4-7" in printed
+    assert max(w.rank for w in read_lora_modules(out).modules.values()) == 7
+
+
 def test_mixing_families_is_refused(loras, tiny_model_dir, tmp_path, capsys):
     folder, a, _ = loras
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
