@@ -116,12 +116,14 @@ class TrainConfig:
     # --- optimisation -------------------------------------------------------------------------------
     seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed", fixed=True)
     batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device", fixed=True)
-    max_steps: int | None = option(None, "Optimizer steps to train (overrides --epochs when both are set in one place).", min=1, ss="ss_max_train_steps")
-    epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given).", min=1, ss="ss_num_epochs")
-    learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate")
-    text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr")
+    max_steps: int | None = option(None, "Optimizer steps to train. Set this or --epochs, not both; on the command line it replaces the --config file's --epochs.", min=1, ss="ss_max_train_steps")
+    epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given). Set this or --max-steps, not both; on the command line it replaces the --config file's --max-steps.", min=1, ss="ss_num_epochs")
+    # The learning rates are fixed on resume: the restored optimizer and schedule state keep the saved rates, so a new
+    # value would be recorded but not trained with. (A new --lr-scheduler or --lr-warmup-steps does take effect.)
+    learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate", fixed=True)
+    text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr", fixed=True)
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
-    lr_warmup_steps: int = option(0, "Linear warm-up steps.", min=0, ss="ss_lr_warmup_steps")
+    lr_warmup_steps: int = option(0, "Linear warm-up steps (not with --lr-scheduler constant, which has none).", min=0, ss="ss_lr_warmup_steps")
     optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
     weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
@@ -340,6 +342,9 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--config {c.config}: file not found")
     if c.max_steps is not None and c.epochs is not None:
         problems.append(f"--max-steps {c.max_steps} and --epochs {c.epochs} are both set; set only one of them")
+    if c.lr_scheduler == "constant" and c.lr_warmup_steps:  # diffusers' "constant" ignores num_warmup_steps
+        problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} has no effect with --lr-scheduler constant; use "
+                        "constant_with_warmup (or another scheduler), or drop --lr-warmup-steps")
     if c.max_steps is not None and c.max_steps >= 1 and c.lr_warmup_steps > c.max_steps:  # (< 1 is its own problem)
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
     if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:
@@ -370,6 +375,9 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--caption-extension {c.caption_extension!r} must start with a dot, e.g. '.txt' or '.caption'")
     if c.output_name is not None and (not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|')):
         problems.append(f"--output-name {c.output_name!r} must be a plain file name without path separators")
+    elif c.output_name is not None and c.output_name.startswith("."):  # also "." and "..": a hidden file
+        problems.append(f"--output-name {c.output_name!r} must not start with a dot (the LoRA file would be hidden); "
+                        "use a plain name such as 'zkchar'")
 
 
 def validate(config: TrainConfig) -> None:
@@ -390,13 +398,23 @@ def read_toml(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; --config takes a TOML file (see configs/ for examples)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror or e}); check that it exists and that "
+                        "you may read it") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; a config must be TOML text") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML ({e}); see configs/ for examples") from None
     problems, values = [], {}
+    spelled: dict[str, str] = {}  # field name -> the key that set it, to catch `max_steps` beside `max-steps`
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if name in spelled:
+            problems.append(f"{path}: {spelled[name]!r} and {key!r} are the same option, set twice; keep one of them")
+            continue
+        spelled[name] = key
         if isinstance(value, dict):  # kohya_ss configs group keys in [sections]
             problems.append(f"{path}: [{key}] tables are not used; write its keys ({', '.join(value)}) at the "
                             f"top level, without the [{key}] line")

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from sd_lora.errors import UserError
+from sd_lora.fsio import check_output_file
 from sd_lora.formats.diffusers_format import (
     ADAPTER_METADATA_KEY,
     bake_alpha,
@@ -64,8 +65,7 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
     if to not in TARGETS:
         raise UserError(f"--to {to}: unknown format; choose kohya or diffusers")
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise UserError(f"{dst}: the output would overwrite the input; choose another output file")
+    check_output_file(dst, [src], "OUT")
     lora = read_any_lora(src, architecture=architecture)
     require_exact(lora, "convert")
     components = {c: w for c, w in lora.components.items() if w}

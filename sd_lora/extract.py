@@ -27,6 +27,7 @@ from sd_lora.errors import UserError
 from sd_lora.formats.kohya import kohya_module_name
 from sd_lora.formats.modelspec import family_metadata
 from sd_lora.formats.architecture import family_of_config
+from sd_lora.fsio import check_output_file
 from sd_lora.formats.sgm import sgm_module_map
 from sd_lora.lora import maths
 from sd_lora.lora.targets import UNET_PRESETS, text_encoder_target_modules, unet_target_modules
@@ -153,6 +154,7 @@ def extract_file(
     if not min_diff >= 0.0:
         raise UserError(f"--min-diff {min_diff}: must be a non-negative number such as 1e-6")
     require_safetensors(output, "OUT", "the extracted LoRA")
+    check_output_file(output, [base_name, tuned_name], "OUT")
     base, base_family = _load(base_name, "--base")
     tuned, family = _load(tuned_name, "--tuned")
     if base_family != family:

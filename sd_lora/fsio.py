@@ -2,14 +2,18 @@
 
 Every output sd_lora writes (LoRA files, grids, configs) goes through `atomic_write_bytes`: the bytes go to a
 temporary file in the same folder, are flushed and fsync'd, then renamed over the target. A rename within
-one filesystem is atomic, so readers see either the old file or the new one.
+one filesystem is atomic, so readers see either the old file or the new one. The file tools (convert,
+merge, resize, extract) first `check_output_file`: never a folder, never one of their own inputs.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+from sd_lora.errors import UserError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -38,6 +42,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_output_file(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], flag: str) -> None:
+    """Refuse, as a `UserError`, an output file that is an existing folder (the rename would fail with a
+    traceback) or the same file as one of `inputs` (also through a symlink, a hard link or `./`): the tool
+    would replace the file it reads. `flag` names the argument in the message ("OUT", "--output")."""
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"{flag} {output}: is a folder; name the file to write, e.g. {output / 'lora.safetensors'}")
+    for source in inputs:
+        if output.exists() and Path(source).exists() and os.path.samefile(output, source):
+            raise UserError(f"{flag} {output}: the output would overwrite the input {source}; "
+                            "choose another output file")
 
 
 def readable(name: str | os.PathLike) -> str:

@@ -247,11 +247,22 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python -m sd_lora.inspect --help)")
 
 
+def _tag_count(text: str) -> int:
+    """argparse type for --tags: a whole number >= 0."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of tags, 0 or more (0 shows all), got {text}")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _ArgumentParser(prog="python -m sd_lora.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("file", help="the LoRA .safetensors file")
     parser.add_argument("--model", help="a local diffusers model folder to check every module against")
-    parser.add_argument("--tags", type=int, default=20, help="tags shown per dataset folder (0: all; default 20)")
+    parser.add_argument("--tags", type=_tag_count, default=20, help="tags shown per dataset folder (0: all; default 20)")
 
     def body() -> None:
         args = parser.parse_args(argv)

@@ -37,6 +37,7 @@ import torch
 from sd_lora.errors import UserError, run_cli
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.kohya import KEY_SUFFIXES, save_lora_file
+from sd_lora.fsio import check_output_file
 from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import family_from_metadata, kohya_state_dict_of, read_any_lora
 from sd_lora.lora import maths
@@ -309,6 +310,7 @@ def merge_files(
     loras: list[tuple[Path, float]], output: Path, *, rank: int | None, save_precision: str | None, verbose: bool
 ) -> Path:
     require_safetensors(output, "--output", "a merged LoRA")
+    check_output_file(output, [path for path, _ in loras], "--output")
     files = [read_lora_modules(path) for path, _ in loras]
     inputs = list(zip(files, (w for _, w in loras)))
     family = check_one_family(files)
@@ -322,6 +324,8 @@ def merge_files(
 
     ranks = sorted({w.rank for w in modules.values()})
     how = "exact rank concatenation" if rank is None else f"SVD to rank {rank}"
+    if rank is not None and ranks[-1] < rank:  # the SVD never keeps more than a module's change has
+        how = f"SVD to rank {ranks[-1]} (--rank {rank} is more than any module's change has)"
     print(f"merged {len(files)} LoRAs ({family or 'family unknown'}) by {how}: {len(modules)} modules, "
           f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {_DTYPE_NAMES[dtype]}")
     for f, w in inputs:

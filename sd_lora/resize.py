@@ -24,6 +24,7 @@ import torch
 from sd_lora.errors import UserError
 from sd_lora.formats.kohya import HASH_KEY
 from sd_lora.formats.modelspec import missing_family_metadata
+from sd_lora.fsio import check_output_file
 from sd_lora.lora import maths
 from sd_lora.merge import (
     RANKS_NOTE_KEY,
@@ -65,6 +66,7 @@ def resize_file(
                         "fraction E of the energy), or both")
     check_energy(energy)
     require_safetensors(dst, "OUT", "the resized LoRA")
+    check_output_file(dst, [src], "OUT")
     lora = read_lora_modules(src)
     dtype = SAVE_DTYPES[save_precision] if save_precision else lora.dtype
     modules, errors, retained = resize_modules(lora.modules, rank, energy, dtype)

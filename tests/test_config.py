@@ -40,6 +40,21 @@ def test_toml_then_cli_override(tmp_path):
     assert (c.epochs, c.max_steps) == (3, None)
 
 
+def test_run_length_help_says_what_the_code_does(tmp_path):
+    for name, other in [("max_steps", "--epochs"), ("epochs", "--max-steps")]:
+        assert f"Set this or {other}, not both; on the command line it replaces the --config file's {other}." in (
+            FIELDS[name].metadata["help"]
+        )
+    cfg = tmp_path / "both.toml"
+    cfg.write_text(f'data = "{tmp_path}"\nmodel = "some/model"\nmax-steps = 5\nepochs = 2\n')
+    for args in (["--config", str(cfg)], ["--data", str(tmp_path), "--max-steps", "5", "--epochs", "2"]):
+        with pytest.raises(ConfigError, match="--max-steps 5 and --epochs 2 are both set; set only one of them"):
+            load_config(args)
+    cfg.write_text(f'data = "{tmp_path}"\nmodel = "some/model"\nepochs = 2\n')
+    c = load_config(["--config", str(cfg), "--max-steps", "7"])
+    assert (c.max_steps, c.epochs) == (7, None)
+
+
 def test_unknown_toml_key_is_an_error_with_suggestion(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("learning-rat = 1e-4\nfoo = 1\n")
@@ -50,11 +65,28 @@ def test_unknown_toml_key_is_an_error_with_suggestion(tmp_path):
     assert "unknown key 'foo'" in text and len(e.value.problems) == 2
 
 
+def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
+    cfg = tmp_path / "twice.toml"
+    cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    assert e.value.problems == [f"{cfg}: 'max_steps' and 'max-steps' are the same option, set twice; keep one of them"]
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     cfg = tmp_path / "broken.toml"
     cfg.write_text("rank = = 3\n")
     with pytest.raises(UserError, match="broken.toml: invalid TOML"):
         read_toml(cfg)
+
+
+def test_unreadable_config_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match=f"^{tmp_path}: is a folder; --config takes a TOML file"):
+        load_config(["--config", str(tmp_path)])
+    self_link = tmp_path / "loop.toml"
+    self_link.symlink_to(self_link)  # a symlink to itself: reading it fails with ELOOP, an OSError
+    with pytest.raises(UserError, match=r"loop\.toml: cannot read the config file \(Too many levels of symbolic links\)"):
+        read_toml(self_link)
 
 
 def test_all_problems_reported_together(tmp_path):
@@ -95,8 +127,13 @@ def test_toml_type_errors(tmp_path):
         (["--text-encoder-lr", "1e-5"], "add --train-text-encoder"),
         (["--caption-extension", "txt"], "must start with a dot"),
         (["--output-name", "a/b"], "plain file name"),
+        (["--output-name", ".."], r"--output-name '\.\.' must not start with a dot \(the LoRA file would be hidden\)"),
+        (["--output-name", "."], r"--output-name '\.' must not start with a dot"),
+        (["--output-name", ".zk"], r"--output-name '\.zk' must not start with a dot"),
         (["--resolution", "512", "--min-bucket-side", "768"], "larger than --resolution"),
         (["--max-steps", "5", "--lr-warmup-steps", "10"], "longer than the run"),
+        (["--lr-scheduler", "constant", "--lr-warmup-steps", "2"],
+         "--lr-warmup-steps 2 has no effect with --lr-scheduler constant; use constant_with_warmup"),
         (["--prior-loss-weight", "0.5"], "add --reg-data DIR"),
         (["--reg-data", "/nonexistent/reg"], "--reg-data /nonexistent/reg: folder not found"),
     ],

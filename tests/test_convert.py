@@ -125,6 +125,10 @@ def test_refusals(pipes, tmp_path, capsys):
     assert "sd_lora: error:" in err and "cannot convert this file exactly" in err and "loha" in err
     assert not (tmp_path / "x.safetensors").exists()
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "--to", "kohya"]) == 2
+    assert "the output would overwrite the input" in capsys.readouterr().err
+    (tmp_path / "somedir").mkdir()
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "somedir"), "--to", "kohya"]) == 2
+    assert f"OUT {tmp_path / 'somedir'}: is a folder; name the file to write" in capsys.readouterr().err
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "x.safetensors"), "--to", "lycoris"]) == 2
     assert "invalid choice" in capsys.readouterr().err
 

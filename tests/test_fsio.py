@@ -45,3 +45,21 @@ def test_permissions_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_check_output_file_refuses_a_folder_and_every_spelling_of_an_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "in.safetensors"
+    source.write_bytes(b"lora")
+    (tmp_path / "link.safetensors").symlink_to(source)
+    os.link(source, tmp_path / "hard.safetensors")
+    (tmp_path / "folder").mkdir()
+    for output in ["in.safetensors", "./in.safetensors", str(source), "link.safetensors", "hard.safetensors"]:
+        with pytest.raises(fsio.UserError, match=r"OUT .*: the output would overwrite the input in\.safetensors; "
+                                                 "choose another output file"):
+            fsio.check_output_file(output, ["in.safetensors"], "OUT")
+    with pytest.raises(fsio.UserError, match=r"--output folder: is a folder; name the file to write, e\.g\. "
+                                             r"folder/lora\.safetensors"):
+        fsio.check_output_file("folder", ["in.safetensors"], "--output")
+    fsio.check_output_file("new.safetensors", ["in.safetensors", "org/hub-model"], "OUT")  # a new file is fine
+    assert source.read_bytes() == b"lora"

@@ -59,5 +59,12 @@ def test_cli_model_mismatch_and_errors(clean, tmp_path, capsys):
     assert "8 of 66 modules do not fit" in out and "do not fit the linear weight" in out
     assert main([str(tmp_path / "nothing.safetensors")]) == 2
     assert "sd_lora: error:" in capsys.readouterr().err
+    for tags in ["-1", "many"]:
+        assert main([str(tmp_path / "zkchar.safetensors"), "--tags", tags]) == 2
+        assert f"argument --tags: must be a number of tags, 0 or more (0 shows all), got {tags}" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert f"sd_lora: error: {tmp_path}: is a folder, not a LoRA file; pass the .safetensors file itself" in (
+        capsys.readouterr().err
+    )
     assert main([str(tmp_path / "zkchar.safetensors"), "--model", str(tmp_path)]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err

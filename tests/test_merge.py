@@ -156,6 +156,15 @@ def test_svd_merge_error_within_report(loras, capsys, rank):
     assert json.loads(read_lora_file(out)[1]["sd_lora_merge"])["method"] == "svd"
 
 
+def test_svd_merge_to_a_rank_above_the_inputs_reports_the_real_rank(loras, capsys):
+    folder, a, b = loras
+    out = folder / "svd_big.safetensors"
+    assert main(["--lora", f"{a}:0.7", "--lora", f"{b}:0.3", "--output", str(out), "--rank", "10000"]) == 0
+    printed = capsys.readouterr().out
+    assert "by SVD to rank 7 (--rank 10000 is more than any module's change has): 66 modules, rank 4-7" in printed
+    assert max(w.rank for w in read_lora_modules(out).modules.values()) == 7
+
+
 def test_mixing_families_is_refused(loras, tiny_model_dir, tmp_path, capsys):
     folder, a, _ = loras
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
@@ -210,6 +219,20 @@ def test_user_errors(loras, tmp_path, capsys, monkeypatch, extra, message):
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sd_lora: error:") and re.search(message, err) and "Traceback" not in err
+
+
+def test_output_that_is_an_input_or_a_folder_is_refused(loras, tmp_path, capsys, monkeypatch):
+    folder, a, b = loras
+    monkeypatch.chdir(folder)
+    before = a.read_bytes()
+    for output in [a.name, f"./{a.name}", str(a)]:
+        assert main(["--lora", f"{a.name}:0.5", "--lora", str(b), "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {Path(output)}: the output would overwrite the input {a.name}; choose another output file" in err
+    assert a.read_bytes() == before
+    (tmp_path / "d.safetensors").mkdir()
+    assert main(["--lora", str(a), "--output", str(tmp_path / "d.safetensors")]) == 2
+    assert "d.safetensors: is a folder; name the file to write" in capsys.readouterr().err
 
 
 def test_bad_file_is_a_user_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,23 @@ def test_bad_arguments(tmp_path, capsys, args, message):
 def test_missing_input(tmp_path, capsys):
     assert main([str(tmp_path / "nope.safetensors"), str(tmp_path / "out.safetensors"), "--rank", "4"]) == 2
     assert "nope.safetensors: no such LoRA file" in capsys.readouterr().err
+
+
+def test_output_that_is_the_input_or_a_folder_is_refused(tmp_path, capsys, monkeypatch):
+    src = _write_lora(tmp_path / "in.safetensors")
+    before = src.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for output in ["in.safetensors", "./in.safetensors", "link.safetensors"]:
+        assert main(["in.safetensors", output, "--rank", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"OUT {Path(output)}: the output would overwrite the input in.safetensors; choose another output file" in err
+    assert src.read_bytes() == before
+    (tmp_path / "d.safetensors").mkdir()
+    assert main(["in.safetensors", "d.safetensors", "--rank", "2"]) == 2
+    assert "OUT d.safetensors: is a folder; name the file to write, e.g. d.safetensors/lora.safetensors" in (
+        capsys.readouterr().err
+    )
 
 
 def test_sdxl_input_without_family_metadata_gives_a_resized_file_that_says_sdxl(tmp_path, capsys):

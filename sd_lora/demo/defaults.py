@@ -58,8 +58,9 @@ def demo_options(explicit: dict[str, object]) -> dict[str, object]:
     """The options a run without --model gets: the demo base and `DEFAULT_OPTIONS`, less those `explicit`
     (the options the user set) decides, and less the demo defaults that only fit what the user changed: a
     user's --epochs replaces the demo's --max-steps, a shorter --max-steps gets a proportionally shorter
-    warm-up, --optimizer prodigy its own learning rate, and with tag dropout off (no --shuffle-tags) there is
-    no first tag to keep. So a problem found in the options is always about a value the user set."""
+    warm-up, --lr-scheduler constant (which cannot warm up) none, --optimizer prodigy its own learning rate,
+    and with tag dropout off (no --shuffle-tags) there is no first tag to keep. So a problem found in the
+    options is always about a value the user set."""
     options: dict[str, object] = {"model": str(BASE_MODEL_DIR)}
     for name, value in DEFAULT_OPTIONS.items():
         if name in explicit or (name == "max_steps" and "epochs" in explicit):
@@ -75,6 +76,8 @@ def demo_options(explicit: dict[str, object]) -> dict[str, object]:
             options["lr_warmup_steps"] = min(int(DEFAULT_OPTIONS["lr_warmup_steps"]), steps // 10)
         else:  # refused for itself; no warm-up problem on top of it
             options.pop("lr_warmup_steps", None)
+    if "lr_warmup_steps" not in explicit and explicit.get("lr_scheduler") == "constant":
+        options.pop("lr_warmup_steps", None)
     return options
 
 

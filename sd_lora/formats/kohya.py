@@ -235,6 +235,8 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     from safetensors.torch import load
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a LoRA file; pass the .safetensors file itself")
     if not path.is_file():
         raise UserError(f"{path}: no such LoRA file. Check the path.")
     data = path.read_bytes()

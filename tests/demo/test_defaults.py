@@ -49,6 +49,13 @@ def test_problems_are_about_what_the_user_set_not_the_demo(tmp_path):
     assert "--max-steps -3" in str(caught.value) and "--lr-warmup-steps" not in str(caught.value)
 
 
+def test_a_constant_schedule_gets_no_warm_up(tmp_path):
+    config = load_config(["--data", str(tmp_path), "--lr-scheduler", "constant"])  # not refused for the demo's warm-up
+    assert (config.lr_scheduler, config.lr_warmup_steps) == ("constant", 0)
+    config = load_config(["--data", str(tmp_path), "--lr-scheduler", "constant_with_warmup", "--max-steps", "50"])
+    assert config.lr_warmup_steps == 5
+
+
 def test_with_a_model_nothing_of_the_demo_applies(tmp_path):
     config = load_config(["--data", str(tmp_path), "--model", "some/model"])
     assert config.model == "some/model" and config.resolution is None and config.max_steps is None
