@@ -94,7 +94,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
         resolution=resolution,
         min_bucket_side=min_side,
         max_bucket_side=max_side,
-        output_name=config.output_name or config.data.resolve().name,
+        output_name=config.output_name or config.data.resolve().name.lstrip(".") or "lora",  # never a hidden file
         prediction_type=model.prediction_type,
         model=model.name,
         cache_latents=config.use_latent_cache,

@@ -471,3 +471,11 @@ def test_captions_longer_than_the_text_encoder_reads_are_named_before_training(t
     assert err.count("lose their end") == 1  # once, before training, not counted again per step
     assert f"warning: 1 of {distinct} captions are longer than the 77 tokens the text encoder reads, and lose their end (the longest, " in err
     assert f"{long[:77]}..." in err
+
+
+def test_a_hidden_data_folder_does_not_give_a_hidden_lora_file(tiny_model_dir, tmp_path):
+    from tests.helpers import write_dataset
+
+    data = write_dataset(tmp_path / ".chars")
+    result = run(load_config(train_args(data, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0")))
+    assert result.path == tmp_path / "o" / "chars.safetensors" and result.path.is_file()
