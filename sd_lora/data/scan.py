@@ -295,6 +295,8 @@ def _read_sidecar(path: Path) -> str | None:
         return None
     except OSError as e:
         raise UserError(f"cannot read caption file {path.name} ({e.strerror or e})") from e
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows Notepad's "Unicode"
+        raise UserError(f"caption file {path.name} is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8")
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:

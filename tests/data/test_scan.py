@@ -121,6 +121,15 @@ def test_custom_caption_extension_and_bom(tmp_path):
     assert (record.caption, record.caption_source) == ("red, dress", "sidecar")
 
 
+def test_utf16_caption_is_named_as_such(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    write_text(root / "a.txt", "red, dress".encode("utf-16"))  # what Windows Notepad saves as "Unicode"
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root)
+    assert f"{root / 'a.png'}: caption file a.txt is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8" in str(caught.value)
+
+
 @pytest.mark.parametrize("extension", ["txt", ".", ".png"])
 def test_bad_caption_extension(tmp_path, extension):
     write_image(tmp_path / "a.png")
