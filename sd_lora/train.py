@@ -272,6 +272,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
             dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process, **disk)
         for warning in dataset.latent_cache.warnings if accelerator.is_main_process else []:
             print(f"warning: {warning}", file=sys.stderr)
+        if config.latent_cache_dir is not None and accelerator.is_main_process:
+            cache = dataset.latent_cache
+            print(f"latent cache {config.latent_cache_dir}: {cache.reused} latents read from it, {cache.encoded} encoded")
     validation_items = build_validation(config, model, accelerator, validation_records, options)
     if config.cache_latents:  # every latent the run needs is encoded: only the decoder (for samples) stays
         freed = memory.release_vae_encoder(model.vae)

@@ -280,7 +280,7 @@ def test_init_weights_without_the_unet_starts_a_fresh_unet_lora(tiny_dataset, ti
 
 
 @pytest.mark.slow
-def test_latent_cache_dir_is_reused_by_a_second_run(tiny_dataset, tiny_model_dir, tmp_path):
+def test_latent_cache_dir_is_reused_by_a_second_run(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     cache = tmp_path / "latents"
     common = ["--max-steps", "1", "--sample-every", "0", "--latent-cache-dir", str(cache), "--flip"]
     run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "a", *common)))
@@ -289,8 +289,11 @@ def test_latent_cache_dir_is_reused_by_a_second_run(tiny_dataset, tiny_model_dir
     entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
     distinct = {hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_dataset.rglob("*.png")}
     assert len(entries) == 2 * len(distinct)  # identical images share entries; plain and mirrored each
+    records = len(list(tiny_dataset.rglob("*.png")))
+    assert f"latent cache {cache}: 0 latents read from it, {2 * records} encoded" in capsys.readouterr().out
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "b", *common)))
+    assert f"latent cache {cache}: {2 * records} latents read from it, 0 encoded" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps  # nothing re-encoded or rewritten
 
 
