@@ -244,10 +244,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
         raise UserError(f"{final} is a folder, but the trained LoRA is saved under that name; rename or remove it, or pass another --output-name")
     if process.is_main_process:
         warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records])
-    accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
-        config, init_weights = read_init_weights(config, model)
+        config, init_weights = read_init_weights(config, model)  # (and whether the text encoder trains)
+    accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))
     options = data_options(config, model.bucket_step)
     dataset = ImageDataset(train_records + prior_records, options)
     data_id = fingerprint(train_records + prior_records + validation_records)
