@@ -193,6 +193,15 @@ def supports_skip_on_device(optimizer) -> bool:
     return bool(getattr(inner, "_step_supports_amp_scaling", False)) and getattr(optimizer, "scaler", None) is None
 
 
+def skip_step(optimizer) -> None:
+    """Leave out a step the host found non-finite. Under fp16's loss scaler (accelerate's optimizer wrapper holds
+    it) `gradient_norm` has unscaled the gradients, and the scaler refuses to unscale again before its update():
+    the skipped step ends the scaler's iteration as a step it skipped itself would (an overflow lowers the scale)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None:
+        scaler.update()
+
+
 def step_unless(optimizer, skip: torch.Tensor) -> None:
     """optimizer.step(), skipped on the device where `skip` (a float32 scalar tensor, 0 or 1) is 1."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -254,24 +263,24 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             # One optimizer step: check, clip, step, schedule.
             if acc.num_processes > 1:  # every rank must take the same skip/stop decision: use the global mean
                 accumulated = acc.reduce(accumulated, reduction="mean")
+            norm = gradient_norm(t)
+            readout = Readout(accumulated, norm)
             record = StepRecord(state.step + 1, state.epoch, t.lr_scheduler.get_last_lr()[0], time.perf_counter() - started)
             if skip_on_device:
-                norm = gradient_norm(t)
                 step_unless(t.optimizer, non_finite(accumulated, norm if check_gradients else None))
                 t.lr_scheduler.step()
                 state.step += 1
                 if pending is not None:  # the previous step's numbers: the device has long computed them
                     settle(*pending)
-                pending = (record, Readout(accumulated, norm))
+                pending = (record, readout)
             else:
-                # The loss is read before clipping: under fp16's loss scaler clipping unscales the gradients,
-                # and a scaler left unscaled by a skipped step would refuse the next step's unscale.
-                record.loss = float(accumulated)
-                record.grad_norm = float(gradient_norm(t)) if math.isfinite(record.loss) else math.nan
+                record.loss, record.grad_norm = readout.values()
                 if record.finite(check_gradients):
                     t.optimizer.step()
                     t.lr_scheduler.step()
                     state.step += 1
+                else:
+                    skip_step(t.optimizer)
                 report(record)
             t.optimizer.zero_grad(set_to_none=True)
             accumulated, started = 0.0, time.perf_counter()
