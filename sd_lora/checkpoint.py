@@ -119,6 +119,11 @@ def list_states(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STATE_PREFIX):]))
 
 
+def resume_command(output_dir: Path) -> str:
+    """The command that continues the run in `output_dir` from its newest state."""
+    return f"python -m sd_lora.train --config {output_dir / 'config.toml'} --resume latest"
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path:
     if resume == "latest":
         states = list_states(output_dir)

@@ -297,7 +297,6 @@ class RunOutputs:
     def _rescue(self, state: loop.TrainState) -> str:
         """After a LoRA file could not be written: keep the weights in a training state if that can still be
         written (another folder, another file name), and say how to get the file from it."""
-        resume = f"python -m sd_lora.train --config {self.config.output_dir / 'config.toml'} --resume latest"
         try:
             path = self.save_state(state)
         except UserError as e:
@@ -305,7 +304,7 @@ class RunOutputs:
             kept = f"the newest training state is {older[-1]}" if older else "no training state was saved before"
             return f"Could not keep the weights in a training state either ({e}); earlier files are intact, and {kept}."
         return (f"The weights are kept in the training state {path}: free space, fix permissions or move what is in "
-                f"the way, then {resume} writes the file.")
+                f"the way, then {checkpoint.resume_command(self.config.output_dir)} writes the file.")
 
     def save_state(self, state: loop.TrainState) -> Path | None:
         if not self.main:

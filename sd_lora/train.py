@@ -398,11 +398,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
             outputs.close()
             # A launcher (torchrun) stops every process once one exits: the others wait for the main one's saves.
             accelerator.wait_for_everyone()
-            resume = f"python -m sd_lora.train --config {config.output_dir / 'config.toml'} --resume latest"
             cause = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
             saved = (f"Saved {lora} and the training state {state_dir}." if accelerator.is_main_process else
                      "The main process saved the LoRA and the training state.")
-            raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {resume}",
+            raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {checkpoint.resume_command(config.output_dir)}",
                               128 + (stop.signal or signal.SIGTERM))
     accelerator.wait_for_everyone()
     outputs.save_lora(final, state)
