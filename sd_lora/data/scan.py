@@ -132,10 +132,10 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
             f"{_count(len(fallback), 'image has', 'images have')} no caption file or metadata entry; "
             f"using the folder name as caption (e.g. {example} -> {caption!r})"
         )
-        unnamed = sum(not caption for _, caption in fallback)
+        unnamed = [shown for shown, caption in fallback if not caption]
         if unnamed:
-            warnings.append(f"{_count(unnamed, 'image trains', 'images train')} with an empty caption: no caption file, "
-                            f"and its N_ folder has no name after the repeat count (e.g. {next(e for e, c in fallback if not c)})")
+            warnings.append(f"{_count(len(unnamed), 'image trains', 'images train')} with an empty caption: no caption file, "
+                            f"and its N_ folder has no name after the repeat count (e.g. {unnamed[0]})")
     if empty:
         warnings.append(f"{_count(len(empty), 'caption file is', 'caption files are')} empty (e.g. "
                         f"{empty[0]}); those images train with an empty caption")
