@@ -31,6 +31,7 @@ from .fsio import readable
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
+DEFAULT_RANK = 16
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")  # optim.py builds each; a test keeps them in step
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -107,12 +108,12 @@ class TrainConfig:
                                  min=1, max=1024, group="model")
     compile: str = option("off", "torch.compile the U-Net for training: blocks (each down/mid/up block; shorter compile) or unet (one graph). The first step of each bucket shape pays the compile time.", choices=COMPILE_MODES, group="model")
     # --- LoRA ---------------------------------------------------------------------------------------
-    rank: int = option(16, "LoRA rank (network dim).", min=1, max=1024, ss="ss_network_dim", group="lora", fixed=True)
-    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora", fixed=True)
+    rank: int | None = option(None, f"LoRA rank (network dim). Default: {DEFAULT_RANK}, or the --init-weights file's rank.", min=1, max=1024, ss="ss_network_dim", group="lora", fixed=True)
+    alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank, or the --init-weights file's alpha.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora", fixed=True)
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.", min=0, max=1, ss="ss_network_dropout", group="lora")
     targets: str = option("attn-mlp", "U-Net modules that get LoRA.", choices=TARGET_PRESETS, group="lora", fixed=True)
-    init_weights: Path | None = option(None, "Start from an existing LoRA file (kohya, diffusers or PEFT format; from any trainer): its rank, alpha and modules replace --rank/--alpha/--targets.", group="lora", fixed=True)
-    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder (six linears per layer).", group="lora", fixed=True)
+    init_weights: Path | None = option(None, "Start from an existing LoRA file (kohya, diffusers or PEFT format; from any trainer): it decides the rank, the alpha, the modules (--targets then only covers a component it has none for) and, unless you set it, --train-text-encoder.", group="lora", fixed=True)
+    train_text_encoder: bool | None = option(None, "Also train LoRA on the text encoder (six linears per layer). Default: no, or yes when the --init-weights file has text-encoder modules.", group="lora", fixed=True)
     # --- optimisation -------------------------------------------------------------------------------
     seed: int = option(42, "Random seed (data order, noise, timesteps, LoRA init).", min=0, max=2**63 - 1, ss="ss_seed", fixed=True)
     batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device", fixed=True)
@@ -159,8 +160,11 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------------
     @property
-    def effective_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
+    def effective_alpha(self) -> float | None:
+        """--alpha, else the rank; None until one is known (before the run fills the default rank or reads
+        the --init-weights file)."""
+        value = self.rank if self.alpha is None else self.alpha
+        return None if value is None else float(value)
 
     @property
     def effective_text_encoder_lr(self) -> float:
@@ -369,7 +373,7 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append("--latent-cache-dir needs cached latents; drop it, or drop --no-cache-latents/--random-crop")
     if c.optimizer == "prodigy" and c.learning_rate < 0.1:
         problems.append(f"--optimizer prodigy learns its own step size: --learning-rate is a multiplier, use about 1.0 (got {c.learning_rate:g})")
-    if c.text_encoder_lr is not None and not c.train_text_encoder:
+    if c.text_encoder_lr is not None and (c.train_text_encoder is False or (c.train_text_encoder is None and c.init_weights is None)):
         problems.append("--text-encoder-lr is set but the text encoder is not trained; add --train-text-encoder")
     if not c.caption_extension.startswith(".") or len(c.caption_extension) < 2:
         problems.append(f"--caption-extension {c.caption_extension!r} must start with a dot, e.g. '.txt' or '.caption'")

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from . import checkpoint, loop, memory  # noqa: E402
 from .compiling import check_compiler  # noqa: E402
-from .config import TrainConfig, load_config  # noqa: E402
+from .config import DEFAULT_RANK, TrainConfig, load_config  # noqa: E402
 from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, scan_dataset  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
 from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, split_validation,  # noqa: E402
@@ -96,6 +96,8 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
         max_bucket_side=max_side,
         output_name=config.output_name or config.data.resolve().name.lstrip(".") or "lora",  # never a hidden file
         prediction_type=model.prediction_type,
+        # With --init-weights the file decides the LoRA's shape (read_init_weights); without, the defaults.
+        **({} if config.init_weights else {"rank": config.rank or DEFAULT_RANK, "train_text_encoder": bool(config.train_text_encoder)}),
         model=model.name,
         cache_latents=config.use_latent_cache,
         mixed_precision=mixed_precision_for(config, sum(p.numel() for p in model.unet.parameters())),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 
@@ -51,25 +52,45 @@ def make_accelerator(config: TrainConfig, *, unused_lora: bool = False):
 
 
 def read_init_weights(config: TrainConfig, model: BaseModel) -> tuple[TrainConfig, dict]:
-    """--init-weights: the file's LoRA modules by component, and the config with its rank, alpha and
-    text-encoder training taken from the file (a LoRA from any trainer, in any format sd_lora reads)."""
+    """--init-weights: the file's LoRA modules by component, and the config with the file's rank and alpha,
+    and with the text encoder trained when the file has modules for it, unless --(no-)train-text-encoder says
+    otherwise (a LoRA from any trainer, in any format sd_lora reads). A --rank or --alpha the user set that
+    differs from the file's is refused, not silently replaced."""
     from .formats.architecture import architecture_of
     from .formats.readers import read_any_lora, require_exact
 
     names = list(trained_modules(model, True))[1:]
-    lora = read_any_lora(config.init_weights, architecture=architecture_of(model.unet, dict(zip(names, model.text_encoders))))
+    source = config.init_weights
+    lora = read_any_lora(source, architecture=architecture_of(model.unet, dict(zip(names, model.text_encoders))))
     require_exact(lora, "start training from")
     modules = [w for component in lora.components.values() for w in component.values()]
     ranks, alphas = {w.rank for w in modules}, {round(w.alpha, 6) for w in modules}
     if len(ranks) > 1 or len(alphas) > 1:
-        raise UserError(f"--init-weights {config.init_weights}: modules have different ranks {sorted(ranks)} or alphas "
-                        f"{sorted(alphas)}; make them uniform first, e.g. python -m sd_lora.resize IN OUT --rank {max(ranks)}")
+        raise UserError(f"--init-weights {source}: modules have different ranks {sorted(ranks)} or alphas "
+                        f"{sorted(alphas)}; make them uniform first, e.g. python -m sd_lora.resize {source} OUT --rank {max(ranks)}")
+    rank, alpha = modules[0].rank, modules[0].alpha
     text = any(lora.components.get(n) for n in names)
-    fresh = [c for c in ["unet", *(names if text else [])] if not lora.components.get(c)]
-    print(f"--init-weights {config.init_weights}: {lora.format} file, rank {modules[0].rank}, alpha {modules[0].alpha:g}, "
+    conflicts = []
+    if config.rank is not None and config.rank != rank:
+        conflicts.append(f"--rank {config.rank}: the file's rank is {rank}; drop --rank, or resize the file first: "
+                         f"python -m sd_lora.resize {source} OUT --rank {config.rank}")
+    if config.alpha is not None and not math.isclose(config.alpha, alpha, rel_tol=1e-6):
+        conflicts.append(f"--alpha {config.alpha:g}: the file's alpha is {alpha:g}; drop --alpha")
+    if config.train_text_encoder is False and text:
+        conflicts.append("--no-train-text-encoder: the file has text-encoder modules, which the trained file would lose; "
+                         "drop --no-train-text-encoder to train them too")
+    if conflicts:
+        raise UserError(f"--init-weights {source} decides the LoRA's shape, and it differs from options you set:\n"
+                        + "\n".join(f"  {c}" for c in conflicts))
+    train_text = text if config.train_text_encoder is None else config.train_text_encoder
+    if config.text_encoder_lr is not None and not train_text:
+        raise UserError(f"--text-encoder-lr is set but --init-weights {source} has no text-encoder modules, so the text "
+                        "encoder is not trained; add --train-text-encoder to train a fresh text-encoder LoRA, or drop --text-encoder-lr")
+    fresh = [c for c in ["unet", *(names if train_text else [])] if not lora.components.get(c)]
+    print(f"--init-weights {source}: {lora.format} file, rank {rank}, alpha {alpha:g}, "
           f"{len(lora.components.get('unet', {}))} U-Net modules" + (", text encoder modules too (they train)" if text else "")
           + (f"; nothing for {' and '.join(fresh)}, which start{'s' if len(fresh) == 1 else ''} a fresh LoRA" if fresh else ""))
-    config = dataclasses.replace(config, rank=modules[0].rank, alpha=modules[0].alpha, train_text_encoder=text)
+    config = dataclasses.replace(config, rank=rank, alpha=alpha, train_text_encoder=train_text)
     return config, lora.components
 
 

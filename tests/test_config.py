@@ -30,6 +30,22 @@ def test_cli_values_are_typed(tmp_path):
     assert c.effective_alpha == 8.0  # alpha defaults to rank (scale 1)
 
 
+def test_lora_shape_options_default_to_unset_until_the_model_or_file_decides(tmp_path):
+    """None means "not set": the run fills the default rank and no text encoder, or takes them from an
+    --init-weights file, which an option the user set may not contradict."""
+    c = load_config(["--data", str(tmp_path), "--model", str(tmp_path)])
+    assert (c.rank, c.alpha, c.train_text_encoder) == (None, None, None)
+    with pytest.raises(ConfigError, match="--text-encoder-lr is set but the text encoder is not trained"):
+        load_config(["--data", str(tmp_path), "--model", str(tmp_path), "--text-encoder-lr", "1e-5"])
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"")  # its modules are read at run time; the option only has to name a file
+    c = load_config(["--data", str(tmp_path), "--model", str(tmp_path), "--text-encoder-lr", "1e-5", "--init-weights", str(lora)])
+    assert c.train_text_encoder is None  # the file may have text-encoder modules
+    demo = load_config(["--data", str(tmp_path), "--init-weights", str(lora)])
+    assert (demo.rank, demo.train_text_encoder) == (None, None)  # the demo's rank 16 and text encoder yield to the file
+    assert load_config(["--data", str(tmp_path)]).rank == 16
+
+
 def test_toml_then_cli_override(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'data = "{tmp_path}"\nrank = 4\nlearning_rate = 5e-4\nshuffle-tags = true\nmax-steps = 50\n')

@@ -25,6 +25,13 @@ def train_args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(data), "--model", str(model), "--output-dir", str(out), *FAST, *extra]
 
 
+def init_args(data: Path, model: Path, out: Path, init: Path, *extra: str) -> list[str]:
+    """train_args for a run from --init-weights, without FAST's --rank: the file decides the rank."""
+    args = train_args(data, model, out, "--init-weights", str(init), *extra)
+    at = args.index("--rank")
+    return args[:at] + args[at + 2:]
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
@@ -245,8 +252,8 @@ def test_warm_start_from_init_weights_and_both_formats(tiny_dataset, tiny_model_
     first = run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "2", "--rank", "2",
                                        "--alpha", "1", "--targets", "attn", "--train-text-encoder", "--sample-every", "0",
                                        "--save-precision", "fp32", "--learning-rate", "1e-2")))
-    second = run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "b", "--max-steps", "1", "--sample-every", "0",
-                                        "--init-weights", str(first.path), "--learning-rate", "1e-12",
+    second = run(load_config(init_args(tiny_dataset, tiny_model_dir, tmp_path / "b", first.path, "--max-steps", "1", "--sample-every", "0",
+                                       "--learning-rate", "1e-12",
                                         "--save-precision", "fp32", "--format", "both")))
     assert (second.config.rank, second.config.alpha, second.config.train_text_encoder) == (2, 1.0, True)
     a, b = load_file(str(first.path)), load_file(str(second.path))
@@ -271,12 +278,58 @@ def test_init_weights_without_the_unet_starts_a_fresh_unet_lora(tiny_dataset, ti
     components = random_lora_components(pipe, rank=4, alpha=4, seed=0)
     del components["unet"]
     source = save_lora_file(tmp_path / "te-only.safetensors", to_kohya_state_dict(components), {"ss_network_dim": "4"})
-    result = run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0",
-                                        "--init-weights", str(source), "--learning-rate", "1e-12", "--save-precision", "fp32")))
+    result = run(load_config(init_args(tiny_dataset, tiny_model_dir, tmp_path / "o", source, "--max-steps", "1", "--sample-every", "0",
+                                       "--learning-rate", "1e-12", "--save-precision", "fp32")))
     assert "nothing for unet, which starts a fresh LoRA" in capsys.readouterr().out
     a, b = load_file(str(source)), load_file(str(result.path))
     assert a.keys() < b.keys() and any(k.startswith("lora_unet_") for k in b)  # the U-Net's preset modules, fresh
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the file's modules carried over
+
+
+def _kohya_file(tiny_model_dir, path, *, rank, alpha, components=("unet", "text_encoder")):
+    from diffusers import StableDiffusionPipeline
+
+    from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
+    from tests.helpers import random_lora_components
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    kept = {c: w for c, w in random_lora_components(pipe, rank=rank, alpha=alpha, seed=0).items() if c in components}
+    return save_lora_file(path, to_kohya_state_dict(kept), {"ss_network_dim": str(rank)})
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--no-train-text-encoder"], "--no-train-text-encoder: the file has text-encoder modules"),
+    (["--rank", "8"], "--rank 8: the file's rank is 4; drop --rank, or resize the file first"),
+    (["--alpha", "2"], "--alpha 2: the file's alpha is 4"),
+])
+def test_init_weights_refuses_options_set_against_the_file(tiny_dataset, tiny_model_dir, tmp_path, flags, refused):
+    """The file decides the LoRA's shape; an option the user set that contradicts it used to be replaced
+    silently (--no-train-text-encoder still trained the text encoder). Refused before training."""
+    from sd_lora.errors import UserError
+
+    source = _kohya_file(tiny_model_dir, tmp_path / "full.safetensors", rank=4, alpha=4)
+    with pytest.raises(UserError, match=f"--init-weights {source} decides the LoRA's shape") as caught:
+        run(load_config(init_args(tiny_dataset, tiny_model_dir, tmp_path / "o", source, "--max-steps", "1", "--sample-every", "0", *flags)))
+    assert refused in str(caught.value)
+    assert not (tmp_path / "o" / "data.safetensors").exists()
+
+
+def test_init_weights_with_train_text_encoder_adds_a_fresh_text_encoder_lora(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """--train-text-encoder beside a U-Net-only file trains the text encoder from a fresh LoRA (it used to be
+    switched off silently, because the file has none); the same rank and alpha as the file, which equal
+    options are accepted."""
+    from safetensors.torch import load_file
+
+    source = _kohya_file(tiny_model_dir, tmp_path / "unet.safetensors", rank=4, alpha=4, components=("unet",))
+    result = run(load_config(init_args(tiny_dataset, tiny_model_dir, tmp_path / "o", source, "--max-steps", "1", "--sample-every", "0",
+                                       "--train-text-encoder", "--rank", "4", "--learning-rate", "1e-12", "--save-precision", "fp32")))
+    assert "nothing for text_encoder, which starts a fresh LoRA" in capsys.readouterr().out
+    assert (result.config.rank, result.config.alpha, result.config.train_text_encoder) == (4, 4.0, True)
+    a, b = load_file(str(source)), load_file(str(result.path))
+    te = {k for k in b if k.startswith("lora_te_")}
+    assert te and a.keys() == b.keys() - te
+    assert all(b[k].shape[0] == 4 for k in te if k.endswith("lora_down.weight"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # the file's U-Net modules carried over
 
 
 @pytest.mark.slow
