@@ -27,7 +27,7 @@ from PIL import Image, PngImagePlugin
 
 from sd_lora.fsio import atomic_write_bytes
 from sd_lora.sampling.grid import make_grid
-from sd_lora.sampling.prompts import SamplePrompt
+from sd_lora.sampling.prompts import SIZE_STEP, SamplePrompt
 
 # name -> (diffusers scheduler class, config overrides). Built with `.from_config(training config)`, so
 # prediction_type (epsilon / v_prediction), betas and timestep settings carry over from the model.
@@ -37,7 +37,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
 }
-SIZE_STEP = 8  # StableDiffusionPipeline refuses widths/heights that are not multiples of 8
 
 
 @dataclass(frozen=True)
