@@ -133,6 +133,11 @@ def _format_problems(where: str, problems: list[str]) -> str:
     return f"{where}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
+def shown(prompt: str) -> str:
+    """A prompt as a grid's row label: the empty prompt (unconditional sampling) is named, not left blank."""
+    return prompt or "(empty prompt)"
+
+
 def validate_size(prompt: SamplePrompt, step: int, where: str) -> None:
     """Raise a `UserError` if the prompt's own --w/--h are not multiples of `step` (the model's size step,
     8 for SD1/SD2). Never rounds: the user should see which size is actually sampled."""
@@ -205,10 +210,14 @@ def default_prompts(captions: list[str], n: int = 4) -> list[SamplePrompt]:
 
     Deterministic and independent of the captions' order, so grids from different runs on the same dataset
     show the same prompts. Captions are used verbatim: a caption containing " --w" is not parsed as options.
+    Without a single non-empty caption (e.g. uncaptioned images in a `5_` folder) the one prompt is the empty
+    one: what a LoRA trained on empty captions learned is the model's unconditional image.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     unique = sorted({c.strip() for c in captions if c.strip()})
+    if not unique and n:
+        return [SamplePrompt(prompt="")]
     if len(unique) > n:
         unique = [unique[i * len(unique) // n] for i in range(n)]  # strictly increasing indices: distinct
     return [SamplePrompt(prompt=c) for c in unique]

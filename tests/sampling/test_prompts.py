@@ -213,7 +213,14 @@ def test_default_prompts_are_distinct_evenly_spaced_and_deterministic():
 
 def test_default_prompts_with_few_captions():
     assert [p.prompt for p in default_prompts(["b", "a", "b", ""], n=4)] == ["a", "b"]
-    assert default_prompts([], n=4) == []
     assert default_prompts(CAPTIONS, n=0) == []
+    assert default_prompts([], n=0) == []
+
+
+@pytest.mark.parametrize("captions", [[], ["", "  ", "\t"]])
+def test_default_prompts_without_captions_are_the_empty_prompt(captions):
+    """Uncaptioned images in a `5_` folder train on empty captions: the grid samples the empty prompt (the
+    unconditional image, what such a LoRA changes) instead of having no rows and stopping the run."""
+    assert default_prompts(captions, n=4) == [SamplePrompt("")]
     assert len(default_prompts(CAPTIONS, n=10)) == 10
     assert default_prompts(["x --w 64"], n=1) == [SamplePrompt("x --w 64")]
