@@ -33,3 +33,17 @@ def test_processes_stop_together_one_step_after_the_first_request(tmp_path, asks
     first = min((a for a in asks if a >= 0), default=None)
     expected = [first is not None and i > first for i in range(6)]  # the vote of step i is read at step i + 1
     assert decisions == [expected, expected]
+
+
+def test_readme_names_every_file_the_sample_hooks_write():
+    """The README's table of outputs lists the grids `RunOutputs.sample` and `compare_with_base` write."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from sd_lora.outputs import RunOutputs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for hook in (RunOutputs.sample, RunOutputs.compare_with_base):
+        (suffix,) = re.findall(r'output_name\}(-[a-z-]*step)\{step:08d\}\.png', inspect.getsource(hook))
+        assert f"| `out/samples/<name>{suffix}NNNNNNNN.png` |" in readme, suffix

@@ -273,3 +273,10 @@ def test_clip_skip_changes_samples_and_matches_training_encoding(sd1_pipe):
     a, b, c = (np.asarray(x[0][0], dtype=np.int16) for x in (skip1, skip2, again))
     assert np.abs(a - b).max() > 0  # a different conditioning layer gives a different image
     assert np.array_equal(b, c)  # and it is deterministic
+
+
+def test_readme_lists_every_sampler():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f"`--sample-sampler {'|'.join(SAMPLERS)}`" in readme
