@@ -242,7 +242,9 @@ class RunOutputs:
         self.last_sampled = (step, cells)
         if step == 0:
             self.step_0_cells = cells
-        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png")
+        # The log (per row: prompt, size, steps, cfg, seeds) travels in the PNG: a grid says how it was drawn.
+        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png",
+                         metadata={"step": step, **log})
         self.grids.append(path)
         self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
 
