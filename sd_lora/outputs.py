@@ -27,6 +27,7 @@ from .fsio import atomic_write_text
 from .models.load import BaseModel
 from .lora.inject import set_lora_enabled
 from .sampling.grid import side_by_side_grid
+from .sampling.prompts import shown
 from .sampling.sampler import SampleSettings, SamplingStopped, build_sampling_pipeline, generate_grid, generate_images, save_grid
 from .validation import validation_loss
 
@@ -241,7 +242,9 @@ class RunOutputs:
         self.last_sampled = (step, cells)
         if step == 0:
             self.step_0_cells = cells
-        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png")
+        # The log (per row: prompt, size, steps, cfg, seeds) travels in the PNG: a grid says how it was drawn.
+        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png",
+                         metadata={"step": step, **log})
         self.grids.append(path)
         self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
 
@@ -266,7 +269,7 @@ class RunOutputs:
         else:
             with self._generating():
                 after = generate_images(pipe, self.prompts, settings)[0]
-        grid = side_by_side_grid(before, after, [p.prompt for p in self.prompts], list(settings.seeds),
+        grid = side_by_side_grid(before, after, [shown(p.prompt) for p in self.prompts], list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
         path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
         self.grids.append(path)

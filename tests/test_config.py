@@ -241,6 +241,55 @@ def test_shipped_example_configs_validate(tmp_path, monkeypatch, name):
     assert c.lr_scheduler.startswith("cosine") and c.min_snr_gamma == 5.0
 
 
+def test_example_configs_name_prompt_files_that_exist_and_parse(tmp_path, monkeypatch):
+    """Every `sample-prompts` line in configs/*.toml, commented out or not, names a prompt file in the repository
+    that parses: uncommenting the line must give a run that starts, not "file not found"."""
+    import re
+    from pathlib import Path
+
+    from sd_lora.sampling.prompts import read_prompt_file
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    named = []
+    for toml in sorted((repo / "configs").glob("*.toml")):
+        for line in toml.read_text(encoding="utf-8").splitlines():
+            match = re.match(r'#?\s*sample-prompts\s*=\s*"([^"]+)"', line)
+            if match:
+                named.append(match.group(1))
+                uncommented = tmp_path / toml.name
+                uncommented.write_text(toml.read_text(encoding="utf-8").replace(line, line.lstrip("# ")), encoding="utf-8")
+                assert load_config(["--config", str(uncommented), "--data", str(tmp_path)]).sample_prompts == Path(match.group(1))
+    assert len(named) == 2
+    for path in sorted({*named, *(str(p.relative_to(repo)) for p in (repo / "configs").glob("*.txt"))}):
+        assert len(read_prompt_file(path)) >= 3, path
+
+
+def test_example_configs_lr_schedules_do_what_their_names_say(tmp_path, monkeypatch):
+    """diffusers' cosine_with_restarts has one cycle unless num_cycles is given (sd_lora has no option for it):
+    the same curve as cosine, with no restart. An example that names it would promise what it does not do."""
+    from pathlib import Path
+
+    import torch
+
+    from sd_lora.optim import build_lr_scheduler
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    for toml in sorted((repo / "configs").glob("*.toml")):
+        c = load_config(["--config", str(toml), "--data", str(tmp_path), "--max-steps", "300"])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = build_lr_scheduler(c.lr_scheduler, optimizer, warmup_steps=c.lr_warmup_steps, total_steps=300)
+        lrs = []
+        for _ in range(300):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        after_warmup = lrs[c.lr_warmup_steps:]
+        rises = any(b > a for a, b in zip(after_warmup, after_warmup[1:]))
+        assert rises == ("restarts" in c.lr_scheduler), (toml.name, c.lr_scheduler)
+
+
 def test_cache_and_optimizer_combinations(tmp_path):
     with pytest.raises(ConfigError, match="--latent-cache-dir needs cached latents"):
         load_config(["--data", str(tmp_path), "--latent-cache-dir", str(tmp_path), "--random-crop"])

@@ -33,3 +33,43 @@ def test_processes_stop_together_one_step_after_the_first_request(tmp_path, asks
     first = min((a for a in asks if a >= 0), default=None)
     expected = [first is not None and i > first for i in range(6)]  # the vote of step i is read at step i + 1
     assert decisions == [expected, expected]
+
+
+def test_readme_names_every_file_the_sample_hooks_write():
+    """The README's table of outputs lists the grids `RunOutputs.sample` and `compare_with_base` write."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from sd_lora.outputs import RunOutputs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for hook in (RunOutputs.sample, RunOutputs.compare_with_base):
+        (suffix,) = re.findall(r'output_name\}(-[a-z-]*step)\{step:08d\}\.png', inspect.getsource(hook))
+        assert f"| `out/samples/<name>{suffix}NNNNNNNN.png` |" in readme, suffix
+
+
+@pytest.mark.slow
+def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_dataset, tiny_model_dir, tmp_path):
+    """A prompt file's --w/--h/--d/--s/--l reach the grid the run writes, and the PNG records what was drawn."""
+    from PIL import Image
+
+    from sd_lora.config import load_config
+    from sd_lora.train import run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two rows\nzkchar --d 40\n\nzkchar, tall --w 16 --h 48 --s 3 --l 2 --n blurry\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run(load_config(["--data", str(tiny_dataset), "--model", str(tiny_model_dir), "--output-dir", str(out),
+                     "--resolution", "32", "--batch-size", "2", "--rank", "4", "--max-steps", "1", "--sample-every", "1",
+                     "--sample-steps", "2", "--sample-seeds", "2", "--sample-prompts", str(prompts), "--output-name", "zk"]))
+    with Image.open(out / "samples" / "zk-step00000001.png") as grid:
+        log = json.loads(grid.text["sd_lora"])
+        # grid.py's layout: slot 32x48 (widest, tallest cell) scaled x3 to 96x144, font 12 so the label column is
+        # 120 wide and the title and header rows 27 high; two seed columns, two prompt rows
+        assert grid.size == (120 + 2 * (96 + 4) + 4, 27 + 27 + 2 * (144 + 4))
+    assert log["step"] == 1 and log["sampler"] == "ddim" and log["seeds"] == [0, 1]
+    assert log["rows"] == [
+        {"prompt": "zkchar", "negative": "", "width": 32, "height": 32, "steps": 2, "cfg": 7.5, "seeds": [40, 41]},
+        {"prompt": "zkchar, tall", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0, "seeds": [0, 1]},
+    ]

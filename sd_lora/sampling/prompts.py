@@ -5,7 +5,9 @@ A prompt line is the prompt text followed by per-line options, in any order (koh
     a photo of zkchar, smiling --n blurry, low quality --w 512 --h 768 --s 28 --l 7.5 --d 42
 
 The text before the first ` --x` is the prompt; each option's value runs to the next ` --x`. Unlike kohya,
-an unknown option (kohya silently ignores them) or a malformed number is an error naming the file and line.
+an unknown option (kohya silently ignores them), a malformed number, or a --w/--h that is not a multiple of 8
+(kohya rounds it down) is an error naming the file and line. kohya's options for other models and features
+(`--ss`, `--g`, `--cn`, ...) are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "d": ("seed", "seed, an integer from 0 to 2**63-1"),
 }
 SUPPORTED_OPTIONS_HELP = ", ".join(f"--{k} ({what})" for k, (_, what) in OPTIONS.items())
+# kohya sd-scripts' other sample-prompt options (library/train_util.py, line_to_prompt_dict) -> what to do here
+KOHYA_ONLY_OPTIONS: dict[str, str] = {
+    "ss": "kohya's per-prompt sampler; here every prompt uses --sample-sampler (ddim, euler, euler_a, dpmsolver++)",
+    "g": "kohya's distilled-guidance scale (FLUX-type models); for SD models use --l",
+    "cn": "kohya's ControlNet image; sample grids here have no ControlNet",
+    "ctr": "kohya's CFG truncation ratio (Lumina); not supported for SD models",
+    "rcfg": "kohya's CFG renormalisation (Lumina); not supported for SD models",
+    "fs": "kohya's flow shift (flow-matching models); not used by SD models",
+}
+SIZE_STEP = 8  # the VAE's downscale factor: SD1/SD2/SDXL pipelines refuse other widths and heights
 
 # An option starts with "--" and a letter, at the start of the line or after whitespace. "--" followed by a
 # space, or inside a word ("x--y"), is prompt text.
@@ -69,6 +81,9 @@ def parse_prompt_line(line: str, where: str) -> SamplePrompt:
     for chunk in option_chunks:
         name, raw = (re.split(r"\s+", chunk.strip(), maxsplit=1) + [""])[:2]  # a letter follows "--"
         name = name.lower()  # kohya matches options case-insensitively
+        if name in KOHYA_ONLY_OPTIONS:
+            problems.append(f"--{name} is {KOHYA_ONLY_OPTIONS[name]}: remove it from the line")
+            continue
         if name not in OPTIONS:
             hint = f" (missing space? write --{name[0]} {name[1:]})" if name[0] in OPTIONS and len(name) > 1 else ""
             problems.append(f"unknown option --{name}{hint}; supported: {SUPPORTED_OPTIONS_HELP}")
@@ -118,6 +133,11 @@ def _format_problems(where: str, problems: list[str]) -> str:
     return f"{where}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
+def shown(prompt: str) -> str:
+    """A prompt as a grid's row label: the empty prompt (unconditional sampling) is named, not left blank."""
+    return prompt or "(empty prompt)"
+
+
 def validate_size(prompt: SamplePrompt, step: int, where: str) -> None:
     """Raise a `UserError` if the prompt's own --w/--h are not multiples of `step` (the model's size step,
     8 for SD1/SD2). Never rounds: the user should see which size is actually sampled."""
@@ -132,10 +152,11 @@ def validate_size(prompt: SamplePrompt, step: int, where: str) -> None:
         raise UserError(_format_problems(where, problems))
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
+def read_prompt_file(path: str | os.PathLike, size_step: int = SIZE_STEP) -> list[SamplePrompt]:
     """Read a UTF-8 prompt file: one prompt line per line; blank lines and lines starting with '#' are skipped.
 
-    Every bad line is reported at once, each as `file:line: problem`.
+    Every bad line is reported at once, each as `file:line: problem`, sizes that are not multiples of
+    `size_step` (`validate_size`) included.
     """
     path = Path(path)
     if path.suffix.lower() in (".toml", ".json"):
@@ -167,8 +188,11 @@ def read_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
+        where = f"{path}:{lineno}"
         try:
-            prompts.append(parse_prompt_line(stripped, f"{path}:{lineno}"))
+            prompt = parse_prompt_line(stripped, where)
+            validate_size(prompt, size_step, where)
+            prompts.append(prompt)
         except UserError as e:
             problems.append(str(e))
     if problems:
@@ -186,10 +210,14 @@ def default_prompts(captions: list[str], n: int = 4) -> list[SamplePrompt]:
 
     Deterministic and independent of the captions' order, so grids from different runs on the same dataset
     show the same prompts. Captions are used verbatim: a caption containing " --w" is not parsed as options.
+    Without a single non-empty caption (e.g. uncaptioned images in a `5_` folder) the one prompt is the empty
+    one: what a LoRA trained on empty captions learned is the model's unconditional image.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     unique = sorted({c.strip() for c in captions if c.strip()})
+    if not unique and n:
+        return [SamplePrompt(prompt="")]
     if len(unique) > n:
         unique = [unique[i * len(unique) // n] for i in range(n)]  # strictly increasing indices: distinct
     return [SamplePrompt(prompt=c) for c in unique]

@@ -27,7 +27,7 @@ from PIL import Image, PngImagePlugin
 
 from sd_lora.fsio import atomic_write_bytes
 from sd_lora.sampling.grid import make_grid
-from sd_lora.sampling.prompts import SamplePrompt
+from sd_lora.sampling.prompts import SIZE_STEP, SamplePrompt, shown
 
 # name -> (diffusers scheduler class, config overrides). Built with `.from_config(training config)`, so
 # prediction_type (epsilon / v_prediction), betas and timestep settings carry over from the model.
@@ -37,7 +37,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
 }
-SIZE_STEP = 8  # StableDiffusionPipeline refuses widths/heights that are not multiples of 8
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ class _Row:
             notes.append(f"cfg {self.cfg:g}")
         if self.seeds != s.seeds:
             notes.append(f"seeds {', '.join(map(str, self.seeds))}")
-        return f"{self.prompt} [{'; '.join(notes)}]" if notes else self.prompt
+        return f"{shown(self.prompt)} [{'; '.join(notes)}]" if notes else shown(self.prompt)
 
 
 class SamplingStopped(Exception):

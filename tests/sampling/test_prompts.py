@@ -58,7 +58,7 @@ def test_cfg_accepts_integers_and_exponents():
     "line, fragment",
     [
         ("a cat --q 3", "unknown option --q"),
-        ("a cat --ss euler", "unknown option --ss"),
+        ("a cat --ss euler", "--ss is kohya's per-prompt sampler; here every prompt uses --sample-sampler"),
         ("a cat --w512", "write --w 512"),
         ("a cat --w 0", "--w '0'"),
         ("a cat --w -64", "--w '-64'"),
@@ -96,6 +96,18 @@ def test_bad_values_say_what_is_expected():
         parse_prompt_line("a --q 1", WHERE)
     for option in ("--n", "--w", "--h", "--s", "--l", "--d"):
         assert option in str(e.value)  # the supported options are listed
+
+
+@pytest.mark.parametrize("option, instead", [("ss", "--sample-sampler"), ("g", "use --l"), ("cn", "ControlNet"),
+                                             ("ctr", "CFG truncation"), ("rcfg", "renormalisation"), ("fs", "flow shift")])
+def test_kohyas_other_options_say_what_to_do_instead(option, instead):
+    """kohya's sample prompts also take --ss, --g, --cn, ... (train_util.line_to_prompt_dict): a prompt file
+    written for kohya gets told what each means here, not a wrong "missing space? write --s s" guess."""
+    with pytest.raises(UserError) as e:
+        parse_prompt_line(f"a cat --{option} 3 --w 64", WHERE)
+    message = str(e.value)
+    assert message.startswith(f"{WHERE}: --{option} is kohya's ") and instead in message
+    assert "remove it" in message and "missing space" not in message and "unknown option" not in message
 
 
 def test_all_problems_on_a_line_are_reported_together():
@@ -138,6 +150,22 @@ def test_read_prompt_file_reports_every_bad_line_with_its_number(tmp_path):
     assert f"{path}:4: unknown option --q" in message
     assert f"{path}:6: --s '0'" in message
     assert f"{path}:2" not in message and f"{path}:5" not in message
+
+
+def test_read_prompt_file_checks_sizes_and_names_the_line(tmp_path):
+    """A --w/--h the pipeline would refuse is reported with its file and line (not the prompt's index among
+    the prompts, which differs from the line once there are comments), beside the other bad lines."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("# sizes\n\na good one --w 512 --h 768\nodd --w 500\nbad --q 1\ntall --h 30\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_prompt_file(path)
+    message = str(e.value)
+    assert f"{path}:4: --w 500 is not a multiple of 8" in message and "use 496 or 504" in message
+    assert f"{path}:5: unknown option --q" in message
+    assert f"{path}:6: --h 30 is not a multiple of 8" in message and "use 24 or 32" in message
+    assert f"{path}:3" not in message
+    path.write_text("odd --w 500\n", encoding="utf-8")
+    assert read_prompt_file(path, size_step=4) == [SamplePrompt("odd", width=500)]
 
 
 @pytest.mark.parametrize("content", ["", "\n\n   \n", "# only\n# comments\n"])
@@ -185,7 +213,14 @@ def test_default_prompts_are_distinct_evenly_spaced_and_deterministic():
 
 def test_default_prompts_with_few_captions():
     assert [p.prompt for p in default_prompts(["b", "a", "b", ""], n=4)] == ["a", "b"]
-    assert default_prompts([], n=4) == []
     assert default_prompts(CAPTIONS, n=0) == []
+    assert default_prompts([], n=0) == []
+
+
+@pytest.mark.parametrize("captions", [[], ["", "  ", "\t"]])
+def test_default_prompts_without_captions_are_the_empty_prompt(captions):
+    """Uncaptioned images in a `5_` folder train on empty captions: the grid samples the empty prompt (the
+    unconditional image, what such a LoRA changes) instead of having no rows and stopping the run."""
+    assert default_prompts(captions, n=4) == [SamplePrompt("")]
     assert len(default_prompts(CAPTIONS, n=10)) == 10
     assert default_prompts(["x --w 64"], n=1) == [SamplePrompt("x --w 64")]

@@ -70,6 +70,16 @@ def test_settings_negative_is_used_unless_the_prompt_has_one(sd1_pipe):
     assert not np.array_equal(pixels(with_negative[0][0]), pixels(without[0][0]))
 
 
+def test_the_empty_prompt_samples_and_is_labelled(sd1_pipe):
+    from sd_lora.sampling.sampler import _Row
+
+    grid, log = generate_grid(sd1_pipe, [SamplePrompt("")], FAST)
+    assert grid.size == (128 + 2 * 132 + 4, 27 + 132)  # one row of 32 px cells, no title
+    assert log["rows"][0]["prompt"] == ""
+    assert _Row.resolve(SamplePrompt(""), FAST).label(FAST) == "(empty prompt)"
+    assert _Row.resolve(SamplePrompt("", steps=3), FAST).label(FAST) == "(empty prompt) [3 steps]"
+
+
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_runs_with_v_prediction(sd2v_pipe, sampler):
     settings = SampleSettings(32, 32, steps=3, seeds=(0, 1), sampler=sampler)
@@ -263,3 +273,10 @@ def test_clip_skip_changes_samples_and_matches_training_encoding(sd1_pipe):
     a, b, c = (np.asarray(x[0][0], dtype=np.int16) for x in (skip1, skip2, again))
     assert np.abs(a - b).max() > 0  # a different conditioning layer gives a different image
     assert np.array_equal(b, c)  # and it is deterministic
+
+
+def test_readme_lists_every_sampler():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f"`--sample-sampler {'|'.join(SAMPLERS)}`" in readme
