@@ -36,8 +36,7 @@ from .models.load import BaseModel, load_base_model  # noqa: E402
 from .models.text import too_long  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .sampling.prompts import default_prompts, read_prompt_file, validate_size  # noqa: E402
-from .sampling.sampler import SIZE_STEP  # noqa: E402
+from .sampling.prompts import SIZE_STEP, default_prompts, read_prompt_file  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator,  # noqa: E402
                             prepare_models, read_init_weights)
 
@@ -140,12 +139,7 @@ def read_sample_prompts(config: TrainConfig):
 
     A bad prompt file is an option problem: it is read before the model loads.
     """
-    if not config.sample_prompts:
-        return None
-    prompts = read_prompt_file(config.sample_prompts)
-    for i, prompt in enumerate(prompts):
-        validate_size(prompt, SIZE_STEP, f"{config.sample_prompts} (prompt {i + 1})")
-    return prompts
+    return read_prompt_file(config.sample_prompts) if config.sample_prompts else None
 
 
 # --- the run --------------------------------------------------------------------------------------------

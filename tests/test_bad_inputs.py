@@ -435,7 +435,7 @@ def prompt_bad_number(env):
     return env.argv("--sample-prompts", str(prompts), "--sample-every", "1")
 
 
-@bad("{tmp}/prompts.txt (prompt 1): --w 36 is not a multiple of 8", "use 32 or 40", before_model=True)
+@bad("{tmp}/prompts.txt:1: --w 36 is not a multiple of 8", "use 32 or 40", before_model=True)
 def prompt_size_not_multiple_of_8(env):
     prompts = env.write("prompts.txt", "zkchar --w 36\n")
     return env.argv("--sample-prompts", str(prompts), "--sample-every", "1")
