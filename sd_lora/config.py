@@ -17,17 +17,16 @@ import dataclasses
 import difflib
 import json
 import math
-import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from .compiling import COMPILE_MODES
 from .errors import ConfigError, UserError
-from .fsio import readable
+from .fsio import public_name, readable
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
@@ -213,17 +212,6 @@ class TrainConfig:
         out["ss_text_encoder_lr"] = _ss_value(self.effective_text_encoder_lr if self.train_text_encoder else None)
         out["ss_unet_lr"] = _ss_value(self.learning_rate)
         return out
-
-
-def public_name(value: str) -> str:
-    """What a shared file may say about a path the user gave: a local file or folder's basename (as kohya writes
-    ss_sd_model_name); anything else, such as a Hugging Face Hub id ("runwayml/stable-diffusion-v1-5"), whole."""
-    if "\\" in value or re.match(r"[A-Za-z]:[\\/]", value):  # a Windows path
-        return PureWindowsPath(value).name
-    path = Path(value).expanduser()
-    if path.is_absolute() or value.startswith(".") or path.exists():
-        return path.name or path.resolve().name  # "." names the current folder
-    return value
 
 
 def _key(name: str) -> str:

@@ -27,7 +27,7 @@ from sd_lora.errors import UserError
 from sd_lora.formats.kohya import kohya_module_name
 from sd_lora.formats.modelspec import family_metadata
 from sd_lora.formats.architecture import family_of_config
-from sd_lora.fsio import check_output_file
+from sd_lora.fsio import check_output_file, public_name
 from sd_lora.formats.sgm import sgm_module_map
 from sd_lora.lora import maths
 from sd_lora.lora.targets import UNET_PRESETS, text_encoder_target_modules, unet_target_modules
@@ -178,9 +178,9 @@ def extract_file(
     metadata.update({
         "ss_output_name": output.stem,
         "ss_network_args": json.dumps({"targets": targets, "train_text_encoder": text_encoder}),
-        "ss_sd_model_name": Path(base_name).name,
+        "ss_sd_model_name": public_name(str(base_name)),  # a Hub id whole, a local path by its basename
         "sd_lora_extract": json.dumps({
-            "base": str(base_name), "tuned": str(tuned_name), "rank": rank, "energy": energy,
+            "base": public_name(str(base_name)), "tuned": public_name(str(tuned_name)), "rank": rank, "energy": energy,
             "min_diff": min_diff, "skipped_modules": len(found.skipped),
         }),
     })  # fmt: skip

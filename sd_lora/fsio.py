@@ -3,15 +3,17 @@
 Every output sd_lora writes (LoRA files, grids, configs) goes through `atomic_write_bytes`: the bytes go to a
 temporary file in the same folder, are flushed and fsync'd, then renamed over the target. A rename within
 one filesystem is atomic, so readers see either the old file or the new one. The file tools (convert,
-merge, resize, extract) first `check_output_file`: never a folder, never one of their own inputs.
+merge, resize, extract) first `check_output_file`: never a folder, never one of their own inputs. What a
+shared file may record of a path the user gave is its `public_name`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from sd_lora.errors import UserError
 
@@ -82,3 +84,14 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def public_name(value: str) -> str:
+    """What a shared file may say about a path the user gave: a local file or folder's basename (as kohya writes
+    ss_sd_model_name); anything else, such as a Hugging Face Hub id ("runwayml/stable-diffusion-v1-5"), whole."""
+    if "\\" in value or re.match(r"[A-Za-z]:[\\/]", value):  # a Windows path
+        return PureWindowsPath(value).name
+    path = Path(value).expanduser()
+    if path.is_absolute() or value.startswith(".") or path.exists():
+        return path.name or path.resolve().name  # "." names the current folder
+    return value

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sd_lora.config import FIELDS, TrainConfig, build_parser, load_config, public_name, read_toml
+from sd_lora.config import FIELDS, TrainConfig, build_parser, load_config, read_toml
 from sd_lora.errors import ConfigError, UserError
 
 REQUIRED_FLAGS = """data model output-dir output-name config resolution batch-size max-steps epochs learning-rate
@@ -217,12 +217,6 @@ def test_metadata_names_local_paths_by_basename_and_hub_ids_whole(tmp_path):
     assert c.to_dict()["model"] == str(model) and c.to_dict()["data"] == str(tmp_path / "chars")  # config.toml
     hub = load_config(["--data", str(tmp_path), "--model", "runwayml/stable-diffusion-v1-5"])
     assert hub.ss_metadata()["ss_sd_model_name"] == "runwayml/stable-diffusion-v1-5"
-
-
-@pytest.mark.parametrize("value, name", [("./models/base", "base"), ("~/models/base.safetensors", "base.safetensors"),
-                                         ("C:\\Users\\me\\base.ckpt", "base.ckpt"), ("org/model", "org/model")])
-def test_public_name(value, name):
-    assert public_name(value) == name
 
 
 def test_every_option_has_help():

@@ -51,7 +51,11 @@ def test_full_rank_extract_recovers_the_lora(tiny_model_dir, tuned, capsys):
     _, meta = read_lora_file(out)
     assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(meta["ss_network_args"]) == {"targets": "attn-mlp", "train_text_encoder": True}
-    assert json.loads(meta["sd_lora_extract"])["skipped_modules"] == 24
+    recorded = json.loads(meta["sd_lora_extract"])
+    assert recorded["skipped_modules"] == 24
+    # Shared files record local paths by their basenames, as training does (no user or folder names).
+    assert (meta["ss_sd_model_name"], recorded["base"], recorded["tuned"]) == (tiny_model_dir.name, tiny_model_dir.name, "tuned")
+    assert str(folder) not in json.dumps(meta) and str(tiny_model_dir.parent) not in json.dumps(meta)
 
 
 def test_low_rank_extract_reports_energy_and_honest_errors(tiny_model_dir, tuned, capsys):

@@ -63,3 +63,9 @@ def test_check_output_file_refuses_a_folder_and_every_spelling_of_an_input(tmp_p
         fsio.check_output_file("folder", ["in.safetensors"], "--output")
     fsio.check_output_file("new.safetensors", ["in.safetensors", "org/hub-model"], "OUT")  # a new file is fine
     assert source.read_bytes() == b"lora"
+
+
+@pytest.mark.parametrize("value, name", [("./models/base", "base"), ("~/models/base.safetensors", "base.safetensors"),
+                                         ("C:\\Users\\me\\base.ckpt", "base.ckpt"), ("org/model", "org/model")])
+def test_public_name(value, name):
+    assert fsio.public_name(value) == name
