@@ -97,9 +97,12 @@ def _peft_injection(v: Verdict, modules: list[ModuleEntry], sgm_names_mapped: bo
     groups: dict[str, list[ModuleEntry]] = {}
     for m in modules:
         groups.setdefault(_diffusers_component(m), []).append(m)
+    def matches(m: ModuleEntry) -> bool:
+        return m.component is not None and (sgm_names_mapped or not m.sgm_name)
+
     for component, members in sorted(groups.items()):
-        unknown = [m.name for m in members if m.component is None or (m.sgm_name and not sgm_names_mapped)]
-        known = [m for m in members if m.component is not None and (sgm_names_mapped or not m.sgm_name)]
+        known = [m for m in members if matches(m)]
+        unknown = [m.name for m in members if not matches(m)]
         if not known:
             v.reject(f"no {component} module name matches the model (PEFT: target modules not found)")
             return
