@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from . import checkpoint, loop, memory  # noqa: E402
 from .compiling import check_compiler  # noqa: E402
-from .config import DEFAULT_RANK, TrainConfig, load_config  # noqa: E402
+from .config import TrainConfig, load_config  # noqa: E402
+from .options import DEFAULT_RANK  # noqa: E402
 from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, scan_dataset  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
 from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, split_validation,  # noqa: E402

@@ -130,9 +130,3 @@ def test_adamw8bit_refuses_the_cpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", FakeBnb())
     with pytest.raises(UserError, match="CUDA GPUs only; on this device use --optimizer adamw"):
         build_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}], weight_decay=0.0, device=CPU)
-
-
-def test_config_offers_exactly_the_optimizers_optim_builds():
-    from sd_lora import config, optim
-
-    assert set(config.OPTIMIZERS) == set(optim.OPTIMIZERS)

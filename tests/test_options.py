@@ -1,0 +1,45 @@
+"""Option declarations: help, kohya metadata keys and public values come from one declaration per option."""
+
+import dataclasses
+import json
+
+from sd_lora.config import load_config
+from sd_lora.options import FIELDS, TrainConfig
+
+
+def test_metadata_keys_come_from_declarations(tmp_path):
+    c = load_config(["--data", str(tmp_path), "--model", "m", "--rank", "4", "--alpha", "2", "--min-snr-gamma", "5", "--seed", "7"])
+    meta = c.ss_metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_min_snr_gamma"] == "5.0" and meta["ss_seed"] == "7"
+    assert meta["ss_text_encoder_lr"] == "None"  # text encoder not trained
+    assert all(isinstance(v, str) for v in meta.values())
+    declared = {f.metadata["ss"] for f in FIELDS.values() if f.metadata["ss"]}
+    assert declared <= set(meta)
+
+
+def test_metadata_names_local_paths_by_basename_and_hub_ids_whole(tmp_path):
+    model = tmp_path / "home" / "user" / "models" / "base"
+    model.mkdir(parents=True)
+    (tmp_path / "chars").mkdir()
+    c = load_config(["--data", str(tmp_path / "chars"), "--model", str(model), "--output-dir", str(tmp_path / "out"),
+                     "--vae", "madebyollin/sdxl-vae-fp16-fix", "--resume", "latest"])  # fmt: skip
+    assert c.ss_metadata()["ss_sd_model_name"] == "base"
+    public = c.to_dict(public=True)
+    assert (public["model"], public["data"], public["output-dir"]) == ("base", "chars", "out")
+    assert (public["vae"], public["resume"]) == ("madebyollin/sdxl-vae-fp16-fix", "latest")
+    assert str(tmp_path) not in json.dumps(public)
+    assert c.to_dict()["model"] == str(model) and c.to_dict()["data"] == str(tmp_path / "chars")  # config.toml
+    hub = load_config(["--data", str(tmp_path), "--model", "runwayml/stable-diffusion-v1-5"])
+    assert hub.ss_metadata()["ss_sd_model_name"] == "runwayml/stable-diffusion-v1-5"
+
+
+def test_every_option_has_help():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"].strip(), f.name
+
+
+def test_options_offer_exactly_the_optimizers_optim_builds():
+    from sd_lora import optim, options
+
+    assert set(options.OPTIMIZERS) == set(optim.OPTIMIZERS)
