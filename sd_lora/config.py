@@ -128,6 +128,12 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
     if c.lr_scheduler == "constant" and c.lr_warmup_steps:  # diffusers' "constant" ignores num_warmup_steps
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} has no effect with --lr-scheduler constant; use "
                         "constant_with_warmup (or another scheduler), or drop --lr-warmup-steps")
+    if c.lr_scheduler_num_cycles != 1 and c.lr_scheduler != "cosine_with_restarts":
+        problems.append(f"--lr-scheduler-num-cycles {c.lr_scheduler_num_cycles} only applies to --lr-scheduler cosine_with_restarts "
+                        f"(got {c.lr_scheduler}); switch to it or drop the option")
+    if c.lr_scheduler_power != 1 and c.lr_scheduler != "polynomial":
+        problems.append(f"--lr-scheduler-power {c.lr_scheduler_power:g} only applies to --lr-scheduler polynomial (got "
+                        f"{c.lr_scheduler}); switch to it or drop the option")
     if c.max_steps is not None and c.max_steps >= 1 and c.lr_warmup_steps > c.max_steps:  # (< 1 is its own problem)
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
     if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:

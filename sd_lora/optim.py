@@ -76,8 +76,11 @@ def _prodigy(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
                        safeguard_warmup=True)
 
 
-def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int):
-    """diffusers' schedules (the same ones kohya and the diffusers examples use), stepped once per optimizer step."""
+def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                       num_cycles: int = 1, power: float = 1.0):
+    """diffusers' schedules (the same ones kohya and the diffusers examples use), stepped once per optimizer step.
+    `num_cycles`: cosine_with_restarts's cycles; `power`: polynomial's exponent (both as kohya passes them)."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         num_cycles=num_cycles, power=power)

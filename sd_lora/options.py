@@ -113,6 +113,8 @@ class TrainConfig:
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr", fixed=True)
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
     lr_warmup_steps: int = option(0, "Linear warm-up steps (not with --lr-scheduler constant, which has none).", min=0, ss="ss_lr_warmup_steps")
+    lr_scheduler_num_cycles: int = option(1, "Cycles of --lr-scheduler cosine_with_restarts, each a cosine decay from the full rate (1: no restart).", min=1, max=10_000)
+    lr_scheduler_power: float = option(1.0, "Exponent of --lr-scheduler polynomial's decay (1: the same as linear).", min=0, min_exclusive=True, max=100)
     optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
     weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)

@@ -294,7 +294,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         te_params = [p for e in model.text_encoders for p in trainable_parameters(e)]
         groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
     optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay, device=accelerator.device)
-    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
+    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps, total_steps=total_steps,
+                                      num_cycles=config.lr_scheduler_num_cycles, power=config.lr_scheduler_power)
     # `model` keeps the plain modules (for saving and sampling); the loop gets the prepared ones (DDP-wrapped
     # with several processes).
     text_encoders = list(model.text_encoders)

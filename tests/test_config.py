@@ -149,6 +149,9 @@ def test_toml_type_errors(tmp_path):
         (["--max-steps", "5", "--lr-warmup-steps", "10"], "longer than the run"),
         (["--lr-scheduler", "constant", "--lr-warmup-steps", "2"],
          "--lr-warmup-steps 2 has no effect with --lr-scheduler constant; use constant_with_warmup"),
+        (["--lr-scheduler", "cosine", "--lr-scheduler-num-cycles", "3"],
+         "--lr-scheduler-num-cycles 3 only applies to --lr-scheduler cosine_with_restarts \\(got cosine\\)"),
+        (["--lr-scheduler", "linear", "--lr-scheduler-power", "2"], "--lr-scheduler-power 2 only applies to --lr-scheduler polynomial"),
         (["--prior-loss-weight", "0.5"], "add --reg-data DIR"),
         (["--reg-data", "/nonexistent/reg"], "--reg-data /nonexistent/reg: folder not found"),
     ],
@@ -227,8 +230,8 @@ def test_example_configs_name_prompt_files_that_exist_and_parse(tmp_path, monkey
 
 
 def test_example_configs_lr_schedules_do_what_their_names_say(tmp_path, monkeypatch):
-    """diffusers' cosine_with_restarts has one cycle unless num_cycles is given (sd_lora has no option for it):
-    the same curve as cosine, with no restart. An example that names it would promise what it does not do."""
+    """cosine_with_restarts restarts only with --lr-scheduler-num-cycles above 1 (one cycle is the cosine
+    curve): an example that names it without cycles would promise what it does not do."""
     from pathlib import Path
 
     import torch
@@ -240,7 +243,8 @@ def test_example_configs_lr_schedules_do_what_their_names_say(tmp_path, monkeypa
     for toml in sorted((repo / "configs").glob("*.toml")):
         c = load_config(["--config", str(toml), "--data", str(tmp_path), "--max-steps", "300"])
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        schedule = build_lr_scheduler(c.lr_scheduler, optimizer, warmup_steps=c.lr_warmup_steps, total_steps=300)
+        schedule = build_lr_scheduler(c.lr_scheduler, optimizer, warmup_steps=c.lr_warmup_steps, total_steps=300,
+                                      num_cycles=c.lr_scheduler_num_cycles, power=c.lr_scheduler_power)
         lrs = []
         for _ in range(300):
             lrs.append(optimizer.param_groups[0]["lr"])
@@ -248,7 +252,7 @@ def test_example_configs_lr_schedules_do_what_their_names_say(tmp_path, monkeypa
             schedule.step()
         after_warmup = lrs[c.lr_warmup_steps:]
         rises = any(b > a for a, b in zip(after_warmup, after_warmup[1:]))
-        assert rises == ("restarts" in c.lr_scheduler), (toml.name, c.lr_scheduler)
+        assert rises == ("restarts" in c.lr_scheduler and c.lr_scheduler_num_cycles > 1), (toml.name, c.lr_scheduler)
 
 
 def test_cache_and_optimizer_combinations(tmp_path):

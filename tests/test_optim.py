@@ -97,6 +97,27 @@ def test_adafactor_follows_the_lr_schedule():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.75e-2)  # the rate Adafactor reads each step
 
 
+def _rates(name: str, steps: int, **kwargs) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_lr_scheduler(name, optimizer, warmup_steps=0, total_steps=steps, **kwargs)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_cosine_with_restarts_restarts_num_cycles_times_and_polynomial_takes_its_power():
+    rates = _rates("cosine_with_restarts", 300, num_cycles=3)
+    restarts = [i for i in range(1, 300) if rates[i] > rates[i - 1]]
+    assert restarts == [100, 200] and rates[100] == pytest.approx(1.0)  # each cycle starts again from the full rate
+    assert _rates("cosine_with_restarts", 300) == pytest.approx(_rates("cosine", 300))  # one cycle: cosine
+    squared = _rates("polynomial", 100, power=2.0)
+    assert squared[50] == pytest.approx(0.5**2, abs=1e-6)  # (1 - t/T)^power, decaying to ~0 (lr_end 1e-7)
+    assert _rates("polynomial", 100) == pytest.approx(_rates("linear", 100), abs=1e-6)
+
+
 @pytest.mark.parametrize("module, name, install", [
     ("prodigyopt", "prodigy", "pip install 'sd_lora[prodigy]'"),
     ("bitsandbytes", "adamw8bit", "pip install 'sd_lora[bitsandbytes]'"),
