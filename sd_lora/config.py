@@ -277,11 +277,12 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     problems: list[str] = []
     values: dict[str, Any] = {}
     config_path = args.get("config")
+    from_file: dict[str, Any] = {}
     if config_path:
         for name, raw in read_toml(Path(config_path)).items():
             converted = _convert(name, raw, str(config_path), problems)
             if converted is not dataclasses.MISSING:
-                values[name] = converted
+                values[name] = from_file[name] = converted
     cli = args
     for name, raw in cli.items():
         converted = _convert(name, raw, "command line", problems)
@@ -301,5 +302,21 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     _check_range(config, problems)  # ... so the remaining checks still run and report together
     _check_combinations(config, problems)
     if problems:
-        raise ConfigError(problems)
+        relative = {name: v for name, v in from_file.items() if name not in cli and _is_relative_path(name, v)}
+        raise ConfigError([_say_where_set(p, relative, config_path) for p in problems])
     return config
+
+
+def _is_relative_path(name: str, value: Any) -> bool:
+    f = FIELDS[name]
+    is_path = _base_type(f)[0] is Path or f.metadata["local_path"]
+    return is_path and isinstance(value, (str, Path)) and not Path(value).expanduser().is_absolute()
+
+
+def _say_where_set(problem: str, relative: dict[str, Any], config_path: str) -> str:
+    """A problem about a relative path the --config file set: where it came from, and where it was looked for
+    (the folder the command runs in, as kohya reads its TOML paths, not the config file's folder)."""
+    for name in relative:
+        if problem.startswith(f"--{key_of(name)} "):
+            return f"{problem} (set in {config_path}; relative paths are read from the folder you run in, {Path.cwd()})"
+    return problem

@@ -88,6 +88,24 @@ def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
     assert e.value.problems == [f"{cfg}: 'max_steps' and 'max-steps' are the same option, set twice; keep one of them"]
 
 
+def test_a_relative_path_from_the_config_file_says_where_it_was_set_and_looked_for(tmp_path, monkeypatch):
+    """Paths in a --config file are read from the folder the command runs in (as kohya's); a user running
+    from elsewhere got "file not found" for a file that is there, beside the config."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "prompts.txt").write_text("a cat\n")
+    toml = tmp_path / "configs" / "run.toml"
+    toml.write_text('sample-prompts = "configs/prompts.txt"\nreg-data = "/nonexistent/reg"\n')
+    monkeypatch.chdir(tmp_path / "configs")
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--config", str(toml), "--data", str(tmp_path)])
+    message = str(caught.value)
+    assert (f"--sample-prompts configs/prompts.txt: file not found (set in {toml}; relative paths are read from the "
+            f"folder you run in, {tmp_path / 'configs'})") in message
+    assert "--reg-data /nonexistent/reg: folder not found" in message and message.count("set in") == 1  # absolute: as is
+    monkeypatch.chdir(tmp_path)
+    assert load_config(["--config", str(toml), "--data", str(tmp_path), "--reg-data", str(tmp_path)]).sample_prompts.is_file()
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     cfg = tmp_path / "broken.toml"
     cfg.write_text("rank = = 3\n")
