@@ -16,6 +16,7 @@ from typing import Any
 
 from .compiling import COMPILE_MODES
 from .fsio import public_name
+from .sampling.samplers import NAMES as SAMPLERS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 TARGET_PRESETS = ("attn-mlp", "attn", "cross-attn")
@@ -24,7 +25,6 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")  # optim.py builds each; a test keeps them in step
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++")
 FORMATS = ("kohya", "diffusers", "both")
 
 
@@ -132,7 +132,7 @@ class TrainConfig:
     sample_prompts: Path | None = option(None, "Prompt file, one per line, kohya options --n --w --h --s --l --d. Default: dataset captions.", group="sampling")
     sample_steps: int = option(20, "Denoising steps per sample.", min=1, max=1000, group="sampling")
     sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
-    sample_sampler: str = option("ddim", "Sampler used for sample grids.", choices=SAMPLERS, group="sampling")
+    sample_sampler: str = option("ddim", "Sampler used for sample grids (kohya's names; a prompt's --ss overrides it).", choices=SAMPLERS, group="sampling")
     sample_seeds: int = option(2, "Seeds (grid columns) per prompt; seeds are 0..N-1.", min=1, max=16, group="sampling")
     # --- reliability --------------------------------------------------------------------------------
     save_state_every: int = option(0, "Write a full training state (LoRA, optimizer, schedule, RNGs, data position) every N steps (0: only on interrupt).", min=0, group="reliability")

@@ -51,14 +51,14 @@ def test_readme_names_every_file_the_sample_hooks_write():
 
 @pytest.mark.slow
 def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_dataset, tiny_model_dir, tmp_path):
-    """A prompt file's --w/--h/--d/--s/--l reach the grid the run writes, and the PNG records what was drawn."""
+    """A prompt file's --w/--h/--d/--s/--l/--ss reach the grid the run writes, and the PNG records what was drawn."""
     from PIL import Image
 
     from sd_lora.config import load_config
     from sd_lora.train import run
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# two rows\nzkchar --d 40\n\nzkchar, tall --w 16 --h 48 --s 3 --l 2 --n blurry\n", encoding="utf-8")
+    prompts.write_text("# two rows\nzkchar --d 40\n\nzkchar, tall --w 16 --h 48 --s 3 --l 2 --n blurry --ss k_euler_a\n", encoding="utf-8")
     out = tmp_path / "out"
     run(load_config(["--data", str(tiny_dataset), "--model", str(tiny_model_dir), "--output-dir", str(out),
                      "--resolution", "32", "--batch-size", "2", "--rank", "4", "--max-steps", "1", "--sample-every", "1",
@@ -70,6 +70,7 @@ def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_datase
         assert grid.size == (120 + 2 * (96 + 4) + 4, 27 + 27 + 2 * (144 + 4))
     assert log["step"] == 1 and log["sampler"] == "ddim" and log["seeds"] == [0, 1]
     assert log["rows"] == [
-        {"prompt": "zkchar", "negative": "", "width": 32, "height": 32, "steps": 2, "cfg": 7.5, "seeds": [40, 41]},
-        {"prompt": "zkchar, tall", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0, "seeds": [0, 1]},
+        {"prompt": "zkchar", "negative": "", "width": 32, "height": 32, "steps": 2, "cfg": 7.5, "seeds": [40, 41], "sampler": "ddim"},
+        {"prompt": "zkchar, tall", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0, "seeds": [0, 1],
+         "sampler": "k_euler_a"},
     ]

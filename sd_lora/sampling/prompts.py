@@ -6,8 +6,9 @@ A prompt line is the prompt text followed by per-line options, in any order (koh
 
 The text before the first ` --x` is the prompt; each option's value runs to the next ` --x`. Unlike kohya,
 an unknown option (kohya silently ignores them), a malformed number, or a --w/--h that is not a multiple of 8
-(kohya rounds it down) is an error naming the file and line. kohya's options for other models and features
-(`--ss`, `--g`, `--cn`, ...) are refused with what to do instead.
+(kohya rounds it down) is an error naming the file and line. `--ss` picks the row's sampler by kohya's names
+(`samplers.py`); kohya's options for other models and features (`--g`, `--cn`, ...) are refused with what to do
+instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_lora.errors import UserError
+from sd_lora.sampling.samplers import NAMES as SAMPLER_NAMES
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class SamplePrompt:
     steps: int | None = None
     cfg: float | None = None
     seed: int | None = None  # first column's seed; the row's other columns use seed+1, seed+2, ...
+    sampler: str | None = None  # `samplers.NAMES`; None: --sample-sampler
 
 
 MAX_STEPS = 1000
@@ -45,11 +48,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "s": ("steps", f"sampling steps, an integer from 1 to {MAX_STEPS}"),
     "l": ("cfg", "CFG scale, a number >= 0"),
     "d": ("seed", "seed, an integer from 0 to 2**63-1"),
+    "ss": ("sampler", f"sampler, one of {', '.join(SAMPLER_NAMES)}"),
 }
 SUPPORTED_OPTIONS_HELP = ", ".join(f"--{k} ({what})" for k, (_, what) in OPTIONS.items())
 # kohya sd-scripts' other sample-prompt options (library/train_util.py, line_to_prompt_dict) -> what to do here
 KOHYA_ONLY_OPTIONS: dict[str, str] = {
-    "ss": "kohya's per-prompt sampler; here every prompt uses --sample-sampler (ddim, euler, euler_a, dpmsolver++)",
     "g": "kohya's distilled-guidance scale (FLUX-type models); for SD models use --l",
     "cn": "kohya's ControlNet image; sample grids here have no ControlNet",
     "ctr": "kohya's CFG truncation ratio (Lumina); not supported for SD models",
@@ -110,6 +113,8 @@ def _parse_option_value(name: str, raw: str) -> str | int | float | None:
     """The option's value, or None if `raw` is not acceptable for option `name`."""
     if name == "n":
         return raw
+    if name == "ss":
+        return raw.lower() if raw.lower() in SAMPLER_NAMES else None
     if name == "l":
         if not _FLOAT.fullmatch(raw):
             return None

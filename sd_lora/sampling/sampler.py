@@ -28,16 +28,7 @@ from PIL import Image, PngImagePlugin
 from sd_lora.fsio import atomic_write_bytes
 from sd_lora.sampling.grid import make_grid
 from sd_lora.sampling.prompts import SIZE_STEP, SamplePrompt, shown
-
-# name -> (diffusers scheduler class, config overrides). Built with `.from_config(training config)`, so
-# prediction_type (epsilon / v_prediction), betas and timestep settings carry over from the model.
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-}
-
+from sd_lora.sampling.samplers import SAMPLERS, canonical_sampler
 
 @dataclass(frozen=True)
 class SampleSettings:
@@ -51,13 +42,13 @@ class SampleSettings:
     """One grid column per seed."""
     negative: str = ""
     sampler: str = "ddim"
-    """One of SAMPLERS."""
+    """A `samplers.NAMES` name; a prompt's --ss overrides it for its row."""
     clip_skip: int = 1
     """Text-encoder layer from the end, as in training (kohya convention: 2 = penultimate)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(self.seeds))
-        _check_sampler(self.sampler)
+        canonical_sampler(self.sampler)
         if self.width <= 0 or self.height <= 0:
             raise ValueError(f"width and height must be positive, got {self.width}x{self.height}")
         if self.clip_skip < 1:
@@ -70,22 +61,23 @@ class SampleSettings:
             raise ValueError(f"seeds must be one or more non-negative integers, got {self.seeds}")
 
 
-def _check_sampler(sampler: str) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; supported: {', '.join(SAMPLERS)}")
-
-
 def make_scheduler(sampler: str, scheduler_config):
-    """A fresh inference scheduler for `sampler`, configured from `scheduler_config` (a scheduler's `.config`)."""
+    """A fresh inference scheduler for `sampler` (a `samplers.NAMES` name), configured from `scheduler_config`
+    (a scheduler's `.config`): the model's prediction type, betas and timestep spacing carry over."""
     import diffusers
 
-    _check_sampler(sampler)
-    class_name, overrides = SAMPLERS[sampler]
-    return getattr(diffusers, class_name).from_config(scheduler_config, **overrides)
+    class_name, overrides = SAMPLERS[canonical_sampler(sampler)]
+    # Another sampler's settings must not carry over (a dpmsolver config's algorithm_type would turn dpmsingle
+    # into another sampler): the config is the model's, less every key some sampler sets.
+    model_config = {k: v for k, v in dict(scheduler_config).items() if k not in _SAMPLER_KEYS}
+    return getattr(diffusers, class_name).from_config(model_config, **overrides)
+
+
+_SAMPLER_KEYS = {key for _, overrides in SAMPLERS.values() for key in overrides}
 
 
 def _is_sampler(scheduler, sampler: str) -> bool:
-    class_name, overrides = SAMPLERS[sampler]
+    class_name, overrides = SAMPLERS[canonical_sampler(sampler)]
     return type(scheduler).__name__ == class_name and all(
         scheduler.config.get(k) == v for k, v in overrides.items()
     )
@@ -130,6 +122,7 @@ class _Row:
     steps: int
     cfg: float
     seeds: tuple[int, ...]
+    sampler: str
 
     @classmethod
     def resolve(cls, p: SamplePrompt, s: SampleSettings) -> _Row:
@@ -142,6 +135,7 @@ class _Row:
             cfg=p.cfg if p.cfg is not None else s.cfg,
             # kohya-like: a prompt's --d seeds its first column, the next columns count up from it
             seeds=tuple(p.seed + i for i in range(len(s.seeds))) if p.seed is not None else s.seeds,
+            sampler=p.sampler or s.sampler,
         )
 
     def label(self, s: SampleSettings) -> str:
@@ -155,6 +149,8 @@ class _Row:
             notes.append(f"cfg {self.cfg:g}")
         if self.seeds != s.seeds:
             notes.append(f"seeds {', '.join(map(str, self.seeds))}")
+        if canonical_sampler(self.sampler) != canonical_sampler(s.sampler):
+            notes.append(self.sampler)
         return f"{shown(self.prompt)} [{'; '.join(notes)}]" if notes else shown(self.prompt)
 
 
@@ -166,7 +162,7 @@ def generate_images(
     pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, stop: Callable[[], bool] | None = None
 ) -> tuple[list[list[Image.Image]], list[dict]]:
     """Sample `cells[row][col]` (one row per prompt, one column per seed) at their own sizes, and a log
-    entry per row. Switches `pipe.scheduler` to `settings.sampler` first if it is another one. `stop` is
+    entry per row. Switches `pipe.scheduler` to each row's sampler (its --ss, else `settings.sampler`). `stop` is
     asked after every denoising step; when it returns True, SamplingStopped is raised (a Ctrl-C is not kept
     waiting for a whole grid)."""
     if not prompts:
@@ -176,8 +172,6 @@ def generate_images(
     if bad:  # fail before sampling anything; callers should have checked with prompts.validate_size
         raise ValueError(f"sample sizes must be multiples of {SIZE_STEP}: {'; '.join(bad)}")
 
-    if not _is_sampler(pipe.scheduler, settings.sampler):
-        pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
 
@@ -189,6 +183,8 @@ def generate_images(
     cells: list[list[Image.Image]] = []
     with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe):
         for row in rows:
+            if not _is_sampler(pipe.scheduler, row.sampler):  # the settings' sampler, or the row's --ss
+                pipe.scheduler = make_scheduler(row.sampler, pipe.scheduler.config)
             images = []
             for seed in row.seeds:
                 out = pipe(
@@ -237,7 +233,7 @@ def generate_grid(
     negative, width, height, steps, cfg, seeds).
 
     Sharp edges: modules are in eval mode while sampling and get each submodule's previous train/eval flag
-    back afterwards, even on error; `pipe.scheduler` is replaced if it is not `settings.sampler`; the
+    back afterwards, even on error; `pipe.scheduler` is replaced by each row's sampler; the
     pipeline's progress bar is turned off.
     """
     start = time.perf_counter()
@@ -253,7 +249,7 @@ def generate_grid(
     )
     log = {
         "sampler": settings.sampler,
-        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler": SAMPLERS[canonical_sampler(settings.sampler)][0],  # rows with their own --ss say so
         "prediction_type": pipe.scheduler.config.get("prediction_type"),
         "steps": settings.steps,
         "cfg": settings.cfg,

@@ -48,6 +48,13 @@ def test_double_dash_not_followed_by_a_letter_is_text():
     assert p.negative == "bad -- hands, --2 blurry"
 
 
+def test_ss_picks_the_rows_sampler_by_kohyas_names():
+    """kohya's per-prompt sampler (--ss), its k_ spellings and any case; prompt files written for kohya work."""
+    assert parse_prompt_line("a cat --ss euler_a --s 3", WHERE).sampler == "euler_a"
+    assert parse_prompt_line("a cat --ss K_DPM_2_A", WHERE).sampler == "k_dpm_2_a"
+    assert parse_prompt_line("a cat", WHERE).sampler is None
+
+
 def test_cfg_accepts_integers_and_exponents():
     assert parse_prompt_line("a --l 7", WHERE).cfg == 7.0
     assert parse_prompt_line("a --l 0", WHERE).cfg == 0.0
@@ -58,7 +65,7 @@ def test_cfg_accepts_integers_and_exponents():
     "line, fragment",
     [
         ("a cat --q 3", "unknown option --q"),
-        ("a cat --ss euler", "--ss is kohya's per-prompt sampler; here every prompt uses --sample-sampler"),
+        ("a cat --ss lms", "--ss 'lms' is not valid; expected sampler, one of ddim, euler, euler_a, dpmsolver++"),
         ("a cat --w512", "write --w 512"),
         ("a cat --w 0", "--w '0'"),
         ("a cat --w -64", "--w '-64'"),
@@ -98,10 +105,10 @@ def test_bad_values_say_what_is_expected():
         assert option in str(e.value)  # the supported options are listed
 
 
-@pytest.mark.parametrize("option, instead", [("ss", "--sample-sampler"), ("g", "use --l"), ("cn", "ControlNet"),
+@pytest.mark.parametrize("option, instead", [("g", "use --l"), ("cn", "ControlNet"),
                                              ("ctr", "CFG truncation"), ("rcfg", "renormalisation"), ("fs", "flow shift")])
 def test_kohyas_other_options_say_what_to_do_instead(option, instead):
-    """kohya's sample prompts also take --ss, --g, --cn, ... (train_util.line_to_prompt_dict): a prompt file
+    """kohya's sample prompts also take --g, --cn, ... (train_util.line_to_prompt_dict): a prompt file
     written for kohya gets told what each means here, not a wrong "missing space? write --s s" guess."""
     with pytest.raises(UserError) as e:
         parse_prompt_line(f"a cat --{option} 3 --w 64", WHERE)

@@ -11,6 +11,7 @@ from sd_lora.models.tiny import build_tiny_pipeline
 from sd_lora.sampling.prompts import SamplePrompt
 from sd_lora.sampling.sampler import (
     SAMPLERS,
+    _Row,
     SampleSettings,
     SamplingStopped,
     build_sampling_pipeline,
@@ -51,7 +52,7 @@ def test_prompt_options_override_the_settings(sd1_pipe):
     assert [c.size for c in cells[1]] == [(16, 48), (16, 48)]  # cell size before any grid scaling
     assert rows[1] == {
         "prompt": "a tall one", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0,
-        "seeds": [7, 8],
+        "seeds": [7, 8], "sampler": "ddim",
     }
     # the row's --d 7 seeds its first column: the same image as seed 7 in settings' first column
     same, _ = generate_images(
@@ -99,9 +100,37 @@ def test_schedulers_keep_the_training_prediction_type():
     assert make_scheduler("dpmsolver++", config).config.algorithm_type == "dpmsolver++"
 
 
+def test_a_rows_ss_samples_with_its_own_sampler(sd1_pipe):
+    """A prompt's --ss (kohya's per-prompt sampler) draws its row with that sampler, the other rows with the
+    settings' one; the row is labelled and logged with it."""
+    euler_a = SampleSettings(32, 32, steps=3, seeds=(0,), sampler="euler_a")
+    ddim = SampleSettings(32, 32, steps=3, seeds=(0,), sampler="ddim")
+    mixed, log = generate_images(sd1_pipe, [SamplePrompt("a red circle", sampler="k_euler_a"), CIRCLE], ddim)
+    alone_euler_a, _ = generate_images(sd1_pipe, [CIRCLE], euler_a)
+    alone_ddim, _ = generate_images(sd1_pipe, [CIRCLE], ddim)
+    assert np.array_equal(pixels(mixed[0][0]), pixels(alone_euler_a[0][0]))
+    assert np.array_equal(pixels(mixed[1][0]), pixels(alone_ddim[0][0]))
+    assert not np.array_equal(pixels(mixed[0][0]), pixels(mixed[1][0]))
+    assert [row["sampler"] for row in log] == ["k_euler_a", "ddim"]
+    _, grid_log = generate_grid(sd1_pipe, [SamplePrompt("a red circle", sampler="euler_a"), CIRCLE], ddim)
+    assert grid_log["scheduler"] == "DDIMScheduler" and grid_log["rows"][0]["sampler"] == "euler_a"
+    assert _Row.resolve(SamplePrompt("x", sampler="euler_a"), ddim).label(ddim) == "x [euler_a]"
+    assert _Row.resolve(SamplePrompt("x", sampler="ddim"), ddim).label(ddim) == "x"
+
+
+def test_a_sampler_built_after_another_is_the_one_built_from_the_model():
+    """Switching rows goes from one sampler's scheduler to the next: no sampler's settings may carry over
+    (dpmsolver++'s algorithm_type would turn dpmsingle into another sampler)."""
+    config = build_tiny_pipeline("sd2-v").scheduler.config
+    for first in SAMPLERS:
+        for second in SAMPLERS:
+            via = make_scheduler(second, make_scheduler(first, config).config)
+            assert dict(via.config) == dict(make_scheduler(second, config).config), (first, second)
+
+
 def test_unknown_sampler_lists_the_supported_ones(sd1_pipe):
-    with pytest.raises(ValueError, match=r"'unipc'.*ddim, euler, euler_a, dpmsolver\+\+"):
-        SampleSettings(32, 32, sampler="unipc")
+    with pytest.raises(ValueError, match=r"'lms'.*ddim, euler, euler_a, dpmsolver\+\+"):
+        SampleSettings(32, 32, sampler="lms")  # diffusers' LMS needs scipy
     with pytest.raises(ValueError, match="supported: ddim"):
         make_scheduler("k_lms", sd1_pipe.scheduler.config)
 
@@ -185,9 +214,9 @@ def test_log_dict(sd1_pipe):
         "negative": "blurry",
         "rows": [
             {"prompt": "a red circle", "negative": "blurry", "width": 32, "height": 32, "steps": 2, "cfg": 5.0,
-             "seeds": [3, 4]},
+             "seeds": [3, 4], "sampler": "ddim"},
             {"prompt": "wide", "negative": "blurry", "width": 48, "height": 32, "steps": 2, "cfg": 5.0,
-             "seeds": [10, 11]},
+             "seeds": [10, 11], "sampler": "ddim"},
         ],
     }
     json.dumps(log)  # loggable as is
