@@ -2,8 +2,8 @@
 
 A state folder `state-NNNNNNNN/` holds the trainable (LoRA) tensors by name, the optimizer and LR-schedule
 state, the progress counters (step, epoch, batch within the epoch), every random-number state (python,
-numpy, torch CPU/CUDA, the training generator) and the resolved config. It is written into a temporary
-folder, fsync'd and renamed, so a crash mid-save leaves the previous state intact.
+numpy, torch CPU/CUDA, the training generator; one set per process) and the resolved config. It is written
+into a temporary folder, fsync'd and renamed, so a crash mid-save leaves the previous state intact.
 """
 
 from __future__ import annotations
@@ -50,7 +50,40 @@ def trainable_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Te
     }
 
 
+# Random streams with several processes. Two kinds, two rules:
+# - the training generator (noise, timesteps, VAE posterior) is the same on every rank, and each rank keeps its
+#   slice of a global-batch draw (diffusion.py): it must stay identical, so one saved copy would do;
+# - the global RNGs (python, numpy, torch CPU/CUDA) drive LoRA dropout: they must differ between ranks, or every
+#   GPU applies the same masks to its different images. They start alike (seeded with --seed, so the LoRA
+#   initialisation matches), then `seed_process` gives each rank but rank 0 its own stream. Rank 0 keeps the
+#   stream one process has, so a single-process run is what it was before there were several.
+# A state folder keeps every rank's set (`rng_states` gathered in rank order, like accelerate's per-process
+# random_states_<i>.pkl), so a resume continues every rank's stream. A set saved by one process (a state from
+# before this, a single-process run, or a rescue save by the main process alone) is restored on every rank, and
+# each rank but 0 then reseeds its global RNGs from (seed, rank, step): its masks differ again, but from there on
+# the run no longer matches an uninterrupted one draw for draw.
+
+
+def process_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed for rank `rank`'s global RNGs from step `step` on; SeedSequence mixes the three without the
+    collisions of seed + rank (accelerate's `set_seed(device_specific=True)`: rank 1 of seed 42 = rank 0 of 43)."""
+    state = np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def seed_process(seed: int, rank: int, step: int = 0) -> None:
+    """Give this process its own global random streams (python, numpy, torch CPU and CUDA) after the draws that
+    must match on every rank (the LoRA initialisation). Rank 0 is left alone: one process runs as it always did."""
+    if rank == 0:
+        return
+    value = process_seed(seed, rank, step)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # CPU and every CUDA device
+
+
 def rng_states(generator: torch.Generator) -> dict:
+    """This process's random states: the global RNGs and the training generator."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -61,7 +94,14 @@ def rng_states(generator: torch.Generator) -> dict:
     }
 
 
-def restore_rng_states(states: dict, generator: torch.Generator) -> None:
+def restore_rng_states(saved: dict | list[dict], generator: torch.Generator, *, rank: int = 0, seed: int = 0, step: int = 0) -> bool:
+    """Restore rank `rank`'s states from `saved` (`rng_states` of every rank in rank order; a single dict is
+    the one set of a state folder written before states were kept per rank). True when `saved` holds this
+    rank's own set; otherwise rank 0's set is restored and `seed_process(seed, rank, step)` reseeds the
+    global RNGs (see the note above), and False says the run is no longer exact from here."""
+    by_rank = saved if isinstance(saved, list) else [saved]
+    own = rank < len(by_rank)
+    states = by_rank[rank if own else 0]
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, cached = states["numpy"]
@@ -70,6 +110,23 @@ def restore_rng_states(states: dict, generator: torch.Generator) -> None:
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     generator.set_state(states["generator"])
+    if not own:
+        seed_process(seed, rank, step)
+    return own
+
+
+def saved_processes(training: dict) -> int:
+    """How many processes' random states a loaded training state holds (1 for a state from before per-rank sets)."""
+    return len(training["rng"]) if isinstance(training["rng"], list) else 1
+
+
+def rng_note(loaded: LoadedState, processes: int) -> str | None:
+    """What a resume with `processes` processes cannot continue exactly (None when every rank has its own states)."""
+    saved = saved_processes(loaded.training)
+    if saved >= processes:
+        return None
+    return (f"{loaded.path} holds the random states of {saved} process{'es' * (saved > 1)} and this run has {processes}: "
+            "the other ranks draw new dropout masks from here, so the run will not match an uninterrupted one exactly")
 
 
 def save_state(
@@ -79,17 +136,18 @@ def save_state(
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
-    generator: torch.Generator,
+    rng: list[dict],
     config: TrainConfig,
     data_fingerprint: str,
     keep: int,
 ) -> Path:
-    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders."""
+    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders.
+    `rng`: `rng_states` of every process, in rank order (one entry with one process)."""
     final = output_dir / state_dir_name(progress.step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
         save_file(trainable_tensors(modules), str(tmp / "lora_params.safetensors"))
-        training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states(generator)}
+        training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": list(rng)}
         scaler = getattr(optimizer, "scaler", None)  # fp16's loss scale (accelerate's optimizer wrapper holds it)
         if scaler is not None:
             training["scaler"] = scaler.state_dict()

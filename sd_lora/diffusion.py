@@ -35,6 +35,16 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise[rank * b:(rank + 1) * b]
 
 
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, *, replicas: int = 1, rank: int = 0) -> torch.Tensor:
+    """One draw mean + std * eps from the VAE's diagonal Gaussian posterior, shape of `mean` (B, 4, h, w).
+
+    Sharded like `sample_noise`: each rank's images get their own eps (the slice of a global-batch draw), not
+    the same eps as every other rank's. With one process this is diffusers' `DiagonalGaussianDistribution.sample`
+    draw for draw (same shape, generator, device and dtype).
+    """
+    return mean + std * sample_noise(mean, generator, replicas=replicas, rank=rank)
+
+
 def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """alphas_cumprod[t] broadcast to `like`'s rank: (B,) -> (B, 1, 1, 1)."""
     a = alphas_cumprod.to(device=like.device, dtype=torch.float32)[timesteps]

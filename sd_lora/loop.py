@@ -113,30 +113,33 @@ class Readout:
         return tuple(self._host.tolist())
 
 
-def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator,
+                  *, replicas: int = 1, rank: int = 0) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the VAE posterior.
 
     The VAE runs in its own dtype, outside any autocast: SDXL's VAE stays fp32 under --mixed-precision fp16
-    because fp16 overflows it (NaN latents), and fp16 autocast would compute its convolutions in fp16 anyway."""
+    because fp16 overflows it (NaN latents), and fp16 autocast would compute its convolutions in fp16 anyway.
+    The posterior's noise is this rank's slice of a global-batch draw (`replicas`, `rank`), like the diffusion noise."""
     with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
         dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        return dist.sample(generator=generator) * scaling_factor
+        return diffusion.sample_posterior(dist.mean, dist.std, generator, replicas=replicas, rank=rank) * scaling_factor
 
 
 def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> torch.Tensor:
     device = t.accelerator.device
+    # Every rank draws from the same generator and keeps its own slice (diffusion.py): ranks differ, stay in step.
+    shard = {"replicas": t.accelerator.num_processes, "rank": t.accelerator.process_index}
     # 1. Latents of the images: from the cache, or encoded now from fresh pixels.
     if "latents" in batch:
         latents = to_device(batch["latents"], device, t.weight_dtype)
     else:
         pixels = to_device(batch["pixels"], device, t.vae.dtype)
-        latents = encode_pixels(t.vae, pixels, obj.vae_scaling_factor, t.generator).to(t.weight_dtype)
+        latents = encode_pixels(t.vae, pixels, obj.vae_scaling_factor, t.generator, **shard).to(t.weight_dtype)
     # 2. Caption conditioning (SDXL: plus size conditioning); gradients reach the text encoders only when
     #    their LoRA trains.
     with torch.set_grad_enabled(t.train_text_encoder):
         cond = t.conditioner(batch["captions"], batch, device, t.weight_dtype)
     # 3. Noise and uniform timesteps, then the forward process x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
-    shard = {"replicas": t.accelerator.num_processes, "rank": t.accelerator.process_index}
     noise = diffusion.sample_noise(latents, t.generator, obj.noise_offset, **shard)
     timesteps = diffusion.sample_timesteps(latents.shape[0], obj.num_train_timesteps, t.generator, device, **shard)
     noisy = diffusion.add_noise(latents, noise, timesteps, obj.alphas_cumprod)

@@ -301,7 +301,7 @@ class RunOutputs:
         """After a LoRA file could not be written: keep the weights in a training state if that can still be
         written (another folder, another file name), and say how to get the file from it."""
         try:
-            path = self.save_state(state)
+            path = self.save_state(state, all_processes=False)  # only the main process is here
         except UserError as e:
             older = checkpoint.list_states(self.out)
             kept = f"the newest training state is {older[-1]}" if older else "no training state was saved before"
@@ -309,7 +309,20 @@ class RunOutputs:
         return (f"The weights are kept in the training state {path}: free space, fix permissions or move what is in "
                 f"the way, then {checkpoint.resume_command(self.config.output_dir)} writes the file.")
 
-    def save_state(self, state: loop.TrainState) -> Path | None:
+    def rng_states(self, all_processes: bool = True) -> list[dict]:
+        """The random states of every process in rank order (gathered: with several processes every one must
+        call this), or with `all_processes` False the main process's alone."""
+        mine = checkpoint.rng_states(self.trainee.generator)
+        if self.acc.num_processes == 1 or not all_processes:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return gather_object([mine])
+
+    def save_state(self, state: loop.TrainState, all_processes: bool = True) -> Path | None:
+        """Write a training state (the main process). With `all_processes` every process must call this, and each
+        one's random states are kept; False (a save by the main process alone) keeps the main process's only."""
+        rng = self.rng_states(all_processes)
         if not self.main:
             return None
         modules = trained_modules(self.model, self.config.train_text_encoder)
@@ -320,7 +333,7 @@ class RunOutputs:
         try:
             path = checkpoint.save_state(
                 self.out, progress=progress, modules=modules, optimizer=self.trainee.optimizer, lr_scheduler=self.trainee.lr_scheduler,
-                generator=self.trainee.generator, config=self.config, data_fingerprint=self.data_fingerprint, keep=self.config.keep_states,
+                rng=rng, config=self.config, data_fingerprint=self.data_fingerprint, keep=self.config.keep_states,
             )
         except OSError as e:
             raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None

@@ -250,11 +250,12 @@ def train_lora(config: TrainConfig) -> TrainResult:
     data_id = fingerprint(train_records + prior_records + validation_records)
     resumed = checkpoint.load_state(checkpoint.resolve_resume(config.resume, config.output_dir), config, data_id) if config.resume else None
 
-    # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation.
+    # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation (the same on every process).
     torch.manual_seed(config.seed)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     trainable = prepare_models(config, model, accelerator.device, weight_dtype, init_weights,
                                batch_shapes=2 * len(dataset.bucket_counts()))  # each bucket's full and short batch
+    checkpoint.seed_process(config.seed, accelerator.process_index)  # then each process its own dropout masks
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
 
     if config.cache_latents:
@@ -312,7 +313,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         lr_scheduler.load_state_dict(resumed.training["lr_scheduler"])
         if accelerator.scaler is not None and "scaler" in resumed.training:  # fp16: the loss scale reached
             accelerator.scaler.load_state_dict(resumed.training["scaler"])
-        checkpoint.restore_rng_states(resumed.training["rng"], generator)
+        checkpoint.restore_rng_states(resumed.training["rng"], generator, rank=accelerator.process_index, seed=config.seed,
+                                      step=resumed.progress.step)
         p = resumed.progress
         state = loop.TrainState(step=p.step, epoch=p.epoch, batch_in_epoch=p.batch_in_epoch, nan_steps=p.nan_steps)
         # A state at the last step is a finished run whose final file could not be written: resuming writes it.
@@ -332,6 +334,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
                       len(validation_records), accelerator.num_processes))
         if resumed:
             print(f"resuming from {resumed.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+            if note := checkpoint.rng_note(resumed, accelerator.num_processes):
+                print(f"note: {note}")
 
     trainee = loop.Trainee(
         accelerator=accelerator, unet=unet, text_encoders=text_encoders,

@@ -95,7 +95,7 @@ def test_damaged_state_names_an_older_one(tmp_path, damage):
     optimizer = torch.optim.AdamW(module.parameters())
     config = load_config(["--data", str(tmp_path)])
     kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                  generator=torch.Generator(), config=config, data_fingerprint="x", keep=2)
+                  rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=2)
     older = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
     newer = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
     if damage == "truncated training state":
@@ -128,7 +128,7 @@ def test_state_keeps_the_fp16_loss_scale(tmp_path):
     optimizer.scaler.update(2.0**11)  # the scale a run reached
     config = load_config(["--data", str(tmp_path)])
     path = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3), modules={"unet": module}, optimizer=optimizer,
-                                 lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), generator=torch.Generator(),
+                                 lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), rng=[checkpoint.rng_states(torch.Generator())],
                                  config=config, data_fingerprint="x", keep=1)
     loaded = checkpoint.load_state(path, config, "x")
     restored = torch.amp.GradScaler("cpu")
@@ -201,7 +201,7 @@ def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
     optimizer = torch.optim.AdamW(module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     config = load_config(["--data", str(tmp_path)])
-    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=scheduler, generator=torch.Generator(),
+    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=scheduler, rng=[checkpoint.rng_states(torch.Generator())],
                   config=config, data_fingerprint="x", keep=1)
     first = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
 
@@ -405,3 +405,79 @@ def test_loading_a_batch_ahead_trains_the_same_lora(tiny_dataset, tiny_model_dir
     monkeypatch.setattr(train_module, "Prefetch", lambda loader: loader)
     inline = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "b", *no_cache)))
     assert_same_lora(ahead.path, inline.path)
+
+
+def rank_states(seed: int, generator_seed: int = 7) -> dict:
+    """One process's `rng_states` after its global RNGs were seeded with `seed` (the training generator alike)."""
+    checkpoint.seed_process(seed, rank=1)
+    return checkpoint.rng_states(torch.Generator().manual_seed(generator_seed))
+
+
+def test_seed_process_leaves_rank_0_alone_and_gives_every_other_rank_its_own_stream():
+    """Rank 0 keeps the stream one process has (a single-process run is unchanged); ranks 1 and 2 get streams
+    of their own, the same ones in every run, and a resumed rank's reseeding (another step) differs again."""
+    torch.manual_seed(42)
+    before = torch.get_rng_state()
+    checkpoint.seed_process(42, rank=0)
+    assert torch.equal(torch.get_rng_state(), before)
+
+    def draw(rank, step=0):
+        torch.manual_seed(42)
+        checkpoint.seed_process(42, rank, step)
+        return torch.rand(64)
+
+    rank_0, rank_1, rank_2 = draw(0), draw(1), draw(2)
+    assert not torch.equal(rank_0, rank_1) and not torch.equal(rank_1, rank_2) and not torch.equal(rank_0, rank_2)
+    assert torch.equal(draw(1), rank_1)
+    assert not torch.equal(draw(1, step=5), rank_1)
+    assert checkpoint.process_seed(42, 1, 0) != checkpoint.process_seed(43, 0, 0)  # seed + rank would collide
+
+
+def test_every_rank_resumes_its_own_random_states(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path)])
+    sets = [rank_states(100), rank_states(200)]  # two ranks: different global streams, the same generator
+    path = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3), modules={"unet": module}, optimizer=optimizer,
+                                 lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), rng=sets,
+                                 config=config, data_fingerprint="x", keep=1)
+    loaded = checkpoint.load_state(path, config, "x")
+    assert checkpoint.saved_processes(loaded.training) == 2 and checkpoint.rng_note(loaded, 2) is None
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        generator = torch.Generator()
+        assert checkpoint.restore_rng_states(loaded.training["rng"], generator, rank=rank, seed=42, step=3)
+        assert torch.equal(torch.get_rng_state(), sets[rank]["torch"])
+        assert torch.equal(generator.get_state(), sets[rank]["generator"])
+
+
+def test_a_state_with_one_set_of_random_states_still_resumes_on_several_ranks(tmp_path):
+    """A state folder from before per-rank states ("rng" one dict), or saved by one process: every rank takes
+    its training generator (the same on all ranks) and rank 0 its global RNGs; the others reseed their global
+    RNGs from (seed, rank, step), so their dropout masks still differ from rank 0's."""
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path)])
+    saved = rank_states(100)
+    path = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3), modules={"unet": module}, optimizer=optimizer,
+                                 lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), rng=[saved],
+                                 config=config, data_fingerprint="x", keep=1)
+    old = torch.load(path / "training_state.pt", weights_only=True)
+    old["rng"] = old["rng"][0]  # the layout written before states were kept per rank
+    torch.save(old, path / "training_state.pt")
+    loaded = checkpoint.load_state(path, config, "x")
+    assert checkpoint.saved_processes(loaded.training) == 1 and checkpoint.rng_note(loaded, 1) is None
+    assert checkpoint.rng_note(loaded, 2) == (f"{path} holds the random states of 1 process and this run has 2: the other ranks "
+                                              "draw new dropout masks from here, so the run will not match an uninterrupted one exactly")
+
+    generator = torch.Generator()
+    assert checkpoint.restore_rng_states(loaded.training["rng"], generator, rank=0, seed=42, step=3)
+    assert torch.equal(torch.get_rng_state(), saved["torch"]) and torch.equal(generator.get_state(), saved["generator"])
+    rank_0_draw = torch.rand(64)
+
+    generator = torch.Generator()
+    assert not checkpoint.restore_rng_states(loaded.training["rng"], generator, rank=1, seed=42, step=3)
+    assert torch.equal(generator.get_state(), saved["generator"])  # noise and timesteps stay in step with rank 0
+    rank_1_draw = torch.rand(64)
+    torch.manual_seed(checkpoint.process_seed(42, 1, 3))
+    assert torch.equal(rank_1_draw, torch.rand(64)) and not torch.equal(rank_1_draw, rank_0_draw)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from sd_lora.config import load_config
@@ -105,3 +106,76 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resume_finishes
     assert (out / "zk.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
     assert steps == list(range(1, step + 3))
+
+
+# Runs sd_lora.train in each rank and records, into $PROBE_OUT/rank<R>.pt, the LoRA weights right after their
+# initialisation (before DDP, which would copy rank 0's anyway) and where each LoRA dropout zeroed its output
+# during training (the mask: the inputs are never exactly zero).
+PROBE = """
+import os, sys
+from pathlib import Path
+import torch
+import sd_lora.train as train
+
+record = {"masks": []}
+prepare_models, loop_train, dropout_forward = train.prepare_models, train.loop.train, torch.nn.Dropout.forward
+
+def prepare_and_record(*args, **kwargs):
+    trainable = prepare_models(*args, **kwargs)
+    record["init"] = [p.detach().clone() for p in trainable]
+    return trainable
+
+def dropout_and_record(self, x):
+    y = dropout_forward(self, x)
+    if self.training and self.p > 0 and record.get("training"):
+        record["masks"].append(y == 0)
+    return y
+
+def train_and_record(*args, **kwargs):
+    record["training"] = True
+    try:
+        return loop_train(*args, **kwargs)
+    finally:
+        record["training"] = False
+        torch.save(record, Path(os.environ["PROBE_OUT"]) / f"rank{os.environ['RANK']}.pt")
+
+train.prepare_models, train.loop.train, torch.nn.Dropout.forward = prepare_and_record, train_and_record, dropout_and_record
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_draw_their_own_dropout_masks_from_the_same_lora_and_resume_exactly(tiny_dataset, tiny_model_dir, tmp_path):
+    """--lora-dropout with two processes: both start from the same LoRA weights, but each drops its own units
+    (one global stream would apply the same masks to both ranks' different images); and a run stopped at step 2
+    and resumed to step 4 ends with the LoRA of an uninterrupted run, bit for bit: every rank's random states
+    are in the training state. Without the latent cache the VAE posterior draws are sharded too."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path))
+
+    def launch(out, *extra):
+        cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(probe), "--data", str(tiny_dataset), "--model", str(tiny_model_dir),
+               "--output-dir", str(tmp_path / out), "--batch-size", "2", "--resolution", "32", "--rank", "4", "--sample-every", "0",
+               "--save-precision", "fp32", "--learning-rate", "1e-2", "--lora-dropout", "0.5", "--no-cache-latents", "--flip",
+               "--save-state-every", "2", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    launch("full", "--max-steps", "4")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]["init"]) > 0 and all(torch.equal(a, b) for a, b in zip(ranks[0]["init"], ranks[1]["init"]))
+    masks = [torch.cat([m.flatten() for m in rank["masks"]]).float() for rank in ranks]
+    assert masks[0].numel() == masks[1].numel() > 1000
+    assert 0.4 < masks[0].mean() < 0.6 and 0.4 < masks[1].mean() < 0.6  # p = 0.5 on each rank
+    agreement = (masks[0] == masks[1]).float().mean().item()
+    assert 0.4 < agreement < 0.6, agreement  # independent masks agree half the time; one stream for both: always
+
+    launch("stopped", "--max-steps", "2")
+    resumed = launch("stopped", "--max-steps", "4", "--resume", "latest")
+    a, b = load_file(str(tmp_path / "full" / "data.safetensors")), load_file(str(tmp_path / "stopped" / "data.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "random states of" not in resumed.stdout  # both ranks' sets were saved: no note
