@@ -101,6 +101,16 @@ def write_dataset(root: Path, count: int = 8, repeats: int = 1, square: bool = F
     return root
 
 
+def dataset_dir(out: Path, square: bool = False) -> Path:
+    """The benchmark's dataset under `out`, written once: three aspect ratios (sd_lora trains three buckets
+    and short batches), or with `square` all 1024x1024 (one 64x64 bucket at 64 px, every batch full: the shape
+    the naive loop's centre crops always train, so memory compares at equal shapes)."""
+    root = out / ("data-square" if square else "data")
+    if not root.is_dir():
+        write_dataset(root, square=square)
+    return root
+
+
 def machine() -> dict:
     import platform
 
@@ -275,7 +285,7 @@ def worker_sd_lora(args, flags: list[str], patch: str | None) -> dict:
     import_rss = current_rss_mib()
     out = args.run_dir
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--data", str(args.out / "data"), "--model", str(args.model_dir), "--output-dir", str(out),
+    argv = ["--data", str(args.data), "--model", str(args.model_dir), "--output-dir", str(out),
             "--resolution", str(args.resolution), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
             "--max-steps", str(args.steps), "--sample-every", "0", "--seed", "0", *flags]
     step_images, images = [], [0]  # images per optimizer step: a bucket's last batch may be short
@@ -351,7 +361,7 @@ def worker_naive(args) -> dict:
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
-    files = sorted((args.out / "data").rglob("*.jpg"))
+    files = sorted(args.data.rglob("*.jpg"))
 
     class Dataset(torch.utils.data.Dataset):  # the example's `with_transform(preprocess_train)`: per access
         def __len__(self):
@@ -530,10 +540,11 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
 def worker_command(name: str, *, result: Path, out: Path, run_dir: Path, model_dir: Path, resolution: int,
-                   batch_size: int, rank: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
-    """The command line of one configuration's worker subprocess (`run_worker`); the dataset is `out/data`."""
+                   batch_size: int, rank: int, steps: int, extra: tuple[str, ...] = (), data: Path | None = None) -> list[str]:
+    """The command line of one configuration's worker subprocess (`run_worker`); the dataset is `data`
+    (default `out/data`)."""
     return [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result", str(result), "--out", str(out),
-            "--run-dir", str(run_dir), "--model-dir", str(model_dir), "--resolution", str(resolution),
+            "--data", str(data or out / "data"), "--run-dir", str(run_dir), "--model-dir", str(model_dir), "--resolution", str(resolution),
             "--batch-size", str(batch_size), "--rank", str(rank), "--steps", str(steps), *extra]
 
 
@@ -545,7 +556,7 @@ def spawn(args, name: str, repeat: int) -> dict:
         extra += ("--profile", name)
     command = worker_command(name, result=result, out=args.out, run_dir=args.out / "runs" / f"{name}-{repeat}",
                              model_dir=args.model_dir, resolution=args.resolution, batch_size=args.batch_size,
-                             rank=args.rank, steps=args.steps, extra=extra)
+                             rank=args.rank, steps=args.steps, extra=extra, data=args.data)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, **WORKER_ENV}, stdout=subprocess.DEVNULL if not args.verbose else None,
                           stderr=None if args.verbose or args.profile == name else subprocess.PIPE, text=True)
@@ -596,12 +607,15 @@ def main() -> int:
     parser.add_argument("--sd15-steps", type=int, default=3)
     parser.add_argument("--profile", metavar="CONFIG", help="print a torch.profiler table for this configuration")
     parser.add_argument("--out", type=Path, default=Path("/tmp/sd_lora_train_speed"))
+    parser.add_argument("--square", action="store_true",
+                        help="train on 8 square images (one bucket, full batches, as the naive loop's crops) instead of three aspect ratios")
     parser.add_argument("--verbose", action="store_true")
     # internal: one configuration in this process
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.profile = args.profile is not None
@@ -622,13 +636,13 @@ def main() -> int:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     args.model_dir = write_model(args.model, args.out / (f"{args.model}-model" if full_size else "model"))
-    if not (args.out / "data").is_dir():
-        write_dataset(args.out / "data")
+    args.data = dataset_dir(args.out, args.square)
     info = machine()
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} ({info['threads']} threads)"
           + (f", {info['gpu']}" if "gpu" in info else "") + f"; load average {os.getloadavg()[0]:.1f}")
     print(f"{f'full-size {args.model} (random weights)' if full_size else 'tiny SD1'} model, {args.resolution} px, batch {args.batch_size}, rank {args.rank}, {args.steps} steps, "
-          f"{args.repeats} repeats (median s/step after {WARMUP_STEPS} warm-up steps)")
+          + ("square images (one bucket), " if args.square else "")
+          + f"{args.repeats} repeats (median s/step after {WARMUP_STEPS} warm-up steps)")
 
     train_names = [n for n in names if n != "sd15"]
     runs: dict[str, list[dict]] = {n: [] for n in train_names}
