@@ -18,6 +18,7 @@ from . import diffusion
 from .lora.inject import autocast_casts_lora_inputs
 from .memory import to_device
 from .models.conditioning import Conditioner
+from .precision import call_vae
 
 
 @dataclass
@@ -115,14 +116,12 @@ class Readout:
 
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator,
                   *, replicas: int = 1, rank: int = 0) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the VAE posterior.
-
-    The VAE runs in its own dtype, outside any autocast: SDXL's VAE stays fp32 under --mixed-precision fp16
-    because fp16 overflows it (NaN latents), and fp16 autocast would compute its convolutions in fp16 anyway.
-    The posterior's noise is this rank's slice of a global-batch draw (`replicas`, `rank`), like the diffusion noise."""
-    with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        return diffusion.sample_posterior(dist.mean, dist.std, generator, replicas=replicas, rank=rank) * scaling_factor
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled from the VAE posterior (the VAE in
+    its own dtype, outside autocast: `precision.call_vae`). The posterior's noise is this rank's slice of a
+    global-batch draw (`replicas`, `rank`), like the diffusion noise."""
+    with torch.no_grad():
+        dist = call_vae(vae.encode, pixels).latent_dist
+    return diffusion.sample_posterior(dist.mean, dist.std, generator, replicas=replicas, rank=rank) * scaling_factor
 
 
 def compute_loss(t: Trainee, obj: Objective, batch: dict, state: TrainState) -> torch.Tensor:

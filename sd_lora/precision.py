@@ -50,3 +50,11 @@ def vae_dtype(family: str, weight_dtype: torch.dtype, replaced: bool = False) ->
     if family == "sdxl" and weight_dtype == torch.float16 and not replaced:
         return torch.float32
     return weight_dtype
+
+
+def call_vae(method, x: torch.Tensor, *args, **kwargs):
+    """`method(x, ...)`, a VAE's `encode` or `decode`, in the VAE's own dtype and outside any autocast: SDXL's
+    VAE is kept in fp32 under fp16 (`vae_dtype`) because fp16 overflows it (NaN latents, black samples), and an
+    fp16 autocast around it would compute its convolutions in fp16 all the same."""
+    with torch.autocast(x.device.type, enabled=False):
+        return method(x.to(method.__self__.dtype), *args, **kwargs)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sd_lora.fsio import atomic_write_bytes
+from sd_lora.precision import call_vae
 from sd_lora.sampling.grid import make_grid
 from sd_lora.sampling.prompts import SIZE_STEP, SamplePrompt, shown
 from sd_lora.sampling.samplers import SAMPLERS, canonical_sampler
@@ -293,9 +294,8 @@ def _autocast_if_mixed(pipe) -> Iterator[None]:
     encoder). The pipeline feeds the text encoder's dtype to the U-Net and the U-Net's output to the VAE,
     which fails on mixed dtypes without it. With one dtype everywhere, nothing changes.
 
-    The VAE's decode is kept out of the autocast and runs in the VAE's own dtype (a hack: `pipe.vae.decode`
-    is wrapped for the duration): SDXL's VAE stays fp32 under fp16 because fp16 overflows it (black or NaN
-    images), and fp16 autocast would compute its convolutions in fp16 anyway."""
+    The VAE's decode is kept out of the autocast, in the VAE's own dtype (`precision.call_vae`; a hack:
+    `pipe.vae.decode` is wrapped for the duration)."""
     modules = [pipe.components.get(name) for name in ("unet", "text_encoder", "vae")]
     dtypes = {m.dtype for m in modules if m is not None}
     low = [d for d in (pipe.unet.dtype, *dtypes) if d in (torch.float16, torch.bfloat16)]
@@ -306,8 +306,7 @@ def _autocast_if_mixed(pipe) -> Iterator[None]:
     decode = vae.decode
 
     def decode_in_own_dtype(latents, *args, **kwargs):
-        with torch.autocast(device_type=device_type, enabled=False):
-            return decode(latents.to(vae.dtype), *args, **kwargs)
+        return call_vae(decode, latents, *args, **kwargs)
 
     vae.decode = decode_in_own_dtype
     try:
