@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 from . import checkpoint, loop, memory  # noqa: E402
 from .compiling import check_compiler  # noqa: E402
 from .config import TrainConfig, load_config  # noqa: E402
+from .demo.defaults import announce_demo, is_demo_base  # noqa: E402
 from .options import DEFAULT_RANK  # noqa: E402
 from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, scan_dataset  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
@@ -34,22 +34,17 @@ from .outputs import RunOutputs, StopRequest  # noqa: E402
 from .lora.inject import trainable_parameters  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
-from .models.text import too_long  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .sampling.prompts import SIZE_STEP, default_prompts, read_prompt_file  # noqa: E402
+from .preflight import check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
+from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator,  # noqa: E402
                             prepare_models, read_init_weights)
 
 DEFAULT_EPOCHS = 10
 
 
-# --- set-up --------------------------------------------------------------------------------------------
-
-
-def check_precision(config: TrainConfig) -> None:
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16, no or auto")
+# --- set-up (the checks that need no model: preflight.py) ---------------------------------------------
 
 
 def process_state():
@@ -104,71 +99,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     )
 
 
-def is_demo_base(model: str | None) -> bool:
-    from .demo.defaults import BASE_MODEL_DIR
-
-    return model is not None and Path(model).resolve() == BASE_MODEL_DIR
-
-
-def announce_demo(config: TrainConfig, show: bool = True) -> None:
-    """Refuse if the demo base is missing; else (with `show`) say that the run uses it, with the demo options in effect."""
-    from .demo.defaults import BASE_MODEL_DIR, DEFAULT_OPTIONS
-
-    if not (BASE_MODEL_DIR / "model_index.json").is_file():
-        raise UserError(f"no --model given and the demo base model is missing from {BASE_MODEL_DIR}; reinstall sd_lora, "
-                        "rebuild it with python -m sd_lora.demo.pretrain, or pass --model")
-    if not show:
-        return
-    shown = ", ".join(f"{name.replace('_', '-')} {getattr(config, name)}" for name in DEFAULT_OPTIONS
-                      if name not in ("sample_prompts", "reg_data"))
-    print(f"no --model: training the built-in demo base model ({BASE_MODEL_DIR.name}, a 64 px toy world) with {shown}; "
-          "pass --model to train your own base model")
-
-
-def check_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".sd_lora_write_test.{os.getpid()}"  # per process: ranks probe at once
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder") from None
-
-
-def read_sample_prompts(config: TrainConfig):
-    """The --sample-prompts file, parsed and its sizes checked (None: sample with the dataset's captions).
-
-    A bad prompt file is an option problem: it is read before the model loads.
-    """
-    return read_prompt_file(config.sample_prompts) if config.sample_prompts else None
-
-
 # --- the run --------------------------------------------------------------------------------------------
-
-
-def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int,
-            n_params: int, model: BaseModel, n_validation: int = 0, processes: int = 1) -> str:
-    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
-    repeats = sum(r.repeats for r in dataset.records)
-    prior = [r for r in dataset.records if r.prior]
-    buckets = dataset.bucket_counts()
-    bucket_text = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])[:8])
-    if len(buckets) > 8:
-        bucket_text += f", ... ({len(buckets)} buckets)"
-    lines = [
-        f"model: {model.name} ({model.family}, {model.prediction_type}, native {model.native_resolution}px)",
-        f"images: {len(dataset.records) - len(prior)} ({repeats - sum(r.repeats for r in prior)} per epoch with repeats), skipped: {len(scan.skipped)}"
-        + (f", validation: {n_validation}" if n_validation else "")
-        + (f"; regularisation: {len(prior)} ({sum(r.repeats for r in prior)} per epoch)" if prior else ""),
-        f"buckets: {bucket_text}",
-        f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes; {batches} batches/epoch",
-        f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
-        f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {config.targets}"
-        + ((" + text encoders" if model.family == "sdxl" else " + text encoder") if config.train_text_encoder else ""),
-        f"trainable parameters: {n_params:,}; expected file size: {n_params * bytes_per / 2**20:.2f} MiB ({config.save_precision})",
-        f"latent cache: {'on' if config.cache_latents else 'off'}; mixed precision: {config.mixed_precision}; CPU threads: {torch.get_num_threads()}",
-    ]
-    return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -190,23 +121,6 @@ def skip_steps_on_device(device: torch.device, optimizer) -> bool:
     step waits for the device (`loop.train`'s `skip_on_device`). On the CPU waiting costs nothing, and the
     host check keeps a skipped step out of the schedule."""
     return device.type == "cuda" and loop.supports_skip_on_device(optimizer)
-
-
-def warn_long_captions(tokenizer, captions: list[str]) -> None:
-    """Captions longer than the text encoder reads (77 tokens) lose their end: said once, before training."""
-    long = too_long(tokenizer, captions)
-    if long:
-        caption, tokens = max(long.items(), key=lambda item: item[1])
-        shown = caption if len(caption) <= 80 else caption[:77] + "..."
-        print(f"warning: {len(long)} of {len(set(captions))} captions are longer than the {tokenizer.model_max_length} tokens the "
-              f"text encoder reads, and lose their end (the longest, {tokens} tokens: {shown!r}); shorten them or put what "
-              "matters first", file=sys.stderr)
-
-
-def check_free_space(path: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(path).free
-    if free < needed_bytes:
-        raise UserError(f"--output-dir {path}: only {free / 2**20:.0f} MiB free, the run needs about {needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")
 
 
 def run(config: TrainConfig) -> TrainResult:

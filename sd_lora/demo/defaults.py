@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
+from ..options import TrainConfig
+
 HERE = Path(__file__).resolve().parent
 BASE_MODEL_DIR = HERE / "base_model"
 """The demo base model: a small SD1-architecture diffusers folder pretrained on the toy world
@@ -94,3 +97,20 @@ def default_arguments() -> list[str]:
         elif value is not False:
             args += [flag, str(value)]
     return args
+
+
+def is_demo_base(model: str | None) -> bool:
+    return model is not None and Path(model).resolve() == BASE_MODEL_DIR
+
+
+def announce_demo(config: TrainConfig, show: bool = True) -> None:
+    """Refuse if the demo base is missing; else (with `show`) say that the run uses it, with the demo options in effect."""
+    if not (BASE_MODEL_DIR / "model_index.json").is_file():
+        raise UserError(f"no --model given and the demo base model is missing from {BASE_MODEL_DIR}; reinstall sd_lora, "
+                        "rebuild it with python -m sd_lora.demo.pretrain, or pass --model")
+    if not show:
+        return
+    shown = ", ".join(f"{name.replace('_', '-')} {getattr(config, name)}" for name in DEFAULT_OPTIONS
+                      if name not in ("sample_prompts", "reg_data"))
+    print(f"no --model: training the built-in demo base model ({BASE_MODEL_DIR.name}, a 64 px toy world) with {shown}; "
+          "pass --model to train your own base model")

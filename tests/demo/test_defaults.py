@@ -8,7 +8,7 @@ from sd_lora.config import load_config
 from sd_lora.demo import BASE_MODEL_DIR
 from sd_lora.demo.defaults import DEFAULT_OPTIONS, default_arguments, demo_options
 from sd_lora.errors import UserError
-from sd_lora.train import announce_demo, is_demo_base
+from sd_lora.demo.defaults import announce_demo, is_demo_base
 
 
 def test_without_model_the_demo_base_and_its_options_apply(tmp_path):

@@ -1,0 +1,87 @@
+"""Before training: the checks a run makes while nothing slow has happened yet (options that need the
+machine, the output folder, the prompt file, captions, free space), and the summary it prints.
+
+Each raises a `UserError` that names the option or file and the fix; none needs more of the model than its
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .data import ImageDataset
+from .errors import UserError
+from .models.load import BaseModel
+from .models.text import too_long
+from .sampling.prompts import read_prompt_file
+
+
+def check_precision(config: TrainConfig) -> None:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16, no or auto")
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".sd_lora_write_test.{os.getpid()}"  # per process: ranks probe at once
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder") from None
+
+
+def read_sample_prompts(config: TrainConfig):
+    """The --sample-prompts file, parsed and its sizes checked (None: sample with the dataset's captions).
+
+    A bad prompt file is an option problem: it is read before the model loads.
+    """
+    return read_prompt_file(config.sample_prompts) if config.sample_prompts else None
+
+
+def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int,
+            n_params: int, model: BaseModel, n_validation: int = 0, processes: int = 1) -> str:
+    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
+    repeats = sum(r.repeats for r in dataset.records)
+    prior = [r for r in dataset.records if r.prior]
+    buckets = dataset.bucket_counts()
+    bucket_text = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])[:8])
+    if len(buckets) > 8:
+        bucket_text += f", ... ({len(buckets)} buckets)"
+    lines = [
+        f"model: {model.name} ({model.family}, {model.prediction_type}, native {model.native_resolution}px)",
+        f"images: {len(dataset.records) - len(prior)} ({repeats - sum(r.repeats for r in prior)} per epoch with repeats), skipped: {len(scan.skipped)}"
+        + (f", validation: {n_validation}" if n_validation else "")
+        + (f"; regularisation: {len(prior)} ({sum(r.repeats for r in prior)} per epoch)" if prior else ""),
+        f"buckets: {bucket_text}",
+        f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes; {batches} batches/epoch",
+        f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
+        f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {config.targets}"
+        + ((" + text encoders" if model.family == "sdxl" else " + text encoder") if config.train_text_encoder else ""),
+        f"trainable parameters: {n_params:,}; expected file size: {n_params * bytes_per / 2**20:.2f} MiB ({config.save_precision})",
+        f"latent cache: {'on' if config.cache_latents else 'off'}; mixed precision: {config.mixed_precision}; CPU threads: {torch.get_num_threads()}",
+    ]
+    return "\n".join(lines)
+
+
+def warn_long_captions(tokenizer, captions: list[str]) -> None:
+    """Captions longer than the text encoder reads (77 tokens) lose their end: said once, before training."""
+    long = too_long(tokenizer, captions)
+    if long:
+        caption, tokens = max(long.items(), key=lambda item: item[1])
+        shown = caption if len(caption) <= 80 else caption[:77] + "..."
+        print(f"warning: {len(long)} of {len(set(captions))} captions are longer than the {tokenizer.model_max_length} tokens the "
+              f"text encoder reads, and lose their end (the longest, {tokens} tokens: {shown!r}); shorten them or put what "
+              "matters first", file=sys.stderr)
+
+
+def check_free_space(path: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise UserError(f"--output-dir {path}: only {free / 2**20:.0f} MiB free, the run needs about {needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")
