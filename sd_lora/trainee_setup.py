@@ -137,7 +137,7 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     compile_unet(model.unet, config.compile, batch_shapes)
     model.unet.train()
     for encoder in model.text_encoders:
-        encoder.train(config.train_text_encoder)
+        encoder.train(bool(config.train_text_encoder))  # None (unresolved) trains nothing
     model.vae.eval()
     return trainable_parameters(model.unet) + [p for e in text_encoders for p in trainable_parameters(e)]
 
