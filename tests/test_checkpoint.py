@@ -51,6 +51,27 @@ def stop_at(monkeypatch, step: int):
 
 
 @pytest.mark.slow
+def test_a_run_from_init_weights_resumes_from_its_own_config_toml(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """config.toml records the shape the --init-weights file decided (rank, alpha, text encoder): resuming with
+    it, as the interrupt message says, is not refused as contradicting the file, and ends bit-identical."""
+    first = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "src", "--max-steps", "1", "--rank", "2", "--alpha", "1")))
+
+    def from_first(out):  # EXACT without its --rank: the file decides the rank
+        every = args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--init-weights", str(first.path))
+        at = every.index("--rank")
+        return every[:at] + every[at + 2:]
+
+    full = run(load_config(from_first(tmp_path / "a")))
+    assert (full.config.rank, full.config.alpha, full.config.train_text_encoder) == (2, 1.0, True)
+    stop_at(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(load_config(from_first(tmp_path / "b")))
+    monkeypatch.undo()
+    assert main(["--config", str(tmp_path / "b" / "config.toml"), "--resume", "latest"]) == 0
+    assert_same_lora(full.path, tmp_path / "b" / "data.safetensors")
+
+
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
     full = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "a", "--max-steps", "7")))
     # 6 images x 2 repeats / batch 2 = 6 batches = 3 steps per epoch (accumulation 2): stopping at step 4
