@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,9 @@ class Progress:
     nan_steps: int = 0
     best_validation: float | None = None
     best_validation_step: int | None = None
+    # The files of the run's scheduled saves so far, oldest first (one list per save: --format both writes two),
+    # as absolute paths: --keep-saves deletes only files the run wrote, also after a resume. Older states: none.
+    saves: list[list[str]] = field(default_factory=list)
 
 
 def state_dir_name(step: int) -> str:

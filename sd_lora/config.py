@@ -136,6 +136,9 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
                         f"{c.lr_scheduler}); switch to it or drop the option")
     if c.max_steps is not None and c.max_steps >= 1 and c.lr_warmup_steps > c.max_steps:  # (< 1 is its own problem)
         problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
+    if c.keep_saves and not c.save_every and not c.save_every_epochs:
+        problems.append(f"--keep-saves {c.keep_saves} keeps the newest intermediate files, but none are saved; add --save-every N "
+                        "or --save-every-epochs N, or drop --keep-saves")
     if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:
         problems.append(f"--keep-tokens {c.keep_tokens} only has an effect with --shuffle-tags or --tag-dropout; add one or drop --keep-tokens")
     if c.random_crop and c.cache_latents:

@@ -128,7 +128,17 @@ class TrainConfig:
     format: str = option("kohya", "File format: kohya (WebUIs, ComfyUI and diffusers), diffusers (lora_A/lora_B, alpha baked in) or both.", choices=FORMATS, group="output")
     save_precision: str = option("fp16", "Precision of the saved LoRA tensors.", choices=SAVE_PRECISIONS, group="output")
     training_comment: str = option("", "Free text stored as ss_training_comment.", ss="ss_training_comment", group="output")
-    sample_every: int = option(100, "Write a sample grid every N steps, plus at step 0 and at the end (0 disables sampling).", min=0, group="sampling")
+    sample_every: int = option(100, "Write a sample grid every N steps, plus at step 0 and at the end (0: none by step; with --sample-every-epochs 0 too, no sampling at all).", min=0, group="sampling")
+    # Epoch schedules (kohya's save_every_n_epochs, sample_every_n_epochs, save_last_n_*); none has an ss_* key in kohya.
+    save_every_epochs: int = option(0, "Also save <name>-NNNNNN.safetensors (kohya's epoch file name) at the end of every N-th epoch; the "
+                                    "last epoch's weights are the final <name>.safetensors (0: no epoch files). Combines with --save-every: "
+                                    "each writes its own files.", min=0, group="output")
+    keep_saves: int = option(0, "Keep only the newest K files of --save-every and --save-every-epochs together (kohya's save_last_n_steps/"
+                             "epochs, counted in files): after each new one is written, this run's older ones are deleted. Never "
+                             "the final file, a save on Ctrl-C or other files in --output-dir (0: keep all).", min=0, group="output")
+    sample_every_epochs: int = option(0, "Also write a sample grid at the end of every N-th epoch, samples/<name>-NNNNNN.png; the last "
+                                      "epoch's is the end grid (0: none). Unlike kohya's sample_every_n_epochs it does not replace "
+                                      "--sample-every: add --sample-every 0 for epoch grids only.", min=0, group="sampling")
     sample_prompts: Path | None = option(None, "Prompt file, one per line, kohya options --n --w --h --s --l --d. Default: dataset captions.", group="sampling")
     sample_steps: int = option(20, "Denoising steps per sample.", min=1, max=1000, group="sampling")
     sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
@@ -163,6 +173,11 @@ class TrainConfig:
     @property
     def use_latent_cache(self) -> bool:
         return (not self.random_crop) if self.cache_latents is None else self.cache_latents
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the run draws sample grids (then also at step 0 and at the end)."""
+        return bool(self.sample_every or self.sample_every_epochs)
 
     def to_dict(self, *, public: bool = False) -> dict[str, Any]:
         """Kebab-case keys, JSON/TOML-friendly values; `load_config` reads it back unchanged.

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -130,6 +131,10 @@ class RunOutputs:
         self.smoothed: float | None = None
         self.state = loop.TrainState()
         self.saved: list[Path] = []
+        # --save-every/--save-every-epochs files of this run, oldest first (--keep-saves), and the epochs whose end
+        # the hooks have seen: a resumed run knows both from its state, so no epoch end is handled twice.
+        self.scheduled_saves = [[Path(p) for p in save] for save in progress.saves] if progress else []
+        self.epochs_done = progress.epoch if progress else 0
         self.grids: list[Path] = []
         # images[prompt][seed] of step 0's grid and of the latest grid drawn in this process (not all: memory)
         self.step_0_cells: list | None = None
@@ -162,15 +167,30 @@ class RunOutputs:
             if state.step == self.first_step:  # the estimate printed before training had no activations in it
                 self.progress.write(f"after step {state.step}, {memory.describe_peak(self.acc.device)}")
         c, step = self.config, state.step
-        before_end = step < self.total_steps
+        before_end = step < self.total_steps  # the end's grid and file come after the loop (train.py)
+        ended = self.epoch_ended(state)
         if self.validation_items and (step % c.validate_every == 0 or not before_end):
             self.validate(step)
-        if c.sample_every and step % c.sample_every == 0 and before_end:
-            self.sample(step)
+        by_step = bool(c.sample_every) and step % c.sample_every == 0 and before_end
+        by_epoch = bool(ended and c.sample_every_epochs) and ended % c.sample_every_epochs == 0 and before_end
+        if by_step or by_epoch:
+            self.sample(step, epoch=ended if by_epoch else None, by_step=by_step)
         if c.save_every and step % c.save_every == 0 and before_end:
-            self.save_lora(self.out / f"{c.output_name}-step{step:08d}.safetensors", state)
+            self.save_scheduled(self.out / f"{c.output_name}-step{step:08d}.safetensors", state)
+        # As kohya: the last epoch's weights are the final <name>.safetensors, not also an epoch file.
+        if ended and c.save_every_epochs and ended % c.save_every_epochs == 0 and before_end:
+            self.save_scheduled(self.out / f"{c.output_name}-{ended:06d}.safetensors", state)
         if c.save_state_every and step % c.save_state_every == 0:
             self.save_state(state)
+
+    def epoch_ended(self, state: loop.TrainState) -> int | None:
+        """The epoch (counted from 1, kohya's file number) that ended with the step `state` holds, once; None
+        within an epoch. The loop moves `state.epoch` on at an epoch's last batch, before this hook. An epoch
+        whose last step was skipped (--nan-skip) ends at the next step taken."""
+        if state.epoch <= self.epochs_done:
+            return None
+        self.epochs_done = state.epoch
+        return state.epoch
 
     def on_skipped_step(self, record: loop.StepRecord, nan_steps: int) -> None:
         self.log({"step": record.step, "skipped": True, "loss": str(record.loss), "grad_norm": str(record.grad_norm)})
@@ -227,15 +247,18 @@ class RunOutputs:
         finally:
             memory.move_modules(moved, "cpu")
 
-    def sample(self, step: int) -> None:
-        if not self.main or not self.config.sample_every:
+    def sample(self, step: int, epoch: int | None = None, by_step: bool = True) -> None:
+        """Draw the sample grid of step `step` and save it as <name>-stepNNNNNNNN.png (`by_step`) and, when
+        `epoch` ended here, as <name>-NNNNNN.png (the epoch's LoRA file name): one drawing for both."""
+        if not self.main or not self.config.sampling:
             return
+        name = self.config.output_name
         pipe, settings = self._sampling()
         cells: list = []
+        title = f"{name} - step {step}" + (f", end of epoch {epoch}" if epoch else "")
         try:
             with self._generating():
-                grid, log = generate_grid(pipe, self.prompts, settings, title=f"{self.config.output_name} - step {step}",
-                                          cells_out=cells, stop=lambda: self.stop.requested)
+                grid, log = generate_grid(pipe, self.prompts, settings, title=title, cells_out=cells, stop=lambda: self.stop.requested)
         except SamplingStopped:  # a Ctrl-C or SIGTERM: saving the LoRA comes first
             self.progress.write(f"samples at step {step} skipped: a stop was requested")
             return
@@ -243,14 +266,15 @@ class RunOutputs:
         if step == 0:
             self.step_0_cells = cells
         # The log (per row: prompt, size, steps, cfg, seeds) travels in the PNG: a grid says how it was drawn.
-        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-step{step:08d}.png",
-                         metadata={"step": step, **log})
-        self.grids.append(path)
-        self.progress.write(f"samples: {path} ({json.dumps(log, default=str)})")
+        names = ([f"{name}-step{step:08d}.png"] if by_step else []) + ([f"{name}-{epoch:06d}.png"] if epoch else [])
+        metadata = {"step": step, **({"epoch": epoch} if epoch else {}), **log}
+        paths = [save_grid(grid, self.out / "samples" / file_name, metadata=metadata) for file_name in names]
+        self.grids.extend(paths)
+        self.progress.write(f"samples: {', '.join(map(str, paths))} ({json.dumps(log, default=str)})")
 
     def compare_with_base(self, step: int) -> Path | None:
         """The sample prompts on the same seeds without and with the LoRA, side by side: what the LoRA changed."""
-        if not self.main or not self.config.sample_every:
+        if not self.main or not self.config.sampling:
             return None
         pipe, settings = self._sampling()
         before = self.step_0_cells if self.base_at_step_0 else None  # LoRA starts as an exact no-op
@@ -277,8 +301,13 @@ class RunOutputs:
         return path
 
     def save_lora(self, path: Path, state: loop.TrainState) -> Path | None:
+        return path if self._write_lora(path, state) else None
+
+    def _write_lora(self, path: Path, state: loop.TrainState) -> list[Path]:
+        """The LoRA files of `state` (the main process; the others write none): `path`, and with --format both
+        its -diffusers sibling."""
         if not self.main:
-            return None
+            return []
         components = lora_components(self.model, self.config.train_text_encoder)
         meta = training_metadata(
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
@@ -295,7 +324,33 @@ class RunOutputs:
             raise UserError(f"could not save {path}: {e.strerror or e}. {self._rescue(state)}") from None
         self.saved.extend(written)
         self.progress.write(f"saved {', '.join(map(str, written))}")
-        return path
+        return written
+
+    def save_scheduled(self, path: Path, state: loop.TrainState) -> None:
+        """An intermediate save of --save-every or --save-every-epochs. With --keep-saves K the files of this
+        run's older scheduled saves beyond the newest K are then deleted: only once the new file is written
+        (a failed save raises first), and only files this run wrote under its own names in --output-dir."""
+        written = [p.resolve() for p in self._write_lora(path, state)]
+        if not written:
+            return
+        # A name written again (a resume from an earlier state) is the newest save now, not also an old one.
+        self.scheduled_saves = [s for s in self.scheduled_saves if not set(s) & set(written)] + [written]
+        keep = self.config.keep_saves
+        while keep and len(self.scheduled_saves) > keep:
+            for old in self.scheduled_saves.pop(0):
+                self._delete_save(old)
+
+    def _delete_save(self, path: Path) -> None:
+        own = re.fullmatch(rf"{re.escape(self.config.output_name)}-(step\d{{8}}|\d{{6}})(-diffusers)?\.safetensors", path.name)
+        if not own or path.parent != self.out.resolve():  # (a resume into another --output-dir): never touched
+            self.progress.write(f"warning: --keep-saves left {path} alone: it is not named as this run's saves in {self.out}")
+            return
+        try:
+            path.unlink(missing_ok=True)  # already gone (deleted by hand): nothing to do
+        except OSError as e:
+            self.progress.write(f"warning: --keep-saves could not delete {path}: {e.strerror or e}; delete it by hand")
+            return
+        self.progress.write(f"deleted {path} (--keep-saves {self.config.keep_saves})")
 
     def _rescue(self, state: loop.TrainState) -> str:
         """After a LoRA file could not be written: keep the weights in a training state if that can still be
@@ -329,6 +384,7 @@ class RunOutputs:
         progress = checkpoint.Progress(
             step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
             best_validation=self.best_validation, best_validation_step=self.best_validation_step,
+            saves=[[str(p) for p in save] for save in self.scheduled_saves],
         )
         try:
             path = checkpoint.save_state(

@@ -85,3 +85,19 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(path).free
     if free < needed_bytes:
         raise UserError(f"--output-dir {path}: only {free / 2**20:.0f} MiB free, the run needs about {needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")
+
+
+def check_epoch_schedules(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> None:
+    """--save-every-epochs and --sample-every-epochs must reach an epoch end before the last step (whose file
+    and grid are the final ones, as kohya's last epoch), or they would do nothing."""
+    ends_before_last = (total_steps - 1) // steps_per_epoch  # epoch e ends at step e * steps_per_epoch
+    run = f"the run has {total_steps} steps, {steps_per_epoch} per epoch"
+    problems = []
+    for flag, every, final in (("--save-every-epochs", config.save_every_epochs, f"{config.output_name}.safetensors"),
+                               ("--sample-every-epochs", config.sample_every_epochs, "the end's grid")):
+        if every and every > ends_before_last:
+            fix = f"use 1 to {ends_before_last}" if ends_before_last else "train more than one epoch"
+            problems.append(f"{flag} {every}: {run}, so no epoch before the last one ends on a multiple of {every} (the last "
+                            f"epoch's is {final}); {fix}, or drop {flag}")
+    if problems:
+        raise UserError("\n".join(problems))

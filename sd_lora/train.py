@@ -2,8 +2,8 @@
 
 Order matters and is the user-visible contract: validate every option (before any model loads), load the
 model, scan and check every image, inject LoRA, cache latents, print a summary, then train. Outputs go to
-`--output-dir`: `<name>.safetensors`, `<name>-stepNNNNNNNN.safetensors`, `config.toml`, `metrics.jsonl`,
-`samples/*.png`. Only the main process writes files.
+`--output-dir`: `<name>.safetensors`, `<name>-stepNNNNNNNN.safetensors`, `<name>-NNNNNN.safetensors` (epochs),
+`config.toml`, `metrics.jsonl`, `samples/*.png`. Only the main process writes files.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .preflight import check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
+from .preflight import check_epoch_schedules, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator,  # noqa: E402
                             prepare_models, read_init_weights)
@@ -80,8 +80,9 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     layers = min(e.config.num_hidden_layers for e in model.text_encoders) - (model.family == "sdxl")
     if config.clip_skip > layers:
         problems.append(f"--clip-skip {config.clip_skip}: this model's text encoder has {layers} usable layers for it; use 1 to {layers}")
-    if config.sample_every and resolution % SIZE_STEP:
-        problems.append(f"--resolution {resolution}: sample grids need a multiple of {SIZE_STEP} px; change it or pass --sample-every 0")
+    if config.sampling and resolution % SIZE_STEP:
+        off = "--sample-every 0" + (" --sample-every-epochs 0" if config.sample_every_epochs else "")
+        problems.append(f"--resolution {resolution}: sample grids need a multiple of {SIZE_STEP} px; change it or pass {off}")
     if problems:
         raise UserError("\n".join(problems))
     return dataclasses.replace(
@@ -200,6 +201,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     epochs = math.ceil(total_steps / per_epoch)
     if config.lr_warmup_steps > total_steps:
         raise UserError(f"--lr-warmup-steps {config.lr_warmup_steps} is longer than the run ({total_steps} steps)")
+    check_epoch_schedules(config, per_epoch, total_steps)
     n_params = sum(p.numel() for p in trainable)
     file_bytes = n_params * {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
     check_free_space(config.output_dir, 64 * 2**20 + file_bytes * 4 + n_params * 12 * config.keep_states)

@@ -1,8 +1,10 @@
-"""The run's hooks: the common stop decision of several processes."""
+"""The run's hooks: the common stop decision of several processes, the grids' names, epoch saves and grids,
+--keep-saves."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -45,8 +47,10 @@ def test_readme_names_every_file_the_sample_hooks_write():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for hook in (RunOutputs.sample, RunOutputs.compare_with_base):
-        (suffix,) = re.findall(r'output_name\}(-[a-z-]*step)\{step:08d\}\.png', inspect.getsource(hook))
+        (suffix,) = re.findall(r'name\}(-[a-z-]*step)\{step:08d\}\.png', inspect.getsource(hook))
         assert f"| `out/samples/<name>{suffix}NNNNNNNN.png` |" in readme, suffix
+    assert re.findall(r'name\}-\{epoch:06d\}\.png', inspect.getsource(RunOutputs.sample))  # the epoch grids
+    assert "| `out/samples/<name>-NNNNNN.png` |" in readme
 
 
 @pytest.mark.slow
@@ -74,3 +78,134 @@ def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_datase
         {"prompt": "zkchar, tall", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0, "seeds": [0, 1],
          "sampler": "k_euler_a"},
     ]
+
+
+# --- epoch saves and grids, --keep-saves ----------------------------------------------------------------
+# The tiny dataset: 6 images x 2 repeats / batch 2 = 6 batches; with accumulation 3 an epoch is 2 steps, so
+# epoch e ends at step 2e.
+EPOCHS = ["--resolution", "32", "--batch-size", "2", "--gradient-accumulation-steps", "3", "--rank", "4", "--sample-steps", "2",
+          "--sample-seeds", "1", "--output-name", "zk"]
+
+
+def epoch_args(data, model, out, *extra):
+    return ["--data", str(data), "--model", str(model), "--output-dir", str(out), *EPOCHS, *extra]
+
+
+def record_writes(monkeypatch) -> list[str]:
+    """The names of the LoRA files the run writes, in order."""
+    from sd_lora.outputs import RunOutputs
+
+    names, original = [], RunOutputs._write_lora
+
+    def write(self, path, state):
+        names.append(path.name)
+        return original(self, path, state)
+
+    monkeypatch.setattr(RunOutputs, "_write_lora", write)
+    return names
+
+
+@pytest.mark.slow
+def test_epoch_files_and_grids_at_the_right_epochs_and_keep_saves_deletes_only_the_oldest(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    from PIL import Image
+    from safetensors import safe_open
+
+    from sd_lora import outputs
+    from sd_lora.config import load_config
+    from sd_lora.train import run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # Not this run's: an unrelated file, another output name's epoch file, and an older run's step file under
+    # this run's naming (a step this run never saves).
+    strangers = {"notes.safetensors": b"n", "other-000001.safetensors": b"o", "zk-step00000005.safetensors": b"z"}
+    for name, content in strangers.items():
+        (out / name).write_bytes(content)
+    written = record_writes(monkeypatch)
+    drawn, original_grid = [], outputs.generate_grid
+
+    def counting_grid(*args, **kwargs):
+        drawn.append(kwargs["title"])
+        return original_grid(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "generate_grid", counting_grid)
+    # 8 steps = 4 epochs; the 4th ends at the last step, whose weights are the final file.
+    run(load_config(epoch_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "8", "--save-every", "3", "--save-every-epochs", "1",
+                               "--keep-saves", "3", "--sample-every", "4", "--sample-every-epochs", "2")))
+    assert written == ["zk-000001.safetensors", "zk-step00000003.safetensors", "zk-000002.safetensors", "zk-step00000006.safetensors",
+                       "zk-000003.safetensors", "zk.safetensors"]  # no zk-000004: the last epoch is zk.safetensors
+    # The newest 3 intermediate files stay; the two oldest went; nothing else was touched.
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(
+        ["zk-000002.safetensors", "zk-000003.safetensors", "zk-step00000006.safetensors", "zk.safetensors", *strangers])
+    assert all((out / name).read_bytes() == content for name, content in strangers.items())
+    with safe_open(str(out / "zk-000002.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_epoch"], meta["ss_steps"]) == ("2", "4")
+    # Grids: step 0, step 4 = end of epoch 2 (drawn once, saved under both names), the end (not also as epoch 4).
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["zk-000002.png", "zk-compare-step00000008.png", "zk-step00000000.png", "zk-step00000004.png", "zk-step00000008.png"]
+    assert drawn == ["zk - step 0", "zk - step 4, end of epoch 2", "zk - step 8"]
+    with Image.open(out / "samples" / "zk-000002.png") as by_epoch, Image.open(out / "samples" / "zk-step00000004.png") as by_step:
+        assert json.loads(by_epoch.text["sd_lora"])["epoch"] == 2 and json.loads(by_epoch.text["sd_lora"])["step"] == 4
+        assert by_epoch.tobytes() == by_step.tobytes()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_saves_no_epoch_twice_and_keeps_deleting_its_own_older_files(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    from sd_lora import outputs
+    from sd_lora.config import load_config
+    from sd_lora.errors import Interrupted
+    from sd_lora.train import run
+
+    out = tmp_path / "out"
+    args = epoch_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "8", "--save-every-epochs", "1", "--keep-saves", "2", "--sample-every", "0")
+    original = outputs.RunOutputs.on_step_end
+
+    def stop_at_step_4(self, state):  # the end of epoch 2: its file is written, then the run stops
+        original(self, state)
+        if state.step == 4:
+            self.stop.signal = signal.SIGINT
+
+    monkeypatch.setattr(outputs.RunOutputs, "on_step_end", stop_at_step_4)
+    with pytest.raises(Interrupted):
+        run(load_config(args))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["zk-000001.safetensors", "zk-000002.safetensors", "zk-step00000004.safetensors"]
+    monkeypatch.undo()
+    written = record_writes(monkeypatch)
+    run(load_config([*args, "--resume", "latest"]))
+    assert written == ["zk-000003.safetensors", "zk.safetensors"]  # epoch 2 was saved before the stop
+    # --keep-saves 2 deleted epoch 1's file, written before the interruption; the Ctrl-C save is not a scheduled one.
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "zk-000002.safetensors", "zk-000003.safetensors", "zk-step00000004.safetensors", "zk.safetensors"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every-epochs", "-1"], "--save-every-epochs -1 is out of range: it must be >= 0"),
+    (["--sample-every-epochs", "two"], "command line: sample-every-epochs = 'two' must be a whole number"),
+    (["--keep-saves", "-2", "--save-every", "5"], "--keep-saves -2 is out of range: it must be >= 0"),
+    (["--keep-saves", "2"], "--keep-saves 2 keeps the newest intermediate files, but none are saved; add --save-every N or --save-every-epochs N"),
+])
+def test_bad_epoch_and_keep_options_are_refused(tiny_dataset, tmp_path, flags, message):
+    from sd_lora.config import load_config
+    from sd_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(["--data", str(tiny_dataset), "--output-dir", str(tmp_path), *flags])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("every, total, refused", [(3, 8, None), (4, 8, "use 1 to 3"), (4, 9, None), (1, 2, "train more than one epoch")])
+def test_epoch_schedules_that_never_reach_an_epoch_before_the_last_are_refused(every, total, refused):
+    """Epoch e ends at step 2e: with 8 steps epochs 1-3 end before the last step, epoch 4 at it (the final file)."""
+    from sd_lora.errors import UserError
+    from sd_lora.options import TrainConfig
+    from sd_lora.preflight import check_epoch_schedules
+
+    for option in ("save_every_epochs", "sample_every_epochs"):
+        config = TrainConfig(output_name="zk", **{option: every})
+        if refused is None:
+            check_epoch_schedules(config, steps_per_epoch=2, total_steps=total)
+            continue
+        with pytest.raises(UserError) as e:
+            check_epoch_schedules(config, steps_per_epoch=2, total_steps=total)
+        assert f"--{option.replace('_', '-')} {every}: the run has {total} steps, 2 per epoch" in str(e.value) and refused in str(e.value)
