@@ -97,9 +97,10 @@ def _check_range(config: TrainConfig, problems: list[str]) -> None:
                             "the LoRA's metadata cannot record; rename it using UTF-8 characters")
             continue
         if meta["choices"] and value not in meta["choices"]:
-            close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+            choices = [str(c) for c in meta["choices"]]  # (some are numbers: --max-token-length)
+            close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{flag} {value!r} is not supported{hint}; choose one of: {', '.join(meta['choices'])}")
+            problems.append(f"{flag} {value!r} is not supported{hint}; choose one of: {', '.join(choices)}")
         lo, hi = meta["min"], meta["max"]
         if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
             op = ">" if meta["min_exclusive"] else ">="
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             group.add_argument(
                 flag,
-                metavar=meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else kind.__name__.upper()),
+                metavar=meta["metavar"] or ("{" + ",".join(map(str, meta["choices"])) + "}" if meta["choices"] else kind.__name__.upper()),
                 help=meta["help"] + shown,
             )
     return parser

@@ -279,3 +279,23 @@ def test_cache_and_optimizer_combinations(tmp_path):
     with pytest.raises(ConfigError, match="prodigy learns its own step size"):
         load_config(["--data", str(tmp_path), "--optimizer", "prodigy"])
     assert load_config(["--data", str(tmp_path), "--optimizer", "prodigy", "--learning-rate", "1"]).optimizer == "prodigy"
+
+
+def test_max_token_length_takes_kohyas_values_from_flags_and_files(tmp_path):
+    base = ["--data", str(tmp_path), "--model", "m"]
+    assert load_config(base).max_token_length is None  # CLIP's 75 tokens, as before
+    assert load_config([*base, "--max-token-length", "225"]).max_token_length == 225
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("max-token-length = 150\n")
+    c = load_config([*base, "--config", str(cfg)])
+    assert c.max_token_length == 150 and c.ss_metadata()["ss_max_token_length"] == "150"
+    assert "max-token-length = 150" in c.to_toml()
+    assert load_config(base).ss_metadata()["ss_max_token_length"] == "None"  # as kohya writes an unset value
+    with pytest.raises(ConfigError, match=r"--max-token-length 100 is not supported; choose one of: 75, 150, 225"):
+        load_config([*base, "--max-token-length", "100"])
+    cfg.write_text("max-token-length = 300\n")
+    with pytest.raises(ConfigError, match=r"--max-token-length 300 is not supported; choose one of: 75, 150, 225"):
+        load_config([*base, "--config", str(cfg)])
+    with pytest.raises(ConfigError, match="max-token-length = 'long' must be a whole number"):
+        load_config([*base, "--max-token-length", "long"])
+    assert "--max-token-length {75,150,225}" in build_parser().format_help()
