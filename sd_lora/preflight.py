@@ -70,15 +70,21 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
     return "\n".join(lines)
 
 
-def warn_long_captions(tokenizer, captions: list[str]) -> None:
-    """Captions longer than the text encoder reads (77 tokens) lose their end: said once, before training."""
-    long = too_long(tokenizer, captions)
+def warn_long_captions(tokenizer, captions: list[str], max_tokens: int | None = None) -> None:
+    """Captions longer than the text encoder reads (77 tokens, or --max-token-length + 2) lose their end: said
+    once, before training."""
+    long = too_long(tokenizer, captions, max_tokens)
     if long:
         caption, tokens = max(long.items(), key=lambda item: item[1])
         shown = caption if len(caption) <= 80 else caption[:77] + "..."
-        print(f"warning: {len(long)} of {len(set(captions))} captions are longer than the {tokenizer.model_max_length} tokens the "
-              f"text encoder reads, and lose their end (the longest, {tokens} tokens: {shown!r}); shorten them or put what "
-              "matters first", file=sys.stderr)
+        if max_tokens in (None, 75):
+            reads = f"the {tokenizer.model_max_length} tokens the text encoder reads"
+            fix = "shorten them, put what matters first or pass --max-token-length 150 or 225"
+        else:
+            reads = f"--max-token-length {max_tokens} ({max_tokens + 2} tokens with the start and end tokens)"
+            fix = "shorten them or put what matters first" + (" or pass --max-token-length 225" if max_tokens < 225 else "")
+        print(f"warning: {len(long)} of {len(set(captions))} captions are longer than {reads}, and lose their end (the longest, "
+              f"{tokens} tokens: {shown!r}); {fix}", file=sys.stderr)
 
 
 def check_free_space(path: Path, needed_bytes: int) -> None:

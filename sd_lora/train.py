@@ -155,7 +155,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if final.is_dir():  # found now, not when the trained weights are to be written
         raise UserError(f"{final} is a folder, but the trained LoRA is saved under that name; rename or remove it, or pass another --output-name")
     if process.is_main_process:
-        warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records])
+        warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records],
+                           config.max_token_length)
     init_weights = None
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)  # (and whether the text encoder trains)
@@ -238,7 +239,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
             raise UserError(f"--resume {resumed.path}: the run already has {state.step} steps; raise --max-steps or --epochs to extend it")
 
     conditioner = Conditioner(model.family, model.tokenizers, text_encoders, config.clip_skip,
-                              cache_outputs=not config.train_text_encoder and not config.shuffle_tags and not config.tag_dropout)
+                              cache_outputs=not config.train_text_encoder and not config.shuffle_tags and not config.tag_dropout,
+                              max_tokens=config.max_token_length)
     drawn = [r.caption for r in dataset.records] + [v.caption for v in validation_items] + [""] * (config.caption_dropout > 0)
     offloaded = cache_text_conditioning(conditioner, drawn, model, accelerator, weight_dtype)
     prompts = file_prompts or default_prompts([r.caption for r in train_records])

@@ -5,6 +5,9 @@ SDXL: two text encoders; their penultimate hidden states are concatenated (768 +
 the second encoder's pooled, projected output and six size numbers per image (`add_time_ids`: original
 height/width, crop top/left, target height/width) enter through `added_cond_kwargs` (Podell et al. 2023,
 "SDXL", section 2.2).
+
+With `max_tokens` 150 or 225 each caption is read in 77-token windows (`text.py`): the hidden states are
+(B, 75k + 2, D) instead of (B, 77, D), and SDXL's pooled output is the first window's, as kohya trains.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..memory import to_device
-from .text import encode_tokens, tokenize
+from .text import encode_tokens, join_windows, tokenize, window_count
 
 
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
@@ -36,12 +39,14 @@ class Conditioner:
     dropout), so the cache holds at most one entry per caption (plus the empty caption of caption dropout).
     """
 
-    def __init__(self, family: str, tokenizers: list, text_encoders: list, clip_skip: int = 1, *, cache_outputs: bool = False):
+    def __init__(self, family: str, tokenizers: list, text_encoders: list, clip_skip: int = 1, *, cache_outputs: bool = False,
+                 max_tokens: int | None = None):
         if family == "sdxl" and len(text_encoders) != 2:
             raise ValueError("SDXL needs two text encoders")
         self.family, self.tokenizers, self.text_encoders, self.clip_skip = family, tokenizers, text_encoders, clip_skip
-        self.cache_outputs = cache_outputs
-        self._cache: dict[str, tuple] = {}  # caption -> (hidden (77, D), pooled (P,) or None)
+        self.cache_outputs, self.max_tokens = cache_outputs, max_tokens
+        self.windows = window_count(tokenizers[0], max_tokens)  # k: 1, or 2/3 for --max-token-length 150/225
+        self._cache: dict[str, tuple] = {}  # caption -> (hidden (75k + 2 or 77, D), pooled (P,) or None)
 
     def __call__(self, captions: list[str], batch: dict, device, dtype) -> dict:
         """The U-Net's keyword arguments for `captions` (and, for SDXL, the batch's size conditioning)."""
@@ -80,19 +85,20 @@ class Conditioner:
 
     def _encode(self, captions: list[str], batch: dict, device, dtype) -> dict:
         if self.family != "sdxl":
-            ids = tokenize(self.tokenizers[0], captions)
-            hidden = encode_tokens(self.text_encoders[0], ids.to(_device_of(self.text_encoders[0])), self.clip_skip)  # (B, 77, D)
-            return {"encoder_hidden_states": hidden.to(device)}
+            ids = tokenize(self.tokenizers[0], captions, self.max_tokens)  # (B * k, 77)
+            hidden = encode_tokens(self.text_encoders[0], ids.to(_device_of(self.text_encoders[0])), self.clip_skip)
+            return {"encoder_hidden_states": join_windows(hidden, self.windows).to(device)}  # (B, 77 or 75k + 2, D)
         hidden_states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenize(tokenizer, captions)
+            ids = tokenize(tokenizer, captions, self.max_tokens)  # (B * k, 77)
             out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True, return_dict=True)
             # SDXL conditions on the penultimate layer ("clip skip 2" is built in); --clip-skip N goes N-1
             # layers further back, without the final layer norm, as the SDXL pipeline does.
-            hidden_states.append(out.hidden_states[-(self.clip_skip + 1)])
+            hidden_states.append(join_windows(out.hidden_states[-(self.clip_skip + 1)], self.windows))
             pooled = getattr(out, "text_embeds", None)
-        hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77, 768 + 1280)
-        pooled = None if pooled is None else pooled.to(device)
+        hidden = torch.cat(hidden_states, dim=-1).to(device)  # (B, 77 or 75k + 2, 768 + 1280)
+        if pooled is not None:  # (B * k, 1280): the first window's, at its end token (kohya: pool2[::k])
+            pooled = pooled[::self.windows].to(device)
         added = {"text_embeds": pooled, "time_ids": batch_time_ids(batch, device, dtype)}  # (B, 1280), (B, 6)
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}
 

@@ -7,6 +7,7 @@ import torch
 
 from sd_lora.models.conditioning import Conditioner
 from sd_lora.models.load import load_base_model
+from sd_lora.models.text import encode_tokens
 
 CAPTIONS = ["zkchar, red circle", "", "zkchar, red circle", "a blue square", "zkchar, green star"]
 
@@ -62,3 +63,102 @@ def test_cache_needs_cached_outputs(tiny_model_dir):
     model = load_base_model(str(tiny_model_dir))
     with pytest.raises(ValueError, match="cache_outputs=True"):
         Conditioner(model.family, model.tokenizers, model.text_encoders).cache(["a"], "cpu", torch.float32)
+
+
+# --- long captions (--max-token-length) ---------------------------------------------------------------
+
+LONG = "zkchar, " + ", ".join(f"tag {i}" for i in range(22))  # 125 tokens with the tiny models' vocabulary
+LONG_CAPTIONS = [LONG, "a red circle"]
+
+
+def test_the_long_test_caption_needs_two_windows(tiny_model_dir):
+    n = len(load_base_model(str(tiny_model_dir)).tokenizer(LONG).input_ids)
+    assert n == 125  # two windows: 75 + 50 tokens between the start and end tokens
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_v_model_dir", "tiny_sdxl_model_dir"])
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_max_token_length_75_gives_exactly_todays_outputs(request, model_fixture, clip_skip):
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    today = Conditioner(model.family, model.tokenizers, model.text_encoders, clip_skip)
+    at_75 = Conditioner(model.family, model.tokenizers, model.text_encoders, clip_skip, max_tokens=75)
+    with torch.no_grad():
+        a, b = (c(LONG_CAPTIONS, _sizes(2), "cpu", torch.float32) for c in (today, at_75))
+    assert a["encoder_hidden_states"].shape[1] == 77
+    assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"])
+    if model.family == "sdxl":
+        assert torch.equal(a["added_cond_kwargs"]["text_embeds"], b["added_cond_kwargs"]["text_embeds"])
+
+
+@pytest.mark.parametrize("model_fixture, dim", [("tiny_model_dir", 32), ("tiny_sdxl_model_dir", 32 + 48)])
+@pytest.mark.parametrize("max_tokens, length", [(150, 152), (225, 227)])
+def test_long_captions_condition_on_75_tokens_per_window_plus_start_and_end(request, model_fixture, dim, max_tokens, length):
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    with torch.no_grad():
+        cond = Conditioner(model.family, model.tokenizers, model.text_encoders, max_tokens=max_tokens)(LONG_CAPTIONS, _sizes(2), "cpu", torch.float32)
+    assert cond["encoder_hidden_states"].shape == (2, length, dim)  # short captions are padded to the same length
+    if model.family == "sdxl":
+        assert cond["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
+
+
+def _kohya_windows(tokenizer, caption: str) -> torch.Tensor:
+    """(2, 77) windows of a 76..150-token caption for --max-token-length 150, written out by hand: the first
+    ends with the end token (after a caption token), the second holds the rest and the padding."""
+    ids = tokenizer(caption, padding="max_length", max_length=152, truncation=True, return_tensors="pt").input_ids[0]
+    first = torch.cat([ids[:76], torch.tensor([tokenizer.eos_token_id])])
+    second = torch.cat([ids[:1], ids[76:151], ids[151:]])
+    return torch.stack([first, second])
+
+
+def test_sd1_windows_encoded_one_by_one_and_joined_equal_the_conditioning(tiny_model_dir):
+    """The maths, with --clip-skip 2: each window is its own 77-token sequence; the joined states keep the first
+    window's start token, every window's 75 inner tokens and the last window's end token."""
+    model = load_base_model(str(tiny_model_dir))
+    encoder = model.text_encoder
+    with torch.no_grad():
+        cond = Conditioner(model.family, model.tokenizers, model.text_encoders, 2, max_tokens=150)([LONG], {}, "cpu", torch.float32)
+        windows = _kohya_windows(model.tokenizer, LONG)
+        states = [encode_tokens(encoder, w[None], clip_skip=2)[0] for w in windows]  # one at a time: (77, 32) each
+    expected = torch.cat([states[0][:-1], states[1][1:]])  # start + 75 | 75 + end
+    assert expected.shape == (152, 32)
+    assert torch.allclose(cond["encoder_hidden_states"][0], expected, atol=1e-5)
+    with torch.no_grad():  # what the first window reads is what 77 tokens read before
+        today = Conditioner(model.family, model.tokenizers, model.text_encoders, 2)([LONG], {}, "cpu", torch.float32)
+    assert torch.allclose(cond["encoder_hidden_states"][0, :76], today["encoder_hidden_states"][0, :76], atol=1e-5)
+
+
+def test_sdxl_windows_joined_per_encoder_and_pooled_at_the_first_windows_end_token(tiny_sdxl_model_dir):
+    model = load_base_model(str(tiny_sdxl_model_dir))
+    with torch.no_grad():
+        cond = Conditioner(model.family, model.tokenizers, model.text_encoders, max_tokens=150)([LONG], _sizes(1), "cpu", torch.float32)
+        joined, first_window_outputs = [], []
+        for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
+            windows = _kohya_windows(tokenizer, LONG)
+            outs = [encoder(w[None], output_hidden_states=True, return_dict=True) for w in windows]
+            joined.append(torch.cat([outs[0].hidden_states[-2][0, :-1], outs[1].hidden_states[-2][0, 1:]]))  # penultimate layer
+            first_window_outputs.append(outs[0])
+        # kohya's pool_workaround: the last layer's state at the first window's end token, projected
+        tokenizer_2, encoder_2, out = model.tokenizers[1], model.text_encoders[1], first_window_outputs[1]
+        end = int((_kohya_windows(tokenizer_2, LONG)[0] == tokenizer_2.eos_token_id).int().argmax())
+        pooled = encoder_2.text_projection(out.last_hidden_state[0, end])
+    assert tokenizer_2.pad_token_id != tokenizer_2.eos_token_id  # SDXL's second tokenizer pads with "!"
+    assert end == 76  # the long caption fills the first window: the end token is the one kohya's fix put there
+    assert torch.allclose(cond["encoder_hidden_states"][0], torch.cat(joined, dim=-1), atol=1e-5)
+    assert torch.allclose(cond["added_cond_kwargs"]["text_embeds"][0], pooled, atol=1e-5)
+    with torch.no_grad():  # the pooled embedding is the one 77 tokens gave before
+        today = Conditioner(model.family, model.tokenizers, model.text_encoders)([LONG], _sizes(1), "cpu", torch.float32)
+    assert torch.allclose(cond["added_cond_kwargs"]["text_embeds"], today["added_cond_kwargs"]["text_embeds"], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_cached_long_caption_conditioning_equals_fresh_encoding(request, model_fixture):
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    captions = [LONG, "", "a red circle", LONG]
+    fresh = Conditioner(model.family, model.tokenizers, model.text_encoders, max_tokens=225)
+    cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True, max_tokens=225)
+    assert cached.cache(captions, "cpu", torch.float32) == 3
+    with torch.no_grad():
+        a = fresh(captions, _sizes(4), "cpu", torch.float32)
+    b = cached(captions, _sizes(4), "cpu", torch.float32)
+    assert b["encoder_hidden_states"].shape[1] == 227
+    _assert_same_conditioning(a, b, model.family)
