@@ -233,6 +233,7 @@ class RunOutputs:
         settings = SampleSettings(
             width=c.resolution, height=c.resolution, steps=c.sample_steps, cfg=c.sample_cfg,
             seeds=tuple(range(c.sample_seeds)), sampler=c.sample_sampler, clip_skip=c.clip_skip,
+            max_token_length=c.max_token_length,
         )
         return pipe, settings
 

@@ -529,6 +529,43 @@ def test_captions_longer_than_the_text_encoder_reads_are_named_before_training(t
     assert f"{long[:77]}..." in err
 
 
+def test_max_token_length_150_trains_and_samples_long_captions_in_two_windows(tiny_dataset, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Captions of ~125 tokens condition the U-Net on 152 positions in training and in the sample grids;
+    only the caption longer than 150 tokens is warned about."""
+    from sd_lora.models.conditioning import Conditioner
+    from sd_lora.sampling import sampler
+
+    folder = tiny_dataset / "2_zkchar"
+    for path in folder.glob("*.txt"):
+        path.write_text(path.read_text() + ", " + ", ".join(f"tag {j}" for j in range(18)))  # 107 tokens
+    (folder / "img0.txt").write_text("zkchar, " + ", ".join(f"detail {j}" for j in range(40)))  # over 150 tokens
+    trained, sampled = [], []
+    encode, condition = Conditioner.__call__, sampler._text_conditioning
+
+    def spy_encode(self, *args):
+        kwargs = encode(self, *args)
+        trained.append(tuple(kwargs["encoder_hidden_states"].shape))
+        return kwargs
+
+    def spy_condition(*args):
+        kwargs = condition(*args)
+        sampled.append(tuple(kwargs["prompt_embeds"].shape))
+        return kwargs
+
+    monkeypatch.setattr(Conditioner, "__call__", spy_encode)
+    monkeypatch.setattr(sampler, "_text_conditioning", spy_condition)
+    out = tmp_path / "o"
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "1", "--sample-every", "1", "--max-token-length", "150")))
+    assert trained and all(shape == (2, 152, 32) for shape in trained)
+    assert sampled and all(shape == (1, 152, 32) for shape in sampled)  # the dataset's captions as sample prompts
+    err = capsys.readouterr().err
+    assert "warning: 1 of 4 captions are longer than --max-token-length 150 (152 tokens with the start and end tokens), and lose their end" in err
+    assert "or pass --max-token-length 225" in err
+    with safe_open(str(out / f"{tiny_dataset.name}.safetensors"), "pt") as f:
+        assert f.metadata()["ss_max_token_length"] == "150"
+    assert tomllib.loads((out / "config.toml").read_text())["max-token-length"] == 150
+
+
 def test_a_hidden_data_folder_does_not_give_a_hidden_lora_file(tiny_model_dir, tmp_path):
     from tests.helpers import write_dataset
 

@@ -46,6 +46,8 @@ class SampleSettings:
     """A `samplers.NAMES` name; a prompt's --ss overrides it for its row."""
     clip_skip: int = 1
     """Text-encoder layer from the end, as in training (kohya convention: 2 = penultimate)."""
+    max_token_length: int | None = None
+    """Prompt tokens read in 75-token windows, as in training (None or 75: the first 75; 150, 225)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -54,6 +56,8 @@ class SampleSettings:
             raise ValueError(f"width and height must be positive, got {self.width}x{self.height}")
         if self.clip_skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {self.clip_skip}")
+        if self.max_token_length is not None and (self.max_token_length <= 0 or self.max_token_length % 75):
+            raise ValueError(f"max_token_length must be 75, 150 or 225 (75 tokens per window), got {self.max_token_length}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.cfg < 0:
@@ -189,7 +193,7 @@ def generate_images(
             images = []
             for seed in row.seeds:
                 out = pipe(
-                    **_text_conditioning(pipe, row, settings.clip_skip),
+                    **_text_conditioning(pipe, row, settings.clip_skip, settings.max_token_length),
                     width=row.width,
                     height=row.height,
                     num_inference_steps=row.steps,
@@ -206,23 +210,37 @@ def generate_images(
     return cells, [{**asdict(r), "seeds": list(r.seeds)} for r in rows]
 
 
-def _text_conditioning(pipe, row: _Row, clip_skip: int) -> dict:
+def _text_conditioning(pipe, row: _Row, clip_skip: int, max_tokens: int | None = None) -> dict:
     """Prompt arguments for the pipeline call.
 
-    With clip_skip > 1 the embeddings are computed here, exactly as training computes them: diffusers'
-    own `clip_skip` counts differently (1 = penultimate) and reaches for `text_encoder.text_model`, which
-    transformers >= 5.6 no longer has on `CLIPTextModel`.
+    With clip_skip > 1 (SD1/SD2) or long prompts (`max_tokens` 150, 225) the embeddings are computed here,
+    exactly as training computes them (`Conditioner`): diffusers' own `clip_skip` counts differently
+    (1 = penultimate) and reaches for `text_encoder.text_model`, which transformers >= 5.6 no longer has on
+    `CLIPTextModel`, and its pipelines cut prompts at 77 tokens.
     """
-    if clip_skip == 1:
-        return {"prompt": row.prompt, "negative_prompt": row.negative or None}
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the pipeline's clip_skip counts from the penultimate layer
-        return {"prompt": row.prompt, "negative_prompt": row.negative or None, "clip_skip": clip_skip - 1}
-    from sd_lora.models.text import encode_tokens, tokenize
+    from sd_lora.models.conditioning import Conditioner, batch_for_text_only
+    from sd_lora.models.text import window_count
 
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    long = window_count(pipe.tokenizer, max_tokens) > 1
+    if clip_skip == 1 and not long:
+        return {"prompt": row.prompt, "negative_prompt": row.negative or None}
+    if sdxl and not long:  # the SDXL pipeline's clip_skip counts from the penultimate layer
+        return {"prompt": row.prompt, "negative_prompt": row.negative or None, "clip_skip": clip_skip - 1}
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
+    conditioner = Conditioner("sdxl" if sdxl else "sd", tokenizers, encoders, clip_skip, max_tokens=max_tokens)
     device = next(pipe.text_encoder.parameters()).device
-    ids = tokenize(pipe.tokenizer, [row.prompt, row.negative])
-    embeds = encode_tokens(pipe.text_encoder, ids.to(device), clip_skip)
-    return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    cond = conditioner([row.prompt, row.negative], batch_for_text_only(2), device, torch.float32)
+    embeds = cond["encoder_hidden_states"]  # (2, 77 or 75k + 2, D): the prompt, the negative prompt
+    if not sdxl:
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    pooled = cond["added_cond_kwargs"]["text_embeds"]
+    out = {"prompt_embeds": embeds[:1], "pooled_prompt_embeds": pooled[:1]}
+    if row.negative or not pipe.config.force_zeros_for_empty_prompt:
+        out |= {"negative_prompt_embeds": embeds[1:], "negative_pooled_prompt_embeds": pooled[1:]}
+    # else the SDXL pipeline conditions the unguided half on zeros, as it does for prompt strings
+    return out
 
 
 def generate_grid(

@@ -309,3 +309,52 @@ def test_readme_lists_every_sampler():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert f"`--sample-sampler {'|'.join(SAMPLERS)}`" in readme
+
+
+def _long_prompt(tokenizer, tail: str) -> str:
+    """A prompt whose first 75 tokens are fixed and whose `tail` comes after them (within 150 tokens)."""
+    head = "zkchar, " + ", ".join(f"tag {i}" for i in range(12))
+    n = len(tokenizer(head).input_ids) - 2
+    assert 40 < n < 75
+    head += ", " + "a " * (75 - n - 1)  # "," and each "a " are one token: the head fills the first window exactly
+    assert len(tokenizer(head).input_ids) - 2 == 75
+    return head + tail
+
+
+def test_long_prompts_sample_with_the_conditioning_training_uses(sd1_pipe):
+    """With --max-token-length 150 the words after token 75 change the samples, and the prompt is encoded by
+    the training `Conditioner`; without it they are cut, as before."""
+    from sd_lora.models.conditioning import Conditioner
+    from sd_lora.sampling.sampler import _text_conditioning
+
+    red, blue = (SamplePrompt(_long_prompt(sd1_pipe.tokenizer, f", a {c} circle")) for c in ("red", "blue"))
+    at = {n: SampleSettings(width=32, height=32, steps=2, seeds=(0,), max_token_length=n) for n in (None, 150)}
+    cut = [generate_images(sd1_pipe, [p], at[None])[0][0][0] for p in (red, blue)]
+    read = [generate_images(sd1_pipe, [p], at[150])[0][0][0] for p in (red, blue)]
+    assert np.array_equal(pixels(cut[0]), pixels(cut[1]))  # the tails are cut: the same image
+    assert np.abs(pixels(read[0]) - pixels(read[1])).max() > 0  # the tails are read
+    kwargs = _text_conditioning(sd1_pipe, _Row.resolve(red, at[150]), 1, 150)
+    with torch.no_grad():
+        trained = Conditioner("sd1", [sd1_pipe.tokenizer], [sd1_pipe.text_encoder], max_tokens=150)([red.prompt, ""], {}, "cpu", torch.float32)
+    assert kwargs["prompt_embeds"].shape == (1, 152, 32)
+    assert torch.equal(torch.cat([kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]]), trained["encoder_hidden_states"])
+
+
+def test_sdxl_samples_long_prompts_with_pooled_embeddings_and_a_zero_or_given_negative():
+    from sd_lora.models.tiny import build_tiny_sdxl_pipeline
+    from sd_lora.sampling.sampler import _text_conditioning
+
+    tiny = build_tiny_sdxl_pipeline()
+    pipe = build_sampling_pipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+                                   scheduler_config=tiny.scheduler.config, sampler="euler", text_encoder_2=tiny.text_encoder_2,
+                                   tokenizer_2=tiny.tokenizer_2)
+    prompt = SamplePrompt(_long_prompt(pipe.tokenizer, ", a red circle"))
+    settings = SampleSettings(width=32, height=32, steps=1, seeds=(0,), sampler="euler", max_token_length=150)
+    kwargs = _text_conditioning(pipe, _Row.resolve(prompt, settings), 1, 150)
+    assert kwargs["prompt_embeds"].shape == (1, 152, 32 + 48) and kwargs["pooled_prompt_embeds"].shape == (1, 32)
+    assert "negative_prompt_embeds" not in kwargs  # the pipeline zeroes the unguided half, as for prompt strings
+    with_negative = _text_conditioning(pipe, _Row.resolve(SamplePrompt(prompt.prompt, negative="blurry"), settings), 2, 150)
+    assert with_negative["negative_prompt_embeds"].shape == (1, 152, 32 + 48)
+    assert with_negative["negative_pooled_prompt_embeds"].shape == (1, 32)
+    cells, _ = generate_images(pipe, [prompt, SamplePrompt(prompt.prompt, negative="blurry")], settings)
+    assert [c[0].size for c in cells] == [(32, 32), (32, 32)]
