@@ -66,6 +66,29 @@ def test_sdxl_cli_trains_and_diffusers_reproduces_it(tiny_sdxl_model_dir, tiny_d
         assert (a - b).abs().max() < 1e-4, name
 
 
+def test_sdxl_trains_its_text_encoders_on_long_captions_with_max_token_length_225(tiny_sdxl_model_dir, tiny_dataset, tmp_path):
+    """Captions of ~200 tokens: the three windows of both encoders are joined without in-place edits, so the
+    text-encoder LoRA gets gradients through them, and the sample grids read the prompts the same way."""
+    for path in (tiny_dataset / "2_zkchar").glob("*.txt"):
+        path.write_text(path.read_text() + ", " + ", ".join(f"tag {j}" for j in range(38)))
+    tokenizer = load_base_model(str(tiny_sdxl_model_dir)).tokenizer
+    lengths = {len(tokenizer(p.read_text(), verbose=False).input_ids) for p in (tiny_dataset / "2_zkchar").glob("*.txt")}
+    assert all(152 < n <= 227 for n in lengths)  # three windows each
+    out = tmp_path / "out"
+    result = run(load_config(["--data", str(tiny_dataset), "--model", str(tiny_sdxl_model_dir), "--output-dir", str(out), *FAST,
+                              "--max-steps", "1", "--train-text-encoder", "--sample-every", "1", "--max-token-length", "225"]))
+    assert result.state.step == 1
+    assert (out / "samples" / "data-step00000001.png").is_file()
+    with safe_open(str(result.path), "pt") as f:
+        te_up = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("lora_te1", "lora_te2")) and k.endswith("lora_up.weight")}
+        assert f.metadata()["ss_max_token_length"] == "225"
+    # One step moved every text-encoder LoRA (lora_up starts at 0) but those of TE1's last layer, which feeds
+    # nothing (SDXL reads the penultimate layer); TE2's last layer moved through the pooled embedding.
+    zero = {k for k, t in te_up.items() if t.abs().max() == 0}
+    assert len(te_up) == 6 * (3 + 4) and zero == {k for k in te_up if k.startswith("lora_te1_text_model_encoder_layers_2_")}
+    assert len(zero) == 6
+
+
 @pytest.mark.slow
 def test_sdxl_v_prediction_with_zero_terminal_snr(tiny_dataset, tmp_path):
     from sd_lora.models.tiny import save_tiny_sdxl_model
