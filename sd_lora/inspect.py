@@ -46,7 +46,7 @@ TRAINING_KEYS = {
     "ss_batch_size_per_device": "batch size", "ss_gradient_accumulation_steps": "gradient accumulation",
     "ss_learning_rate": "learning rate", "ss_unet_lr": "U-Net lr", "ss_text_encoder_lr": "text encoder lr",
     "ss_lr_scheduler": "lr scheduler", "ss_lr_warmup_steps": "warm-up steps", "ss_optimizer": "optimizer",
-    "ss_mixed_precision": "mixed precision", "ss_seed": "seed", "ss_clip_skip": "clip skip",
+    "ss_mixed_precision": "mixed precision", "ss_seed": "seed", "ss_clip_skip": "clip skip", "ss_max_token_length": "max token length",
     "ss_noise_offset": "noise offset", "ss_min_snr_gamma": "min-SNR gamma",
     "ss_caption_dropout_rate": "caption dropout",
     "ss_shuffle_caption": "shuffle captions", "ss_keep_tokens": "keep tokens", "ss_flip_aug": "flip",
