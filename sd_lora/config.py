@@ -164,6 +164,11 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--optimizer prodigy learns its own step size: --learning-rate is a multiplier, use about 1.0 (got {c.learning_rate:g})")
     if c.text_encoder_lr is not None and (c.train_text_encoder is False or (c.train_text_encoder is None and c.init_weights is None)):
         problems.append("--text-encoder-lr is set but the text encoder is not trained; add --train-text-encoder")
+    if c.log_with == "none" and (c.logging_dir is not None or c.log_prefix is not None):
+        flag = "--logging-dir" if c.logging_dir is not None else "--log-prefix"
+        problems.append(f"{flag} only applies to TensorBoard logs, which are off; add --log-with tensorboard or drop {flag}")
+    if c.log_prefix is not None and any(ch in c.log_prefix for ch in '/\\:*?"<>|'):
+        problems.append(f"--log-prefix {c.log_prefix!r} must be part of a folder name, without path separators; use --logging-dir for the folder")
     if not c.caption_extension.startswith(".") or len(c.caption_extension) < 2:
         problems.append(f"--caption-extension {c.caption_extension!r} must start with a dot, e.g. '.txt' or '.caption'")
     if c.output_name is not None and (not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|')):

@@ -148,6 +148,14 @@ class TrainConfig:
     sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
     sample_sampler: str = option("ddim", "Sampler used for sample grids (kohya's names; a prompt's --ss overrides it).", choices=SAMPLERS, group="sampling")
     sample_seeds: int = option(2, "Seeds (grid columns) per prompt; seeds are 0..N-1.", min=1, max=16, group="sampling")
+    # --- logging ------------------------------------------------------------------------------------
+    log_with: str = option("none", "Also log the metrics (and sample grids) for TensorBoard: tensorboard (pip install 'sd_lora[tensorboard]'). "
+                           "metrics.jsonl is written either way.", choices=("none", "tensorboard"), group="output")
+    logging_dir: Path | None = option(None, "Folder of the TensorBoard runs (tensorboard --logdir DIR shows them); each run writes into its "
+                                      "own subfolder <log-prefix><YYYYmmdd-HHMMSS>, a resumed run into the one it continues. Default: <output-dir>/logs.",
+                                      group="output")
+    log_prefix: str | None = option(None, "Start of the run's subfolder name under --logging-dir, before the date and time (kohya's --log_prefix). "
+                                    "Default: <output-name>-.", group="output")
     # --- reliability --------------------------------------------------------------------------------
     save_state_every: int = option(0, "Write a full training state (LoRA, optimizer, schedule, RNGs, data position) every N steps (0: only on interrupt).", min=0, group="reliability")
     keep_states: int = option(2, "Keep only the newest K state folders.", min=1, group="reliability")
