@@ -37,6 +37,7 @@ class Progress:
     # The files of the run's scheduled saves so far, oldest first (one list per save: --format both writes two),
     # as absolute paths: --keep-saves deletes only files the run wrote, also after a resume. Older states: none.
     saves: list[list[str]] = field(default_factory=list)
+    log_run: str | None = None  # the TensorBoard run folder under --logging-dir (tensorboard_log.py): a resume continues it
 
 
 def state_dir_name(step: int) -> str:

@@ -72,6 +72,7 @@ class StepRecord:
     seconds: float  # host time since the previous step ended
     loss: float = math.nan  # mean over the step's micro-batches
     grad_norm: float = math.nan  # before clipping
+    text_encoder_lr: float | None = None  # the text encoders' rate, when they train (their own optimizer group)
 
     def finite(self, check_gradients: bool) -> bool:
         return math.isfinite(self.loss) and (not check_gradients or math.isfinite(self.grad_norm))
@@ -267,7 +268,9 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
                 accumulated = acc.reduce(accumulated, reduction="mean")
             norm = gradient_norm(t)
             readout = Readout(accumulated, norm)
-            record = StepRecord(state.step + 1, state.epoch, t.lr_scheduler.get_last_lr()[0], time.perf_counter() - started)
+            lrs = t.lr_scheduler.get_last_lr()  # per optimizer group: the U-Net's, then the text encoders'
+            record = StepRecord(state.step + 1, state.epoch, lrs[0], time.perf_counter() - started,
+                                text_encoder_lr=lrs[1] if len(lrs) > 1 else None)
             if skip_on_device:
                 step_unless(t.optimizer, non_finite(accumulated, norm if check_gradients else None))
                 t.lr_scheduler.step()

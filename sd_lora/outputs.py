@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import checkpoint, loop, memory
+from . import checkpoint, loop, memory, tensorboard_log
 from .compiling import eager
 from .config import TrainConfig
 from .errors import UserError
@@ -149,6 +149,11 @@ class RunOutputs:
             # A resumed run continues its log; a new run in the same folder starts one (old lines would repeat steps).
             log = self.out / "metrics.jsonl"
             self.metrics = continue_log(log, progress.step) if progress else open(log, "w", encoding="utf-8", buffering=1)
+        self.tensorboard: tensorboard_log.TensorBoardLog | None = None
+        self.log_run = progress.log_run if progress else None  # kept in the states even while TensorBoard is off
+        if self.main and config.log_with == "tensorboard":
+            self.log_run = self.log_run or tensorboard_log.new_run(config, self.started_at)
+            self.tensorboard = tensorboard_log.TensorBoardLog(tensorboard_log.logging_dir(config) / self.log_run, start_step)
 
     # --- loop.Hooks ------------------------------------------------------------------------------------
 
@@ -156,7 +161,8 @@ class RunOutputs:
         loss = record.loss
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         norm = record.grad_norm if math.isfinite(record.grad_norm) else None  # fp16: the loss scaler's overflow steps; JSON has no inf
-        self.log({"step": record.step, "epoch": record.epoch, "loss": loss, "lr": record.lr, "grad_norm": norm})
+        lrs = {"lr": record.lr} if record.text_encoder_lr is None else {"lr": record.lr, "lr_text_encoder": record.text_encoder_lr}
+        self.log({"step": record.step, "epoch": record.epoch, "loss": loss, "loss_average": self.smoothed, **lrs, "grad_norm": norm})
         if self.main:
             self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{record.lr:.2e}", s_it=f"{record.seconds:.2f}")
 
@@ -212,7 +218,8 @@ class RunOutputs:
             record["elapsed"] = round(time.time() - self.started_at, 3)
             record["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)  # flat over a long run, or a leak
             self.metrics.write(json.dumps(record) + "\n")
-
+            if self.tensorboard:
+                self.tensorboard.write(record["step"], tensorboard_log.scalars(record))
 
     def validate(self, step: int) -> float:
         with eager():
@@ -271,6 +278,8 @@ class RunOutputs:
         metadata = {"step": step, **({"epoch": epoch} if epoch else {}), **log}
         paths = [save_grid(grid, self.out / "samples" / file_name, metadata=metadata) for file_name in names]
         self.grids.extend(paths)
+        if self.tensorboard:
+            self.tensorboard.image("samples", grid, step)
         self.progress.write(f"samples: {', '.join(map(str, paths))} ({json.dumps(log, default=str)})")
 
     def compare_with_base(self, step: int) -> Path | None:
@@ -384,7 +393,7 @@ class RunOutputs:
         modules = trained_modules(self.model, self.config.train_text_encoder)
         progress = checkpoint.Progress(
             step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
-            best_validation=self.best_validation, best_validation_step=self.best_validation_step,
+            best_validation=self.best_validation, best_validation_step=self.best_validation_step, log_run=self.log_run,
             saves=[[str(p) for p in save] for save in self.scheduled_saves],
         )
         try:
@@ -398,6 +407,9 @@ class RunOutputs:
         return path
 
     def close(self) -> None:
+        """Safe to call more than once (the error paths close before they re-raise)."""
         self.progress.close()
         if self.main:
             self.metrics.close()
+            if self.tensorboard:
+                self.tensorboard.close()

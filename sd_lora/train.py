@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # hack: see sd_lora.demo.pr
 
 import torch  # noqa: E402
 
-from . import checkpoint, loop, memory  # noqa: E402
+from . import checkpoint, loop, memory, tensorboard_log  # noqa: E402
 from .compiling import check_compiler  # noqa: E402
 from .config import TrainConfig, load_config  # noqa: E402
 from .demo.defaults import announce_demo, is_demo_base  # noqa: E402
@@ -132,6 +132,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 def train_lora(config: TrainConfig) -> TrainResult:
     check_precision(config)
+    tensorboard_log.check_available(config)
     if config.compile != "off":
         check_compiler(torch.cuda.is_available())
     process = process_state()
@@ -306,6 +307,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
             raise Interrupted("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", 130) from None
         except Exception as e:
             if not memory.is_out_of_memory(e):
+                outputs.close()  # what was logged is flushed; the event file and metrics.jsonl end cleanly
                 raise
             out_of_memory = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
         else:
