@@ -3,7 +3,8 @@
 Order matters and is the user-visible contract: validate every option (before any model loads), load the
 model, scan and check every image, inject LoRA, cache latents, print a summary, then train. Outputs go to
 `--output-dir`: `<name>.safetensors`, `<name>-stepNNNNNNNN.safetensors`, `<name>-NNNNNN.safetensors` (epochs),
-`config.toml`, `metrics.jsonl`, `samples/*.png`. Only the main process writes files.
+`config.toml`, `metrics.jsonl`, `samples/*.png` (and with `--log-with tensorboard`, TensorBoard events under
+`--logging-dir`, default `logs/`). Only the main process writes files.
 """
 
 from __future__ import annotations
