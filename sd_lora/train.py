@@ -327,10 +327,12 @@ def train_lora(config: TrainConfig) -> TrainResult:
             raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {checkpoint.resume_command(config.output_dir)}",
                               128 + (stop.signal or signal.SIGTERM))
     accelerator.wait_for_everyone()
-    outputs.save_lora(final, state)
-    outputs.sample(state.step)
-    outputs.compare_with_base(state.step)
-    outputs.close()
+    try:  # the logs are closed even when the final file cannot be written
+        outputs.save_lora(final, state)
+        outputs.sample(state.step)
+        outputs.compare_with_base(state.step)
+    finally:
+        outputs.close()
     if offloaded:  # the returned model on one device again
         memory.move_modules(model.text_encoders, accelerator.device)
     if accelerator.is_main_process:

@@ -265,7 +265,10 @@ def test_failed_final_save_keeps_the_weights_and_resume_writes_the_file(tiny_dat
         return export(path, *a, **k)
 
     monkeypatch.setattr(outputs, "export_lora", final_file_fails)
+    closed, close = [], outputs.RunOutputs.close
+    monkeypatch.setattr(outputs.RunOutputs, "close", lambda self: (closed.append(True), close(self)))
     assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2", "--output-name", "x")) == 2
+    assert closed  # metrics.jsonl and the TensorBoard writer are closed on this path too
     err = capsys.readouterr().err
     state = out / "state-00000002"
     assert f"could not save {out / 'x.safetensors'}: Permission denied. The weights are kept in the training state {state}" in err
