@@ -175,6 +175,8 @@ def read_dataset_config(path: Path) -> KohyaDatasetConfig:
                 continue
             seen_dirs.add((d, resolved))
             subsets.append(subset)
+    if subsets and all(subset.is_reg for subset in subsets):
+        say("all subsets", "every subset has is_reg = true, so nothing would train; add a subset of your training images")
     if problems:
         raise ConfigError(problems)
     run_values = {k: v for k, v in run_values.items() if any(value is not dataclasses.MISSING for _, value in v)}

@@ -280,6 +280,9 @@ def test_unreadable_files_name_the_option(tmp_path, monkeypatch):
         load_config([*MODEL, "--dataset-config", "broken.toml"])
     with pytest.raises(ConfigError, match=r"no \[\[datasets\]\]; add one"):
         read_dataset_config(write_toml(tmp_path / "empty.toml", "[general]\nflip_aug = true\n"))
+    write_image(tmp_path / "reg" / "0.png")
+    with pytest.raises(ConfigError, match=r"only-reg.toml: all subsets: every subset has is_reg = true, so nothing would train"):
+        read_dataset_config(write_toml(tmp_path / "only-reg.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "reg"\nis_reg = true\n'))
 
 
 def test_the_example_config_loads(monkeypatch):
