@@ -1,7 +1,8 @@
 """Reading the training options (declared in `options.py`) from the command line and TOML files, and
 checking them.
 
-Precedence: defaults < TOML file given with `--config` < flags on the command line. Without `model` the
+Precedence: defaults < TOML file given with `--config` < flags on the command line. A kohya dataset config
+(`--dataset-config`) sets the run options it names; a flag or `--config` value that contradicts it is an error. Without `model` the
 run trains the built-in demo base, and the demo's tuned options (`sd_lora.demo.defaults`) replace the
 defaults of the options the user did not set. Every problem is collected and reported together
 (`ConfigError`) before any model is loaded.
@@ -19,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .data.kohya_dataset_config import KOHYA_CAPTION_EXTENSION, read_dataset_config, run_options
 from .errors import ConfigError, UserError
 from .fsio import readable
 from .options import FIELDS, TrainConfig, key_of
@@ -110,8 +112,13 @@ def _check_range(config: TrainConfig, problems: list[str]) -> None:
 
 
 def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
-    if c.data is None:
-        problems.append("--data is required: the folder of captioned images to train on")
+    if c.data is not None and c.dataset_config is not None:
+        problems.append(f"--data {c.data} and --dataset-config {c.dataset_config} are both set; the dataset config lists every "
+                        "image folder (kohya ignores --train_data_dir with it): add the folder to it as a [[datasets.subsets]], or drop one")
+    elif c.dataset_config is not None:
+        pass  # read (and its problems reported) by load_config
+    elif c.data is None:
+        problems.append("--data is required: the folder of captioned images to train on (or --dataset-config: a kohya dataset config TOML)")
     elif not c.data.exists():
         problems.append(f"--data {c.data}: folder not found")
     elif not c.data.is_dir():
@@ -150,7 +157,10 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--max-bucket-side {c.max_bucket_side} is smaller than --resolution {c.resolution}")
     if c.validation_split and c.validation_data is not None:
         problems.append("--validation-split and --validation-data are both set; use one of them")
-    if c.reg_data is not None and not c.reg_data.is_dir():
+    if c.reg_data is not None and c.dataset_config is not None:
+        problems.append(f"--reg-data {c.reg_data} cannot be combined with --dataset-config; add the folder to the dataset config "
+                        "as a [[datasets.subsets]] with is_reg = true")
+    elif c.reg_data is not None and not c.reg_data.is_dir():
         problems.append(f"--reg-data {c.reg_data}: folder not found")
     if c.prior_loss_weight != 1.0 and c.reg_data is None:
         problems.append(f"--prior-loss-weight {c.prior_loss_weight:g} weighs regularisation images, but there are none; add --reg-data DIR")
@@ -205,6 +215,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a UTF-8 text file; a config must be TOML text") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML ({e}); see configs/ for examples") from None
+    if isinstance(raw.get("datasets"), list):
+        raise ConfigError([f"{path}: has [[datasets]] tables, so it is a kohya dataset config; pass it with --dataset-config "
+                           f"{path} (--config takes sd_lora's options)"])
     problems, values = [], {}
     spelled: dict[str, str] = {}  # field name -> the key that set it, to catch `max_steps` beside `max-steps`
     for key, value in raw.items():
@@ -303,6 +316,8 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         values.pop("epochs", None)
     if "epochs" in cli and "max_steps" not in cli:
         values.pop("max_steps", None)
+    if values.get("dataset_config") is not None:
+        values.update(_dataset_config_options(values, cli, config_path, problems))
     if "model" not in values:  # the default run: the built-in demo base with options tuned for it
         from .demo.defaults import demo_options
 
@@ -314,6 +329,27 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         relative = {name: v for name, v in from_file.items() if name not in cli and _is_relative_path(name, v)}
         raise ConfigError([_say_where_set(p, relative, config_path) for p in problems])
     return config
+
+
+def _dataset_config_options(values: dict[str, Any], cli: dict[str, Any], config_path, problems: list[str]) -> dict[str, Any]:
+    """The options a --dataset-config file sets for the whole run (its problems, and its contradictions with the
+    flags and the --config file, go to `problems`). Without the flags it also gives kohya's defaults where sd_lora's
+    differ: caption files end in .caption, and there are no --reg-data images (its is_reg subsets are those, so
+    the demo base's own regularisation scenes are not added)."""
+    kohya_defaults = {"caption_extension": KOHYA_CAPTION_EXTENSION, "reg_data": None}
+    options = {name: value for name, value in kohya_defaults.items() if name not in values}
+    try:
+        dataset_config = read_dataset_config(values["dataset_config"])
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return options
+    except UserError as e:
+        problems.append(str(e))
+        return options
+    given = {name: (value, "command line" if name in cli else str(config_path)) for name, value in values.items()}
+    found, more = run_options(dataset_config, given)
+    problems.extend(more)
+    return {**options, **found}
 
 
 def _is_relative_path(name: str, value: Any) -> bool:

@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, regularization_records,
                    scan_dataset)
+from .data.kohya_dataset_config import read_dataset_config, scan_subsets
 from .models.load import BaseModel
 from .validation import build_validation_set, split_records
 
@@ -31,6 +32,15 @@ def scan_option(flag: str, folder, config: TrainConfig):
         return scan_dataset(folder, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
+
+
+def scan_training_data(config: TrainConfig):
+    """The training images: --data's folder, or the training subsets of --dataset-config (its is_reg subsets
+    are `regularization_set`'s)."""
+    if config.dataset_config is None:
+        return scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+    return scan_subsets(read_dataset_config(config.dataset_config), prior=False, caption_extension=config.caption_extension,
+                        skip_bad_images=config.skip_bad_images)
 
 
 def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
@@ -44,14 +54,21 @@ def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
 def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> list:
     """--reg-data: its images as prior records, as many samples per epoch as the training images; `show`
     prints its warnings and summary (on the main process only)."""
-    if config.reg_data is None:
+    if config.dataset_config is not None:  # its is_reg subsets
+        scan = scan_subsets(read_dataset_config(config.dataset_config), prior=True, caption_extension=config.caption_extension,
+                            skip_bad_images=config.skip_bad_images)
+        source, flag = f"the is_reg subsets of {config.dataset_config}", "--dataset-config"
+        if not scan.records:
+            return []
+    elif config.reg_data is None:
         return []
-    scan = scan_option("--reg-data", config.reg_data, config)
+    else:
+        scan, source, flag = scan_option("--reg-data", config.reg_data, config), config.reg_data, "--reg-data"
     for warning in scan.warnings if show else []:
-        print(f"warning: --reg-data: {warning}", file=sys.stderr)
+        print(f"warning: {flag}: {warning}", file=sys.stderr)
     records = regularization_records(scan.records, sum(r.repeats for r in train_records))
     if show:
-        print(f"regularisation: {len(records)} of {len(scan.records)} images from {config.reg_data}, "
+        print(f"regularisation: {len(records)} of {len(scan.records)} images from {source}, "
               f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
     return records
 

@@ -25,9 +25,9 @@ from .compiling import check_compiler  # noqa: E402
 from .config import TrainConfig, load_config  # noqa: E402
 from .demo.defaults import announce_demo, is_demo_base  # noqa: E402
 from .options import DEFAULT_RANK  # noqa: E402
-from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, scan_dataset  # noqa: E402
+from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
-from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, split_validation,  # noqa: E402
+from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, scan_training_data, split_validation,  # noqa: E402
                          stop_workers, vae_encoder)
 from .errors import Interrupted, UserError, run_cli  # noqa: E402
 from .export import trained_modules  # noqa: E402
@@ -91,7 +91,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
         resolution=resolution,
         min_bucket_side=min_side,
         max_bucket_side=max_side,
-        output_name=config.output_name or config.data.resolve().name.lstrip(".") or "lora",  # never a hidden file
+        output_name=config.output_name or (config.data or config.dataset_config.with_suffix("")).resolve().name.lstrip(".") or "lora",  # never hidden
         prediction_type=model.prediction_type,
         # With --init-weights the file decides the LoRA's shape (read_init_weights); without, the defaults.
         **({} if config.init_weights else {"rank": config.rank or DEFAULT_RANK, "train_text_encoder": bool(config.train_text_encoder)}),
@@ -142,7 +142,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     # Everything that needs no model is checked first: a Hub model may take long to download.
     file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
-    scan = scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+    scan = scan_training_data(config)
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan)

@@ -116,6 +116,43 @@ def test_regularisation_images_train_beside_the_data_and_are_recorded(tiny_datas
     assert meta["ss_num_train_images"] == "12"
 
 
+def test_a_kohya_dataset_config_trains_and_names_the_output(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """--dataset-config instead of --data: its subsets train (is_reg ones as regularisation), its options are the
+    run's (a flag repeating one is fine), and the LoRA is named after the file."""
+    from helpers import write_dataset
+
+    reg = write_dataset(tmp_path / "reg", count=2, repeats=1) / "1_zkchar"
+    toml = tmp_path / "my-set.toml"
+    toml.write_text(f"""
+[general]
+caption_extension = ".txt"
+batch_size = 2
+flip_aug = true
+[[datasets]]
+resolution = 32
+  [[datasets.subsets]]
+  image_dir = '{tiny_dataset / "2_zkchar"}'
+  num_repeats = 3
+  [[datasets.subsets]]
+  image_dir = '{reg}'
+  is_reg = true
+""")
+    out = tmp_path / "out"
+    args = ["--dataset-config", str(toml), "--model", str(tiny_model_dir), "--output-dir", str(out), *FAST,
+            "--max-steps", "1", "--sample-every", "0"]
+    result = run(load_config(args))
+    stdout = capsys.readouterr().out
+    assert "images: 6 (18 per epoch with repeats)" in stdout and "regularisation: 2 (18 per epoch)" in stdout
+    assert result.path == out / "my-set.safetensors" and result.path.is_file() and result.state.step == 1
+    assert result.config.flip is True and result.config.batch_size == 2
+    saved = tomllib.loads((out / "config.toml").read_text())
+    assert saved["dataset-config"] == str(toml) and saved["flip"] is True and "data" not in saved
+    with safe_open(str(result.path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_train_images"] == "18" and meta["ss_num_reg_images"] == "18"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 3, "img_count": 6}}  # no local path
+
+
 def _unet_and_te_outputs(unet, text_encoder, seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 16, 16, generator=g)

@@ -41,7 +41,7 @@ class ImageRecord:
     """Absolute, symlinks resolved."""
     caption: str
     caption_source: str
-    """Where the caption came from: "sidecar", "metadata" or "folder"."""
+    """Where the caption came from: "sidecar", "metadata", "folder" or "default" (`scan_dataset`'s `default_caption`)."""
     repeats: int
     """Times the image is seen per epoch (kohya `N_name` folders; 1 otherwise)."""
     folder: str
@@ -71,23 +71,26 @@ class _Problems:
     setup: list[str] = field(default_factory=list)
 
 
-def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False) -> ScanResult:
+def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False, recursive: bool = True,
+                 default_caption: str | None = None) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
     Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` or `metadata.csv` entry,
-    then the folder name. Raises one `UserError` listing every problem; with `skip_bad_images`, unreadable
-    images and caption files are left out and counted instead (metadata file and folder-name errors still
-    raise).
+    then `default_caption` if given (kohya's class_tokens), else the folder name. Raises one `UserError` listing
+    every problem; with `skip_bad_images`, unreadable images and caption files are left out and counted instead
+    (metadata file and folder-name errors still raise). `recursive=False` reads only the images directly in
+    `root`, as kohya reads a dataset config's image_dir (sub-folders are counted in a warning).
     """
     shown_root = Path(root)
     root_abs = _check_root(shown_root)
     _check_caption_extension(caption_extension)
     problems = _Problems()
-    images, metadata_files, aliased_dirs = _walk(root_abs, shown_root, problems)
+    images, metadata_files, aliased_dirs, subfolders = _walk(root_abs, shown_root, problems, recursive)
     if not images and not problems.files:
+        where = "in all sub-folders" if recursive else "directly in it, not in sub-folders"
         raise UserError(
             f"{shown_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
-            "in all sub-folders, skipping names that start with '.'). Put your images in this folder."
+            f"{where}, skipping names that start with '.'). Put your images in this folder."
         )
     metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images))
     problems.setup.extend(metadata_problems)
@@ -117,6 +120,9 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
                 multiline.append(shown)
         elif image in metadata:
             caption, source = metadata[image], "metadata"
+        elif default_caption is not None:
+            caption, source = default_caption, "default"
+            fallback.append((shown, caption))
         else:
             caption, source = folder_caption, "folder"
             fallback.append((shown, caption))
@@ -125,8 +131,13 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
         )
 
     _raise_if_problems(problems, skip_bad_images)
-    warnings = _root_name_warning(shown_root, root_abs)
-    if fallback:
+    warnings = _root_name_warning(shown_root, root_abs) if recursive else []
+    if fallback and default_caption is not None:
+        example = fallback[0][0]
+        what = f"the class tokens {default_caption!r}" if default_caption else "an empty caption (no class tokens given)"
+        warnings.append(f"{_count(len(fallback), 'image has', 'images have')} no {caption_extension} caption file or "
+                        f"metadata entry; using {what} (e.g. {example}){_other_extension_hint(fallback, caption_extension)}")
+    elif fallback:
         example, caption = fallback[0]
         warnings.append(
             f"{_count(len(fallback), 'image has', 'images have')} no caption file or metadata entry; "
@@ -145,6 +156,9 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     for label, repeats in sorted({(r.folder, r.repeats) for r in records if r.repeats > _MANY_REPEATS}):
         warnings.append(f"folder {label!r} repeats its images {repeats} times per epoch (kohya N_name "
                         "folder); rename it if the number is not meant as a repeat count")
+    if subfolders:
+        warnings.append(f"{_count(len(subfolders), 'sub-folder is', 'sub-folders are')} not read (e.g. {subfolders[0]}): "
+                        "only the images directly in the folder are, as kohya reads an image_dir")
     if aliased_dirs:
         warnings.append(f"{_count(len(aliased_dirs), 'folder is', 'folders are')} the same folder as one "
                         f"already scanned (symlinks, e.g. {aliased_dirs[0]}); scanned once")
@@ -195,13 +209,14 @@ def _check_caption_extension(extension: str) -> None:
         raise UserError(f"caption extension {extension!r} is an image extension; use e.g. '.txt'")
 
 
-def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path], list[Path], list[Path]]:
-    """Images and metadata files under `root` (logical paths, sorted), and folders seen twice.
+def _walk(root: Path, shown_root: Path, problems: _Problems, recursive: bool = True):
+    """Images and metadata files under `root` (logical paths, sorted), folders seen twice, and (not
+    `recursive`) the sub-folders left unread.
 
     Symlinks are followed; a folder whose resolved path was already visited is not entered again, which
     both stops symlink loops and keeps an image reachable twice from being trained twice.
     """
-    images, metadata_files, aliased = [], [], []
+    images, metadata_files, aliased, unread = [], [], [], []
     visited = {root.resolve()}
     pending = [root]
     while pending:
@@ -225,7 +240,9 @@ def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path]
                     shown = shown_root / path.relative_to(root)
                     problems.files.append((path, shown, _not_a_file(path)))
                 continue
-            if is_dir:
+            if is_dir and not recursive:
+                unread.append(shown_root / path.relative_to(root))
+            elif is_dir:
                 resolved = path.resolve()
                 if resolved in visited:
                     aliased.append(shown_root / path.relative_to(root))
@@ -237,7 +254,15 @@ def _walk(root: Path, shown_root: Path, problems: _Problems) -> tuple[list[Path]
             elif is_file and entry.name in METADATA_FILES:
                 metadata_files.append(path)
     order = lambda p: p.relative_to(root).parts  # noqa: E731
-    return sorted(images, key=order), sorted(metadata_files, key=order), sorted(aliased)
+    return sorted(images, key=order), sorted(metadata_files, key=order), sorted(aliased), unread
+
+
+def _other_extension_hint(uncaptioned: list[tuple[Path, str]], caption_extension: str) -> str:
+    """A hint when uncaptioned images have captions under another common extension (kohya's default is .caption)."""
+    for other in (".txt", ".caption"):
+        if other != caption_extension and any(shown.with_suffix(other).is_file() for shown, _ in uncaptioned):
+            return f"; they have {other} files beside them: set the caption extension to {other!r}"
+    return ""
 
 
 def _not_a_file(path: Path) -> str:

@@ -1,0 +1,301 @@
+"""kohya's dataset config TOML: the same records as the equivalent folders, kohya's fallbacks, and errors that
+name the file, the table and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sd_lora.config import load_config
+from sd_lora.data.kohya_dataset_config import read_dataset_config, run_options, scan_subsets
+from sd_lora.data_setup import regularization_set, scan_training_data
+from sd_lora.errors import ConfigError, UserError
+from .conftest import write_image
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ["--model", "unused-model"]  # load_config does not open the model
+
+
+def write_layout(root: Path) -> None:
+    """root/data/3_token: two captioned images and one without; root/reg: two captioned regularisation images."""
+    for i, caption in enumerate(("token, red", "token, blue", None)):
+        write_image(root / "data" / "3_token" / f"{i}.png", color=(40 * i, 0, 0))
+        if caption:
+            (root / "data" / "3_token" / f"{i}.txt").write_text(caption)
+    for i in range(2):
+        write_image(root / "reg" / f"r{i}.png", color=(0, 40 * i, 0))
+        (root / "reg" / f"r{i}.txt").write_text(f"a person {i}")
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TWO_SUBSETS = """
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "data/3_token"
+  num_repeats = 3
+  class_tokens = "token"
+  caption_extension = ".txt"
+
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  caption_extension = ".txt"
+"""
+
+
+def summary(records) -> list[tuple]:
+    return [(r.path, r.caption, r.repeats, r.prior, r.width, r.height) for r in records]
+
+
+def test_two_subsets_give_the_records_of_data_and_reg_data_folders(tmp_path, monkeypatch):
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative image_dir paths are read from here, as kohya reads them
+    write_toml(tmp_path / "kohya.toml", TWO_SUBSETS)
+    folders = load_config([*MODEL, "--data", "data", "--reg-data", "reg"])
+    toml = load_config([*MODEL, "--dataset-config", "kohya.toml"])
+    assert toml.reg_data is None and toml.dataset_config == Path("kohya.toml")
+
+    train_folders, train_toml = scan_training_data(folders).records, scan_training_data(toml).records
+    assert summary(train_toml) == summary(train_folders)
+    assert [(r.path.name, r.caption, r.repeats) for r in train_toml] == [
+        ("0.png", "token, red", 3), ("1.png", "token, blue", 3), ("2.png", "token", 3)]
+    prior_folders = regularization_set(folders, train_folders, show=False)
+    prior_toml = regularization_set(toml, train_toml, show=False)
+    assert summary(prior_toml) == summary(prior_folders)
+    assert [(r.caption, r.repeats, r.prior) for r in prior_toml] == [("a person 0", 5, True), ("a person 1", 4, True)]
+
+
+def test_subset_values_fall_back_to_the_dataset_then_general(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in "abc":
+        write_image(tmp_path / name / "0.png")
+    config = read_dataset_config(write_toml(tmp_path / "k.toml", """
+[general]
+num_repeats = 2
+class_tokens = "general tokens"
+caption_extension = ".cap"
+flip_aug = true
+keep_tokens = 1
+batch_size = 3
+
+[[datasets]]
+num_repeats = 5
+keep_tokens = 1
+  [[datasets.subsets]]
+  image_dir = "a"
+  num_repeats = 7
+  class_tokens = "own tokens"
+  [[datasets.subsets]]
+  image_dir = "b"
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "c"
+  caption_extension = ".txt"
+"""))
+    got = [(s.image_dir.name, s.num_repeats, s.class_tokens, s.caption_extension) for s in config.subsets]
+    assert got == [("a", 7, "own tokens", ".cap"), ("b", 5, "general tokens", ".cap"), ("c", 2, "general tokens", ".txt")]
+    options, problems = run_options(config, {})
+    assert problems == [] and options == {"flip": True, "keep_tokens": 1, "batch_size": 3}
+    records = scan_subsets(config, prior=False, caption_extension=".txt").records
+    assert [(r.caption, r.repeats, r.folder) for r in records] == [("own tokens", 7, "a"), ("general tokens", 5, "b"),
+                                                                   ("general tokens", 2, "c")]
+
+
+def test_the_file_sets_the_run_options_and_a_flag_may_repeat_them(tmp_path, monkeypatch):
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "k.toml", """
+[general]
+resolution = [96, 96]
+enable_bucket = false
+min_bucket_reso = 64
+max_bucket_reso = 128
+bucket_no_upscale = true
+shuffle_caption = true
+caption_dropout_rate = 0.1
+caption_tag_dropout_rate = 0.2
+random_crop = true
+color_aug = false        # kohya options sd_lora lacks are accepted at the value that does nothing
+bucket_reso_steps = 64
+[[datasets]]
+batch_size = 2
+flip_aug = true
+  [[datasets.subsets]]
+  image_dir = "data/3_token"
+""")
+    c = load_config([*MODEL, "--dataset-config", "k.toml", "--batch-size", "2", "--no-cache-latents"])
+    assert (c.resolution, c.buckets, c.min_bucket_side, c.max_bucket_side, c.no_upscale) == (96, False, 64, 128, True)
+    assert (c.batch_size, c.flip, c.shuffle_tags, c.random_crop) == (2, True, True, True)
+    assert (c.caption_dropout, c.tag_dropout, c.keep_tokens) == (0.1, 0.2, 0)
+    assert c.caption_extension == ".caption"  # kohya's default for subsets that set none
+
+
+def test_image_dir_is_the_folder_itself_as_in_kohya(tmp_path, monkeypatch):
+    """A dataset config's image_dir: its N_ prefix gives no repeats, sub-folders are not read, captions end in .caption."""
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "5_cat" / "a.png")
+    (tmp_path / "5_cat" / "a.txt").write_text("a cat")
+    write_image(tmp_path / "5_cat" / "2_sub" / "b.png")
+    config = read_dataset_config(write_toml(tmp_path / "k.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "5_cat"\n'))
+    result = scan_subsets(config, prior=False, caption_extension=".caption")
+    assert [(r.path.name, r.caption, r.repeats) for r in result.records] == [("a.png", "", 1)]
+    assert any("sub-folder is not read (e.g. 5_cat/2_sub)" in w for w in result.warnings)
+    assert any("no .caption caption file" in w and "have .txt files beside them: set the caption extension to '.txt'" in w
+               and "k.toml: [[datasets]] #1 [[datasets.subsets]] #1" in w for w in result.warnings)
+
+
+def problems_of(tmp_path: Path, text: str, *flags: str) -> str:
+    write_toml(tmp_path / "bad.toml", text)
+    with pytest.raises(UserError) as info:
+        load_config([*MODEL, "--dataset-config", "bad.toml", *flags])
+    return str(info.value)
+
+
+def test_missing_and_wrong_image_dirs_name_the_file_the_subset_and_the_folder_they_read_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.png").write_bytes(b"")
+    message = problems_of(tmp_path, """
+[[datasets]]
+  [[datasets.subsets]]
+  class_tokens = "x"
+  [[datasets.subsets]]
+  image_dir = "nowhere"
+  [[datasets.subsets]]
+  image_dir = "file.png"
+""")
+    assert "bad.toml: [[datasets]] #1 [[datasets.subsets]] #1: image_dir is missing; set it to the folder" in message
+    assert (f"bad.toml: [[datasets]] #1 [[datasets.subsets]] #2: image_dir 'nowhere': folder not found ({tmp_path / 'nowhere'}, "
+            f"read from the folder you run in, {tmp_path}, as kohya does); fix the path") in message
+    assert "#3: image_dir 'file.png': is a file, not a folder" in message
+
+
+def test_unknown_unsupported_and_misplaced_keys_are_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    message = problems_of(tmp_path, """
+[general]
+shuffle_captions = true
+color_aug = true
+[[datasets]]
+face_crop_aug_range = [2.0, 3.0]
+  [[datasets.subsets]]
+  image_dir = "a"
+  resolution = 512
+  token_warmup_step = 10
+  secondary_separator = ";;;"
+  [[datasets.subsets]]
+  image_dir = "a2"
+  metadata_file = "meta_cap.json"
+""")
+    assert "bad.toml: [general]: unknown key 'shuffle_captions' (did you mean 'shuffle_caption'?)" in message
+    assert "bad.toml: [general]: color_aug = true is a kohya option sd_lora does not support; sd_lora has no colour augmentation" in message
+    assert "bad.toml: [[datasets]] #1: face_crop_aug_range = [2.0, 3.0] is a kohya option sd_lora does not support" in message
+    assert ("bad.toml: [[datasets]] #1 [[datasets.subsets]] #1: resolution cannot be set in a [[datasets.subsets]] table; "
+            "move it to [general] or [[datasets]]") in message
+    assert "token_warmup_step = 10 is a kohya option sd_lora does not support; sd_lora has no token warm-up" in message
+    assert "secondary_separator = ';;;' is a kohya option sd_lora does not support" in message
+    assert "#2: metadata_file (kohya's fine-tuning JSON) is not supported; put each caption in a .txt file" in message
+
+
+def test_bad_types_are_reported_with_the_key_and_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    message = problems_of(tmp_path, """
+[[datasets]]
+batch_size = "4"
+  [[datasets.subsets]]
+  image_dir = "a"
+  num_repeats = 0
+  flip_aug = "yes"
+  caption_dropout_rate = 1.5
+  caption_extension = "txt"
+""")
+    assert "bad.toml: [[datasets]] #1: batch_size = '4' must be a whole number >= 0" in message
+    assert "#1 [[datasets.subsets]] #1: num_repeats = 0 must be at least 1; to leave the folder out, remove its subset" in message
+    assert "flip_aug = 'yes' must be true or false" in message
+    assert "caption_dropout_rate = 1.5 must be a number from 0 to 1" in message
+    assert "caption_extension = 'txt' must start with a dot" in message
+
+
+def test_non_square_resolution_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    message = problems_of(tmp_path, '[general]\nresolution = [512, 768]\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n')
+    assert "bad.toml: resolution = [512, 768]: sd_lora trains square-area buckets of one resolution; write resolution = N" in message
+
+
+def test_subsets_that_disagree_on_a_run_option_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in "ab":
+        write_image(tmp_path / name / "0.png")
+    message = problems_of(tmp_path, """
+[general]
+keep_tokens = 1
+shuffle_caption = true
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "a"
+  keep_tokens = 2
+  flip_aug = true
+  [[datasets.subsets]]
+  image_dir = "b"
+""")
+    assert ("bad.toml: keep_tokens differs between the subsets: [[datasets]] #1 [[datasets.subsets]] #1: 2; "
+            "[[datasets]] #1 [[datasets.subsets]] #2: 1. sd_lora applies keep_tokens to the whole run (--keep-tokens) and does "
+            "not support one value per subset: set it once in [general]") in message
+    assert ("flip_aug differs between the subsets: [[datasets]] #1 [[datasets.subsets]] #1: true; "
+            "[[datasets]] #1 [[datasets.subsets]] #2: not set, so kohya's default false") in message
+
+
+def test_a_flag_that_contradicts_the_file_is_refused_naming_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    message = problems_of(tmp_path, '[general]\nbatch_size = 4\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n',
+                          "--batch-size", "2")
+    assert ("--batch-size 2 (command line) contradicts batch_size = 4 in bad.toml ([[datasets]] #1); "
+            "drop --batch-size or change the dataset config") in message
+
+
+def test_data_and_reg_data_do_not_combine_with_a_dataset_config(tmp_path, monkeypatch):
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    message = problems_of(tmp_path, TWO_SUBSETS, "--data", "data", "--reg-data", "reg")
+    assert "--data data and --dataset-config bad.toml are both set; the dataset config lists every image folder" in message
+    assert "--reg-data reg cannot be combined with --dataset-config; add the folder to the dataset config as a " \
+           "[[datasets.subsets]] with is_reg = true" in message
+
+
+def test_unreadable_files_name_the_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"--dataset-config missing.toml: file not found"):
+        load_config([*MODEL, "--dataset-config", "missing.toml"])
+    write_toml(tmp_path / "broken.toml", "[[datasets]\n")
+    with pytest.raises(UserError, match=r"--dataset-config broken.toml: invalid TOML"):
+        load_config([*MODEL, "--dataset-config", "broken.toml"])
+    with pytest.raises(ConfigError, match=r"no \[\[datasets\]\]; add one"):
+        read_dataset_config(write_toml(tmp_path / "empty.toml", "[general]\nflip_aug = true\n"))
+    write_image(tmp_path / "reg" / "0.png")
+    with pytest.raises(ConfigError, match=r"only-reg.toml: all subsets: every subset has is_reg = true, so nothing would train"):
+        read_dataset_config(write_toml(tmp_path / "only-reg.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "reg"\nis_reg = true\n'))
+
+
+def test_the_example_config_loads(monkeypatch):
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root
+    c = load_config(["--dataset-config", "configs/datasets/zkchar.toml"])
+    assert (c.resolution, c.batch_size, c.buckets, c.shuffle_tags, c.keep_tokens) == (64, 4, True, True, 1)
+    config = read_dataset_config(Path("configs/datasets/zkchar.toml"))
+    assert [(s.image_dir.name, s.num_repeats, s.is_reg, s.class_tokens, s.caption_extension) for s in config.subsets] == [
+        ("5_zkchar", 5, False, "zkchar", ".txt"), ("regularization", 1, True, None, ".txt")]
+
+
+def test_a_dataset_config_passed_as_config_says_which_option_takes_it(tmp_path):
+    toml = write_toml(tmp_path / "kohya.toml", TWO_SUBSETS)
+    with pytest.raises(ConfigError, match=r"kohya.toml: has \[\[datasets\]\] tables, so it is a kohya dataset config; pass it "
+                                          r"with --dataset-config .*kohya.toml \(--config takes sd_lora's options\)"):
+        load_config([*MODEL, "--config", str(toml)])
