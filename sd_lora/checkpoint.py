@@ -242,7 +242,8 @@ def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> Loaded
         raise UserError(f"cannot resume from {path}: the training state is damaged ({type(e).__name__}: {detail}); {fix}") from None
     problems = incompatibilities({k.replace("_", "-"): v for k, v in saved_config.items()}, config)
     if meta.get("data_fingerprint") != data_fingerprint:
-        problems.append("--data: the images or captions changed since the state was saved")
+        source = f"--dataset-config {config.dataset_config}" if config.dataset_config else f"--data {config.data}"
+        problems.append(f"{source}: the images or captions changed since the state was saved")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot resume from {path}: this run differs from the saved one:\n{listed}\nUse the saved settings (--config {path / 'config.toml'}), or start a new run in another --output-dir")

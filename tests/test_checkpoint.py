@@ -209,7 +209,7 @@ def test_resume_refuses_incompatible_config_and_allows_extension(tiny_dataset, t
     # Changed data is noticed.
     (tiny_dataset / "2_zkchar" / "img0.txt").write_text("a different caption")
     assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "6", "--resume", "latest")) == 2
-    assert "images or captions changed" in capsys.readouterr().err
+    assert f"--data {tiny_dataset}: the images or captions changed" in capsys.readouterr().err
 
 
 def test_resume_latest_without_states_is_explained(tiny_dataset, tiny_model_dir, tmp_path, capsys):
