@@ -9,7 +9,7 @@ docs/config_README-en.md). sd_lora follows kohya where it can:
   - `num_repeats`, `class_tokens`, `caption_extension`, `caption_prefix`, `caption_suffix` and `is_reg` apply per
     subset; `is_reg` subsets are regularisation images, as `--reg-data`'s.
   - The dataset and caption options sd_lora applies to the whole run (`RUN_OPTIONS`: resolution, batch size,
-    buckets, caption shuffling and dropout, flips, crops) become the run's options when every dataset and
+    buckets, caption length, caption shuffling and dropout, flips, crops) become the run's options when every dataset and
     subset agrees on them; different values are refused, as are kohya options sd_lora lacks (`UNSUPPORTED`),
     unless set to the value that does nothing.
 
@@ -52,6 +52,7 @@ RUN_OPTIONS: dict[str, RunOption] = {
     "min_bucket_reso": RunOption("min_bucket_side", "int", DATASET, 256),
     "max_bucket_reso": RunOption("max_bucket_side", "int", DATASET, 1024),
     "bucket_no_upscale": RunOption("no_upscale", "bool", DATASET, False),
+    "max_token_length": RunOption("max_token_length", "int", DATASET, None),
     "keep_tokens": RunOption("keep_tokens", "int", SUBSET, 0),
     "shuffle_caption": RunOption("shuffle_tags", "bool", SUBSET, False),
     "flip_aug": RunOption("flip", "bool", SUBSET, False),
@@ -94,7 +95,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "validation_seed": ((), "sd_lora chooses held-out images with --seed; remove it"),
     "skip_image_resolution": ((), "sd_lora trains every image of a subset; move small images out of the folder"),
     "conditioning_data_dir": ((), "ControlNet datasets are not supported; sd_lora trains LoRAs from captioned images"),
-    "max_token_length": ((), "sd_lora reads captions up to the text encoder's limit; remove it"),
 }
 
 KNOWN_KEYS = sorted({*RUN_OPTIONS, *SUBSET_OPTIONS, *UNSUPPORTED, "subsets"})

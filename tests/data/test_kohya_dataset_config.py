@@ -121,6 +121,7 @@ shuffle_caption = true
 caption_dropout_rate = 0.1
 caption_tag_dropout_rate = 0.2
 random_crop = true
+max_token_length = 225
 color_aug = false        # kohya options sd_lora lacks are accepted at the value that does nothing
 bucket_reso_steps = 64
 [[datasets]]
@@ -134,6 +135,7 @@ flip_aug = true
     assert (c.batch_size, c.flip, c.shuffle_tags, c.random_crop) == (2, True, True, True)
     assert (c.caption_dropout, c.tag_dropout, c.keep_tokens) == (0.1, 0.2, 0)
     assert c.caption_extension == ".caption"  # kohya's default for subsets that set none
+    assert c.max_token_length == 225  # long tag captions, read in 75-token windows as kohya does
 
 
 def test_image_dir_is_the_folder_itself_as_in_kohya(tmp_path, monkeypatch):
