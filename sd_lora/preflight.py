@@ -1,8 +1,8 @@
 """Before training: the checks a run makes while nothing slow has happened yet (options that need the
 machine, the output folder, the prompt file, captions, free space), and the summary it prints.
 
-Each raises a `UserError` that names the option or file and the fix; none needs more of the model than its
-tokenizer.
+The checks raise a `UserError` that names the option or file and the fix; none needs more of the model than
+its tokenizer.
 """
 
 from __future__ import annotations

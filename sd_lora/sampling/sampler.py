@@ -72,8 +72,8 @@ def make_scheduler(sampler: str, scheduler_config):
     import diffusers
 
     class_name, overrides = SAMPLERS[canonical_sampler(sampler)]
-    # Another sampler's settings must not carry over (a dpmsolver config's algorithm_type would turn dpmsingle
-    # into another sampler): the config is the model's, less every key some sampler sets.
+    # Another sampler's overrides must not ride along (a DDIM built from a pndm config kept its skip_prk_steps,
+    # from a dpmsolver++ one its algorithm_type): the config is the model's, less every key some sampler sets.
     model_config = {k: v for k, v in dict(scheduler_config).items() if k not in _SAMPLER_KEYS}
     return getattr(diffusers, class_name).from_config(model_config, **overrides)
 
