@@ -6,9 +6,9 @@ image depends only on (weights, prompt, size, steps, cfg, sampler, seed): not on
 on the other prompts, on the device's RNG, or on how many images were drawn before. Sampling never touches
 the global torch RNG, so it does not change the training run's noise either.
 
-Only SD1.x/SD2.x (`StableDiffusionPipeline`) for now. To add SDXL: a builder for
-`StableDiffusionXLPipeline` beside `build_sampling_pipeline`; `generate_grid` only uses the call arguments
-both pipelines share and switches every `torch.nn.Module` in `pipe.components` to eval mode.
+SD1.x/SD2.x sample through `StableDiffusionPipeline`, SDXL through `StableDiffusionXLPipeline`. The pipeline
+gets each prompt's text conditioning as tensors (`encode_prompts`): computed once per prompt, and, while the
+text encoders are frozen, once per run, after which they need not stay in memory.
 """
 
 from __future__ import annotations
@@ -90,12 +90,13 @@ def _is_sampler(scheduler, sampler: str) -> bool:
 
 def build_sampling_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler_config, sampler: str,
                             text_encoder_2=None, tokenizer_2=None):
-    """A `StableDiffusionPipeline` (or, with `text_encoder_2`, a `StableDiffusionXLPipeline`) around the live
+    """A `StableDiffusionPipeline` (or, with `tokenizer_2`, a `StableDiffusionXLPipeline`) around the live
     modules (no copies: LoRA layers and later weight updates show up in the samples). Pass unwrapped modules
-    (`accelerator.unwrap_model`), all on one device. `scheduler_config` is the training scheduler's `.config`."""
+    (`accelerator.unwrap_model`), all on one device. `scheduler_config` is the training scheduler's `.config`.
+    Text encoders may be None when every prompt comes encoded (`encode_prompts`)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if text_encoder_2 is not None:
+    if tokenizer_2 is not None:
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer_2, unet=unet, scheduler=make_scheduler(sampler, scheduler_config),
@@ -163,22 +164,34 @@ class SamplingStopped(Exception):
     """`stop()` said so between two denoising steps: the images are abandoned."""
 
 
+def encode_prompts(pipe, prompts: list[SamplePrompt], settings: SampleSettings) -> list[dict]:
+    """Each prompt's text conditioning (its negative prompt's too), as the pipeline call's tensor arguments
+    (`prompt_embeds`, ...), computed as `generate_images` would compute them. With frozen text encoders these
+    never change, so a run encodes its sample prompts once and can then let the text encoders go."""
+    rows = [_Row.resolve(p, settings) for p in prompts]
+    with _sampling_modes(pipe):
+        return [_text_conditioning(pipe, row, settings.clip_skip, settings.max_token_length) for row in rows]
+
+
 def generate_images(
-    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, stop: Callable[[], bool] | None = None
+    pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, stop: Callable[[], bool] | None = None,
+    conditioning: list[dict] | None = None,
 ) -> tuple[list[list[Image.Image]], list[dict]]:
     """Sample `cells[row][col]` (one row per prompt, one column per seed) at their own sizes, and a log
     entry per row. Switches `pipe.scheduler` to each row's sampler (its --ss, else `settings.sampler`). `stop` is
     asked after every denoising step; when it returns True, SamplingStopped is raised (a Ctrl-C is not kept
-    waiting for a whole grid)."""
+    waiting for a whole grid). `conditioning` is `encode_prompts`' result for these prompts and settings; without
+    it each prompt is encoded here, once for all its seeds."""
     if not prompts:
         raise ValueError("no sample prompts")
+    if conditioning is not None and len(conditioning) != len(prompts):
+        raise ValueError(f"conditioning for {len(conditioning)} prompts given for {len(prompts)} prompts")
     rows = [_Row.resolve(p, settings) for p in prompts]
     bad = [f"row {i}: {r.width}x{r.height}" for i, r in enumerate(rows) if r.width % SIZE_STEP or r.height % SIZE_STEP]
     if bad:  # fail before sampling anything; callers should have checked with prompts.validate_size
         raise ValueError(f"sample sizes must be multiples of {SIZE_STEP}: {'; '.join(bad)}")
 
     pipe.set_progress_bar_config(disable=True)
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
 
     def check_stop(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end
         if stop is not None and stop():
@@ -186,14 +199,16 @@ def generate_images(
         return tensors
 
     cells: list[list[Image.Image]] = []
-    with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe):
-        for row in rows:
+    with _sampling_modes(pipe):
+        if conditioning is None:
+            conditioning = [_text_conditioning(pipe, row, settings.clip_skip, settings.max_token_length) for row in rows]
+        for row, text in zip(rows, conditioning):
             if not _is_sampler(pipe.scheduler, row.sampler):  # the settings' sampler, or the row's --ss
                 pipe.scheduler = make_scheduler(row.sampler, pipe.scheduler.config)
             images = []
             for seed in row.seeds:
                 out = pipe(
-                    **_text_conditioning(pipe, row, settings.clip_skip, settings.max_token_length),
+                    **text,
                     width=row.width,
                     height=row.height,
                     num_inference_steps=row.steps,
@@ -211,22 +226,30 @@ def generate_images(
 
 
 def _text_conditioning(pipe, row: _Row, clip_skip: int, max_tokens: int | None = None) -> dict:
-    """Prompt arguments for the pipeline call.
+    """The pipeline call's prompt arguments for `row`, as tensors (the pipeline then runs no text encoder).
 
-    With clip_skip > 1 (SD1/SD2) or long prompts (`max_tokens` 150, 225) the embeddings are computed here,
-    exactly as training computes them (`Conditioner`): diffusers' own `clip_skip` counts differently
+    The pipeline's own `encode_prompt` computes them, with the arguments its call would pass it for the prompt
+    strings, except with clip_skip > 1 (SD1/SD2) or long prompts (`max_tokens` 150, 225): those are computed
+    exactly as training computes them (`Conditioner`), because diffusers' own `clip_skip` counts differently
     (1 = penultimate) and reaches for `text_encoder.text_model`, which transformers >= 5.6 no longer has on
     `CLIPTextModel`, and its pipelines cut prompts at 77 tokens.
     """
     from sd_lora.models.conditioning import Conditioner, batch_for_text_only
     from sd_lora.models.text import window_count
 
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    sdxl = getattr(pipe, "tokenizer_2", None) is not None
     long = window_count(pipe.tokenizer, max_tokens) > 1
-    if clip_skip == 1 and not long:
-        return {"prompt": row.prompt, "negative_prompt": row.negative or None}
+    device = pipe._execution_device
+    negative = row.negative or None
     if sdxl and not long:  # the SDXL pipeline's clip_skip counts from the penultimate layer
-        return {"prompt": row.prompt, "negative_prompt": row.negative or None, "clip_skip": clip_skip - 1}
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            row.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative, clip_skip=clip_skip - 1 or None)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds,
+                "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+    if clip_skip == 1 and not long:
+        embeds, negative_embeds = pipe.encode_prompt(row.prompt, device, 1, True, negative)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
     encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
     conditioner = Conditioner("sdxl" if sdxl else "sd", tokenizers, encoders, clip_skip, max_tokens=max_tokens)
@@ -245,7 +268,7 @@ def _text_conditioning(pipe, row: _Row, clip_skip: int, max_tokens: int | None =
 
 def generate_grid(
     pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = "", cells_out: list | None = None,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[], bool] | None = None, conditioning: list[dict] | None = None,
 ) -> tuple[Image.Image, dict]:
     """Sample every prompt (row) with every seed (column) and return the grid and a log dict:
     `sampler, scheduler, prediction_type, steps, cfg, seeds, negative, seconds` and `rows` (per row: prompt,
@@ -256,7 +279,7 @@ def generate_grid(
     pipeline's progress bar is turned off.
     """
     start = time.perf_counter()
-    cells, log_rows = generate_images(pipe, prompts, settings, stop=stop)
+    cells, log_rows = generate_images(pipe, prompts, settings, stop=stop, conditioning=conditioning)
     if cells_out is not None:  # the caller keeps the images too (e.g. to compare runs without resampling)
         cells_out[:] = cells
     rows = [_Row.resolve(p, settings) for p in prompts]
@@ -290,6 +313,14 @@ def save_grid(image: Image.Image, path: str | os.PathLike, *, metadata: dict | N
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextmanager
+def _sampling_modes(pipe) -> Iterator[None]:
+    """No gradients, every module in eval mode, autocast where the modules' dtypes differ."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe):
+        yield
 
 
 @contextmanager

@@ -358,3 +358,57 @@ def test_sdxl_samples_long_prompts_with_pooled_embeddings_and_a_zero_or_given_ne
     assert with_negative["negative_pooled_prompt_embeds"].shape == (1, 32)
     cells, _ = generate_images(pipe, [prompt, SamplePrompt(prompt.prompt, negative="blurry")], settings)
     assert [c[0].size for c in cells] == [(32, 32), (32, 32)]
+
+
+def _pipeline_own_encoding(pipe, prompt: str, negative: str | None, cfg: float, size: int = 32, steps: int = 2, **kwargs):
+    """The image the pipeline draws when it encodes the prompt strings itself (seed 0)."""
+    from sd_lora.sampling.sampler import _sampling_modes
+
+    with _sampling_modes(pipe):
+        out = pipe(prompt=prompt, negative_prompt=negative, width=size, height=size, num_inference_steps=steps,
+                   guidance_scale=cfg, generator=torch.Generator("cpu").manual_seed(0), output_type="pil", **kwargs)
+    return pixels(out.images[0])
+
+
+@pytest.mark.parametrize("negative, cfg", [("", 7.5), ("a blue square", 7.5), ("", 1.0)])
+def test_prompts_encoded_ahead_draw_what_the_pipeline_draws_from_strings(fresh_sd1_pipe, negative, cfg):
+    """encode_prompts' tensors give the pipeline's own images bit for bit, and with them the grid runs no
+    text encoder: a run can encode its sample prompts once and let frozen text encoders go."""
+    from sd_lora.sampling.sampler import encode_prompts
+
+    pipe = fresh_sd1_pipe
+    prompts = [SamplePrompt("a red circle", negative=negative)]
+    settings = SampleSettings(width=32, height=32, steps=2, seeds=(0,), cfg=cfg)
+    conditioning = encode_prompts(pipe, prompts, settings)
+    assert set(conditioning[0]) == {"prompt_embeds", "negative_prompt_embeds"}
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cells, _ = generate_images(pipe, prompts, settings, conditioning=conditioning)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert np.array_equal(pixels(cells[0][0]), _pipeline_own_encoding(pipe, "a red circle", negative or None, cfg))
+    encoded_here, _ = generate_images(pipe, prompts, settings)  # without: encoded once per prompt, same image
+    assert np.array_equal(pixels(encoded_here[0][0]), pixels(cells[0][0]))
+    with pytest.raises(ValueError, match="conditioning for 1 prompts given for 2 prompts"):
+        generate_images(pipe, [CIRCLE, SQUARE], settings, conditioning=conditioning)
+
+
+@pytest.mark.parametrize("negative, clip_skip", [("", 1), ("blurry", 1), ("", 2)])
+def test_sdxl_prompts_encoded_ahead_draw_what_the_pipeline_draws_from_strings(negative, clip_skip):
+    from sd_lora.models.tiny import build_tiny_sdxl_pipeline
+    from sd_lora.sampling.sampler import encode_prompts
+
+    tiny = build_tiny_sdxl_pipeline()
+    pipe = build_sampling_pipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+                                   scheduler_config=tiny.scheduler.config, sampler="euler", text_encoder_2=tiny.text_encoder_2,
+                                   tokenizer_2=tiny.tokenizer_2)
+    prompts = [SamplePrompt("a red circle", negative=negative)]
+    settings = SampleSettings(width=32, height=32, steps=2, seeds=(0,), sampler="euler", clip_skip=clip_skip)
+    conditioning = encode_prompts(pipe, prompts, settings)
+    cells, _ = generate_images(pipe, prompts, settings, conditioning=conditioning)
+    own = _pipeline_own_encoding(pipe, "a red circle", negative or None, 7.5, clip_skip=clip_skip - 1 or None)
+    assert np.array_equal(pixels(cells[0][0]), own)
+    if not negative:  # the unguided half is conditioned on zeros, as the pipeline does for an empty negative
+        assert not conditioning[0]["negative_prompt_embeds"].any() and not conditioning[0]["negative_pooled_prompt_embeds"].any()
