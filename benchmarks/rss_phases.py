@@ -106,7 +106,7 @@ def instrument(recorder: Recorder, naive: bool) -> None:
         setattr(owner, name, marked)
 
     for name in ("load_base_model", "prepare_models", "build_latent_cache", "build_validation", "cache_text_conditioning",
-                 "check_step_memory"):
+                 "release_text_encoders", "check_step_memory"):
         wrap(train, name)
     wrap(outputs.RunOutputs, "sample")
 

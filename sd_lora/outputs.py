@@ -6,7 +6,6 @@ Only the main process writes files; every process takes part in the stop decisio
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -29,7 +28,8 @@ from .models.load import BaseModel
 from .lora.inject import set_lora_enabled
 from .sampling.grid import side_by_side_grid
 from .sampling.prompts import shown
-from .sampling.sampler import SampleSettings, SamplingStopped, build_sampling_pipeline, generate_grid, generate_images, save_grid
+from .sampling.sampler import (SampleSettings, SamplingStopped, build_sampling_pipeline, encode_prompts, generate_grid, generate_images,
+                               save_grid)
 from .validation import validation_loss
 
 
@@ -109,8 +109,7 @@ class RunOutputs:
 
     def __init__(self, config: TrainConfig, model: BaseModel, accelerator, *, trainee: loop.Trainee, objective: loop.Objective,
                  dataset_meta: dict, prompts, total_steps: int, start_step: int, data_fingerprint: str,
-                 validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None,
-                 text_encoders_offloaded: bool = False):
+                 validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None):
         from tqdm.auto import tqdm
 
         self.config, self.model, self.acc = config, model, accelerator
@@ -125,7 +124,7 @@ class RunOutputs:
         self.stop = stop
         self.stop_vote = StopVote(accelerator.device) if accelerator.num_processes > 1 else None
         self.stopped = False  # the common decision to stop early, once taken
-        self.text_encoders_offloaded = text_encoders_offloaded  # in CPU memory between sample grids
+        self.conditioning: list[dict] | None = None  # the sample prompts' text conditioning (encode_prompts)
         self.best_validation = progress.best_validation if progress else None
         self.best_validation_step = progress.best_validation_step if progress else None
         self.smoothed: float | None = None
@@ -233,9 +232,11 @@ class RunOutputs:
 
     def _sampling(self):
         c, m = self.config, self.model
+        kept = not self.trainee.conditioner.released  # else the prompts come encoded (encode_prompts)
         pipe = build_sampling_pipeline(
-            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, scheduler_config=m.scheduler_config,
-            sampler=c.sample_sampler, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2,
+            vae=m.vae, text_encoder=m.text_encoder if kept else None, tokenizer=m.tokenizer, unet=m.unet,
+            scheduler_config=m.scheduler_config, sampler=c.sample_sampler, text_encoder_2=m.text_encoder_2 if kept else None,
+            tokenizer_2=m.tokenizer_2,
         )
         settings = SampleSettings(
             width=c.resolution, height=c.resolution, steps=c.sample_steps, cfg=c.sample_cfg,
@@ -244,16 +245,13 @@ class RunOutputs:
         )
         return pipe, settings
 
-    @contextlib.contextmanager
-    def _generating(self):
-        """Around sampling: eager mode (no compile per grid size), and offloaded text encoders back on the device."""
-        moved = self.model.text_encoders if self.text_encoders_offloaded else []
-        memory.move_modules(moved, self.acc.device)
-        try:
-            with eager():
-                yield
-        finally:
-            memory.move_modules(moved, "cpu")
+    def encode_prompts(self) -> None:
+        """Encode the sample prompts once while the text encoders are frozen: they never change, every grid reuses
+        them, and the text encoders need not stay in memory for sampling. A trained text encoder encodes them
+        at each grid."""
+        if self.main and self.config.sampling and not self.config.train_text_encoder:
+            pipe, settings = self._sampling()
+            self.conditioning = encode_prompts(pipe, self.prompts, settings)
 
     def sample(self, step: int, epoch: int | None = None, by_step: bool = True) -> None:
         """Draw the sample grid of step `step` and save it as <name>-stepNNNNNNNN.png (`by_step`) and, when
@@ -265,8 +263,9 @@ class RunOutputs:
         cells: list = []
         title = f"{name} - step {step}" + (f", end of epoch {epoch}" if epoch else "")
         try:
-            with self._generating():
-                grid, log = generate_grid(pipe, self.prompts, settings, title=title, cells_out=cells, stop=lambda: self.stop.requested)
+            with eager():  # no compile per grid size
+                grid, log = generate_grid(pipe, self.prompts, settings, title=title, cells_out=cells, stop=lambda: self.stop.requested,
+                                          conditioning=self.conditioning)
         except SamplingStopped:  # a Ctrl-C or SIGTERM: saving the LoRA comes first
             self.progress.write(f"samples at step {step} skipped: a stop was requested")
             return
@@ -293,16 +292,16 @@ class RunOutputs:
             try:
                 for model in models:
                     set_lora_enabled(model, False)
-                with self._generating():
-                    before, _ = generate_images(pipe, self.prompts, settings)
+                with eager():  # no compile per grid size
+                    before, _ = generate_images(pipe, self.prompts, settings, conditioning=self.conditioning)
             finally:
                 for model in models:
                     set_lora_enabled(model, True)
         if self.last_sampled and self.last_sampled[0] == step:
             after = self.last_sampled[1]
         else:
-            with self._generating():
-                after = generate_images(pipe, self.prompts, settings)[0]
+            with eager():  # no compile per grid size
+                after = generate_images(pipe, self.prompts, settings, conditioning=self.conditioning)[0]
         grid = side_by_side_grid(before, after, [shown(p.prompt) for p in self.prompts], list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
         path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")

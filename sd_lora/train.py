@@ -39,7 +39,7 @@ from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
 from .preflight import check_epoch_schedules, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
-from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator,  # noqa: E402
+from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator, release_text_encoders,  # noqa: E402
                             prepare_models, read_init_weights)
 
 DEFAULT_EPOCHS = 10
@@ -110,7 +110,7 @@ class TrainResult:
     config: TrainConfig  # resolved
     state: loop.TrainState
     unet: torch.nn.Module  # trained, with LoRA layers (unwrapped)
-    text_encoders: list[torch.nn.Module]
+    text_encoders: list[torch.nn.Module]  # trained ones with LoRA; frozen ones whose outputs were cached are released (meta)
     outputs: RunOutputs
 
     @property
@@ -244,11 +244,11 @@ def train_lora(config: TrainConfig) -> TrainResult:
                               cache_outputs=not config.train_text_encoder and not config.shuffle_tags and not config.tag_dropout,
                               max_tokens=config.max_token_length)
     drawn = [r.caption for r in dataset.records] + [v.caption for v in validation_items] + [""] * (config.caption_dropout > 0)
-    offloaded = cache_text_conditioning(conditioner, drawn, model, accelerator, weight_dtype)
+    cache_text_conditioning(conditioner, drawn, accelerator, weight_dtype)  # then the text encoders go, once the sample prompts are encoded
     prompts = file_prompts or default_prompts([r.caption for r in train_records])
     if accelerator.is_main_process:
         cache_bytes = dataset.latent_cache.memory_bytes() if dataset.latent_cache is not None else 0
-        placed = [model.unet, model.vae, *([] if offloaded else model.text_encoders)]
+        placed = [model.unet, model.vae, *([] if conditioner.cache_outputs else model.text_encoders)]
         print(memory.describe_estimate(memory.estimate(placed, trainable, cache_bytes)))
         print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model,
                       len(validation_records), accelerator.num_processes))
@@ -275,8 +275,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
             config, model, accelerator, trainee=trainee, objective=objective, dataset_meta={**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records))},
             prompts=prompts, total_steps=total_steps, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
-            text_encoders_offloaded=offloaded,
         )
+        outputs.encode_prompts()
+        release_text_encoders(conditioner, show=accelerator.is_main_process)
         try:
             fits = check_step_memory(trainee, objective, dataset, config.batch_size, config.seed)  # before anything slow
             if accelerator.is_main_process:
@@ -333,8 +334,6 @@ def train_lora(config: TrainConfig) -> TrainResult:
         outputs.compare_with_base(state.step)
     finally:
         outputs.close()
-    if offloaded:  # the returned model on one device again
-        memory.move_modules(model.text_encoders, accelerator.device)
     if accelerator.is_main_process:
         if state.nan_steps:  # over the whole run, resumed parts included
             skipped = "1 step was" if state.nan_steps == 1 else f"{state.nan_steps} steps were"

@@ -142,23 +142,26 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     return trainable_parameters(model.unet) + [p for e in text_encoders for p in trainable_parameters(e)]
 
 
-def cache_text_conditioning(conditioner: Conditioner, captions: list[str], model: BaseModel, accelerator, dtype: torch.dtype) -> bool:
-    """Encode every caption the run can draw before training, batched (frozen text encoders, fixed captions).
-    On a GPU the text encoders then move to CPU memory: training never calls them again and sample grids bring
-    them back (SDXL's two encoders: about 1.6 GiB in bf16). Returns whether they were moved."""
+def cache_text_conditioning(conditioner: Conditioner, captions: list[str], accelerator, dtype: torch.dtype) -> None:
+    """Encode every caption the run can draw before training, batched (frozen text encoders, fixed captions), so
+    that training never runs the text encoders (`release_text_encoders`)."""
     if not conditioner.cache_outputs:
-        return False
+        return
     from tqdm.auto import tqdm
 
     with tqdm(total=len(set(captions)), desc="caching text", unit="caption", disable=not accelerator.is_main_process) as bar:
         conditioner.cache(captions, accelerator.device, dtype, progress=bar.update)
-    if accelerator.device.type == "cpu":
-        return False
-    moved = sum(memory.module_bytes(e) for e in model.text_encoders)
-    memory.move_modules(model.text_encoders, "cpu")
-    if accelerator.is_main_process:
-        print(f"text encoder outputs cached: text encoders moved to the CPU ({moved / 2**20:.0f} MiB)")
-    return True
+
+
+def release_text_encoders(conditioner: Conditioner, show: bool) -> None:
+    """Let the text encoders go once their outputs are cached: training only reads the cache, and sample grids use
+    prompts encoded ahead (`RunOutputs.encode_prompts`). SD1.5's encoder is about 235 MiB in bf16, SDXL's two
+    about 1.5 GiB, of host memory on the CPU and of GPU memory on a GPU."""
+    if not conditioner.cache_outputs:
+        return
+    freed = conditioner.release_encoders()
+    if show:
+        print(f"text encoder outputs cached: text encoders released ({freed / 2**20:.0f} MiB)")
 
 
 def largest_bucket_batch(dataset, batch_size: int, seed: int) -> tuple[tuple[int, int], dict]:

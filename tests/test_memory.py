@@ -82,3 +82,11 @@ def test_to_device_copies_the_tensor_as_it_is_then_converts_it(monkeypatch):
     assert calls == [(("cpu",), {"non_blocking": True}), ((torch.bfloat16,), {})]
     assert y.dtype == torch.bfloat16 and torch.equal(y.float(), x)
     assert memory.to_device(x, "cpu") is x  # same device, no dtype: nothing to do
+
+
+def test_release_modules_lets_the_weights_go_and_keeps_the_modules():
+    modules = [torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)]  # parameters and buffers
+    expected = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+    assert memory.release_modules(modules) == expected == (8 * 4 + 4 + 4 + 4) * 4 + (4 + 4) * 4 + 8
+    assert {t.device.type for m in modules for t in (*m.parameters(), *m.buffers())} == {"meta"}
+    assert modules[0].weight.shape == (4, 8) and modules[0].weight.dtype == torch.float32

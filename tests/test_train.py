@@ -43,6 +43,7 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert "images: 6 (12 per epoch with repeats)" in proc.stdout
     assert "total steps: 4" in proc.stdout and "trainable parameters:" in proc.stdout
     assert "latents cached: VAE encoder released" in proc.stdout  # samples still decode (grids below)
+    assert "text encoder outputs cached: text encoders released" in proc.stdout  # the grids use prompts encoded before
     assert proc.stdout.count("after step 1, peak memory: ") == 1  # measured with a step's activations, once
     assert "memory check, one step at the largest bucket (32x32, batch 2): peak memory: " in proc.stdout
     assert f"done: {out / 'zk.safetensors'}" in proc.stdout
@@ -77,22 +78,31 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
 def test_final_grid_compares_the_base_and_the_lora_on_the_same_seeds(tiny_dataset, tiny_model_dir, tmp_path):
     import numpy as np
 
+    from diffusers import StableDiffusionPipeline
+
     from sd_lora.lora.inject import set_lora_enabled
-    from sd_lora.sampling.sampler import generate_images
+    from sd_lora.sampling.sampler import build_sampling_pipeline, generate_images
 
     out = tmp_path / "out"
     result = run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "3", "--sample-every", "3",
                                         "--learning-rate", "1e-2", "--output-name", "zk")))
     assert (out / "samples" / "zk-compare-step00000003.png").is_file()
     outputs = result.outputs
+    # The frozen text encoder was let go after caching; every grid used the prompts encoded before that.
+    assert {p.device.type for p in result.text_encoder.parameters()} == {"meta"}
     pipe, settings = outputs._sampling()
     set_lora_enabled(result.unet, False)
-    base_now, _ = generate_images(pipe, outputs.prompts, settings)
+    base_now, _ = generate_images(pipe, outputs.prompts, settings, conditioning=outputs.conditioning)
     set_lora_enabled(result.unet, True)
-    lora_now, _ = generate_images(pipe, outputs.prompts, settings)
+    lora_now, _ = generate_images(pipe, outputs.prompts, settings, conditioning=outputs.conditioning)
     pixels = lambda rows: np.stack([np.asarray(im) for row in rows for im in row]).astype(int)  # noqa: E731
     # The comparison's base half is step 0's grid, which is exactly the base model; its LoRA half the end's.
     assert np.array_equal(pixels(outputs.step_0_cells), pixels(base_now))
+    disk = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    fresh = build_sampling_pipeline(vae=disk.vae, text_encoder=disk.text_encoder, tokenizer=disk.tokenizer, unet=disk.unet,
+                                    scheduler_config=outputs.model.scheduler_config, sampler=settings.sampler)
+    from_strings, _ = generate_images(fresh, outputs.prompts, settings)  # the base model from disk, its text encoder running
+    assert np.array_equal(pixels(outputs.step_0_cells), pixels(from_strings))
     assert np.array_equal(pixels(outputs.last_sampled[1]), pixels(lora_now))
     assert np.abs(pixels(lora_now) - pixels(base_now)).mean() > 0.5  # and the LoRA changed the pictures
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..memory import to_device
+from ..memory import release_modules, to_device
 from .text import encode_tokens, join_windows, tokenize, window_count
 
 
@@ -47,6 +47,7 @@ class Conditioner:
         self.cache_outputs, self.max_tokens = cache_outputs, max_tokens
         self.windows = window_count(tokenizers[0], max_tokens)  # k: 1, or 2/3 for --max-token-length 150/225
         self._cache: dict[str, tuple] = {}  # caption -> (hidden (75k + 2 or 77, D), pooled (P,) or None)
+        self.released = False  # the text encoders' weights are gone: only cached captions can be conditioned on
 
     def __call__(self, captions: list[str], batch: dict, device, dtype) -> dict:
         """The U-Net's keyword arguments for `captions` (and, for SDXL, the batch's size conditioning)."""
@@ -57,8 +58,7 @@ class Conditioner:
     def cache(self, captions, device, dtype, *, batch_size: int = 32, progress=None) -> int:
         """Encode every distinct caption not cached yet, `batch_size` at a time, before training needs them;
         `progress(n)` is called after each batch. Returns how many captions were encoded. Once every caption a
-        run can draw is cached, the text encoders are not called again (on a GPU `trainee_setup.cache_text_conditioning`
-        then moves them to CPU memory; an encoder is always run where its weights are)."""
+        run can draw is cached, the text encoders are not called again: `release_encoders` lets them go."""
         if not self.cache_outputs:
             raise ValueError("cache() needs cache_outputs=True (frozen text encoders, fixed captions)")
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
@@ -69,8 +69,19 @@ class Conditioner:
                 progress(len(chunk))
         return len(missing)
 
+    def release_encoders(self) -> int:
+        """Let the text encoders' weights go (`memory.release_modules`) once every caption the run can draw is
+        cached. Returns the bytes let go. A caption that is not cached is an error afterwards."""
+        if not self.cache_outputs:
+            raise ValueError("release_encoders() needs cache_outputs=True: without the cache every step runs the text encoders")
+        self.released = True
+        return release_modules(self.text_encoders)
+
     def _cached(self, captions: list[str], batch: dict, device, dtype) -> dict:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing and self.released:
+            raise RuntimeError(f"caption {missing[0]!r} was not cached before the text encoders were released; "
+                               "cache() every caption the run can draw before release_encoders()")
         if missing:
             with torch.no_grad():
                 kwargs = self._encode(missing, batch_for_text_only(len(missing)), device, dtype)
@@ -104,7 +115,7 @@ class Conditioner:
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
-    """Where a (possibly offloaded) text encoder's weights are: its inputs go there, its outputs come back."""
+    """Where a text encoder's weights are: its inputs go there, its outputs come back."""
     return next(module.parameters()).device
 
 

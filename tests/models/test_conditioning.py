@@ -65,6 +65,22 @@ def test_cache_needs_cached_outputs(tiny_model_dir):
         Conditioner(model.family, model.tokenizers, model.text_encoders).cache(["a"], "cpu", torch.float32)
 
 
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_released_encoders_free_their_weights_and_the_cache_still_conditions(request, model_fixture):
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True)
+    cached.cache(CAPTIONS, "cpu", torch.float32)
+    before = cached(CAPTIONS, _sizes(5), "cpu", torch.float32)
+    weights = sum(p.numel() * p.element_size() for e in model.text_encoders for p in (*e.parameters(), *e.buffers()))
+    assert cached.release_encoders() == weights > 0
+    assert {p.device.type for e in model.text_encoders for p in (*e.parameters(), *e.buffers())} == {"meta"}
+    _assert_same_conditioning(before, cached(CAPTIONS, _sizes(5), "cpu", torch.float32), model.family)
+    with pytest.raises(RuntimeError, match="caption 'a red circle' was not cached before the text encoders were released"):
+        cached(["zkchar, red circle", "a red circle"], _sizes(2), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="needs cache_outputs=True"):
+        Conditioner(model.family, model.tokenizers, model.text_encoders).release_encoders()
+
 # --- long captions (--max-token-length) ---------------------------------------------------------------
 
 LONG = "zkchar, " + ", ".join(f"tag {i}" for i in range(22))  # 125 tokens with the tiny models' vocabulary
