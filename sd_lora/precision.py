@@ -33,6 +33,13 @@ def probe_hardware() -> Hardware:
     return Hardware(cuda=cuda, cuda_bf16=cuda_bf16, cpu_amx_bf16=bool(amx()))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without, PyTorch computes bf16 in a slow
+    fallback: on an AVX2-only CPU (AMD EPYC, Zen 3) a 3x3 convolution at SD1.5's first level ran at 0.6 GFLOP/s in bf16
+    against 84 in fp32, and the test U-Net's training step 2.7x slower."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def choose_mixed_precision(requested: str, hardware: Hardware, unet_parameters: int) -> str:
     """The concrete precision ("no", "fp16" or "bf16") for `requested`; only "auto" is decided here."""
     if requested != "auto":

@@ -48,3 +48,24 @@ def test_probe_counts_emulated_bf16_as_unsupported(monkeypatch):
     hardware = precision.probe_hardware()
     assert hardware.cuda and not hardware.cuda_bf16
     assert choose_mixed_precision("auto", hardware, SD15_UNET) == "fp16"
+
+
+def test_cpu_bf16_follows_torchs_instruction_probes(monkeypatch):
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert precision.cpu_has_bf16() is expected
+
+
+@pytest.mark.parametrize("native, requested, warned", [(False, "bf16", True), (True, "bf16", False), (False, "no", False),
+                                                       (False, "auto", False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, capsys, tmp_path, native, requested, warned):
+    from sd_lora import preflight
+    from sd_lora.config import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(preflight, "cpu_has_bf16", lambda: native)
+    preflight.check_precision(load_config(["--data", str(tmp_path), "--mixed-precision", requested]))
+    err = capsys.readouterr().err
+    assert ("warning: --mixed-precision bf16 on a CPU without bf16 instructions" in err) is warned
+    assert ("--mixed-precision auto or no trains in fp32" in err) is warned
