@@ -30,8 +30,9 @@ Part 2 (`sd15`) builds the full-size SD1.5 U-Net (config from shared/reference/m
 weights), injects rank-16 attn-mlp LoRA, counts one training step's FLOPs with `FlopCounterMode` (forward +
 backward; CPU flash attention added to its formula table) and times steps at `--sd15-resolution`, batch 1.
 Achieved FLOP/s is reported as a fraction of the median of large `torch.mm` timings in the same process and
-dtype. It also times the SD1.5 VAE encoder and CLIP ViT-L text encoder at the same size, to project the
-naive-vs-cached ratio for the full-size model.
+dtype (fp32 only on a CPU without bf16 instructions, where bf16 runs in a fallback 100x slower; `--quick`
+then leaves out the tiny model's `bf16` run too). It also times the SD1.5 VAE encoder and CLIP ViT-L text
+encoder at the same size, to project the naive-vs-cached ratio for the full-size model.
 
 The last line is `images_per_s_ratio_vs_naive=X peak_rss_ratio_vs_naive=Y` for the `default` configuration.
 """
@@ -431,6 +432,10 @@ def worker_sd15(args) -> dict:
     }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict = {"resolution": args.sd15_resolution}
+    # Without bf16 instructions PyTorch computes bf16 in a fallback 100x slower than fp32: one 3072^3 bf16 mm takes
+    # minutes there, an SD1.5 step far longer. Such a CPU trains in fp32 (--mixed-precision auto), measured alone.
+    dtypes = (torch.float32, torch.bfloat16) if native_bf16() else (torch.float32,)
+    result["bf16_skipped"] = len(dtypes) == 1
 
     def timed(fn, repeats: int) -> float:
         fn()  # warm-up
@@ -447,7 +452,7 @@ def worker_sd15(args) -> dict:
 
     def matmul_peak() -> None:
         """GFLOP/s of large square matmuls per dtype; the best of the calls before and after the U-Net steps."""
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             n = 4096 if device.type == "cuda" else 3072
             a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
             key = f"mm_peak_{str(dtype)[6:]}_gflops"
@@ -488,6 +493,7 @@ def worker_sd15(args) -> dict:
                 ("bfloat16", torch.bfloat16, torch.contiguous_format))
     if args.sd15_steps == 1:  # --quick
         variants = variants[0:1] + variants[2:3]
+    variants = tuple(v for v in variants if v[1] in dtypes)
     # As sd_lora runs them: fp32; --mixed-precision bf16 (frozen base stored in bf16, LoRA in fp32, autocast);
     # each also with the U-Net in channels_last (NHWC), the layout oneDNN's convolutions prefer.
     for name, dtype, layout in variants:
@@ -567,6 +573,15 @@ def spawn(args, name: str, repeat: int) -> dict:
     return out
 
 
+def native_bf16() -> bool:
+    """A GPU, or a CPU with bf16 instructions: where bf16 is worth measuring."""
+    import torch
+
+    from sd_lora.precision import cpu_has_bf16
+
+    return torch.cuda.is_available() or cpu_has_bf16()
+
+
 def images_per_second(run: dict) -> float:
     """Images trained per second over the steps after the warm-up: their images over their time. Not
     `batch / median(s/step)`: with aspect-ratio buckets a bucket's last batch can be short and fast."""
@@ -624,6 +639,8 @@ def main() -> int:
     if args.quick:
         args.repeats, args.steps, args.sd15_resolution, args.sd15_steps = 1, 8, 128, 1
     names = args.only.split(",") if args.only else list(QUICK_CONFIGS if args.quick else ["naive", *CONFIGS])
+    if args.quick and not args.only and not native_bf16():
+        names.remove("bf16")  # a slow fallback there (sd_lora warns), and auto trains in fp32: 25 s of --quick's 2 minutes
     if args.experiments:
         names += list(EXPERIMENTS)
     if not args.only:
@@ -662,6 +679,8 @@ def main() -> int:
     if sd15:
         r = sd15
         print(f"SD1.5 U-Net, {r['resolution']} px, batch 1, LoRA rank 16: {r['unet_step_gflop']:.1f} GFLOP per training step")
+        if r.get("bf16_skipped"):
+            print("  bfloat16: not measured, this CPU has no bf16 instructions (AVX512-BF16 or AMX); auto trains in fp32 here")
         for name in ("float32", "float32_channels_last", "bfloat16", "bfloat16_channels_last"):
             if f"unet_step_s_{name}" not in r:
                 continue
