@@ -7,7 +7,7 @@ GPU numbers); on a CPU it runs too, with peak RSS against the machine's RAM.
     python benchmarks/batch_sizes.py --models tiny --max-batch 8 --steps 4  # the script itself, CPU, ~1 min
 
 Every run is its own subprocess (`train_speed.py`'s worker for the configuration, `--sample-every 0`), so its
-peak memory is its own: on a GPU `max_memory_reserved` (what the allocator held), else `ru_maxrss`. The largest
+peak memory is its own: on a GPU `max_memory_reserved` (what the allocator held), else the process's VmHWM. The largest
 batch is found without trying every size: batches 1 and 2 give the memory one more image costs; the first guess
 is the batch whose peak that line puts at --fill of the device's memory (capped at --max-batch); a guess that
 runs out of memory is cut by a fifth until one fits. The batch above the largest that fitted is not tried unless

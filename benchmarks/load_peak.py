@@ -4,7 +4,7 @@
 
 Without --model-dir it uses (and writes once, 4 GiB) the full-size SD1.5 folder with random fp32 weights that
 `train_speed.py --model sd15` uses. Each way of loading runs in its own subprocess (peak RSS is that process's
-`ru_maxrss`, imports included):
+VmHWM, imports included: `sd_lora.memory.peak_rss_bytes`):
 
 - `from_pretrained+cast`: `UNet2DConditionModel.from_pretrained(...)` in fp32, then `.to(bfloat16)` (what
   sd_lora did before `models/streaming.py`);
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ def load(way: str, folder: Path) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from sd_lora.memory import peak_rss_bytes
     from sd_lora.models.streaming import load_cast
 
     start = time.perf_counter()
@@ -44,7 +44,7 @@ def load(way: str, folder: Path) -> dict:
             raise SystemExit(f"{folder}/unet: not a layout the streaming reader handles")
     seconds = time.perf_counter() - start
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
-    return {"way": way, "seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"way": way, "seconds": seconds, "peak_rss_mib": peak_rss_bytes() / 2**20,
             "parameters": sum(p.numel() for p in unet.parameters())}
 
 

@@ -4,6 +4,7 @@ loop of `train_speed.py`, in this process, with RSS sampled every 2 ms.
     python benchmarks/rss_phases.py default --out /tmp/ts_rss           # sd_lora: imports, load, caches, check, steps
     python benchmarks/rss_phases.py naive --out /tmp/ts_rss             # the diffusers-example loop
     python benchmarks/rss_phases.py default --out /tmp/ts_rss --square  # one 64x64 bucket, as the naive loop trains
+    python benchmarks/rss_phases.py default --out /tmp/ts_sd15 --model sd15 --resolution 256 --batch-size 1 --steps 6
 
 `--out` is a `train_speed.py` output folder (its tiny model and dataset are written there if missing). Each line
 is a phase boundary: VmRSS, its anonymous part (heap: Python objects, tensors, allocator caches) and its
@@ -120,6 +121,8 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
+                        help="sd15: the full-size SD1.5 architecture with random weights (use --resolution 256)")
     args = parser.parse_args()
 
     recorder = Recorder()
@@ -128,7 +131,7 @@ def main() -> int:
 
     recorder.mark(f"torch {torch.__version__} imported")
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = train_speed.write_model("tiny", args.out / "model")
+    args.model_dir = train_speed.write_model(args.model, args.out / ("model" if args.model == "tiny" else f"{args.model}-model"))
     data = train_speed.dataset_dir(args.out, args.square)
     worker = argparse.Namespace(out=args.out, data=data, model_dir=args.model_dir, run_dir=args.out / "runs" / f"rss-{args.config}",
                                 resolution=args.resolution, batch_size=args.batch_size, rank=args.rank, steps=args.steps,
@@ -148,7 +151,7 @@ def main() -> int:
         pass
     recorder.stop()
     print(recorder.table())
-    print(f"{args.config}{' (square data)' if args.square else ''}: peak RSS {result['peak_rss_mib']:.1f} MiB (ru_maxrss), "
+    print(f"{args.config}{' (square data)' if args.square else ''}: peak RSS {result['peak_rss_mib']:.1f} MiB (VmHWM), "
           f"median s/step {sorted(result['step_s'])[len(result['step_s']) // 2]:.3f}")
     return 0
 

@@ -18,7 +18,7 @@ example, so `--model sdxl` runs sd_lora's configurations only.
   text-encode, add noise, predict, MSE, backward, clip, plain AdamW; fp32, no caching. Implemented below.
 - sd_lora configurations (`CONFIGS`): `sd_lora.train.run(load_config([...]))` with `--sample-every 0`.
 
-Every configuration runs in its own subprocess (peak RSS is `ru_maxrss` of that process: import, model load,
+Every configuration runs in its own subprocess (peak RSS is that process's VmHWM: import, model load,
 cache building and training; plus `torch.cuda.max_memory_allocated` on a GPU), `--repeats` times, the
 configurations interleaved so that load from other processes spreads evenly. s/step is the median over
 steps after `WARMUP_STEPS` (per-step times come from `metrics.jsonl` `elapsed` for sd_lora and from the loop
@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -207,7 +206,9 @@ def save_sd15_model(directory: Path) -> Path:
 def peak_memory() -> dict:
     import torch
 
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    from sd_lora.memory import peak_rss_bytes  # this process's own peak, not the parent's that wrote the model
+
+    out = {"peak_rss_mib": peak_rss_bytes() / 2**20}
     if torch.cuda.is_available():
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["cuda_reserved_peak_mib"] = torch.cuda.max_memory_reserved() / 2**20  # what the allocator held

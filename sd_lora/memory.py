@@ -32,7 +32,17 @@ def describe_estimate(parts: dict[str, int]) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size. On Linux the high-water mark of its own address space (VmHWM):
+    getrusage's ru_maxrss carries over exec, so a process started by a bigger one (a launcher, a test runner, a
+    benchmark that has just written a model) would report its parent's peak as its own. Elsewhere ru_maxrss
+    (macOS reports bytes, others KiB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -1,3 +1,8 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from sd_lora import memory
@@ -17,6 +22,22 @@ def test_peak_rss_is_plausible():
     block = bytearray(64 * 2**20)  # touch 64 MiB so the peak is at least that
     assert memory.peak_rss_bytes() >= len(block)
     assert memory.describe_peak(torch.device("cpu")).startswith("peak memory:")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    # A parent touches 1.5 GiB, lets it go, then starts a process that reports its peak: getrusage's ru_maxrss
+    # would hand the child the parent's 1.5 GiB (it carries over exec); the child's own peak is its imports.
+    child = "from sd_lora import memory; print(memory.peak_rss_bytes())"
+    parent = ("import subprocess, sys\n"
+              "block = bytearray(1536 * 2**20)\n"
+              "block[::4096] = b'\\x01' * len(block[::4096])\n"
+              "del block\n"
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)\n")
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    child_peak = int(done.stdout.split()[0])
+    assert 32 * 2**20 < child_peak < 1024 * 2**20  # imports torch (a few hundred MiB), far from the parent's 1.5 GiB
 
 
 def test_releasing_the_vae_encoder_keeps_decoding_exact():
