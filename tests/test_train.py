@@ -8,8 +8,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from sd_lora import precision
@@ -226,16 +228,23 @@ def _merge_kohya_by_hand(pipe, path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision_keeps_lora_in_fp32(tiny_dataset, tiny_model_dir, tmp_path):
+def test_bf16_mixed_precision_keeps_lora_in_fp32_and_samples(tiny_dataset, tiny_model_dir, tmp_path):
+    # Sample grids included: under accelerate's bf16 the U-Net's outputs come back in fp32, and a bf16 VAE was
+    # handed fp32 latents ("Input type (float) and bias type (c10::BFloat16) should be the same") at step 0.
     config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "2",
-                                    "--mixed-precision", "bf16", "--sample-every", "0", "--gradient-checkpointing"))
+                                    "--mixed-precision", "bf16", "--sample-every", "2", "--gradient-checkpointing",
+                                    "--output-name", "zk"))
     result = run(config)
     lora = [p for n, p in result.unet.named_parameters() if "lora_" in n]
     base = [p for n, p in result.unet.named_parameters() if "lora_" not in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(p.dtype == torch.bfloat16 for p in base)
+    assert result.outputs.model.vae.dtype == torch.bfloat16
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert len([m for m in metrics if "loss" in m]) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
+    for step in (0, 2):
+        grid = Image.open(tmp_path / "out" / "samples" / f"zk-step{step:08d}.png")
+        assert np.asarray(grid.convert("L")).std() > 0
 
 
 @pytest.mark.slow

@@ -317,9 +317,10 @@ def save_grid(image: Image.Image, path: str | os.PathLike, *, metadata: dict | N
 
 @contextmanager
 def _sampling_modes(pipe) -> Iterator[None]:
-    """No gradients, every module in eval mode, autocast where the modules' dtypes differ."""
+    """No gradients, every module in eval mode, autocast where the modules' dtypes differ, and the VAE decoding
+    in its own dtype."""
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe):
+    with torch.no_grad(), _eval_mode(modules), _autocast_if_mixed(pipe), _decode_in_vae_dtype(pipe.vae):
         yield
 
 
@@ -340,18 +341,27 @@ def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
 @contextmanager
 def _autocast_if_mixed(pipe) -> Iterator[None]:
     """Autocast to the 16-bit dtype when the modules' dtypes differ (e.g. a bf16 U-Net with an fp32 text
-    encoder). The pipeline feeds the text encoder's dtype to the U-Net and the U-Net's output to the VAE,
-    which fails on mixed dtypes without it. With one dtype everywhere, nothing changes.
-
-    The VAE's decode is kept out of the autocast, in the VAE's own dtype (`precision.call_vae`; a hack:
-    `pipe.vae.decode` is wrapped for the duration)."""
+    encoder). The pipeline feeds the text encoder's dtype to the U-Net, which fails on mixed dtypes without it.
+    With one dtype everywhere, nothing changes."""
     modules = [pipe.components.get(name) for name in ("unet", "text_encoder", "vae")]
     dtypes = {m.dtype for m in modules if m is not None}
     low = [d for d in (pipe.unet.dtype, *dtypes) if d in (torch.float16, torch.bfloat16)]
     if len(dtypes) <= 1 or not low:
         yield
         return
-    vae, device_type = pipe.vae, pipe.unet.device.type
+    with torch.autocast(device_type=pipe.unet.device.type, dtype=low[0]):
+        yield
+
+
+@contextmanager
+def _decode_in_vae_dtype(vae) -> Iterator[None]:
+    """The pipeline hands the VAE the latents in the dtype denoising ended in: fp32 when accelerate's mixed
+    precision wraps the U-Net (it converts the U-Net's outputs to fp32), 16-bit under autocast. The VAE decodes
+    them in its own dtype, outside any autocast (`precision.call_vae`; SDXL's VAE is kept in fp32 under fp16).
+    A hack: `vae.decode` is wrapped for the duration."""
+    if "decode" in vars(vae):  # already wrapped by an enclosing call
+        yield
+        return
     decode = vae.decode
 
     def decode_in_own_dtype(latents, *args, **kwargs):
@@ -359,7 +369,6 @@ def _autocast_if_mixed(pipe) -> Iterator[None]:
 
     vae.decode = decode_in_own_dtype
     try:
-        with torch.autocast(device_type=device_type, dtype=low[0]):
-            yield
+        yield
     finally:
         del vae.decode  # the class's own method again

@@ -251,6 +251,32 @@ def test_mixed_dtypes_sample_under_autocast(fresh_sd1_pipe):
     assert "decode" not in vars(pipe.vae)  # the wrapper is gone again
 
 
+def test_a_16_bit_vae_decodes_fp32_latents_from_a_unet_wrapped_by_accelerate(fresh_sd1_pipe):
+    # accelerate's mixed precision wraps the U-Net's forward so that its outputs come back in fp32; with every
+    # module in bf16 the denoised latents reached the bf16 VAE in fp32 and decoding failed on the dtypes.
+    pipe = fresh_sd1_pipe
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.to(torch.bfloat16)
+    forward = pipe.unet.forward
+
+    def as_accelerate_prepares_it(*args, **kwargs):  # Accelerator(mixed_precision="bf16").prepare(unet)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        return tuple(t.float() for t in out) if isinstance(out, tuple) else out
+
+    pipe.unet.forward = as_accelerate_prepares_it
+    decoded = {}
+    vae_hook = pipe.vae.decoder.conv_out.register_forward_hook(lambda m, i, out: decoded.__setitem__("dtype", out.dtype))
+    try:
+        cells, _ = generate_images(pipe, [CIRCLE], SampleSettings(32, 32, steps=2, seeds=(0,)))
+    finally:
+        del pipe.unet.forward
+        vae_hook.remove()
+    assert cells[0][0].size == (32, 32) and pixels(cells[0][0]).std() > 0
+    assert decoded == {"dtype": torch.bfloat16}  # in the VAE's own dtype
+    assert "decode" not in vars(pipe.vae)
+
+
 def test_stop_is_asked_after_every_denoising_step(sd1_pipe):
     """A Ctrl-C during a sample grid used to wait for the whole grid (minutes with many steps and seeds)."""
     asked, unet_calls = [], []
