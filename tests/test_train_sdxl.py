@@ -127,3 +127,22 @@ def test_fp16_keeps_the_sdxl_vae_in_exact_fp32(tiny_sdxl_model_dir):
     assert {p.dtype for p in model.unet.parameters() if not p.requires_grad} == {torch.float16}
     for name, value in model.vae.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, reference[name]), name
+
+
+@pytest.mark.slow
+def test_sdxl_bf16_run_samples_with_its_text_encoders_released(tiny_sdxl_model_dir, tiny_dataset, tmp_path):
+    # Every module in bf16 and the frozen text encoders let go after caching: the grids come from prompts
+    # encoded ahead, through a pipeline without text encoders, decoded by the bf16 VAE.
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "out"
+    config = load_config(["--data", str(tiny_dataset), "--model", str(tiny_sdxl_model_dir), "--output-dir", str(out), *FAST,
+                          "--max-steps", "2", "--mixed-precision", "bf16", "--sample-every", "2"])
+    result = run(config)
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["data-compare-step00000002.png", "data-step00000000.png", "data-step00000002.png"]
+    for name in grids:
+        assert np.asarray(Image.open(out / "samples" / name).convert("L")).std() > 0
+    assert result.outputs.model.vae.dtype == torch.bfloat16
+    assert all(p.device.type == "meta" for encoder in result.text_encoders for p in encoder.parameters())
