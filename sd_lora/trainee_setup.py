@@ -133,7 +133,10 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for encoder in text_encoders:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compile_unet(model.unet, config.compile, batch_shapes)
     model.unet.train()
     for encoder in model.text_encoders:

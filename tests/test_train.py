@@ -228,18 +228,25 @@ def _merge_kohya_by_hand(pipe, path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision_keeps_lora_in_fp32_and_samples(tiny_dataset, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--train-text-encoder", "--clip-skip", "2")], ids=["frozen-te", "trained-te-clip-skip-2"])
+def test_bf16_mixed_precision_keeps_lora_in_fp32_and_samples(tiny_dataset, tiny_model_dir, tmp_path, extra):
     # Sample grids included: under accelerate's bf16 the U-Net's outputs come back in fp32, and a bf16 VAE was
     # handed fp32 latents ("Input type (float) and bias type (c10::BFloat16) should be the same") at step 0.
+    # A trained text encoder's hidden states come back in fp32 the same way, and with --clip-skip 2 its bf16
+    # final layer norm met them outside any autocast that casts on the CPU ("mixed dtype (CPU)").
     config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "2",
                                     "--mixed-precision", "bf16", "--sample-every", "2", "--gradient-checkpointing",
-                                    "--output-name", "zk"))
+                                    "--output-name", "zk", *extra))
     result = run(config)
     lora = [p for n, p in result.unet.named_parameters() if "lora_" in n]
     base = [p for n, p in result.unet.named_parameters() if "lora_" not in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(p.dtype == torch.bfloat16 for p in base)
     assert result.outputs.model.vae.dtype == torch.bfloat16
+    assert result.unet.is_gradient_checkpointing
+    if "--train-text-encoder" in extra:
+        assert all(getattr(encoder, "is_activation_checkpointing", None) or encoder.is_gradient_checkpointing  # new name in transformers 5
+                   for encoder in result.text_encoders)
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len([m for m in metrics if "loss" in m]) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
     for step in (0, 2):

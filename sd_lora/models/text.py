@@ -95,4 +95,7 @@ def encode_tokens(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
     if clip_skip == 1:
         return text_encoder(input_ids, return_dict=True).last_hidden_state
     out = text_encoder(input_ids, output_hidden_states=True, return_dict=True)
-    return _final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
+    norm = _final_layer_norm(text_encoder)
+    # A text encoder prepared by accelerate for mixed precision returns fp32 outputs; its 16-bit layer norm gets
+    # them in its own dtype (CPU autocast does not cast layer_norm's inputs, and it refuses fp32 with bf16 weights).
+    return norm(out.hidden_states[-clip_skip].to(norm.weight.dtype))
