@@ -160,7 +160,7 @@ class TrainConfig:
     log_prefix: str | None = option(None, "Start of the run's subfolder name under --logging-dir, before the date and time (kohya's --log_prefix). "
                                     "Default: <output-name>-.", group="output")
     # --- reliability --------------------------------------------------------------------------------
-    save_state_every: int = option(0, "Write a full training state (LoRA, optimizer, schedule, RNGs, data position) every N steps (0: only on interrupt).", min=0, group="reliability")
+    save_state_every: int = option(0, "Write a full training state (LoRA, optimizer, schedule, RNGs, data position) every N steps and at the end (0: only on interrupt).", min=0, group="reliability")
     keep_states: int = option(2, "Keep only the newest K state folders.", min=1, group="reliability")
     resume: str | None = option(None, "Continue from a state folder: 'latest' (newest in --output-dir) or its path.", metavar="latest|DIR", group="reliability", local_path=True)
     nan_skip: int = option(0, "Skip up to N optimizer steps with a non-finite loss or gradient instead of stopping.", min=0, group="reliability")

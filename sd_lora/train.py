@@ -330,6 +330,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     try:  # the logs are closed even when the final file cannot be written
         outputs.save_lora(final, state)
+        if config.save_state_every and state.step % config.save_state_every:  # as kohya's --save_state, the end too:
+            outputs.save_state(state)  # extending the run (--resume latest, a larger --max-steps) continues from here
         outputs.sample(state.step)
         outputs.compare_with_base(state.step)
     finally:

@@ -212,6 +212,19 @@ def test_resume_refuses_incompatible_config_and_allows_extension(tiny_dataset, t
     assert f"--data {tiny_dataset}: the images or captions changed" in capsys.readouterr().err
 
 
+def test_a_finished_run_saves_its_last_state_so_extending_it_trains_no_step_twice(tiny_dataset, tiny_model_dir, tmp_path):
+    # As kohya's --save_state: the end of the run is a state too. Before, a run of 3 steps saving every 2 kept
+    # only state 2, and extending it quietly trained step 3 again from there.
+    out = tmp_path / "e"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "3", "--save-state-every", "2", "--keep-states", "2")) == 0
+    assert [p.name for p in checkpoint.list_states(out)] == ["state-00000002", "state-00000003"]
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--save-state-every", "2", "--keep-states", "2",
+                     "--resume", "latest")) == 0
+    assert [p.name for p in checkpoint.list_states(out)] == ["state-00000004", "state-00000005"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
 def test_resume_latest_without_states_is_explained(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "empty", "--max-steps", "2", "--resume", "latest")) == 2
     assert "no state folder in" in capsys.readouterr().err
