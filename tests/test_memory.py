@@ -26,18 +26,18 @@ def test_peak_rss_is_plausible():
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's")
 def test_peak_rss_is_the_process_own_not_its_parents():
-    # A parent touches 1.5 GiB, lets it go, then starts a process that reports its peak: getrusage's ru_maxrss
-    # would hand the child the parent's 1.5 GiB (it carries over exec); the child's own peak is its imports.
+    # A parent touches 2 GiB, lets it go, then starts a process that reports its peak: getrusage's ru_maxrss
+    # would hand the child the parent's 2 GiB (it carries over exec); the child's own peak is its imports.
     child = "from sd_lora import memory; print(memory.peak_rss_bytes())"
     parent = ("import subprocess, sys\n"
-              "block = bytearray(1536 * 2**20)\n"
+              "block = bytearray(2048 * 2**20)\n"
               "block[::4096] = b'\\x01' * len(block[::4096])\n"
               "del block\n"
               f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)\n")
     done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     child_peak = int(done.stdout.split()[0])
-    assert 32 * 2**20 < child_peak < 1024 * 2**20  # imports torch (a few hundred MiB), far from the parent's 1.5 GiB
+    assert 32 * 2**20 < child_peak < 1536 * 2**20  # imports torch (about 0.7 GiB with its libraries), not the parent's 2 GiB
 
 
 def test_releasing_the_vae_encoder_keeps_decoding_exact():
