@@ -131,7 +131,7 @@ def main() -> int:
 
     recorder.mark(f"torch {torch.__version__} imported")
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = train_speed.write_model(args.model, args.out / ("model" if args.model == "tiny" else f"{args.model}-model"))
+    args.model_dir = train_speed.write_model(args.model, train_speed.model_folder(args.out, args.model))
     data = train_speed.dataset_dir(args.out, args.square)
     worker = argparse.Namespace(out=args.out, data=data, model_dir=args.model_dir, run_dir=args.out / "runs" / f"rss-{args.config}",
                                 resolution=args.resolution, batch_size=args.batch_size, rank=args.rank, steps=args.steps,

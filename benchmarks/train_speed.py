@@ -179,6 +179,11 @@ def save_random_model(family: str, directory: Path, resolution: int, dtype=None)
     return directory
 
 
+def model_folder(out: Path, kind: str) -> Path:
+    """Where a `--model` kind's diffusers folder lives in an output folder (written there once, reused)."""
+    return out / ("model" if kind not in FULL_SIZE_FAMILY else f"{kind}-model")
+
+
 def write_model(kind: str, directory: Path, resolution: int | None = None) -> Path:
     """The diffusers folder a `--model` kind ("tiny", "sd15", "sdxl") trains from, written once: the tiny SD1 model,
     or full size with random weights (SDXL in fp16), its configs sized for `resolution` (default: native)."""
@@ -653,7 +658,7 @@ def main() -> int:
     args.batch_size = args.batch_size or (1 if full_size else 2)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = write_model(args.model, args.out / (f"{args.model}-model" if full_size else "model"))
+    args.model_dir = write_model(args.model, model_folder(args.out, args.model))
     args.data = dataset_dir(args.out, args.square)
     info = machine()
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} ({info['threads']} threads)"

@@ -248,7 +248,8 @@ def test_bf16_mixed_precision_keeps_lora_in_fp32_and_samples(tiny_dataset, tiny_
         assert all(getattr(encoder, "is_activation_checkpointing", None) or encoder.is_gradient_checkpointing  # new name in transformers 5
                    for encoder in result.text_encoders)
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len([m for m in metrics if "loss" in m]) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
+    losses = [m["loss"] for m in metrics if "loss" in m]  # sample grids log lines of their own
+    assert len(losses) == 2 and torch.isfinite(torch.tensor(losses)).all()
     for step in (0, 2):
         grid = Image.open(tmp_path / "out" / "samples" / f"zk-step{step:08d}.png")
         assert np.asarray(grid.convert("L")).std() > 0

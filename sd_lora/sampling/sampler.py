@@ -359,9 +359,6 @@ def _decode_in_vae_dtype(vae) -> Iterator[None]:
     precision wraps the U-Net (it converts the U-Net's outputs to fp32), 16-bit under autocast. The VAE decodes
     them in its own dtype, outside any autocast (`precision.call_vae`; SDXL's VAE is kept in fp32 under fp16).
     A hack: `vae.decode` is wrapped for the duration."""
-    if "decode" in vars(vae):  # already wrapped by an enclosing call
-        yield
-        return
     decode = vae.decode
 
     def decode_in_own_dtype(latents, *args, **kwargs):
