@@ -8,10 +8,10 @@ import torch
 from sd_lora import precision
 from sd_lora.precision import FULL_SIZE_PARAMETERS, Hardware, choose_mixed_precision
 
-CPU = Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=False)
-AMX = Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=True)
-AMPERE = Hardware(cuda=True, cuda_bf16=True, cpu_amx_bf16=False)
-TURING = Hardware(cuda=True, cuda_bf16=False, cpu_amx_bf16=False)
+CPU = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False)
+CPU_BF16 = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=True)  # AVX512-BF16 (AMD Zen 4) or AMX (Intel Xeon)
+AMPERE = Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False)
+TURING = Hardware(cuda=True, cuda_bf16=False, cpu_bf16=False)
 SD15_UNET, DEMO_UNET = 859_520_964, 3_300_000
 
 
@@ -19,10 +19,10 @@ SD15_UNET, DEMO_UNET = 859_520_964, 3_300_000
     (AMPERE, DEMO_UNET, "bf16"),
     (AMPERE, SD15_UNET, "bf16"),
     (TURING, SD15_UNET, "fp16"),
-    (AMX, SD15_UNET, "bf16"),
-    (AMX, FULL_SIZE_PARAMETERS, "bf16"),
-    (AMX, FULL_SIZE_PARAMETERS - 1, "no"),  # small ops: autocast's casts cost more than bf16 saves
-    (AMX, DEMO_UNET, "no"),
+    (CPU_BF16, SD15_UNET, "bf16"),
+    (CPU_BF16, FULL_SIZE_PARAMETERS, "bf16"),
+    (CPU_BF16, FULL_SIZE_PARAMETERS - 1, "no"),  # small ops: autocast's casts cost more than bf16 saves
+    (CPU_BF16, DEMO_UNET, "no"),
     (CPU, SD15_UNET, "no"),
 ])
 def test_auto_picks_by_hardware_and_model_size(hardware, parameters, expected):
@@ -31,7 +31,7 @@ def test_auto_picks_by_hardware_and_model_size(hardware, parameters, expected):
 
 @pytest.mark.parametrize("requested", ["no", "fp16", "bf16"])
 def test_an_explicit_choice_is_kept(requested):
-    for hardware in (CPU, AMX, AMPERE, TURING):
+    for hardware in (CPU, CPU_BF16, AMPERE, TURING):
         assert choose_mixed_precision(requested, hardware, SD15_UNET) == requested
 
 
@@ -50,11 +50,22 @@ def test_probe_counts_emulated_bf16_as_unsupported(monkeypatch):
     assert choose_mixed_precision("auto", hardware, SD15_UNET) == "fp16"
 
 
-def test_cpu_bf16_follows_torchs_instruction_probes(monkeypatch):
-    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert precision.cpu_has_bf16() is expected
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "no"), (True, False, "bf16"), (False, True, "bf16")])
+def test_cpu_bf16_follows_torchs_instruction_probes(monkeypatch, avx512_bf16, amx, expected):
+    """Either instruction set multiplies bf16 natively: auto trains a full-size model in bf16 on both."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert precision.cpu_has_bf16() is (expected == "bf16")
+    hardware = precision.probe_hardware()
+    assert hardware.cpu_bf16 is (expected == "bf16")
+    assert choose_mixed_precision("auto", hardware, SD15_UNET) == expected
+
+
+def test_cpu_bf16_probes_absent_from_a_build_mean_no(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name)
+    assert precision.cpu_has_bf16() is False
 
 
 @pytest.mark.parametrize("native, requested, warned", [(False, "bf16", True), (True, "bf16", False), (False, "no", False),

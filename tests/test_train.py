@@ -423,7 +423,7 @@ def _saved_precision(out) -> tuple[str, str]:
 
 def test_a_run_records_the_resolved_precision(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
     """The tiny model is far below full size: auto trains in fp32 here, and the file and config say so."""
-    monkeypatch.setattr(train_module, "probe_hardware", lambda: Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=True))
+    monkeypatch.setattr(train_module, "probe_hardware", lambda: Hardware(cuda=False, cuda_bf16=False, cpu_bf16=True))
     config = load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "out", "--max-steps", "1", "--sample-every", "0"))
     assert config.mixed_precision == "auto"
     result = train_module.run(config)
@@ -432,9 +432,9 @@ def test_a_run_records_the_resolved_precision(tiny_dataset, tiny_model_dir, tmp_
     assert saved == "no" and 'mixed-precision = "no"' in toml
 
 
-def test_auto_on_amx_with_a_full_size_model_trains_in_bf16(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+def test_auto_on_a_bf16_cpu_with_a_full_size_model_trains_in_bf16(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
     """Pretend the tiny U-Net is full size: auto then stores the base in bf16 and keeps the LoRA in fp32."""
-    monkeypatch.setattr(train_module, "probe_hardware", lambda: Hardware(cuda=False, cuda_bf16=False, cpu_amx_bf16=True))
+    monkeypatch.setattr(train_module, "probe_hardware", lambda: Hardware(cuda=False, cuda_bf16=False, cpu_bf16=True))
     monkeypatch.setattr(precision, "FULL_SIZE_PARAMETERS", 1)
     monkeypatch.setattr(train_module, "choose_mixed_precision",
                         lambda requested, hardware, n: precision.choose_mixed_precision(requested, hardware, n * FULL_SIZE_PARAMETERS))
