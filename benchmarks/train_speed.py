@@ -29,8 +29,8 @@ time: the dataset's three aspect ratios make sd_lora's buckets end in short batc
 Part 2 (`sd15`) builds the full-size SD1.5 U-Net (config from shared/reference/model-configs.md, random
 weights), injects rank-16 attn-mlp LoRA, counts one training step's FLOPs with `FlopCounterMode` (forward +
 backward; CPU flash attention added to its formula table) and times steps at `--sd15-resolution`, batch 1.
-Achieved FLOP/s is reported as a fraction of the median of large `torch.mm` timings in the same process and
-dtype (fp32 only on a CPU without bf16 instructions, where bf16 runs in a fallback 100x slower; `--quick`
+Achieved FLOP/s is reported as a fraction of the matmul peak measured in the same process and dtype (the
+faster of `torch.mm` and oneDNN's matmul at 3072^3, median of 7 calls, the best of before and after the steps) (fp32 only on a CPU without bf16 instructions, where bf16 runs in a fallback 100x slower; `--quick`
 then leaves out the tiny model's `bf16` run too). It also times the SD1.5 VAE encoder and CLIP ViT-L text
 encoder at the same size, to project the naive-vs-cached ratio for the full-size model.
 
@@ -116,13 +116,71 @@ def machine() -> dict:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    info = {"nproc": os.cpu_count(), "cpu": cpu_identity() or platform.processor(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def cpu_identity() -> str:
+    """The CPU's model name, family and model, and the vector instructions the kernels choose between. AMD
+    names its EPYC CPUs by family alone ("AMD EPYC"): family 25 is Zen 3 or Zen 4, 26 is Zen 5."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    return (f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
+            + (" ".join(isa) or "no AVX2"))
+
+
+def median_seconds(fn, calls: int, device) -> float:
+    """Median wall time of `calls` calls of fn after one warm-up call, synchronising a GPU around each."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(dtype, device) -> float:
+    """GFLOP/s of a large square matmul in `dtype`: the faster of `torch.mm` and, on a CPU, oneDNN's matmul.
+    On a CPU `torch.mm` runs fp32 through MKL, which takes its AVX2 path on AMD CPUs: on the Zen 5 it reached
+    half of what oneDNN (the library behind PyTorch's CPU convolutions and bf16 matmuls) reaches at the same
+    size, so a step of convolutions measured against it alone came out above 100%."""
+    import warnings
+
+    import torch
+
+    n = 4096 if device.type == "cuda" else 3072
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    rates = [2 * n**3 / median_seconds(lambda: a @ b, 7, device) / 1e9]
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        import torch.utils.mkldnn
+
+        linear = torch.nn.Linear(n, n, bias=False).requires_grad_(False)
+        with warnings.catch_warnings():  # torch.utils.mkldnn's modules are TorchScript, which warns it is deprecated
+            warnings.simplefilter("ignore")
+            linear = torch.utils.mkldnn.to_mkldnn(linear, dtype)
+        x = a.to_mkldnn()
+        with torch.no_grad():
+            rates.append(2 * n**3 / median_seconds(lambda: linear(x), 7, device) / 1e9)
+    return max(rates)
 
 
 def random_init(module, device):
@@ -444,25 +502,13 @@ def worker_sd15(args) -> dict:
     result["bf16_skipped"] = len(dtypes) == 1
 
     def timed(fn, repeats: int) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, repeats, device)
 
     def matmul_peak() -> None:
-        """GFLOP/s of large square matmuls per dtype; the best of the calls before and after the U-Net steps."""
+        """The matmul peak per dtype; the best of the measurements before and after the U-Net steps."""
         for dtype in dtypes:
-            n = 4096 if device.type == "cuda" else 3072
-            a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
             key = f"mm_peak_{str(dtype)[6:]}_gflops"
-            result[key] = max(result.get(key, 0.0), 2 * n**3 / timed(lambda: a @ b, 7) / 1e9)
+            result[key] = max(result.get(key, 0.0), matmul_peak_gflops(dtype, device))
 
     matmul_peak()
 
