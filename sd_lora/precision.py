@@ -3,9 +3,10 @@
 bf16 autocast with the frozen base stored in bf16 and the LoRA parameters kept in fp32 is how SD LoRAs are
 trained on GPUs. On a CPU it pays only where the hardware multiplies bf16 natively (AVX512-BF16 or AMX) and the
 model's operations are large enough to amortise autocast's casts: measured with `benchmarks/train_speed.py`, the
-full-size SD1.5 U-Net step runs 1.5x (256 px) to 1.9x (512 px) faster in bf16 on an Intel Xeon with AMX and 1.6x
-(512 px) on an AMD EPYC with AVX512-BF16 (Zen 4), while training the 0.8M-parameter test U-Net runs at 0.75x the
-fp32 speed.
+full-size SD1.5 U-Net step runs 1.5x (256 px) to 1.9x (512 px) faster in bf16 on an Intel Xeon with AMX, 1.6x
+(512 px) on an AMD EPYC with AVX512-BF16 (Zen 4) and 1.9x on a Zen 5, while training the 0.8M-parameter test
+U-Net runs at 0.75x the fp32 speed on the Xeon and 1.17x on the Zen 5: a small, machine-dependent gain at best,
+so small models stay in fp32.
 """
 
 from __future__ import annotations
