@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .data.kohya_dataset_config import KOHYA_CAPTION_EXTENSION, read_dataset_config, run_options
+from .data.kohya_dataset_config import KOHYA_CAPTION_EXTENSION, RUN_OPTIONS, read_dataset_config, run_options
 from .errors import ConfigError, UserError
 from .fsio import readable
 from .options import FIELDS, TrainConfig, key_of
@@ -111,7 +111,7 @@ def _check_range(config: TrainConfig, problems: list[str]) -> None:
             problems.append(f"{flag} {value} is out of range: it must be <= {hi:g}")
 
 
-def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
+def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config: frozenset[str] = frozenset()) -> None:
     if c.data is not None and c.dataset_config is not None:
         problems.append(f"--data {c.data} and --dataset-config {c.dataset_config} are both set; the dataset config lists every "
                         "image folder (kohya ignores --train_data_dir with it): add the folder to it as a [[datasets.subsets]], or drop one")
@@ -147,8 +147,12 @@ def _check_combinations(c: TrainConfig, problems: list[str]) -> None:
     if c.keep_saves and not c.save_every and not c.save_every_epochs:
         problems.append(f"--keep-saves {c.keep_saves} keeps the newest intermediate files, but none are saved; add --save-every N "
                         "or --save-every-epochs N, or drop --keep-saves")
-    if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout:
+    # A kohya dataset config may keep tokens without shuffling them (kohya accepts it; it does nothing).
+    if c.keep_tokens and not c.shuffle_tags and not c.tag_dropout and "keep_tokens" not in from_dataset_config:
         problems.append(f"--keep-tokens {c.keep_tokens} only has an effect with --shuffle-tags or --tag-dropout; add one or drop --keep-tokens")
+    if c.no_upscale and not c.buckets:
+        problems.append("--no-upscale only changes how images are fitted to aspect-ratio buckets, which --no-buckets turns off; "
+                        "drop one of them")
     if c.random_crop and c.cache_latents:
         problems.append("--cache-latents cannot be combined with --random-crop (each step needs a fresh crop); drop one")
     if c.resolution is not None and c.min_bucket_side is not None and c.min_bucket_side > c.resolution:
@@ -316,18 +320,29 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         values.pop("epochs", None)
     if "epochs" in cli and "max_steps" not in cli:
         values.pop("max_steps", None)
+    # Where each option a problem may name was set, if not on the command line: {field: "in FILE" or "by KEY in FILE"}.
+    where_set = {name: f"in {config_path}" for name in from_file if name not in cli}
+    from_dataset_config: dict[str, Any] = {}
     if values.get("dataset_config") is not None:
-        values.update(_dataset_config_options(values, cli, config_path, problems))
+        from_dataset_config = _dataset_config_options(values, cli, config_path, problems)
+        values.update(from_dataset_config)
+        keys = {option.field: key for key, option in RUN_OPTIONS.items()}
+        where_set.update({name: f"by {keys[name]} in {values['dataset_config']}" for name in from_dataset_config
+                          if name in keys and name not in cli and name not in from_file})
+        if values.get("buckets") is False and from_dataset_config.get("no_upscale") and "no_upscale" not in cli:
+            values["no_upscale"] = False  # as kohya: bucket_no_upscale does nothing with enable_bucket = false
+    if values.get("optimizer") == "prodigy" and "learning_rate" not in values:
+        values["learning_rate"] = 1.0  # Prodigy finds its own step size; its learning rate is a multiplier of it
     if "model" not in values:  # the default run: the built-in demo base with options tuned for it
         from .demo.defaults import demo_options
 
         values = {**demo_options(values), **values}
     config = TrainConfig(**values)  # fields that failed conversion keep their defaults ...
     _check_range(config, problems)  # ... so the remaining checks still run and report together
-    _check_combinations(config, problems)
+    _check_combinations(config, problems, frozenset(from_dataset_config))
     if problems:
-        relative = {name: v for name, v in from_file.items() if name not in cli and _is_relative_path(name, v)}
-        raise ConfigError([_say_where_set(p, relative, config_path) for p in problems])
+        relative = {name for name, v in from_file.items() if name not in cli and _is_relative_path(name, v)}
+        raise ConfigError([_say_where_set(p, where_set, relative) for p in problems])
     return config
 
 
@@ -358,10 +373,13 @@ def _is_relative_path(name: str, value: Any) -> bool:
     return is_path and isinstance(value, (str, Path)) and not Path(value).expanduser().is_absolute()
 
 
-def _say_where_set(problem: str, relative: dict[str, Any], config_path: str) -> str:
-    """A problem about a relative path the --config file set: where it came from, and where it was looked for
-    (the folder the command runs in, as kohya reads its TOML paths, not the config file's folder)."""
-    for name in relative:
+def _say_where_set(problem: str, where_set: dict[str, str], relative: set[str]) -> str:
+    """A problem about an option the --config file or the --dataset-config file set (not a flag the user typed):
+    where it came from, and for a relative path where it was looked for (the folder the command runs in, as
+    kohya reads its TOML paths, not the config file's folder)."""
+    for name, where in where_set.items():
         if problem.startswith(f"--{key_of(name)} "):
-            return f"{problem} (set in {config_path}; relative paths are read from the folder you run in, {Path.cwd()})"
+            if name in relative:
+                return f"{problem} (set {where}; relative paths are read from the folder you run in, {Path.cwd()})"
+            return f"{problem} (set {where})"
     return problem

@@ -114,16 +114,17 @@ class TrainConfig:
     batch_size: int = option(1, "Images per batch (per device).", min=1, max=4096, ss="ss_batch_size_per_device", fixed=True)
     max_steps: int | None = option(None, "Optimizer steps to train. Set this or --epochs, not both; on the command line it replaces the --config file's --epochs.", min=1, ss="ss_max_train_steps")
     epochs: int | None = option(None, "Epochs to train (default 10 when --max-steps is not given). Set this or --max-steps, not both; on the command line it replaces the --config file's --max-steps.", min=1, ss="ss_num_epochs")
-    # The learning rates are fixed on resume: the restored optimizer and schedule state keep the saved rates, so a new
-    # value would be recorded but not trained with. (A new --lr-scheduler or --lr-warmup-steps does take effect.)
-    learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate", fixed=True)
+    # The learning rates and the weight decay are fixed on resume: the restored optimizer and schedule state keep the
+    # saved values, so a new one would be recorded but not trained with. (A new --lr-scheduler or --lr-warmup-steps
+    # does take effect.)
+    learning_rate: float = option(1e-4, "Learning rate of the U-Net LoRA. Default: 1e-4; 1.0 with --optimizer prodigy, where it multiplies the step size Prodigy finds.", min=0, min_exclusive=True, max=1, ss="ss_learning_rate", fixed=True)
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --learning-rate.", min=0, min_exclusive=True, max=1, ss="ss_text_encoder_lr", fixed=True)
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS, ss="ss_lr_scheduler")
     lr_warmup_steps: int = option(0, "Linear warm-up steps (not with --lr-scheduler constant, which has none).", min=0, ss="ss_lr_warmup_steps")
     lr_scheduler_num_cycles: int = option(1, "Cycles of --lr-scheduler cosine_with_restarts, each a cosine decay from the full rate (1: no restart).", min=1, max=10_000)
     lr_scheduler_power: float = option(1.0, "Exponent of --lr-scheduler polynomial's decay (1: the same as linear).", min=0, min_exclusive=True, max=100)
     optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
-    weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1)
+    weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1, fixed=True)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0, ss="ss_max_grad_norm")
     min_snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is typical.", min=0, min_exclusive=True, ss="ss_min_snr_gamma")

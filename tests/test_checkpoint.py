@@ -197,10 +197,11 @@ def test_resume_refuses_incompatible_config_and_allows_extension(tiny_dataset, t
     assert "--rank: 4 in the saved run, 8 now" in err and "--targets: 'attn-mlp' in the saved run, 'attn' now" in err
     # The restored optimizer and schedule would keep the saved learning rates: a new one is refused, not recorded.
     code = main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--learning-rate", "5e-4", "--text-encoder-lr", "2e-5",
-                     "--resume", "latest"))
+                     "--weight-decay", "0.5", "--resume", "latest"))
     err = capsys.readouterr().err
     assert code == 2
     assert "--learning-rate: 0.01 in the saved run, 0.0005 now" in err and "--text-encoder-lr: None in the saved run, 2e-05 now" in err
+    assert "--weight-decay: 0.01 in the saved run, 0.5 now" in err  # the restored optimizer would keep 0.01
     # Same run, longer: allowed, continues from step 2.
     assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--save-state-every", "1", "--keep-states", "2", "--resume", "latest")) == 0
     assert [p.name for p in checkpoint.list_states(out)] == ["state-00000003", "state-00000004"]

@@ -101,7 +101,8 @@ def test_a_relative_path_from_the_config_file_says_where_it_was_set_and_looked_f
     message = str(caught.value)
     assert (f"--sample-prompts configs/prompts.txt: file not found (set in {toml}; relative paths are read from the "
             f"folder you run in, {tmp_path / 'configs'})") in message
-    assert "--reg-data /nonexistent/reg: folder not found" in message and message.count("set in") == 1  # absolute: as is
+    # An absolute path: where it was set, nothing about where relative paths are read from.
+    assert f"--reg-data /nonexistent/reg: folder not found (set in {toml})" in message and message.count("relative paths") == 1
     monkeypatch.chdir(tmp_path)
     assert load_config(["--config", str(toml), "--data", str(tmp_path), "--reg-data", str(tmp_path)]).sample_prompts.is_file()
 
@@ -157,6 +158,7 @@ def test_toml_type_errors(tmp_path):
     [
         (["--keep-tokens", "1"], "only has an effect with --shuffle-tags"),
         (["--random-crop", "--cache-latents"], "cannot be combined with --random-crop"),
+        (["--no-buckets", "--no-upscale"], "--no-upscale only changes how images are fitted to aspect-ratio buckets, which --no-buckets"),
         (["--text-encoder-lr", "1e-5"], "add --train-text-encoder"),
         (["--caption-extension", "txt"], "must start with a dot"),
         (["--output-name", "a/b"], "plain file name"),
@@ -276,9 +278,27 @@ def test_example_configs_lr_schedules_do_what_their_names_say(tmp_path, monkeypa
 def test_cache_and_optimizer_combinations(tmp_path):
     with pytest.raises(ConfigError, match="--latent-cache-dir needs cached latents"):
         load_config(["--data", str(tmp_path), "--latent-cache-dir", str(tmp_path), "--random-crop"])
-    with pytest.raises(ConfigError, match="prodigy learns its own step size"):
-        load_config(["--data", str(tmp_path), "--optimizer", "prodigy"])
-    assert load_config(["--data", str(tmp_path), "--optimizer", "prodigy", "--learning-rate", "1"]).optimizer == "prodigy"
+    with pytest.raises(ConfigError, match=r"prodigy learns its own step size: --learning-rate is a multiplier, use about 1.0 \(got 0.0001\)"):
+        load_config(["--data", str(tmp_path), "--optimizer", "prodigy", "--learning-rate", "1e-4"])
+    assert load_config(["--data", str(tmp_path), "--optimizer", "prodigy", "--learning-rate", "0.5"]).learning_rate == 0.5
+    # Unset, Prodigy's learning rate is 1.0, in the demo run and with a --model (it was refused over 1e-4, a default).
+    for model in ([], ["--model", "some/model"]):
+        assert load_config(["--data", str(tmp_path), "--optimizer", "prodigy", *model]).learning_rate == 1.0
+
+
+def test_the_demo_run_with_epochs_has_no_warm_up_it_cannot_fit(tmp_path):
+    """The demo's 20 warm-up steps fit its 1000; with --epochs the run's length is known only after the scan, and a
+    short one failed there, over a warm-up the user never set."""
+    assert load_config(["--data", str(tmp_path), "--epochs", "1"]).lr_warmup_steps == 0
+    assert load_config(["--data", str(tmp_path), "--epochs", "1", "--lr-warmup-steps", "5"]).lr_warmup_steps == 5
+    assert load_config(["--data", str(tmp_path)]).lr_warmup_steps == 20
+
+
+def test_a_problem_with_a_value_from_a_config_file_names_the_file(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("resolution = 0\nmax-steps = 5\n")
+    with pytest.raises(ConfigError, match=f"--resolution 0 is out of range.*\\(set in {cfg}\\)"):
+        load_config(["--config", str(cfg), "--data", str(tmp_path)])
 
 
 def test_max_token_length_takes_kohyas_values_from_flags_and_files(tmp_path):

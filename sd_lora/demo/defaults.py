@@ -60,11 +60,12 @@ DEFAULT_OPTIONS: dict[str, object] = {
 def demo_options(explicit: dict[str, object]) -> dict[str, object]:
     """The options a run without --model gets: the demo base and `DEFAULT_OPTIONS`, less those `explicit`
     (the options the user set) decides, and less the demo defaults that only fit what the user changed: a
-    user's --epochs replaces the demo's --max-steps, an --init-weights file decides the rank and whether the
-    text encoder trains, a shorter --max-steps gets a proportionally shorter warm-up, --lr-scheduler constant
-    (which cannot warm up) none, --optimizer prodigy its own learning rate, and with tag dropout off (no
-    --shuffle-tags) there is no first tag to keep. So a problem found in the options is always about a value
-    the user set."""
+    user's --epochs replaces the demo's --max-steps and its warm-up (the run's length is not known until the
+    data is scanned), an --init-weights file decides the rank and whether the text encoder trains, a shorter
+    --max-steps gets a proportionally shorter warm-up, --lr-scheduler constant (which cannot warm up) none,
+    --optimizer prodigy its own learning rate (1.0, set by `config.load_config` before this), and with tag
+    dropout off (no --shuffle-tags) there is no first tag to keep. So a problem found in the options is always
+    about a value the user set."""
     options: dict[str, object] = {"model": str(BASE_MODEL_DIR)}
     for name, value in DEFAULT_OPTIONS.items():
         if name in explicit or (name == "max_steps" and "epochs" in explicit):
@@ -72,8 +73,6 @@ def demo_options(explicit: dict[str, object]) -> dict[str, object]:
         if name in ("rank", "train_text_encoder") and "init_weights" in explicit:
             continue  # the --init-weights file decides them
         options[name] = value
-    if explicit.get("optimizer") == "prodigy" and "learning_rate" not in explicit:
-        options.pop("learning_rate")  # Prodigy sets its own step size: its learning rate is a multiplier near 1
     if not explicit.get("tag_dropout", DEFAULT_OPTIONS["tag_dropout"]) and not explicit.get("shuffle_tags"):
         options.pop("keep_tokens", None)
     steps = explicit.get("max_steps")
@@ -82,6 +81,8 @@ def demo_options(explicit: dict[str, object]) -> dict[str, object]:
             options["lr_warmup_steps"] = min(int(DEFAULT_OPTIONS["lr_warmup_steps"]), steps // 10)
         else:  # refused for itself; no warm-up problem on top of it
             options.pop("lr_warmup_steps", None)
+    if "lr_warmup_steps" not in explicit and "epochs" in explicit:
+        options.pop("lr_warmup_steps", None)
     if "lr_warmup_steps" not in explicit and explicit.get("lr_scheduler") == "constant":
         options.pop("lr_warmup_steps", None)
     return options

@@ -131,7 +131,8 @@ flip_aug = true
   image_dir = "data/3_token"
 """)
     c = load_config([*MODEL, "--dataset-config", "k.toml", "--batch-size", "2", "--no-cache-latents"])
-    assert (c.resolution, c.buckets, c.min_bucket_side, c.max_bucket_side, c.no_upscale) == (96, False, 64, 128, True)
+    # bucket_no_upscale does nothing without buckets in kohya; it made the run crash before it trained.
+    assert (c.resolution, c.buckets, c.min_bucket_side, c.max_bucket_side, c.no_upscale) == (96, False, 64, 128, False)
     assert (c.batch_size, c.flip, c.shuffle_tags, c.random_crop) == (2, True, True, True)
     assert (c.caption_dropout, c.tag_dropout, c.keep_tokens) == (0.1, 0.2, 0)
     assert c.caption_extension == ".caption"  # kohya's default for subsets that set none
@@ -301,3 +302,24 @@ def test_a_dataset_config_passed_as_config_says_which_option_takes_it(tmp_path):
     with pytest.raises(ConfigError, match=r"kohya.toml: has \[\[datasets\]\] tables, so it is a kohya dataset config; pass it "
                                           r"with --dataset-config .*kohya.toml \(--config takes sd_lora's options\)"):
         load_config([*MODEL, "--config", str(toml)])
+
+
+def test_problems_with_the_files_values_name_the_key_and_the_file_not_a_flag(tmp_path, monkeypatch):
+    """A batch_size = 0 in the file was reported as '--batch-size 0 is out of range', a flag the user never typed."""
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "k.toml", "[general]\nbatch_size = 0\nmax_bucket_reso = 32\nresolution = 64\n" + TWO_SUBSETS)
+    with pytest.raises(ConfigError) as caught:
+        load_config([*MODEL, "--dataset-config", "k.toml"])
+    message = str(caught.value)
+    assert "--batch-size 0 is out of range" in message and "(set by batch_size in k.toml)" in message
+    assert "--max-bucket-side 32 is smaller than --resolution 64 (set by max_bucket_reso in k.toml)" in message
+
+
+def test_keep_tokens_without_shuffling_is_accepted_from_a_dataset_config_as_kohya_does(tmp_path, monkeypatch):
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "k.toml", "[general]\nkeep_tokens = 1\n" + TWO_SUBSETS)
+    assert load_config([*MODEL, "--dataset-config", "k.toml"]).keep_tokens == 1
+    with pytest.raises(ConfigError, match="--keep-tokens 1 only has an effect with --shuffle-tags"):  # typed: refused
+        load_config([*MODEL, "--data", str(tmp_path / "data"), "--keep-tokens", "1"])
