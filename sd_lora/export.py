@@ -52,8 +52,13 @@ def training_metadata(
     started_at: float,
     step: int,
     epoch: int,
+    total_steps: int | None = None,
+    total_epochs: int | None = None,
+    targets: str | None = None,
 ) -> dict[str, str]:
-    """All metadata strings for one saved file: options, dataset, family/modelspec, progress."""
+    """All metadata strings for one saved file: options, dataset, family/modelspec, progress. `total_steps` and
+    `total_epochs`: the run's length as trained (kohya writes both, whichever option set it); `targets`: the
+    preset the U-Net modules match (default: --targets)."""
     resolution = (config.resolution, config.resolution)
     meta = config.ss_metadata()
     meta.update(dataset_metadata)
@@ -69,7 +74,7 @@ def training_metadata(
     meta.update(
         {
             "ss_network_module": "networks.lora",
-            "ss_network_args": json.dumps({"targets": config.targets, "train_text_encoder": config.train_text_encoder}),
+            "ss_network_args": json.dumps({"targets": targets or config.targets, "train_text_encoder": config.train_text_encoder}),
             "ss_resolution": str(resolution),
             "ss_training_started_at": str(started_at),
             "ss_training_finished_at": str(time.time()),
@@ -79,6 +84,10 @@ def training_metadata(
             "sd_lora_config": json.dumps(config.to_dict(public=True), default=str),  # basenames: files get shared
         }
     )
+    if total_steps is not None:
+        meta["ss_max_train_steps"] = str(total_steps)
+    if total_epochs is not None:
+        meta["ss_num_epochs"] = str(total_epochs)
     return meta
 
 

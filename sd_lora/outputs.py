@@ -108,8 +108,8 @@ class RunOutputs:
     """Implements `loop.Hooks` for a real run."""
 
     def __init__(self, config: TrainConfig, model: BaseModel, accelerator, *, trainee: loop.Trainee, objective: loop.Objective,
-                 dataset_meta: dict, prompts, total_steps: int, start_step: int, data_fingerprint: str,
-                 validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None):
+                 dataset_meta: dict, prompts, total_steps: int, total_epochs: int, targets: str, start_step: int,
+                 data_fingerprint: str, validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None):
         from tqdm.auto import tqdm
 
         self.config, self.model, self.acc = config, model, accelerator
@@ -118,7 +118,8 @@ class RunOutputs:
         self.main = accelerator.is_main_process
         self.started_at = time.time()
         self.out = config.output_dir
-        self.total_steps = total_steps
+        self.total_steps, self.total_epochs = total_steps, total_epochs
+        self.targets = targets  # the U-Net's LoRA modules as a --targets preset, or "custom" (an --init-weights file's)
         self.data_fingerprint = data_fingerprint
         self.validation_items = validation_items
         self.stop = stop
@@ -321,7 +322,8 @@ class RunOutputs:
         meta = training_metadata(
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
             dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
-            epoch=state.epoch + (1 if state.batch_in_epoch else 0),
+            epoch=state.epoch + (1 if state.batch_in_epoch else 0), total_steps=self.total_steps,
+            total_epochs=self.total_epochs, targets=self.targets,
         )
         if self.best_validation_step is not None:
             meta["ss_validation_loss_best"] = str(self.best_validation)

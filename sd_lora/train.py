@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from .errors import Interrupted, UserError, run_cli  # noqa: E402
 from .export import trained_modules  # noqa: E402
 from .outputs import RunOutputs, StopRequest  # noqa: E402
 from .lora.inject import trainable_parameters  # noqa: E402
+from .lora.targets import matching_preset  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
@@ -61,6 +63,14 @@ def mixed_precision_for(config: TrainConfig, unet_parameters: int) -> str:
     return choose_mixed_precision(config.mixed_precision, probe_hardware(), unet_parameters)
 
 
+def may_write(config: TrainConfig, path: Path) -> bool:
+    """Whether the run may save a LoRA file at `path`: its final file, an intermediate (--save-every, --save-every-epochs,
+    Ctrl-C, last good step) or one's -diffusers sibling, all <output-name>...safetensors in --output-dir."""
+    path = Path(path).resolve()
+    own = re.fullmatch(rf"{re.escape(config.output_name)}(-step\d{{8}}(-last-good)?|-\d{{6}})?(-diffusers)?\.safetensors", path.name)
+    return bool(own) and path.parent == Path(config.output_dir).resolve()
+
+
 def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     """Fill the options whose default depends on the model, data or hardware; check them against the model."""
     resolution = config.resolution or model.native_resolution
@@ -73,6 +83,13 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     for flag, value in (("--min-bucket-side", config.min_bucket_side), ("--max-bucket-side", config.max_bucket_side)):
         if value is not None and value % step:
             problems.append(f"{flag} {value} must be a multiple of {step} px for this model")
+    if config.resolution is None:  # (against a --resolution the user set, config.validate checked them)
+        if min_side > resolution:
+            problems.append(f"--min-bucket-side {min_side} is larger than this model's resolution {resolution} (its native size; "
+                            f"--resolution was not set); use at most {resolution}, or set --resolution")
+        if max_side < resolution:
+            problems.append(f"--max-bucket-side {max_side} is smaller than this model's resolution {resolution} (its native size; "
+                            f"--resolution was not set); use at least {resolution}, or set --resolution")
     if config.zero_terminal_snr and model.prediction_type != "v_prediction":
         problems.append("--zero-terminal-snr needs a v-prediction model (at zero SNR an epsilon model has nothing to "
                         "predict from); use a v-prediction model or pass --prediction-type v_prediction deliberately")
@@ -156,12 +173,21 @@ def train_lora(config: TrainConfig) -> TrainResult:
     final = config.output_dir / f"{config.output_name}.safetensors"
     if final.is_dir():  # found now, not when the trained weights are to be written
         raise UserError(f"{final} is a folder, but the trained LoRA is saved under that name; rename or remove it, or pass another --output-name")
+    if config.init_weights is not None and may_write(config, config.init_weights):
+        raise UserError(f"--init-weights {config.init_weights} is named as this run's own saves in {config.output_dir}, so training "
+                        "would overwrite it; copy it elsewhere first, or pass another --output-name or --output-dir")
     if process.is_main_process:
         warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records],
                            config.max_token_length)
-    init_weights = None
+    init_weights, targets = None, config.targets
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)  # (and whether the text encoder trains)
+        if init_weights.get("unet"):  # and its U-Net modules, whatever --targets says: the saved files name their preset
+            targets = matching_preset(model.unet, init_weights["unet"]) or "custom"
+            config = dataclasses.replace(config, targets=targets if targets != "custom" else config.targets)
+            if targets == "custom" and process.is_main_process:
+                print(f"note: the --init-weights file's {len(init_weights['unet'])} U-Net modules are no --targets preset's; "
+                      "they train as they are, recorded as targets 'custom'")
     accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))
     options = data_options(config, model.bucket_step)
     dataset = ImageDataset(train_records + prior_records, options)
@@ -273,7 +299,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     with StopRequest() as stop:
         outputs = RunOutputs(
             config, model, accelerator, trainee=trainee, objective=objective, dataset_meta={**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records))},
-            prompts=prompts, total_steps=total_steps, start_step=state.step, data_fingerprint=data_id,
+            prompts=prompts, total_steps=total_steps, total_epochs=epochs, targets=targets, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
         )
         outputs.encode_prompts()

@@ -262,6 +262,9 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_dataset, tiny_model_d
                                     "--gradient-accumulation-steps", "4", "--sample-every", "0", "--no-buckets"))
     result = run(config)
     assert result.state.step == 4 and result.state.epoch == 2
+    with safe_open(str(result.path), "pt") as f:  # the run's length as trained, as kohya records it, not the options
+        meta = f.metadata()
+    assert (meta["ss_num_epochs"], meta["ss_max_train_steps"]) == ("2", "4")
 
 
 def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_path, capsys):
@@ -271,12 +274,29 @@ def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_p
         (["--model", str(tiny_model_dir), "--resolution", "30"], "--resolution 30 must be a multiple of 4"),
         (["--model", str(tiny_model_dir), "--optimizer", "adamw8bit", "--max-steps", "1"], "adamw8bit"),
         (["--model", str(tiny_model_dir), "--xformers", "--max-steps", "1"], "--xformers needs the xformers package"),
+        # Bucket sides against the model's native resolution when --resolution is not set (a traceback before).
+        (["--model", str(tiny_model_dir), "--max-bucket-side", "16"],
+         "--max-bucket-side 16 is smaller than this model's resolution 32 (its native size; --resolution was not set)"),
+        (["--model", str(tiny_model_dir), "--min-bucket-side", "64"], "--min-bucket-side 64 is larger than this model's resolution 32"),
     ]
     for extra, message in cases:
         code = main(["--data", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), "--sample-every", "0", *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (extra, err)
         assert "Traceback" not in err
+
+
+def test_init_weights_named_as_the_runs_own_save_is_refused(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """Training from <output-dir>/<name>.safetensors overwrote the starting file with the result (lost work)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in (f"{tiny_dataset.name}.safetensors", f"{tiny_dataset.name}-step00000002.safetensors", f"{tiny_dataset.name}-000001-diffusers.safetensors"):
+        (out / name).write_bytes(b"a LoRA the user trained")
+        code = main(init_args(tiny_dataset, tiny_model_dir, out, out / name, "--max-steps", "2", "--sample-every", "0"))
+        err = capsys.readouterr().err
+        assert code == 2 and f"--init-weights {out / name} is named as this run's own saves in {out}" in err, err
+        assert (out / name).read_bytes() == b"a LoRA the user trained"
+    assert not train_module.may_write(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--output-name", "x")), out / "xy.safetensors")
 
 
 def test_bad_images_are_listed_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
@@ -320,6 +340,11 @@ def test_warm_start_from_init_weights_and_both_formats(tiny_dataset, tiny_model_
                                        "--learning-rate", "1e-12",
                                         "--save-precision", "fp32", "--format", "both")))
     assert (second.config.rank, second.config.alpha, second.config.train_text_encoder) == (2, 1.0, True)
+    assert second.config.targets == "attn"  # the file's modules, not the default --targets attn-mlp
+    with safe_open(str(second.path), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ss_network_args"])["targets"] == "attn"
+    assert (meta["ss_max_train_steps"], meta["ss_num_epochs"]) == ("1", "1")  # --max-steps 1: one epoch begun
     a, b = load_file(str(first.path)), load_file(str(second.path))
     assert a.keys() == b.keys()  # the file's modules (attn preset + text encoder), not the default attn-mlp
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the weights carried over

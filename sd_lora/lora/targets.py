@@ -77,6 +77,12 @@ def unet_target_modules(unet: nn.Module, preset: str = "attn-mlp") -> list[str]:
     return sorted(targets)
 
 
+def matching_preset(unet: nn.Module, modules) -> str | None:
+    """The preset that puts LoRA on exactly `modules` (full module paths) of `unet` (before injection), if one does."""
+    wanted = set(modules)
+    return next((preset for preset in UNET_PRESETS if set(unet_target_modules(unet, preset)) == wanted), None)
+
+
 def text_encoder_target_modules(text_encoder: nn.Module) -> list[str]:
     """Full module paths (sorted) of the six linears of every CLIP encoder layer (flattened or nested model)."""
     targets = [
