@@ -20,6 +20,10 @@ Exact: the factors are copied bit for bit (in their own dtype, or float32 when t
 changes are in how the scale is stored, never in the weight change: kohya -> diffusers scales lora_B by alpha / r
 (diffusers has no alpha), so diffusers -> kohya gives alpha = r; and per-module alphas are unified (above).
 Every output is read back and compared with the factors meant to be written before the command reports success.
+
+Either way `ss_network_dim` / `ss_network_alpha` are set to what the written file holds (`merge.rank_metadata`:
+"Dynamic" and `sd_lora_module_ranks` when modules differ), never kept from the input: a diffusers file trained with
+alpha 2 holds alpha = rank once converted, and a WebUI showing the input's "alpha 2" would mislead.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,12 +45,13 @@ from sd_lora.formats.diffusers_format import (
     save_diffusers_lora_file,
     to_diffusers_state_dict,
 )
-from sd_lora.formats.kohya import HASH_KEY, save_lora_file, to_kohya_state_dict
+from sd_lora.formats.kohya import HASH_KEY, kohya_module_name, save_lora_file, to_kohya_state_dict
 from sd_lora.formats.architecture import Architecture, architecture_from_model_dir
 from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import LoraFile, common_dtype, read_any_lora, require_exact
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.merge import RANKS_NOTE_KEY, rank_metadata
 
 TARGETS = ("kohya", "diffusers")
 
@@ -58,6 +63,8 @@ class Conversion:
     to: str
     added_metadata: dict[str, str]
     unified_alpha: float | None = None  # the one alpha every module got, when the input's alphas differed
+    # ss_network_dim / ss_network_alpha the input said otherwise: key -> (input's value, written value)
+    corrected_metadata: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Architecture | None = None) -> Conversion:
@@ -70,22 +77,46 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
     require_exact(lora, "convert")
     components = {c: w for c, w in lora.components.items() if w}
     dtype = common_dtype(components)
-    metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, ADAPTER_METADATA_KEY)}
+    metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, ADAPTER_METADATA_KEY, RANKS_NOTE_KEY)}
     added = missing_family_metadata(metadata, lora.family)
     metadata |= added
+    sgm_paths = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
     unified_alpha = None
     if to == "kohya":
         components, unified_alpha = unify_alphas(components)
-        if unified_alpha is not None and "ss_network_alpha" in metadata:
-            metadata["ss_network_alpha"] = f"{unified_alpha:g}"
-        sgm_paths = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None
-        save_lora_file(dst, to_kohya_state_dict(components, dtype, sgm_paths=sgm_paths), metadata)
         expected = components
     else:
-        save_diffusers_lora_file(dst, to_diffusers_state_dict(components, dtype), metadata)
         expected = {c: {p: bake_alpha(w) for p, w in ws.items()} for c, ws in components.items()}
+    written = written_rank_metadata(expected, sgm_paths)
+    corrected = {k: (metadata[k], v) for k, v in written.items() if k in metadata and not _same_value(metadata[k], v)}
+    metadata |= written
+    if to == "kohya":
+        save_lora_file(dst, to_kohya_state_dict(components, dtype, sgm_paths=sgm_paths), metadata)
+    else:
+        save_diffusers_lora_file(dst, to_diffusers_state_dict(components, dtype), metadata)
     _check_round_trip(dst, expected, dtype, lora.architecture)
-    return Conversion(source=lora, output=dst, to=to, added_metadata=added, unified_alpha=unified_alpha)
+    return Conversion(source=lora, output=dst, to=to, added_metadata=added, unified_alpha=unified_alpha,
+                      corrected_metadata=corrected)
+
+
+def written_rank_metadata(
+    components: Mapping[str, Mapping[str, LoraModuleWeights]], sgm_paths: Mapping[str, str] | None
+) -> dict[str, str]:
+    """ss_network_dim / ss_network_alpha (and `sd_lora_module_ranks` when ranks vary) of the modules as written
+    (after alpha unification or baking), as `merge.rank_metadata` gives them; the input's ss_network_module stays."""
+    modules = {
+        kohya_module_name(c, p, sgm_paths=sgm_paths if c == "unet" else None): w
+        for c, ws in components.items() for p, w in ws.items()
+    }  # fmt: skip
+    return {k: v for k, v in rank_metadata(modules).items() if k != "ss_network_module"}
+
+
+def _same_value(a: str, b: str) -> bool:
+    """"2.0" and "2" are the same alpha; only a real change is reported."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
 
 
 def unify_alphas(
@@ -143,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.unified_alpha is not None:
         print(f"  alphas unified to {result.unified_alpha:g} (diffusers applies one alpha to every module); the other "
               "modules' scale is folded into lora_up, so every weight change is the same")
+    if result.corrected_metadata:
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in result.corrected_metadata.items())
+        print(f"  metadata set to what the file holds: {changes}")
     if result.added_metadata:
         print(f"  added metadata: {', '.join(f'{k}={v}' for k, v in result.added_metadata.items())}")
     return 0

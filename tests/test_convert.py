@@ -8,6 +8,8 @@ which then round-trips exactly itself.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -150,3 +152,41 @@ def test_to_kohya_gives_every_module_one_alpha_and_keeps_every_delta(pipes, tmp_
         after = LoraModuleWeights(back[f"{name}.lora_down.weight"], back[f"{name}.lora_up.weight"],
                                   back[f"{name}.alpha"].item())
         assert torch.allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6), name
+
+
+def test_network_dim_and_alpha_metadata_say_what_the_written_file_holds(pipes, tmp_path, capsys):
+    """A diffusers file trained with rank 4, alpha 2 (alpha baked, metadata still saying 2) converts to kohya with
+    alpha = rank = 4 in every module, so ss_network_alpha must say 4 too, not the source's stale 2.0."""
+    _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=2.0)
+    convert_lora(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "diffusers")
+    trained_meta = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_network_module": "networks.lora"}
+    save_file(load_file(tmp_path / "b.safetensors"), tmp_path / "trained.safetensors", trained_meta)
+    assert main([str(tmp_path / "trained.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    assert {v.item() for k, v in load_file(tmp_path / "k.safetensors").items() if k.endswith(".alpha")} == {RANK}
+    meta = _metadata(tmp_path / "k.safetensors")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_module"]) == ("4", "4", "networks.lora")
+    assert "metadata set to what the file holds: ss_network_alpha 2.0 -> 4" in capsys.readouterr().out
+    # kohya alpha 2 -> diffusers: the alpha is baked into lora_B, so the diffusers file holds alpha = rank too
+    save_file(load_file(tmp_path / "a.safetensors"), tmp_path / "a2.safetensors", trained_meta)
+    convert_lora(tmp_path / "a2.safetensors", tmp_path / "d.safetensors", "diffusers")
+    meta = _metadata(tmp_path / "d.safetensors")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "4")
+
+
+def test_mixed_ranks_give_dynamic_network_dim_and_the_rank_list(pipes, tmp_path):
+    """Ranks varying per module: ss_network_dim "Dynamic" and `sd_lora_module_ranks`, as merge and resize write."""
+    original = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=2.0)
+    small = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    mixed = dict(original) | {f"{small}.lora_down.weight": original[f"{small}.lora_down.weight"][:2].clone(),
+                              f"{small}.lora_up.weight": original[f"{small}.lora_up.weight"][:, :2].clone()}
+    save_file(mixed, tmp_path / "mixed.safetensors", {"ss_network_dim": "4", "ss_network_alpha": "2"})
+    convert_lora(tmp_path / "mixed.safetensors", tmp_path / "k.safetensors", "kohya")
+    meta = _metadata(tmp_path / "k.safetensors")
+    ranks = json.loads(meta["sd_lora_module_ranks"])
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "2")  # one alpha, two ranks
+    assert len(ranks) == len(mixed) // 3 and ranks[small] == 2 and set(ranks.values()) == {2, RANK}
+    # to diffusers: alpha baked, so each module holds alpha = its own rank (2 or 4)
+    convert_lora(tmp_path / "mixed.safetensors", tmp_path / "d.safetensors", "diffusers")
+    meta = _metadata(tmp_path / "d.safetensors")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "Dynamic")
+    assert json.loads(meta["sd_lora_module_ranks"]) == ranks
