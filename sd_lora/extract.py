@@ -2,9 +2,11 @@
 
     python -m sd_lora.extract --base BASE --tuned TUNED --rank 32 OUT.safetensors
         [--targets attn-mlp|attn|cross-attn] [--text-encoder] [--energy 0.95] [--min-diff 1e-6]
+        [--base-config DIR] [--tuned-config DIR]
 
 Both models (diffusers folders, Hub ids or single-file checkpoints) have the same SD1.x / SD2.x / SDXL
-architecture. For every targeted layer
+architecture; a single-file model that is not a standard SD1.5/SD2.1/SDXL size needs the diffusers folder that
+describes it (`--base-config` / `--tuned-config`, what train's `--model-config` is). For every targeted layer
 the difference W_tuned - W_base is approximated at rank R (or the per-layer rank keeping `--energy` of its
 sigma^2, capped by `--rank`); layers whose difference is ~0 (||dW||_F <= min_diff * ||W_base||_F) are skipped and
 counted. The U-Net's `--targets` preset (kohya's attn-mlp by default) is extracted, and with `--text-encoder` the
@@ -15,6 +17,7 @@ retained energy and relative error per module (summary; every module with --verb
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sd_lora.errors import UserError
+from sd_lora.errors import ConfigError, UserError
 from sd_lora.formats.kohya import kohya_module_name
 from sd_lora.formats.modelspec import family_metadata
 from sd_lora.formats.architecture import family_of_config
@@ -42,7 +45,7 @@ from sd_lora.merge import (
     run_cli,
     write_lora_modules,
 )
-from sd_lora.models.bake import lora_components, load_pipeline
+from sd_lora.models.bake import config_dir_problems, lora_components, load_pipeline
 from sd_lora.resize import check_energy
 
 DEFAULT_MIN_DIFF = 1e-6
@@ -147,7 +150,9 @@ def extract_pipelines(
 def extract_file(
     base_name: str, tuned_name: str, output: Path, *, rank: int | None, energy: float | None, targets: str,
     text_encoder: bool, min_diff: float, save_precision: str, verbose: bool,
+    base_config: Path | None = None, tuned_config: Path | None = None,
 ) -> Path:
+    """`base_config` / `tuned_config`: the diffusers folder describing a single-file model of another size."""
     if rank is None and energy is None:
         raise UserError("give --rank R (e.g. 32), or --energy E for a per-module rank (optionally capped by --rank)")
     check_energy(energy)
@@ -155,8 +160,12 @@ def extract_file(
         raise UserError(f"--min-diff {min_diff}: must be a non-negative number such as 1e-6")
     require_safetensors(output, "OUT", "the extracted LoRA")
     check_output_file(output, [base_name, tuned_name], "OUT")
-    base, base_family = _load(base_name, "--base")
-    tuned, family = _load(tuned_name, "--tuned")
+    problems = config_dir_problems(base_name, base_config, flag="--base", config_flag="--base-config")
+    problems += config_dir_problems(tuned_name, tuned_config, flag="--tuned", config_flag="--tuned-config")
+    if problems:
+        raise ConfigError(problems)
+    base, base_family = _load(base_name, "--base", base_config)
+    tuned, family = _load(tuned_name, "--tuned", tuned_config)
     if base_family != family:
         raise UserError(f"--base {base_name} is {base_family} but --tuned {tuned_name} is {family}; "
                         "extract from two models of the same family")
@@ -203,12 +212,12 @@ def extract_file(
     return output
 
 
-def _load(name: str, flag: str):
-    """(pipeline, family) of a diffusers folder, Hub id or single-file checkpoint."""
+def _load(name: str, flag: str, config_dir: Path | None):
+    """(pipeline, family) of a diffusers folder, Hub id or single-file checkpoint (`config_dir`: see `extract_file`)."""
     try:
-        pipe = load_pipeline(name)
-    except UserError as e:  # its messages name --model; say which of the two models it was
-        raise UserError(str(e).replace("--model", flag, 1)) from None
+        pipe = load_pipeline(name, config_dir=config_dir)
+    except UserError as e:  # its messages name train's --model / --model-config; say which of the two models it was
+        raise UserError(re.sub(r"--model(-config)?\b", lambda m: flag + (m.group(1) or ""), str(e))) from None
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     return pipe, family_of_config(dict(pipe.unet.config), sdxl_text_encoders=sdxl)
 
@@ -221,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True,
                         help="the base model (diffusers folder, Hub id or single-file checkpoint)")
     parser.add_argument("--tuned", required=True, help="the fine-tuned model (same architecture)")
+    parser.add_argument("--base-config", type=Path, metavar="DIR",
+                        help="with a single-file --base that is not a standard SD1.5/SD2.1/SDXL size: the diffusers "
+                             "folder whose configs and tokenizer describe it (as train's --model-config)")
+    parser.add_argument("--tuned-config", type=Path, metavar="DIR",
+                        help="the same for a single-file --tuned")
     parser.add_argument("--rank", type=positive_rank, help="rank per module (with --energy: the largest allowed)")
     parser.add_argument("--energy", type=float, help="per-module rank keeping this fraction of sigma^2, in (0, 1]")
     parser.add_argument("--targets", choices=UNET_PRESETS, default="attn-mlp", help="U-Net layers (default attn-mlp)")
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         extract_file(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, targets=args.targets,
                      text_encoder=args.text_encoder, min_diff=args.min_diff, save_precision=args.save_precision,
-                     verbose=args.verbose)
+                     verbose=args.verbose, base_config=args.base_config, tuned_config=args.tuned_config)
 
     return run_cli(body)
 

@@ -12,7 +12,8 @@ inputs is merged from those. Inputs must be for the same model family (SD1, SD2 
 
 LoRA + base model (BASE: a diffusers folder, Hub id or single-file checkpoint): the LoRAs are added into the
 weights (`sd_lora.models.bake`) and the model is written as a diffusers folder, or as a single-file checkpoint in
-the original layout A1111/ComfyUI load when the output ends in .safetensors.
+the original layout A1111/ComfyUI load when the output ends in .safetensors. A single-file BASE that is not a
+standard SD1.5/SD2.1/SDXL size needs `--model-config DIR`, the diffusers folder describing it (as in train).
 
 This module also holds the LoRA-file plumbing the other tools (`resize`, `extract`) share: reading a file into
 `{kohya module name: LoraModuleWeights}`, writing one back with consistent rank/alpha metadata, and the CLI
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.errors import UserError, run_cli
+from sd_lora.errors import ConfigError, UserError, run_cli
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.kohya import KEY_SUFFIXES, save_lora_file
 from sd_lora.fsio import check_output_file
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="SVD-compress the merged LoRA to this rank (default: exact concatenation)")
     parser.add_argument("--model", help="bake the LoRAs into this base model instead (diffusers folder, Hub id "
                                         "or single-file checkpoint)")
+    parser.add_argument("--model-config", type=Path, metavar="DIR",
+                        help="with a single-file --model that is not a standard SD1.5/SD2.1/SDXL size: the diffusers "
+                             "folder whose configs and tokenizer describe it (as train's --model-config)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="with --model: allow a pickled .ckpt checkpoint (pickle can run code; "
                              "prefer .safetensors)")
@@ -364,16 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         args = parser.parse_args(argv)
         loras = [parse_lora_arg(text) for text in args.lora]
+        from sd_lora.models.bake import bake_model, config_dir_problems
+
+        if problems := config_dir_problems(args.model, args.model_config):
+            raise ConfigError(problems)
         if args.model is None:
             merge_files(loras, args.output, rank=args.rank, save_precision=args.save_precision, verbose=args.verbose)
             return
         if args.rank is not None:
             raise UserError("--rank compresses a merged LoRA; it has no meaning with --model (baking is exact). "
                             "Drop --rank.")
-        from sd_lora.models.bake import bake_model
-
         bake_model(args.model, loras, args.output, save_precision=args.save_precision or "fp32",
-                   allow_unsafe_pickle=args.allow_unsafe_pickle)
+                   config_dir=args.model_config, allow_unsafe_pickle=args.allow_unsafe_pickle)
 
     return run_cli(body)
 

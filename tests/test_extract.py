@@ -124,3 +124,42 @@ def test_sdxl_extract_uses_sgm_names(tmp_path, capsys):
         for c, modules in source.items() for p, w in modules.items()
     )
     assert worst < 1e-5  # rank 4 = the LoRA's rank: exact
+
+
+def test_single_file_models_of_another_size_take_their_config_folders(tiny_model_dir, tuned, tmp_path, capsys):
+    """The loader asks for the diffusers folder describing a non-standard single file: --base-config /
+    --tuned-config are those flags, and the message names them (not train's --model-config)."""
+    from sd_lora.models.single_file import save_single_file
+
+    folder, lora, tuned_dir = tuned
+    base_file = save_single_file(StableDiffusionPipeline.from_pretrained(tiny_model_dir).components,
+                                 tmp_path / "base.safetensors", "sd1")  # fmt: skip
+    tuned_file = save_single_file(StableDiffusionPipeline.from_pretrained(tuned_dir).components,
+                                  tmp_path / "tuned.safetensors", "sd1")  # fmt: skip
+    out = tmp_path / "o.safetensors"
+    capsys.readouterr()
+    assert main([str(out), "--base", str(tiny_model_dir), "--tuned", str(tuned_file), "--rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "tuned.safetensors: cannot load as sd1" in err and "pass --tuned-config with a diffusers folder" in err
+    assert main([str(out), "--base", str(base_file), "--tuned", str(tuned_dir), "--rank", "4"]) == 2
+    assert "pass --base-config with a diffusers folder" in capsys.readouterr().err
+
+    assert main([str(out), "--base", str(base_file), "--base-config", str(tiny_model_dir),
+                 "--tuned", str(tuned_file), "--tuned-config", str(tiny_model_dir), "--rank", "4"]) == 0  # fmt: skip
+    source = {n: w for n, w in read_lora_modules(lora).modules.items() if n.startswith("lora_unet_")}
+    extracted = read_lora_modules(out).modules
+    assert extracted.keys() == source.keys()  # the 24 U-Net modules of the LoRA; no --text-encoder
+    worst = max(_rel(delta(extracted[n], torch.float64), delta(w, torch.float64)) for n, w in source.items())
+    assert worst < 1e-5  # rank 4 = the LoRA's rank: exact, as from the folders
+
+
+def test_config_folder_problems_are_reported_before_loading(tiny_model_dir, tuned, tmp_path, capsys):
+    _, _, tuned_dir = tuned
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "o.safetensors"), "--base", str(tiny_model_dir), "--tuned", str(tuned_dir), "--rank", "4"]
+    assert main([*args, "--base-config", str(tmp_path / "empty"), "--tuned-config", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"--base-config {tmp_path / 'empty'}: not a diffusers folder (no model_index.json)" in err
+    assert f"--tuned-config {tiny_model_dir}: only a single-file --tuned checkpoint (.safetensors/" in err
+    assert f"--tuned {tuned_dir} is not one (a diffusers folder or Hub id brings its own configs); drop --tuned-config" in err
+    assert "3 configuration problems" in err  # --base is a folder too: every problem at once, nothing loaded

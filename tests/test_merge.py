@@ -208,6 +208,7 @@ def test_parse_lora_arg():
         (["--lora", "missing.safetensors:0.5"], "missing.safetensors: no such LoRA file"),
         (["--output", "merged.txt"], "a merged LoRA is a .safetensors file"),
         (["--model", "base", "--rank", "4"], "--rank .* no meaning with --model"),
+        (["--model-config", "."], "--model-config . describes a single-file --model checkpoint; without --model"),
     ],
 )
 def test_user_errors(loras, tmp_path, capsys, monkeypatch, extra, message):
@@ -263,3 +264,26 @@ def test_unet_only_sdxl_input_without_family_metadata_is_merged_as_sdxl(tmp_path
     assert main(["--lora", str(tmp_path / "unet.safetensors"), "--output", str(out)]) == 0
     assert "merged 1 LoRAs (sdxl)" in capsys.readouterr().out
     assert read_lora_file(out)[1]["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_baking_into_a_single_file_model_of_another_size_takes_model_config(loras, tiny_model_dir, tmp_path, capsys):
+    """The loader asks for --model-config for a non-standard single file: merge has that flag, as train does."""
+    from sd_lora.models.single_file import load_single_file, save_single_file
+
+    _, a, _ = loras
+    base_file = save_single_file(StableDiffusionPipeline.from_pretrained(tiny_model_dir).components,
+                                 tmp_path / "base.safetensors", "sd1")  # fmt: skip
+    out = tmp_path / "baked.safetensors"
+    assert main(["--model", str(base_file), "--lora", str(a), "--output", str(out)]) == 2
+    assert "pass --model-config with a diffusers folder" in capsys.readouterr().err
+    assert main(["--model", str(base_file), "--model-config", str(tiny_model_dir), "--lora", str(a),
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert "wrote " + str(out) in capsys.readouterr().out
+    baked = load_single_file(out, config_dir=tiny_model_dir)["unet"]
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
+    changed = [n for n, p in baked.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert len(changed) == 48  # every attn-mlp U-Net layer of the LoRA (its 18 text-encoder modules: not the U-Net)
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(base_file), "--model-config", str(tmp_path / "empty"), "--lora", str(a),
+                 "--output", str(tmp_path / "b2.safetensors")]) == 2  # fmt: skip
+    assert f"--model-config {tmp_path / 'empty'}: not a diffusers folder (no model_index.json)" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def load_pipeline(model: str, *, config_dir: str | Path | None = None, allow_uns
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+    if is_checkpoint_file(model):
         return _pipeline_from_single_file(path, config_dir, allow_unsafe_pickle)
     if path.is_file():
         raise UserError(f"--model {model}: not a checkpoint ({'/'.join(CHECKPOINT_SUFFIXES)}) or a diffusers folder")
@@ -113,6 +113,36 @@ def load_pipeline(model: str, *, config_dir: str | Path | None = None, allow_uns
             f"--model {model}: {type(pipe).__name__} is not a Stable Diffusion pipeline (no unet / text_encoder)"
         )
     return pipe
+
+
+def config_dir_problems(model: str | None, config_dir: Path | None, *, flag: str = "--model",
+                        config_flag: str = "--model-config") -> list[str]:
+    """What is wrong with `config_dir` for `model`, before anything is loaded ([] when nothing; None: not given).
+
+    `config_dir` means what train's --model-config means: the diffusers folder whose configs and tokenizer describe a
+    single-file checkpoint that is not a standard SD1.5 / SD2.1 / SDXL size. `flag` / `config_flag` are the two
+    options as the calling tool spells them (extract: --base / --base-config, --tuned / --tuned-config).
+    """
+    if config_dir is None:
+        return []
+    problems = []
+    if not (Path(config_dir).expanduser() / "model_index.json").is_file():
+        problems.append(f"{config_flag} {config_dir}: not a diffusers folder (no model_index.json); pass the folder "
+                        f"whose configs and tokenizer describe the {flag} checkpoint")
+    if model is None:
+        problems.append(f"{config_flag} {config_dir} describes a single-file {flag} checkpoint; without {flag} it has "
+                        f"no meaning. Drop {config_flag}, or give {flag}.")
+    elif not is_checkpoint_file(model):
+        problems.append(f"{config_flag} {config_dir}: only a single-file {flag} checkpoint "
+                        f"({'/'.join(CHECKPOINT_SUFFIXES)}) needs a config folder, and {flag} {model} is not one (a "
+                        f"diffusers folder or Hub id brings its own configs); drop {config_flag}")
+    return problems
+
+
+def is_checkpoint_file(model: str) -> bool:
+    """Whether `load_pipeline` reads `model` as a single-file checkpoint (else a diffusers folder or Hub id)."""
+    path = Path(model).expanduser()
+    return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
 
 
 def _pipeline_from_single_file(path: Path, config_dir, allow_unsafe_pickle: bool):
