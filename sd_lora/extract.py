@@ -150,9 +150,10 @@ def extract_pipelines(
 def extract_file(
     base_name: str, tuned_name: str, output: Path, *, rank: int | None, energy: float | None, targets: str,
     text_encoder: bool, min_diff: float, save_precision: str, verbose: bool,
-    base_config: Path | None = None, tuned_config: Path | None = None,
+    base_config: Path | None = None, tuned_config: Path | None = None, allow_unsafe_pickle: bool = False,
 ) -> Path:
-    """`base_config` / `tuned_config`: the diffusers folder describing a single-file model of another size."""
+    """`base_config` / `tuned_config`: the diffusers folder describing a single-file model of another size;
+    `allow_unsafe_pickle`: let either model be a pickled .ckpt."""
     if rank is None and energy is None:
         raise UserError("give --rank R (e.g. 32), or --energy E for a per-module rank (optionally capped by --rank)")
     check_energy(energy)
@@ -164,8 +165,8 @@ def extract_file(
     problems += config_dir_problems(tuned_name, tuned_config, flag="--tuned", config_flag="--tuned-config")
     if problems:
         raise ConfigError(problems)
-    base, base_family = _load(base_name, "--base", base_config)
-    tuned, family = _load(tuned_name, "--tuned", tuned_config)
+    base, base_family = _load(base_name, "--base", base_config, allow_unsafe_pickle)
+    tuned, family = _load(tuned_name, "--tuned", tuned_config, allow_unsafe_pickle)
     if base_family != family:
         raise UserError(f"--base {base_name} is {base_family} but --tuned {tuned_name} is {family}; "
                         "extract from two models of the same family")
@@ -212,10 +213,10 @@ def extract_file(
     return output
 
 
-def _load(name: str, flag: str, config_dir: Path | None):
-    """(pipeline, family) of a diffusers folder, Hub id or single-file checkpoint (`config_dir`: see `extract_file`)."""
+def _load(name: str, flag: str, config_dir: Path | None, allow_unsafe_pickle: bool):
+    """(pipeline, family) of a diffusers folder, Hub id or single-file checkpoint (the options: see `extract_file`)."""
     try:
-        pipe = load_pipeline(name, config_dir=config_dir)
+        pipe = load_pipeline(name, config_dir=config_dir, allow_unsafe_pickle=allow_unsafe_pickle)
     except UserError as e:  # its messages name train's --model / --model-config; say which of the two models it was
         raise UserError(re.sub(r"--model(-config)?\b", lambda m: flag + (m.group(1) or ""), str(e))) from None
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                              "folder whose configs and tokenizer describe it (as train's --model-config)")
     parser.add_argument("--tuned-config", type=Path, metavar="DIR",
                         help="the same for a single-file --tuned")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="allow a pickled .ckpt checkpoint as --base or --tuned (pickle can run code; prefer .safetensors)")
     parser.add_argument("--rank", type=positive_rank, help="rank per module (with --energy: the largest allowed)")
     parser.add_argument("--energy", type=float, help="per-module rank keeping this fraction of sigma^2, in (0, 1]")
     parser.add_argument("--targets", choices=UNET_PRESETS, default="attn-mlp", help="U-Net layers (default attn-mlp)")
@@ -248,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         extract_file(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, targets=args.targets,
                      text_encoder=args.text_encoder, min_diff=args.min_diff, save_precision=args.save_precision,
-                     verbose=args.verbose, base_config=args.base_config, tuned_config=args.tuned_config)
+                     verbose=args.verbose, base_config=args.base_config, tuned_config=args.tuned_config,
+                     allow_unsafe_pickle=args.allow_unsafe_pickle)
 
     return run_cli(body)
 

@@ -163,3 +163,22 @@ def test_config_folder_problems_are_reported_before_loading(tiny_model_dir, tune
     assert f"--tuned-config {tiny_model_dir}: only a single-file --tuned checkpoint (.safetensors/" in err
     assert f"--tuned {tuned_dir} is not one (a diffusers folder or Hub id brings its own configs); drop --tuned-config" in err
     assert "3 configuration problems" in err  # --base is a folder too: every problem at once, nothing loaded
+
+
+def test_a_pickled_checkpoint_needs_the_flag_extract_has(tiny_model_dir, tuned, tmp_path, capsys):
+    """The loader refuses a .ckpt without --allow-unsafe-pickle; extract had no such flag to pass."""
+    from sd_lora.models.single_file import checkpoint_state_dict
+
+    _, lora, tuned_dir = tuned
+    tensors = checkpoint_state_dict(StableDiffusionPipeline.from_pretrained(tuned_dir).components, "sd1")
+    ckpt = tmp_path / "tuned.ckpt"
+    torch.save({"state_dict": tensors}, ckpt)
+    args = [str(tmp_path / "o.safetensors"), "--base", str(tiny_model_dir), "--tuned", str(ckpt), "--tuned-config", str(tiny_model_dir), "--rank", "4"]
+    capsys.readouterr()
+    assert main(args) == 2 and "--allow-unsafe-pickle" in capsys.readouterr().err
+    assert main([*args, "--allow-unsafe-pickle"]) == 0
+    source = {n: w for n, w in read_lora_modules(lora).modules.items() if n.startswith("lora_unet_")}
+    extracted = read_lora_modules(tmp_path / "o.safetensors").modules
+    assert extracted.keys() == source.keys()
+    assert max(_rel(delta(extracted[n], torch.float64), delta(w, torch.float64)) for n, w in source.items()) < 1e-5
+
