@@ -13,6 +13,7 @@ import dataclasses
 import queue
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -29,16 +30,24 @@ from .validation import build_validation_set, split_records
 def scan_option(flag: str, folder, config: TrainConfig):
     """scan_dataset for a second image folder (--validation-data, --reg-data): its problems name the option."""
     try:
-        return scan_dataset(folder, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+        return scan_dataset(folder, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images,
+                            exclude=run_folders(config))
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
+
+
+def run_folders(config: TrainConfig) -> tuple[Path, ...]:
+    """The folders the run writes into, never read as images: --output-dir inside --data would otherwise train
+    on its own sample grids from the next run on (and a --resume would find the data changed)."""
+    return tuple(p for p in (config.output_dir, config.logging_dir, config.latent_cache_dir) if p is not None)
 
 
 def scan_training_data(config: TrainConfig):
     """The training images: --data's folder, or the training subsets of --dataset-config (its is_reg subsets
     are `regularization_set`'s)."""
     if config.dataset_config is None:
-        return scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
+        return scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images,
+                            exclude=run_folders(config))
     return scan_subsets(read_dataset_config(config.dataset_config), prior=False, caption_extension=config.caption_extension,
                         skip_bad_images=config.skip_bad_images)
 

@@ -32,14 +32,16 @@ def check_precision(config: TrainConfig) -> None:
               "convolutions. --mixed-precision auto or no trains in fp32, the fastest precision this CPU has.", file=sys.stderr)
 
 
-def check_output_dir(path: Path) -> None:
+def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
+    """Create `path` if needed and write a file there, so that a folder the run cannot write is found before any
+    model loads (`flag` names the option in the error)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".sd_lora_write_test.{os.getpid()}"  # per process: ranks probe at once
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder") from None
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable folder") from None
 
 
 def read_sample_prompts(config: TrainConfig):

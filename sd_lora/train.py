@@ -159,6 +159,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     # Everything that needs no model is checked first: a Hub model may take long to download.
     file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
+    if config.latent_cache_dir is not None:
+        check_output_dir(config.latent_cache_dir, "--latent-cache-dir")
     scan = scan_training_data(config)
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)

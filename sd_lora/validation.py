@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import diffusion
+from .errors import UserError
 from .lora.inject import autocast_casts_lora_inputs
 
 
@@ -31,7 +32,8 @@ def split_records(records: list, fraction: float, seed: int) -> tuple[list, list
     if not fraction:
         return list(records), []
     if len(records) < 2:
-        return list(records), []
+        raise UserError(f"--validation-split {fraction:g} holds images out of the training set, which has {len(records)}; "
+                        "add images, or pass --validation-data DIR with images of their own")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = min(len(records) - 1, max(1, math.ceil(fraction * len(records))))

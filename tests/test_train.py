@@ -278,12 +278,26 @@ def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_p
         (["--model", str(tiny_model_dir), "--max-bucket-side", "16"],
          "--max-bucket-side 16 is smaller than this model's resolution 32 (its native size; --resolution was not set)"),
         (["--model", str(tiny_model_dir), "--min-bucket-side", "64"], "--min-bucket-side 64 is larger than this model's resolution 32"),
+        # Found before the model loads: a cache folder that cannot be written (a traceback at the first entry before).
+        (["--model", str(tiny_model_dir), "--latent-cache-dir", str(tiny_dataset / "2_zkchar" / "img0.txt")],
+         f"--latent-cache-dir {tiny_dataset / '2_zkchar' / 'img0.txt'}: cannot write there"),
     ]
     for extra, message in cases:
         code = main(["--data", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), "--sample-every", "0", *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (extra, err)
         assert "Traceback" not in err
+
+
+def test_a_validation_split_of_one_image_is_refused(tmp_path, tiny_model_dir, capsys):
+    """It silently trained without validation: one image cannot be both trained on and held out."""
+    from tests.helpers import write_dataset
+
+    one = write_dataset(tmp_path / "one", count=1)
+    code = main(train_args(one, tiny_model_dir, tmp_path / "o", "--validation-split", "0.5", "--sample-every", "0"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--validation-split 0.5 holds images out of the training set, which has 1" in err
+    assert "--validation-data DIR" in err
 
 
 def test_init_weights_named_as_the_runs_own_save_is_refused(tiny_dataset, tiny_model_dir, tmp_path, capsys):

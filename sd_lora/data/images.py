@@ -17,8 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sd_lora.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-"""Lower-case suffixes of the files a scan picks up (matched case-insensitively)."""
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".gif")
+"""Lower-case suffixes of the files a scan picks up (matched case-insensitively). `.jfif` is what browsers on Windows
+save JPEGs as; an animated GIF or WebP trains its first frame."""
 
 MIN_IMAGE_SIDE = 16
 """Images with a side shorter than this (after EXIF rotation) are refused: too little survives resizing."""

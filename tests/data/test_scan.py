@@ -18,7 +18,7 @@ def rel(result, root):
 def test_recursive_sorted_hidden_skipped(tmp_path):
     root = tmp_path / "data"
     for name in ["b/z.png", "b/a.JPG", "a.webp", "c/d/e.bmp", ".hidden/x.png", "b/.x.png", "b/readme.md",
-                 "b/y.gif"]:
+                 "b/y.psd"]:  # Photoshop: not an image the scan reads
         write_image(root / name, fmt="PNG")
     result = scan_dataset(root)
     assert rel(result, root) == ["a.webp", "b/a.JPG", "b/z.png", "c/d/e.bmp"]
@@ -229,7 +229,7 @@ def test_root_problems(tmp_path):
     with pytest.raises(UserError, match="is a file, not a folder"):
         scan_dataset(write_text(tmp_path / "f.txt", "x"))
     write_text(tmp_path / "empty" / "notes.txt", "x")
-    with pytest.raises(UserError, match=r"no images found \(looked for .png, .jpg, .jpeg, .webp, .bmp"):
+    with pytest.raises(UserError, match=r"no images found \(looked for .png, .jpg, .jpeg, .jpe, .jfif, .webp, .bmp, .tif"):
         scan_dataset(tmp_path / "empty")
 
 
@@ -250,3 +250,33 @@ def test_dataset_metadata(tmp_path):
     }
     assert meta["ss_num_train_images"] == "10"
     assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_every_format_users_save_is_found(tmp_path):
+    """.jfif (browsers on Windows), .jpe, .tif/.tiff, .avif and .gif were skipped without a word, their captions too."""
+    formats = {"a.png": None, "b.jfif": "JPEG", "c.jpe": "JPEG", "d.tif": "TIFF", "e.TIFF": "TIFF", "f.avif": "AVIF", "g.gif": "GIF"}
+    for name, fmt in formats.items():
+        write_image(tmp_path / "1_zk" / name, size=(40, 24), fmt=fmt)
+        write_text(tmp_path / "1_zk" / f"{name.split('.')[0]}.txt", f"zk {name}")
+    result = scan_dataset(tmp_path)
+    assert [(r.path.name, r.caption, r.width, r.height) for r in result.records] == [
+        (name, f"zk {name}", 40, 24) for name in formats]
+
+
+def test_the_runs_own_folders_inside_the_data_are_not_read(tmp_path):
+    """--output-dir inside --data: the next run trained on the sample grids there, and --resume saw the data changed."""
+    from sd_lora.config import load_config
+    from sd_lora.data_setup import scan_training_data
+
+    root = tmp_path / "data"
+    write_image(root / "2_zk" / "a.png")
+    write_text(root / "2_zk" / "a.txt", "zk")
+    write_image(root / "2_zk" / "out" / "samples" / "chars-step00000000.png")
+    write_image(root / "2_zk" / "cache" / "x.png")
+    config = load_config(["--data", str(root), "--model", "m", "--output-dir", str(root / "2_zk" / "out"),
+                          "--latent-cache-dir", str(root / "2_zk" / "cache")])
+    result = scan_training_data(config)
+    assert [r.path.name for r in result.records] == ["a.png"]
+    assert sum("not read: this run writes its outputs there" in w for w in result.warnings) == 2
+    assert [r.path.name for r in scan_dataset(root).records] == ["a.png", "x.png", "chars-step00000000.png"]  # other scans: as before
+
