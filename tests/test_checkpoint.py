@@ -330,7 +330,8 @@ def test_validation_split_is_seeded_and_never_empty():
     assert len(held) == 3 and sorted(train + held) == records
     assert split_records(records, 0.25, seed=1) == (train, held)
     assert split_records(records, 0.25, seed=2) != (train, held)
-    assert split_records([1], 0.5, seed=0) == ([1], [])
+    with pytest.raises(UserError, match="--validation-split 0.5 holds images out of the training set, which has 1"):
+        split_records([1], 0.5, seed=0)  # (it trained without validation, silently)
 
 
 def test_too_little_disk_space_is_refused_before_training(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -17,8 +17,8 @@ def pixel(img: Image.Image, xy=(0, 0)) -> tuple[int, int, int]:
 
 
 def test_extensions_match_in_any_case():
-    assert [is_image_file(n) for n in ("a.PNG", "b.JpEg", "c.webp", "d.bmp", "e.jpg", "f.gif", "g.txt")] == [
-        True, True, True, True, True, False, False]
+    assert [is_image_file(n) for n in ("a.PNG", "b.JpEg", "c.webp", "d.bmp", "e.jpg", "f.GIF", "g.txt", "h.psd", "i.Tiff", "j.jfif")] == [
+        True, True, True, True, True, True, False, False, True, True]
 
 
 def test_rgba_transparent_pixel_becomes_white(tmp_path):
