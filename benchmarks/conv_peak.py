@@ -10,7 +10,6 @@ oneDNN's matmul at 3072^3), measured first.
 
 from __future__ import annotations
 
-
 import torch
 
 from train_speed import matmul_peak_gflops, median_seconds

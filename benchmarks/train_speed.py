@@ -29,9 +29,10 @@ time: the dataset's three aspect ratios make sd_lora's buckets end in short batc
 Part 2 (`sd15`) builds the full-size SD1.5 U-Net (config from shared/reference/model-configs.md, random
 weights), injects rank-16 attn-mlp LoRA, counts one training step's FLOPs with `FlopCounterMode` (forward +
 backward; CPU flash attention added to its formula table) and times steps at `--sd15-resolution`, batch 1.
-Achieved FLOP/s is reported as a fraction of the matmul peak measured in the same process and dtype (the
-faster of `torch.mm` and oneDNN's matmul at 3072^3, median of 7 calls, the best of before and after the steps) (fp32 only on a CPU without bf16 instructions, where bf16 runs in a fallback 100x slower; `--quick`
-then leaves out the tiny model's `bf16` run too). It also times the SD1.5 VAE encoder and CLIP ViT-L text
+Achieved FLOP/s is reported as a fraction of the matmul peak measured in the same process and dtype: the
+faster of `torch.mm` and oneDNN's matmul at 3072^3, median of 7 calls, the best of before and after the steps;
+fp32 only on a CPU without bf16 instructions, where bf16 runs in a fallback 100x slower (`--quick` then leaves
+out the tiny model's `bf16` run too). It also times the SD1.5 VAE encoder and CLIP ViT-L text
 encoder at the same size, to project the naive-vs-cached ratio for the full-size model.
 
 The last line is `images_per_s_ratio_vs_naive=X peak_rss_ratio_vs_naive=Y` for the `default` configuration.

@@ -2,7 +2,7 @@
 
     python -m sd_lora.extract --base BASE --tuned TUNED --rank 32 OUT.safetensors
         [--targets attn-mlp|attn|cross-attn] [--text-encoder] [--energy 0.95] [--min-diff 1e-6]
-        [--base-config DIR] [--tuned-config DIR]
+        [--base-config DIR] [--tuned-config DIR] [--allow-unsafe-pickle]
 
 Both models (diffusers folders, Hub ids or single-file checkpoints) have the same SD1.x / SD2.x / SDXL
 architecture; a single-file model that is not a standard SD1.5/SD2.1/SDXL size needs the diffusers folder that

@@ -88,6 +88,14 @@ class StopVote:
         return previous is not None and previous.values()[0] > 0
 
 
+def is_run_save(output_name: str, file_name: str, *, intermediate_only: bool = False) -> bool:
+    """Whether `file_name` is named as a LoRA file a run with `output_name` saves: an intermediate save
+    (<name>-stepNNNNNNNN: --save-every or Ctrl-C; <name>-NNNNNN: --save-every-epochs) and, unless
+    `intermediate_only`, the final <name> and <name>-stepNNNNNNNN-last-good; each also as its -diffusers sibling."""
+    middle = r"-step\d{8}|-\d{6}" if intermediate_only else r"(-step\d{8}(-last-good)?|-\d{6})?"
+    return re.fullmatch(rf"{re.escape(output_name)}({middle})(-diffusers)?\.safetensors", file_name) is not None
+
+
 def continue_log(path: Path, step: int):
     """`path` (metrics.jsonl) opened to append after `step`. Lines of later steps, left by a run that went on
     past the state now resumed, are dropped first (they would repeat steps), and so is a line a crash cut short."""
@@ -352,7 +360,7 @@ class RunOutputs:
                 self._delete_save(old)
 
     def _delete_save(self, path: Path) -> None:
-        own = re.fullmatch(rf"{re.escape(self.config.output_name)}-(step\d{{8}}|\d{{6}})(-diffusers)?\.safetensors", path.name)
+        own = is_run_save(self.config.output_name, path.name, intermediate_only=True)
         if not own or path.parent != self.out.resolve():  # (a resume into another --output-dir): never touched
             self.progress.write(f"warning: --keep-saves left {path} alone: it is not named as this run's saves in {self.out}")
             return

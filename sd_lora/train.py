@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from .data_setup import (Prefetch, build_validation, data_loader, data_options, 
                          stop_workers, vae_encoder)
 from .errors import Interrupted, UserError, run_cli  # noqa: E402
 from .export import trained_modules  # noqa: E402
-from .outputs import RunOutputs, StopRequest  # noqa: E402
+from .outputs import RunOutputs, StopRequest, is_run_save  # noqa: E402
 from .lora.inject import trainable_parameters  # noqa: E402
 from .lora.targets import matching_preset  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
@@ -67,8 +66,7 @@ def may_write(config: TrainConfig, path: Path) -> bool:
     """Whether the run may save a LoRA file at `path`: its final file, an intermediate (--save-every, --save-every-epochs,
     Ctrl-C, last good step) or one's -diffusers sibling, all <output-name>...safetensors in --output-dir."""
     path = Path(path).resolve()
-    own = re.fullmatch(rf"{re.escape(config.output_name)}(-step\d{{8}}(-last-good)?|-\d{{6}})?(-diffusers)?\.safetensors", path.name)
-    return bool(own) and path.parent == Path(config.output_dir).resolve()
+    return is_run_save(config.output_name, path.name) and path.parent == Path(config.output_dir).resolve()
 
 
 def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
@@ -185,9 +183,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)  # (and whether the text encoder trains)
         if init_weights.get("unet"):  # and its U-Net modules, whatever --targets says: the saved files name their preset
-            targets = matching_preset(model.unet, init_weights["unet"]) or "custom"
-            config = dataclasses.replace(config, targets=targets if targets != "custom" else config.targets)
-            if targets == "custom" and process.is_main_process:
+            preset = matching_preset(model.unet, init_weights["unet"])
+            config = dataclasses.replace(config, targets=preset or config.targets)
+            targets = preset or "custom"
+            if preset is None and process.is_main_process:
                 print(f"note: the --init-weights file's {len(init_weights['unet'])} U-Net modules are no --targets preset's; "
                       "they train as they are, recorded as targets 'custom'")
     accelerator = make_accelerator(config, unused_lora=config.train_text_encoder and (model.family == "sdxl" or config.clip_skip > 1))

@@ -244,12 +244,12 @@ def _walk(root: Path, shown_root: Path, problems: _Problems, recursive: bool = T
                     shown = shown_root / path.relative_to(root)
                     problems.files.append((path, shown, _not_a_file(path)))
                 continue
-            if is_dir and path.resolve() in excluded:
+            resolved = path.resolve() if is_dir else None
+            if is_dir and resolved in excluded:
                 left_out.append(shown_root / path.relative_to(root))
             elif is_dir and not recursive:
                 unread.append(shown_root / path.relative_to(root))
             elif is_dir:
-                resolved = path.resolve()
                 if resolved in visited:
                     aliased.append(shown_root / path.relative_to(root))
                 else:
