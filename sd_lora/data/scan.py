@@ -3,7 +3,7 @@
 Layouts understood (they can be mixed):
   - kohya: `10_zkchar/a.png` repeats every image under the folder 10 times per epoch; "zkchar" is the
     caption of images that have none of their own.
-  - sidecar captions: `a.png` + `a.txt` (the extension is configurable).
+  - sidecar captions: `a.png` + `a.txt` (the extension is configurable; `a.TXT` matches too, as on Windows).
   - Hugging Face imagefolder: a `metadata.jsonl` whose lines are {"file_name": "a.png", "text": "..."}, or a
     `metadata.csv` with `file_name` and `text` columns (see `metadata`).
 
@@ -75,7 +75,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
                  default_caption: str | None = None, exclude: tuple[Path, ...] = ()) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
-    Caption priority: sidecar `<stem><caption_extension>`, then a `metadata.jsonl` or `metadata.csv` entry,
+    Caption priority: sidecar `<stem><caption_extension>` (in any letter case), then a `metadata.jsonl` or `metadata.csv` entry,
     then `default_caption` if given (kohya's class_tokens), else the folder name. Raises one `UserError` listing
     every problem; with `skip_bad_images`, unreadable images and caption files are left out and counted instead
     (metadata file and folder-name errors still raise). `recursive=False` reads only the images directly in
@@ -103,6 +103,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
 
     records: list[ImageRecord] = []
     fallback, empty, multiline = [], [], []
+    listings: dict[Path, dict[str, list[str]]] = {}
     for image, size in zip(images, sizes):
         shown = shown_root / image.relative_to(root_abs)
         if isinstance(size, ImageProblem):
@@ -110,13 +111,14 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
             continue
         folder_label, repeats, folder_caption = folders[image]
         try:
-            sidecar = _read_sidecar(image.parent / (image.stem + caption_extension))
+            sidecar = _read_sidecar(_sidecar_path(image, caption_extension, listings))
         except UserError as e:
             problems.files.append((image, shown, str(e)))
             continue
         if sidecar is not None:
             caption, source = sidecar, "sidecar"
-            if not caption:
+            if not split_tags(caption):  # nothing but whitespace and commas
+                caption = ""
                 empty.append(shown)
             elif "\n" in caption:
                 multiline.append(shown)
@@ -318,8 +320,29 @@ def _checked_size(path: Path) -> tuple[int, int] | ImageProblem:
         return problem
 
 
-def _read_sidecar(path: Path) -> str | None:
+def _sidecar_path(image: Path, extension: str, listings: dict[Path, dict[str, list[str]]]) -> Path | None:
+    """The caption file of `image`: `<stem><extension>` exactly, else the one file whose name differs only in letter
+    case (`a.TXT`, as Windows, where datasets are often made, matches it), else None. `listings` caches each folder's
+    names by their lower-case form."""
+    exact = image.parent / (image.stem + extension)
+    if exact.exists():
+        return exact
+    if image.parent not in listings:
+        names: dict[str, list[str]] = {}
+        for name in sorted(os.listdir(image.parent)):
+            names.setdefault(name.lower(), []).append(name)
+        listings[image.parent] = names
+    matches = listings[image.parent].get(exact.name.lower(), [])
+    if len(matches) > 1:
+        raise UserError(f"caption files {' and '.join(matches)} differ only in letter case; keep one of them, named "
+                        f"{exact.name}")
+    return image.parent / matches[0] if matches else None
+
+
+def _read_sidecar(path: Path | None) -> str | None:
     """The caption in `path` (BOM and surrounding whitespace stripped), None if there is no such file."""
+    if path is None:
+        return None
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
@@ -328,6 +351,9 @@ def _read_sidecar(path: Path) -> str | None:
         raise UserError(f"cannot read caption file {path.name} ({e.strerror or e})") from e
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows Notepad's "Unicode"
         raise UserError(f"caption file {path.name} is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8")
+    if b"\x00" in data:  # UTF-16 saved without a byte-order mark decodes as UTF-8 with a NUL in every other byte
+        raise UserError(f"caption file {path.name} holds NUL bytes (byte {data.index(0)}): it is UTF-16 without a "
+                        "byte-order mark, or not text; re-save it as UTF-8")
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:

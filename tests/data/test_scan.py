@@ -130,6 +130,42 @@ def test_utf16_caption_is_named_as_such(tmp_path):
     assert f"{root / 'a.png'}: caption file a.txt is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8" in str(caught.value)
 
 
+def test_utf16_caption_without_bom_is_refused(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    write_text(root / "a.txt", "red, dress".encode("utf-16-le"))  # no byte-order mark: valid UTF-8, with NULs
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root)
+    assert (f"{root / 'a.png'}: caption file a.txt holds NUL bytes (byte 1): it is UTF-16 without a byte-order mark, "
+            "or not text; re-save it as UTF-8") in str(caught.value)
+
+
+def test_caption_extension_matches_in_any_letter_case(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    write_text(root / "a.TXT", "upper")
+    write_image(root / "B.png")
+    write_text(root / "b.Txt", "mixed stem and extension")
+    write_image(root / "c.png")
+    write_text(root / "c.txt", "exact")
+    write_text(root / "c.TXT", "not this one: the exact name wins")
+    result = scan_dataset(root)
+    assert [(r.path.name, r.caption, r.caption_source) for r in result.records] == [
+        ("B.png", "mixed stem and extension", "sidecar"), ("a.png", "upper", "sidecar"), ("c.png", "exact", "sidecar")]
+    assert result.warnings == []
+
+
+def test_caption_files_differing_only_in_case_are_refused(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    write_text(root / "a.TXT", "one")
+    write_text(root / "A.txt", "two")
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root)
+    assert (f"{root / 'a.png'}: caption files A.txt and a.TXT differ only in letter case; keep one of them, named a.txt"
+            in str(caught.value))
+
+
 @pytest.mark.parametrize("extension", ["txt", ".", ".png"])
 def test_bad_caption_extension(tmp_path, extension):
     write_image(tmp_path / "a.png")
@@ -142,10 +178,12 @@ def test_empty_and_multiline_captions_warned(tmp_path):
     write_text(tmp_path / "a.txt", "  \n")
     write_image(tmp_path / "b.png")
     write_text(tmp_path / "b.txt", "one\ntwo")
+    write_image(tmp_path / "c.png")
+    write_text(tmp_path / "c.txt", " , ,,\n")  # tags with nothing in them: an empty caption too
     result = scan_dataset(tmp_path)
-    assert [r.caption for r in result.records] == ["", "one\ntwo"]
+    assert [r.caption for r in result.records] == ["", "one\ntwo", ""]
     assert [w.split(" (")[0] for w in result.warnings] == [
-        "1 caption file is empty", "1 caption file has more than one line"]
+        "2 caption files are empty", "1 caption file has more than one line"]
 
 
 def test_symlink_loop_does_not_hang(tmp_path):
