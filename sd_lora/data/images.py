@@ -108,7 +108,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open `path` upright (EXIF orientation applied) in mode "RGB".
 
-    Transparency (RGBA, LA, PA, and P, RGB or L with a transparent colour key) is composited on white. 16-bit and 32-bit
+    Transparency (RGBA, LA, PA, and P, RGB, L or 16-bit grey with a transparent colour key) is composited on white. 16-bit and 32-bit
     grey modes are scaled so the format's full range maps to 0..255 (65535 -> 255), not clipped.
     Raises `ImageProblem` for files that cannot be decoded.
     """
@@ -140,7 +140,7 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     """Scale a one-channel integer/float image to 8 bits.
 
     Integer modes ("I;16*", "I") are read as 16-bit: 0..65535 -> 0..255 (Pillow opens 16-bit PNG/TIFF grey
-    this way; `convert("RGB")` would clip everything above 255 to white). "F" has no fixed range: values are
+    this way; `convert("RGB")` would clip everything above 255 to white); pixels equal to a PNG colour key are white. "F" has no fixed range: values are
     taken as 0..1 if they all fit, else 0..255 if they fit, else 0..65535.
     """
     values = np.asarray(img).astype(np.float64)
@@ -151,4 +151,7 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     else:
         full_scale = 65535.0
     grey = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    key = img.info.get("transparency")
+    if isinstance(key, int) and img.mode != "F":  # a 16-bit grey PNG's colour key (tRNS): that value is transparent
+        grey[np.asarray(img) == key] = _WHITE[0]
     return Image.fromarray(grey).convert("RGB")

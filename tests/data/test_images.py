@@ -91,6 +91,15 @@ def test_16_bit_grey_scaled_not_clipped(tmp_path):
     assert (out[..., 0] == out[..., 2]).all()
 
 
+def test_16_bit_grey_colour_key_composited_on_white(tmp_path):
+    values = np.zeros((16, 16), np.uint16)
+    values[0, :3] = [1000, 1001, 40000]
+    Image.fromarray(values).save(tmp_path / "a.png", transparency=1000)  # tRNS: the 16-bit value 1000 is transparent
+    assert Image.open(tmp_path / "a.png").info["transparency"] == 1000
+    out = np.asarray(open_image(tmp_path / "a.png"))
+    assert out[0, :4, 0].tolist() == [255, 4, 156, 0]
+
+
 def test_32_bit_modes_scaled():
     as_int = Image.fromarray(np.full((16, 16), 65535, np.int32))
     assert as_int.mode == "I" and pixel(to_rgb(as_int)) == (255, 255, 255)
