@@ -125,7 +125,7 @@ def _rank_lines(lora: LoraFile) -> list[str]:
         w = lora.components.get(entry.component or "", {}).get(entry.path or "")
         if w is not None:
             pairs[entry.name] = (w.rank, float(w.alpha))
-        elif entry.kind == "lora":  # not representable as plain LoRA (DoRA, lora_mid, ...): still has a rank
+        elif entry.kind == "lora" and entry.tensors["down"].shape[0]:  # DoRA, lora_mid, NaN ...: still has a rank
             rank = int(entry.tensors["down"].shape[0])
             alpha = entry.tensors.get("alpha")
             pairs[entry.name] = (rank, float(alpha.item()) if alpha is not None else float(rank))

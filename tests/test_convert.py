@@ -135,6 +135,18 @@ def test_refusals(pipes, tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_a_file_holding_nan_is_refused_by_name(pipes, tmp_path, capsys):
+    state = dict(_kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=2.0))
+    name = sorted(k for k in state if k.endswith(".lora_up.weight"))[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, tmp_path / "nan.safetensors")
+    assert main([str(tmp_path / "nan.safetensors"), str(tmp_path / "x.safetensors"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot convert this file exactly" in err and "hold NaN or infinite values" in err
+    assert name.removesuffix(".lora_up.weight") in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_to_kohya_gives_every_module_one_alpha_and_keeps_every_delta(pipes, tmp_path, capsys):
     """diffusers applies the most common alpha to every module of a kohya file, so mixed alphas must be unified."""
     original = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=float(RANK))

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 from helpers import random_lora_components
 
@@ -73,3 +74,19 @@ def test_cli_model_mismatch_and_errors(clean, tmp_path, capsys):
     )
     assert main([str(tmp_path / "zkchar.safetensors"), "--model", str(tmp_path)]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+
+
+def test_rank_0_and_nan_modules_are_listed_as_problems(clean, tmp_path, capsys):
+    state = to_kohya_state_dict(clean)
+    downs = sorted(k for k in state if k.endswith(".lora_down.weight"))
+    zero, nan = downs[0].removesuffix(".lora_down.weight"), downs[1].removesuffix(".lora_down.weight")
+    state[f"{zero}.lora_down.weight"] = torch.zeros(0, *state[f"{zero}.lora_down.weight"].shape[1:])
+    state[f"{zero}.lora_up.weight"] = torch.zeros(state[f"{zero}.lora_up.weight"].shape[0], 0,
+                                                  *state[f"{zero}.lora_up.weight"].shape[2:])
+    state[f"{nan}.lora_up.weight"] = torch.full_like(state[f"{nan}.lora_up.weight"], float("nan"))
+    save_lora_file(tmp_path / "broken.safetensors", state, {"ss_base_model_version": "sd_v1"})
+    assert main([str(tmp_path / "broken.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"1 modules have rank 0 (empty factors: they change nothing): {zero}" in out
+    assert f"1 modules hold NaN or infinite values (the training that wrote them diverged; use an earlier save): {nan}" in out
+    assert "rank 4, alpha 2 (scale 0.5) on all 65 modules" in out  # the NaN module still has its rank, the empty one none

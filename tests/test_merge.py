@@ -190,6 +190,18 @@ def test_shape_mismatch_is_refused(loras, tmp_path, capsys):
     assert "different shapes in different files" in err and "proj_in" in err
 
 
+def test_a_file_holding_nan_is_refused_not_merged(loras, tmp_path, capsys):
+    folder, a, b = loras
+    state, metadata = read_lora_file(b)
+    name = sorted(k for k in state if k.endswith(".lora_down.weight"))[0]
+    state[name] = torch.full_like(state[name], float("inf"))
+    save_file(state, tmp_path / "inf.safetensors", metadata=metadata)
+    assert main(["--lora", str(a), "--lora", str(tmp_path / "inf.safetensors"), "--output", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "inf.safetensors: cannot read this file exactly" in err and "hold NaN or infinite values" in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_parse_lora_arg():
     assert parse_lora_arg("A.safetensors:0.7") == (Path("A.safetensors"), 0.7)
     assert parse_lora_arg("B:-0.3")[1] == -0.3

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_lora.formats.kohya import read_lora_file, save_lora_file, tensor_data_sha256, to_kohya_state_dict
+from sd_lora.formats.kohya import HASH_KEY, read_lora_file, save_lora_file, tensor_data_sha256, to_kohya_state_dict
 from sd_lora.formats.modelspec import family_metadata
 from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.maths import delta, rank_for_energy
@@ -141,6 +141,17 @@ def test_bad_arguments(tmp_path, capsys, args, message):
     assert main([str(src), str(tmp_path / "out.safetensors"), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sd_lora: error:") and re.search(message, err) and "Traceback" not in err
+
+
+def test_a_file_holding_nan_is_refused_before_the_svd(tmp_path, capsys):
+    state, metadata = read_lora_file(_write_lora(tmp_path / "a.safetensors"))
+    name = sorted(k for k in state if k.endswith(".lora_up.weight"))[0]
+    state[name][0, 0] = float("nan")
+    save_lora_file(tmp_path / "nan.safetensors", state, {k: v for k, v in metadata.items() if k != HASH_KEY})
+    assert main([str(tmp_path / "nan.safetensors"), str(tmp_path / "r.safetensors"), "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.safetensors: cannot read this file exactly" in err and "hold NaN or infinite values" in err
+    assert not (tmp_path / "r.safetensors").exists()
 
 
 def test_missing_input(tmp_path, capsys):

@@ -19,9 +19,9 @@ Key styles read (`LoraFile.format`):
 Names are resolved BY LOOKUP against every layer of an architecture (`formats.architecture`): a model you pass, or the
 full-size SD1.5 / SD2.1 / SDXL base built on the meta device (cached), chosen from the file's family evidence.
 kohya names are never split back into paths by guessing which `_` was a `.`. Nothing is refused for being
-unusual: unknown names, norm-layer LoRA, LoHa, orphan alphas and stray keys are listed in `LoraFile.unsupported`
-(what `components` cannot represent) for `inspect` to report and `convert` / `api` to refuse. Only an
-unreadable file, or one with no LoRA keys at all, raises a `UserError` naming the file.
+unusual: unknown names, norm-layer LoRA, LoHa, rank-0 or non-finite (NaN/inf) modules, orphan alphas and stray keys
+are listed in `LoraFile.unsupported` (what `components` cannot represent) for `inspect` to report and `convert` /
+`api` to refuse. Only an unreadable file, or one with no LoRA keys at all, raises a `UserError` naming the file.
 """
 
 from __future__ import annotations
@@ -292,6 +292,13 @@ def _components(modules, stray, architecture, adapter_metadata, family):
             down, up = entry.tensors["down"], entry.tensors["up"]
             if down.ndim not in (2, 4) or up.ndim != down.ndim or down.shape[0] != up.shape[1]:
                 note("have down/up factors of different ranks (damaged)", entry.name)
+                continue
+            if down.shape[0] == 0:
+                note("have rank 0 (empty factors: they change nothing)", entry.name)
+                continue
+            if not all(bool(torch.isfinite(t).all()) for t in entry.tensors.values() if t.is_floating_point()):
+                note("hold NaN or infinite values (the training that wrote them diverged; use an earlier save)",
+                     entry.name)
                 continue
             if "alpha" in entry.tensors:
                 alpha = float(entry.tensors["alpha"].item())

@@ -187,6 +187,21 @@ def test_what_is_not_plain_lora_is_reported_not_refused():
         require_exact(lora, "read")
 
 
+def test_rank_0_and_non_finite_modules_are_reported_not_read():
+    q, k, v, out = (f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_{p}" for p in
+                    ("to_q", "to_k", "to_v", "to_out_0"))  # fmt: skip
+    state = _dummy_kohya([q, k, v, out])
+    state[f"{q}.lora_up.weight"] = torch.tensor([[float("nan")]])  # a diverged run
+    state[f"{k}.alpha"] = torch.tensor(float("inf"))
+    state |= {f"{v}.lora_down.weight": torch.zeros(0, 1), f"{v}.lora_up.weight": torch.zeros(1, 0)}
+    lora = parse_lora_state_dict(state, {"ss_base_model_version": "sd_v1"})
+    assert lora.unsupported == [
+        f"2 modules hold NaN or infinite values (the training that wrote them diverged; use an earlier save): {q}, {k}",
+        f"1 modules have rank 0 (empty factors: they change nothing): {v}",
+    ]
+    assert list(lora.components["unet"]) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+
+
 def test_family_evidence_and_disagreement():
     cross = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     state = {f"{cross}.lora_down.weight": torch.zeros(2, 1024), f"{cross}.lora_up.weight": torch.zeros(640, 2)}
