@@ -3,25 +3,57 @@ modules between host and device."""
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 
 import torch
 
-ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
+# bitsandbytes' 8-bit optimizers keep tensors below this many elements in 32-bit state, and quantize the others
+# in blocks of this many values with one fp32 scale (absmax) per block and moment.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
 
 
 def module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def estimate(frozen: list[torch.nn.Module], trainable: list[torch.nn.Parameter], cache_bytes: int) -> dict[str, int]:
-    """Bytes the run holds for certain: frozen weights as placed, LoRA weights + grads + Adam state, cached
+def optimizer_state_bytes(optimizer: str, shape: torch.Size, element_size: int = 4) -> int:
+    """Bytes of state `optimizer` (an `optim.OPTIMIZERS` name) keeps for one parameter of `shape`, as it allocates
+    them on its first step (scalars such as step counts included where they are tensors).
+
+    adamw: two moments and a step count. adafactor (no first moment, as built): the second moment factored into
+    row and column means over the last two dimensions, and an RMS scalar. prodigy: two moments, the step-size
+    estimate's `s` and the initial weights `p0`. adamw8bit: two 8-bit moments with their block scales, or two
+    fp32 moments for tensors under `BNB_MIN_8BIT_SIZE` elements (most LoRA factors of rank 8 or less).
+    """
+    n = math.prod(shape)
+    if optimizer == "adamw":
+        return 2 * n * element_size + 4
+    if optimizer == "adafactor":
+        if len(shape) < 2:
+            return (n + 1) * element_size
+        rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+        return (rows + cols + 1) * element_size
+    if optimizer == "prodigy":
+        return 4 * n * element_size
+    if optimizer == "adamw8bit":
+        if n < BNB_MIN_8BIT_SIZE:
+            return 2 * n * 4
+        return 2 * (n + math.ceil(n / BNB_BLOCK) * 4)
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def estimate(frozen: list[torch.nn.Module], trainable: list[torch.nn.Parameter], cache_bytes: int,
+             optimizer: str = "adamw") -> dict[str, int]:
+    """Bytes the run holds for certain: frozen weights as placed, LoRA weights + grads + `optimizer`'s state, cached
     latents. Activations come on top and grow with batch size and resolution (gradient checkpointing cuts them)."""
-    lora = sum(p.numel() for p in trainable)
+    lora = sum(2 * p.numel() * p.element_size() + optimizer_state_bytes(optimizer, p.shape, p.element_size())
+               for p in trainable)
     return {
         "frozen weights": sum(module_bytes(m) for m in frozen),
-        "LoRA weights, gradients and optimizer state": lora * (4 + 4 + ADAM_STATE_BYTES),
+        "LoRA weights, gradients and optimizer state": lora,
         "latent cache": cache_bytes,
     }
 

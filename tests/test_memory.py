@@ -13,9 +13,34 @@ def test_estimate_counts_weights_lora_state_and_cache():
     lora = [torch.nn.Parameter(torch.zeros(4, 10)), torch.nn.Parameter(torch.zeros(10, 4))]  # 80 values
     parts = memory.estimate([frozen], lora, cache_bytes=1000)
     assert parts["frozen weights"] == 110 * 4
-    assert parts["LoRA weights, gradients and optimizer state"] == 80 * 16
+    assert parts["LoRA weights, gradients and optimizer state"] == 80 * 16 + 2 * 4  # + AdamW's two step counts
     assert parts["latent cache"] == 1000
     assert "GiB" in memory.describe_estimate(parts)
+    prodigy = memory.estimate([frozen], lora, cache_bytes=0, optimizer="prodigy")
+    assert prodigy["LoRA weights, gradients and optimizer state"] == 80 * (4 + 4 + 16)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "prodigy"])
+def test_optimizer_state_bytes_match_what_the_optimizer_allocates(name):
+    from sd_lora.optim import build_optimizer
+
+    # LoRA factors as PEFT shapes them: linear down/up, 1x1-conv down/up, at rank 4 on a 320-wide layer
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(4, 320), (320, 4), (4, 320, 1, 1), (320, 4, 1, 1)]]
+    optimizer = build_optimizer(name, [{"params": params, "lr": 1.0}], weight_decay=0.01, device=torch.device("cpu"))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    allocated = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+                    if torch.is_tensor(t))
+    assert sum(memory.optimizer_state_bytes(name, p.shape) for p in params) == allocated
+
+
+def test_8_bit_adamw_state_is_a_quarter_of_adamw_only_for_large_tensors():
+    small, large = torch.Size((4, 320)), torch.Size((16, 320))  # 1280 and 5120 values, around bitsandbytes' 4096
+    assert memory.optimizer_state_bytes("adamw8bit", small) == 1280 * 8  # fp32 moments below the threshold
+    assert memory.optimizer_state_bytes("adamw8bit", large) == 5120 * 2 + 2 * 20 * 4  # int8 moments, 20 blocks' scales
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        memory.optimizer_state_bytes("sgd", small)
 
 
 def test_peak_rss_is_plausible():
