@@ -27,7 +27,7 @@ from sd_lora.errors import UserError, run_cli
 from sd_lora.formats.diffusers_format import ADAPTER_METADATA_KEY
 from sd_lora.formats.architecture import architecture_from_model_dir
 from sd_lora.formats.compatibility import FAMILY_NAMES, compatibility
-from sd_lora.formats.readers import LoraFile, read_any_lora, shape_mismatches
+from sd_lora.formats.readers import LoraFile, alpha_value, read_any_lora, shape_mismatches
 
 FORMAT_NAMES = {
     "kohya": "kohya / WebUI (lora_unet_*, lora_down/lora_up/alpha)",
@@ -127,8 +127,9 @@ def _rank_lines(lora: LoraFile) -> list[str]:
             pairs[entry.name] = (w.rank, float(w.alpha))
         elif entry.kind == "lora" and entry.tensors["down"].shape[0]:  # DoRA, lora_mid, NaN ...: still has a rank
             rank = int(entry.tensors["down"].shape[0])
-            alpha = entry.tensors.get("alpha")
-            pairs[entry.name] = (rank, float(alpha.item()) if alpha is not None else float(rank))
+            alpha = alpha_value(entry.tensors["alpha"]) if "alpha" in entry.tensors else float(rank)
+            if alpha is not None:  # else a damaged alpha, reported with the unsupported modules
+                pairs[entry.name] = (rank, alpha)
     if not pairs:
         return ["Rank / alpha: no plain LoRA modules"]
     common, n = Counter(pairs.values()).most_common(1)[0]

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .diffusers_format import strip_peft_prefix
-from .readers import LoraFile, ModuleEntry
+from .readers import LoraFile, ModuleEntry, alpha_value
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -45,7 +45,12 @@ def compatibility(lora: LoraFile) -> dict[str, Verdict]:
 
     Pure: uses only the file's keys, the names' resolution against the architecture, and the metadata.
     """
-    return {"AUTOMATIC1111": _a1111(lora), "ComfyUI": _comfyui(lora), "diffusers": _diffusers(lora)}
+    verdicts = {"AUTOMATIC1111": _a1111(lora), "ComfyUI": _comfyui(lora), "diffusers": _diffusers(lora)}
+    damaged = [f"{m.name} (alpha shape {list(m.tensors['alpha'].shape)})" for m in lora.modules
+               if "alpha" in m.tensors and alpha_value(m.tensors["alpha"]) is None]
+    for verdict in verdicts.values() if damaged else ():  # each reads alpha with .item(), which raises
+        verdict.reject(f"reading an alpha that is not one number fails: {preview(damaged, 3)}")
+    return verdicts
 
 
 _ATTENTION = re.compile(r".*\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)")
@@ -125,10 +130,11 @@ def _diffusers_component(m: ModuleEntry) -> str:
 def _alpha_notes(lora: LoraFile) -> list[str]:
     """diffusers gives every attention module the most common alpha when they differ (lora-format.md §1)."""
     alphas = {
-        m.name: float(m.tensors["alpha"].item())
+        m.name: alpha_value(m.tensors["alpha"])
         for m in lora.modules
         if m.component == "unet" and "alpha" in m.tensors and m.path and _ATTENTION.fullmatch(m.path)
     }
+    alphas = {name: alpha for name, alpha in alphas.items() if alpha is not None}
     if len(set(alphas.values())) <= 1:
         return []
     common = Counter(alphas.values()).most_common(1)[0][0]

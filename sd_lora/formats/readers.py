@@ -301,7 +301,11 @@ def _components(modules, stray, architecture, adapter_metadata, family):
                      entry.name)
                 continue
             if "alpha" in entry.tensors:
-                alpha = float(entry.tensors["alpha"].item())
+                alpha = alpha_value(entry.tensors["alpha"])
+                if alpha is None:
+                    note("have an alpha that is not one number (damaged)",
+                         f"{entry.name} (alpha shape {list(entry.tensors['alpha'].shape)})")
+                    continue
             elif entry.style == "kohya":
                 alpha = float(down.shape[0])  # kohya: a missing alpha means alpha = r in every loader
             else:
@@ -316,6 +320,12 @@ def _components(modules, stray, architecture, adapter_metadata, family):
     if stray:
         unsupported.append(f"{len(stray)} keys belong to no LoRA module: {_preview(sorted(stray))}")
     return components, unsupported
+
+
+def alpha_value(alpha: torch.Tensor) -> float | None:
+    """An `alpha` tensor's number (0-d or 1-element, any dtype), or None when it holds more or fewer numbers: every
+    loader reads alpha with `.item()`, which fails on those."""
+    return float(alpha.item()) if alpha.numel() == 1 else None
 
 
 def _relative_name(entry: ModuleEntry) -> str:

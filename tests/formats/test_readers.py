@@ -265,3 +265,24 @@ def test_alphas_from_diffusers_adapter_metadata(tmp_path):
     lora = read_any_lora(tmp_path / "pytorch_lora_weights.safetensors")
     assert lora.format == "diffusers" and lora.components["unet"][path].alpha == 2.0
     assert lora.family == "sd1"  # the 1x1-conv proj_in
+
+
+def test_an_alpha_of_one_number_in_any_shape_or_dtype_is_read_and_any_other_is_reported_as_damaged():
+    from sd_lora.formats.compatibility import compatibility
+    from sd_lora.inspect import format_report
+
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    state = _dummy_kohya([q, k])
+    state[f"{q}.alpha"] = torch.tensor([0.5], dtype=torch.float16)  # 1-d, fp16: one number all the same
+    lora = parse_lora_state_dict(state, {"ss_base_model_version": "sd_v1"})
+    assert lora.components["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].alpha == 0.5
+    assert not lora.unsupported
+
+    for bad in (torch.tensor([1.0, 2.0]), torch.zeros(0)):
+        state[f"{k}.alpha"] = bad
+        lora = parse_lora_state_dict(state, {"ss_base_model_version": "sd_v1"})
+        assert lora.unsupported == [f"1 modules have an alpha that is not one number (damaged): {k} (alpha shape {list(bad.shape)})"]
+        assert list(lora.components["unet"]) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+        assert all(v.rejects for v in compatibility(lora).values())
+        assert f"{k} (alpha shape {list(bad.shape)})" in format_report(lora)
