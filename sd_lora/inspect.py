@@ -177,8 +177,13 @@ def _dataset_lines(meta: dict[str, str]) -> list[str]:
     lines = ["  Dataset folders:", f"    {'folder':<32} {'repeats':>7} {'images':>7}"]
     for folder, info in sorted(dirs.items()):
         info = info if isinstance(info, dict) else {}
-        lines.append(f"    {folder:<32} {info.get('n_repeats', '?'):>7} {info.get('img_count', '?'):>7}")
+        lines.append(f"    {folder:<32} {_count(info.get('n_repeats')):>7} {_count(info.get('img_count')):>7}")
     return lines
+
+
+def _count(value) -> str:
+    """A count from another tool's JSON metadata as shown; '?' for what is no number (null, a list, ...)."""
+    return str(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else "?"
 
 
 def _tag_lines(meta: dict[str, str], limit: int) -> list[str]:

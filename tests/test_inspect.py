@@ -90,3 +90,13 @@ def test_rank_0_and_nan_modules_are_listed_as_problems(clean, tmp_path, capsys):
     assert f"1 modules have rank 0 (empty factors: they change nothing): {zero}" in out
     assert f"1 modules hold NaN or infinite values (the training that wrote them diverged; use an earlier save): {nan}" in out
     assert "rank 4, alpha 2 (scale 0.5) on all 65 modules" in out  # the NaN module still has its rank, the empty one none
+
+
+def test_dataset_folders_from_another_tool_with_null_or_odd_counts_are_shown_not_a_traceback(clean, tmp_path, capsys):
+    # Other trainers write ss_dataset_dirs too; a null or a list where kohya writes a number crashed the report.
+    dirs = {"5_a": {"n_repeats": None, "img_count": [3]}, "2_b": {"n_repeats": 2, "img_count": 7}, "c": "odd"}
+    save_lora_file(tmp_path / "other.safetensors", to_kohya_state_dict(clean), {"ss_dataset_dirs": json.dumps(dirs)})
+    assert main([str(tmp_path / "other.safetensors")]) == 0
+    out = capsys.readouterr().out
+    rows = out[out.index("Dataset folders:"):].splitlines()[2:5]
+    assert [row.split() for row in rows] == [["2_b", "2", "7"], ["5_a", "?", "?"], ["c", "?", "?"]]
