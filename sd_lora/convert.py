@@ -29,6 +29,7 @@ alpha 2 holds alpha = rank once converted, and a WebUI showing the input's "alph
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -131,7 +132,10 @@ def unify_alphas(
     counts = Counter(float(w.alpha) for ws in components.values() for w in ws.values())
     if len(counts) <= 1:
         return {c: dict(ws) for c, ws in components.items()}, None
-    alpha = max(counts, key=lambda a: (counts[a], a))
+    # The one alpha must be positive (`with_alpha`): a module's alpha of 0 (no change) or below (a flipped change)
+    # is folded into its `up` like any other, so its weight change stays what it was.
+    usable = {a: n for a, n in counts.items() if math.isfinite(a) and a > 0} or {1.0: 0}
+    alpha = max(usable, key=lambda a: (usable[a], a))
     return {c: {p: maths.with_alpha(w, alpha) for p, w in ws.items()} for c, ws in components.items()}, alpha
 
 

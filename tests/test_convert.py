@@ -166,6 +166,25 @@ def test_to_kohya_gives_every_module_one_alpha_and_keeps_every_delta(pipes, tmp_
         assert torch.allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6), name
 
 
+@pytest.mark.parametrize("odd_alpha", [0.0, -2.0])
+def test_to_kohya_with_a_most_common_alpha_of_zero_or_below_unifies_to_a_positive_one(pipes, tmp_path, capsys, odd_alpha):
+    """Alpha 0 (the module changes nothing) or below (its change flipped) in most modules: the one alpha was that
+    most common value, and folding the others into lora_up divided by it (a ValueError traceback)."""
+    original = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=float(RANK))
+    mixed = {k: torch.tensor(odd_alpha) if k.endswith(".alpha") and "attn2_to_k" not in k else v for k, v in original.items()}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    assert main([str(tmp_path / "mixed.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    assert "alphas unified to 4" in capsys.readouterr().out
+    back = load_file(tmp_path / "k.safetensors")
+    assert {v.item() for k, v in back.items() if k.endswith(".alpha")} == {RANK}
+    for name in {k.split(".")[0] for k in mixed}:
+        before = LoraModuleWeights(mixed[f"{name}.lora_down.weight"], mixed[f"{name}.lora_up.weight"],
+                                   mixed[f"{name}.alpha"].item())
+        after = LoraModuleWeights(back[f"{name}.lora_down.weight"], back[f"{name}.lora_up.weight"],
+                                  back[f"{name}.alpha"].item())
+        assert torch.allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6), name
+
+
 def test_network_dim_and_alpha_metadata_say_what_the_written_file_holds(pipes, tmp_path, capsys):
     """A diffusers file trained with rank 4, alpha 2 (alpha baked, metadata still saying 2) converts to kohya with
     alpha = rank = 4 in every module, so ss_network_alpha must say 4 too, not the source's stale 2.0."""
