@@ -84,3 +84,17 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_st
 
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
+
+
+def restore_lr_scheduler(lr_scheduler, saved: dict) -> None:
+    """Continue `lr_scheduler` (built from this run's options) from a saved run's `state_dict()`, after the optimizer's
+    own state was loaded.
+
+    The loaded optimizer holds the saved run's learning rates, those of the schedule it had. A resume may change the
+    schedule (another --lr-scheduler or --lr-warmup-steps, a longer run), so every group's rate is recomputed from
+    this schedule at the restored step; else the first resumed step trains, and logs, the old schedule's rate.
+    """
+    lr_scheduler.load_state_dict(saved)
+    # A hack: one step back and step() again sets the groups' rates (and get_last_lr) through the public API.
+    lr_scheduler.last_epoch -= 1
+    lr_scheduler.step()

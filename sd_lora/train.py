@@ -36,7 +36,7 @@ from .lora.inject import trainable_parameters  # noqa: E402
 from .lora.targets import matching_preset  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
-from .optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from .optim import build_lr_scheduler, build_optimizer, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
 from .preflight import check_epoch_schedules, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
@@ -256,7 +256,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
         modules = trained_modules(model, config.train_text_encoder)
         checkpoint.restore_trainable(modules, resumed.tensors)
         optimizer.load_state_dict(resumed.training["optimizer"])
-        lr_scheduler.load_state_dict(resumed.training["lr_scheduler"])
+        restore_lr_scheduler(lr_scheduler, resumed.training["lr_scheduler"])
         if accelerator.scaler is not None and "scaler" in resumed.training:  # fp16: the loss scale reached
             accelerator.scaler.load_state_dict(resumed.training["scaler"])
         checkpoint.restore_rng_states(resumed.training["rng"], generator, rank=accelerator.process_index, seed=config.seed,

@@ -226,6 +226,22 @@ def test_a_finished_run_saves_its_last_state_so_extending_it_trains_no_step_twic
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_a_resume_with_another_lr_schedule_trains_its_first_step_at_the_new_schedules_rate(tiny_dataset, tiny_model_dir, tmp_path):
+    # A new --lr-scheduler (or a longer run) takes effect on resume, but the restored optimizer kept the saved
+    # schedule's rate: step 3 trained (and logged) constant's 1e-2 instead of linear's 5e-3.
+    out, fresh = tmp_path / "o", tmp_path / "fresh"
+    common = ["--max-steps", "4", "--lr-scheduler", "linear"]
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2", "--save-state-every", "2", "--lr-scheduler", "constant")) == 0
+    assert main(args(tiny_dataset, tiny_model_dir, out, *common, "--resume", "latest")) == 0
+    assert main(args(tiny_dataset, tiny_model_dir, fresh, *common)) == 0
+
+    def rates(folder):
+        return {r["step"]: r["lr"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+
+    assert rates(fresh) == {1: 1e-2, 2: 7.5e-3, 3: 5e-3, 4: 2.5e-3}
+    assert rates(out) == {1: 1e-2, 2: 1e-2, 3: 5e-3, 4: 2.5e-3}
+
+
 def test_resume_latest_without_states_is_explained(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     assert main(args(tiny_dataset, tiny_model_dir, tmp_path / "empty", "--max-steps", "2", "--resume", "latest")) == 2
     assert "no state folder in" in capsys.readouterr().err
