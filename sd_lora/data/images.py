@@ -108,8 +108,9 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open `path` upright (EXIF orientation applied) in mode "RGB".
 
-    Transparency (RGBA, LA, PA, and P, RGB, L or 16-bit grey with a transparent colour key) is composited on white. 16-bit and 32-bit
-    grey modes are scaled so the format's full range maps to 0..255 (65535 -> 255), not clipped.
+    Transparency (RGBA, LA, PA, and P, RGB, L or 16-bit grey with a transparent colour key) is composited on
+    white. 16-bit and 32-bit grey modes are scaled so the format's full range maps to 0..255 (65535 -> 255), not
+    clipped.
     Raises `ImageProblem` for files that cannot be decoded.
     """
     path = Path(path)
@@ -140,8 +141,9 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     """Scale a one-channel integer/float image to 8 bits.
 
     Integer modes ("I;16*", "I") are read as 16-bit: 0..65535 -> 0..255 (Pillow opens 16-bit PNG/TIFF grey
-    this way; `convert("RGB")` would clip everything above 255 to white); pixels equal to a PNG colour key are white. "F" has no fixed range: values are
-    taken as 0..1 if they all fit, else 0..255 if they fit, else 0..65535.
+    this way; `convert("RGB")` would clip everything above 255 to white); pixels equal to a PNG colour key are
+    white. "F" has no fixed range: values are taken as 0..1 if they all fit, else 0..255 if they fit, else
+    0..65535.
     """
     values = np.asarray(img).astype(np.float64)
     if img.mode == "F":

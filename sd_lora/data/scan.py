@@ -75,8 +75,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
                  default_caption: str | None = None, exclude: tuple[Path, ...] = ()) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
-    Caption priority: sidecar `<stem><caption_extension>` (in any letter case), then a `metadata.jsonl` or `metadata.csv` entry,
-    then `default_caption` if given (kohya's class_tokens), else the folder name. Raises one `UserError` listing
+    Caption priority: sidecar `<stem><caption_extension>` (in any letter case), then a `metadata.jsonl` or
+    `metadata.csv` entry, then `default_caption` if given (kohya's class_tokens), else the folder name. Raises one `UserError` listing
     every problem; with `skip_bad_images`, unreadable images and caption files are left out and counted instead
     (metadata file and folder-name errors still raise). `recursive=False` reads only the images directly in
     `root`, as kohya reads a dataset config's image_dir (sub-folders are counted in a warning). Folders in
