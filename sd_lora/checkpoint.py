@@ -158,7 +158,7 @@ def save_state(
         torch.save(training, tmp / "training_state.pt")
         meta = {"progress": asdict(progress), "data_fingerprint": data_fingerprint}
         (tmp / "progress.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "config.toml").write_text(config.to_toml())
+        (tmp / "config.toml").write_text(config.to_toml(), encoding="utf-8")
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -9,7 +9,7 @@ and TOML files), and the `ss_*` metadata key written into the LoRA file.
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,15 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))  # a JSON string literal is a valid TOML basic string
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """`text` as a TOML basic string: characters outside the BMP (an emoji in a comment or a folder name) written
+    as they are, where JSON's \\ud83e\\udd16 surrogate pairs are invalid TOML; TOML's forbidden control
+    characters (DEL included, which JSON leaves raw) escaped."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
 
 
 def _ss_value(value: Any) -> str:

@@ -43,3 +43,17 @@ def test_options_offer_exactly_the_optimizers_optim_builds():
     from sd_lora import optim, options
 
     assert set(options.OPTIMIZERS) == set(optim.OPTIMIZERS)
+
+
+def test_config_toml_round_trips_text_outside_the_bmp_and_control_characters(tmp_path):
+    """config.toml is what `--resume` reads back (beside the outputs and in every state folder): an emoji in a
+    comment or a folder name used to be written as JSON's surrogate pair escapes, which TOML refuses, so the
+    run could not be resumed."""
+    data = tmp_path / "robot 🤖 set"
+    data.mkdir()
+    c = load_config(["--data", str(data), "--model", "m", "--training-comment", 'v2 🤖 "quoted" back\\slash\x7f end'])
+    path = tmp_path / "config.toml"
+    path.write_text(c.to_toml(), encoding="utf-8")
+    again = load_config(["--config", str(path)])
+    assert dataclasses.replace(again, config=None) == c
+    assert again.data == data and again.training_comment == 'v2 🤖 "quoted" back\\slash\x7f end'
