@@ -38,6 +38,7 @@ class Progress:
     # as absolute paths: --keep-saves deletes only files the run wrote, also after a resume. Older states: none.
     saves: list[list[str]] = field(default_factory=list)
     log_run: str | None = None  # the TensorBoard run folder under --logging-dir (tensorboard_log.py): a resume continues it
+    loss_average: float | None = None  # metrics.jsonl's loss_average (a moving average) so far: a resume continues it
 
 
 def state_dir_name(step: int) -> str:

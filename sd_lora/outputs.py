@@ -136,7 +136,7 @@ class RunOutputs:
         self.conditioning: list[dict] | None = None  # the sample prompts' text conditioning (encode_prompts)
         self.best_validation = progress.best_validation if progress else None
         self.best_validation_step = progress.best_validation_step if progress else None
-        self.smoothed: float | None = None
+        self.smoothed: float | None = progress.loss_average if progress else None  # loss_average goes on after a resume
         self.state = loop.TrainState()
         self.saved: list[Path] = []
         # --save-every/--save-every-epochs files of this run, oldest first (--keep-saves), and the epochs whose end
@@ -403,6 +403,7 @@ class RunOutputs:
         progress = checkpoint.Progress(
             step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
             best_validation=self.best_validation, best_validation_step=self.best_validation_step, log_run=self.log_run,
+            loss_average=self.smoothed,
             saves=[[str(p) for p in save] for save in self.scheduled_saves],
         )
         try:

@@ -89,6 +89,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
     # metrics continue where they stopped
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
+    # ... and so does the moving average (it restarted at the first resumed step's loss: loss/average jumped)
+    averages = [[json.loads(line)["loss_average"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab"]
+    assert averages[1] == averages[0]
 
 
 def test_a_stop_during_a_sample_grid_skips_the_grid_and_saves(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
