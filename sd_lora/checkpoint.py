@@ -146,8 +146,10 @@ def save_state(
     data_fingerprint: str,
     keep: int,
 ) -> Path:
-    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders.
-    `rng`: `rng_states` of every process, in rank order (one entry with one process)."""
+    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders. Folders of later
+    steps are removed first: a run that went on past the state this run resumed from (or an earlier run in the
+    folder) left them, and `--resume latest` must continue this run, not that one (nor may `keep` count them
+    and delete this run's states). `rng`: `rng_states` of every process, in rank order (one entry with one process)."""
     final = output_dir / state_dir_name(progress.step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
@@ -169,9 +171,20 @@ def save_state(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for later in later_states(output_dir, progress.step):
+        shutil.rmtree(later, ignore_errors=True)
     for old in list_states(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def state_step(path: Path) -> int:
+    return int(path.name[len(STATE_PREFIX):])
+
+
+def later_states(output_dir: Path, step: int) -> list[Path]:
+    """State folders in `output_dir` of steps after `step`."""
+    return [p for p in list_states(output_dir) if state_step(p) > step]
 
 
 def list_states(output_dir: Path) -> list[Path]:
@@ -179,7 +192,7 @@ def list_states(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX) and p.name[len(STATE_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(STATE_PREFIX):]))
+    return sorted(found, key=state_step)
 
 
 def resume_command(output_dir: Path) -> str:

@@ -406,6 +406,7 @@ class RunOutputs:
             loss_average=self.smoothed,
             saves=[[str(p) for p in save] for save in self.scheduled_saves],
         )
+        later = checkpoint.later_states(self.out, state.step)  # removed by save_state: another run's (its docstring)
         try:
             path = checkpoint.save_state(
                 self.out, progress=progress, modules=modules, optimizer=self.trainee.optimizer, lr_scheduler=self.trainee.lr_scheduler,
@@ -413,6 +414,8 @@ class RunOutputs:
             )
         except OSError as e:
             raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None
+        if later:
+            self.progress.write(f"removed {', '.join(p.name for p in later)}: later steps than this run's, left by a run that went further")
         self.progress.write(f"saved training state {path}")
         return path
 

@@ -250,6 +250,24 @@ def test_resume_latest_without_states_is_explained(tiny_dataset, tiny_model_dir,
     assert "no state folder in" in capsys.readouterr().err
 
 
+def test_a_state_replaces_the_later_states_of_a_run_that_went_further(tmp_path):
+    """Resumed from state 6 of a run that had reached state 8, then stopped at 7: --keep-states 2 used to keep 7
+    and 8 and delete 6, and --resume latest (what the stop message says) then continued the abandoned run's
+    state 8 (or called the run finished). A new run in the folder had its own first state deleted at once."""
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path)])
+    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                  rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=2)
+    for step in (6, 8):
+        checkpoint.save_state(tmp_path, progress=checkpoint.Progress(step, 0, step), **kwargs)
+    seven = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(7, 0, 7), **kwargs)
+    assert [p.name for p in checkpoint.list_states(tmp_path)] == ["state-00000006", "state-00000007"]
+    assert checkpoint.resolve_resume("latest", tmp_path) == seven
+    first = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)  # a new run in the folder
+    assert checkpoint.list_states(tmp_path) == [first]
+
+
 def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
     module = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(module.parameters())
