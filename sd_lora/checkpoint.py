@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -196,8 +197,9 @@ def list_states(output_dir: Path) -> list[Path]:
 
 
 def resume_command(output_dir: Path) -> str:
-    """The command that continues the run in `output_dir` from its newest state."""
-    return f"python -m sd_lora.train --config {output_dir / 'config.toml'} --resume latest"
+    """The command that continues the run in `output_dir` from its newest state, quoted for a POSIX shell (a folder
+    name with a space or a quote is pasted as one argument)."""
+    return f"python -m sd_lora.train --config {shlex.quote(str(output_dir / 'config.toml'))} --resume latest"
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:

@@ -557,3 +557,13 @@ def test_a_state_with_one_set_of_random_states_still_resumes_on_several_ranks(tm
     rank_1_draw = torch.rand(64)
     torch.manual_seed(checkpoint.process_seed(42, 1, 3))
     assert torch.equal(rank_1_draw, torch.rand(64)) and not torch.equal(rank_1_draw, rank_0_draw)
+
+
+def test_the_resume_command_quotes_a_folder_with_spaces(tmp_path):
+    """Printed after Ctrl-C to be pasted into a shell: unquoted, 'my runs/out' split into two arguments."""
+    import shlex
+
+    out = tmp_path / "my runs" / "zk's out"
+    command = checkpoint.resume_command(out)
+    assert shlex.split(command) == ["python", "-m", "sd_lora.train", "--config", str(out / "config.toml"), "--resume", "latest"]
+    assert checkpoint.resume_command(tmp_path / "plain") == f"python -m sd_lora.train --config {tmp_path / 'plain' / 'config.toml'} --resume latest"
