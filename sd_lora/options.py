@@ -216,9 +216,12 @@ class TrainConfig:
         return value
 
     def to_toml(self) -> str:
+        """The resolved options as a --config file that reruns the run. Not `resume`: it says how this invocation
+        started, not what the run is; recorded, `--config out/config.toml` resumed instead of rerunning (and failed
+        in another --output-dir), and the resume command adds `--resume latest` itself."""
         lines = ["# Resolved sd_lora training configuration (unset options are omitted)."]
         for key, value in self.to_dict().items():
-            if value is None or key == "config":
+            if value is None or key in ("config", "resume"):
                 continue
             lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"

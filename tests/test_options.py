@@ -57,3 +57,14 @@ def test_config_toml_round_trips_text_outside_the_bmp_and_control_characters(tmp
     again = load_config(["--config", str(path)])
     assert dataclasses.replace(again, config=None) == c
     assert again.data == data and again.training_comment == 'v2 🤖 "quoted" back\\slash\x7f end'
+
+
+def test_config_toml_reruns_a_resumed_run_instead_of_resuming_it(tmp_path):
+    """A resumed run's config.toml recorded resume = "latest": `--config out/config.toml --output-dir elsewhere`
+    (a rerun, as the README promises) then failed with "--resume latest: no state folder"."""
+    c = load_config(["--data", str(tmp_path), "--model", "m", "--resume", "latest"])
+    assert "resume" not in c.to_toml()
+    path = tmp_path / "config.toml"
+    path.write_text(c.to_toml(), encoding="utf-8")
+    assert load_config(["--config", str(path)]).resume is None
+    assert load_config(["--config", str(path), "--resume", "latest"]).resume == "latest"  # the printed resume command
