@@ -258,8 +258,10 @@ def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> Loaded
         raise UserError(f"cannot resume from {path}: the training state is damaged ({type(e).__name__}: {detail}); {fix}") from None
     problems = incompatibilities({k.replace("_", "-"): v for k, v in saved_config.items()}, config)
     if meta.get("data_fingerprint") != data_fingerprint:
-        source = f"--dataset-config {config.dataset_config}" if config.dataset_config else f"--data {config.data}"
-        problems.append(f"{source}: the images or captions changed since the state was saved")
+        # One fingerprint covers every image set the run reads: name each, not only the training folder.
+        sources = [f"--dataset-config {config.dataset_config}" if config.dataset_config else f"--data {config.data}"]
+        sources += [f"{flag} {folder}" for flag, folder in (("--reg-data", config.reg_data), ("--validation-data", config.validation_data)) if folder]
+        problems.append(f"{' or '.join(sources)}: the images or captions changed since the state was saved")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot resume from {path}: this run differs from the saved one:\n{listed}\nUse the saved settings (--config {path / 'config.toml'}), or start a new run in another --output-dir")

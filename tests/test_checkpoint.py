@@ -142,6 +142,23 @@ def test_damaged_state_names_an_older_one(tmp_path, damage):
         checkpoint.load_state(older, config, "x")
 
 
+def test_changed_images_name_every_image_folder_the_run_reads(tmp_path):
+    """The data fingerprint covers --reg-data and --validation-data too: a changed regularisation or validation
+    image used to be blamed on --data alone."""
+    for name in ("data", "reg", "val", "out"):
+        (tmp_path / name).mkdir()
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path / "data"), "--reg-data", str(tmp_path / "reg"), "--validation-data", str(tmp_path / "val")])
+    path = checkpoint.save_state(tmp_path / "out", progress=checkpoint.Progress(1, 0, 1),
+                                 modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                                 rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="before", keep=1)
+    with pytest.raises(UserError) as caught:
+        checkpoint.load_state(path, config, "after")
+    assert (f"--data {tmp_path / 'data'} or --reg-data {tmp_path / 'reg'} or --validation-data {tmp_path / 'val'}: "
+            "the images or captions changed since the state was saved") in str(caught.value)
+
+
 def test_state_keeps_the_fp16_loss_scale(tmp_path):
     """Under fp16 a resumed run goes on with the loss scale it had reached, not 65536 again (a few overflow
     steps, and a run no longer identical to an uninterrupted one)."""
