@@ -148,9 +148,10 @@ def save_state(
     keep: int,
 ) -> Path:
     """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders. Folders of later
-    steps are removed first: a run that went on past the state this run resumed from (or an earlier run in the
-    folder) left them, and `--resume latest` must continue this run, not that one (nor may `keep` count them
-    and delete this run's states). `rng`: `rng_states` of every process, in rank order (one entry with one process)."""
+    steps are first set aside (`set_aside`, not deleted: another run trained them): a run that went on past the
+    state this run resumed from (or an earlier run in the folder) left them, and `--resume latest` must continue
+    this run, not that one (nor may `keep` count them and delete this run's states). `rng`: `rng_states` of every
+    process, in rank order (one entry with one process)."""
     final = output_dir / state_dir_name(progress.step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
@@ -173,7 +174,7 @@ def save_state(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for later in later_states(output_dir, progress.step):
-        shutil.rmtree(later, ignore_errors=True)
+        set_aside(later)
     for old in list_states(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -186,6 +187,22 @@ def state_step(path: Path) -> int:
 def later_states(output_dir: Path, step: int) -> list[Path]:
     """State folders in `output_dir` of steps after `step`."""
     return [p for p in list_states(output_dir) if state_step(p) > step]
+
+
+def set_aside_name(state: Path) -> Path:
+    """Where `set_aside` moves `state`: `state-00000008.abandoned` (then `.abandoned-2`, ...), a name `list_states`,
+    `--resume latest` and `--keep-states` pass over; `--resume` given the folder still reads it."""
+    target, n = state.with_name(f"{state.name}.abandoned"), 1
+    while target.exists():
+        n += 1
+        target = state.with_name(f"{state.name}.abandoned-{n}")
+    return target
+
+
+def set_aside(state: Path) -> Path:
+    target = set_aside_name(state)
+    state.rename(target)
+    return target
 
 
 def list_states(output_dir: Path) -> list[Path]:

@@ -406,7 +406,8 @@ class RunOutputs:
             loss_average=self.smoothed,
             saves=[[str(p) for p in save] for save in self.scheduled_saves],
         )
-        later = checkpoint.later_states(self.out, state.step)  # removed by save_state: another run's (its docstring)
+        later = checkpoint.later_states(self.out, state.step)  # set aside by save_state: another run's (its docstring)
+        aside = [checkpoint.set_aside_name(p).name for p in later]
         try:
             path = checkpoint.save_state(
                 self.out, progress=progress, modules=modules, optimizer=self.trainee.optimizer, lr_scheduler=self.trainee.lr_scheduler,
@@ -415,7 +416,8 @@ class RunOutputs:
         except OSError as e:
             raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None
         if later:
-            self.progress.write(f"removed {', '.join(p.name for p in later)}: later steps than this run's, left by a run that went further")
+            self.progress.write(f"moved {', '.join(p.name for p in later)} aside to {', '.join(aside)}: later steps than this "
+                                "run's, left by a run that went further (delete them if you do not need them)")
         self.progress.write(f"saved training state {path}")
         return path
 

@@ -267,7 +267,7 @@ def test_resume_latest_without_states_is_explained(tiny_dataset, tiny_model_dir,
     assert "no state folder in" in capsys.readouterr().err
 
 
-def test_a_state_replaces_the_later_states_of_a_run_that_went_further(tmp_path):
+def test_a_state_sets_aside_the_later_states_of_a_run_that_went_further(tmp_path):
     """Resumed from state 6 of a run that had reached state 8, then stopped at 7: --keep-states 2 used to keep 7
     and 8 and delete 6, and --resume latest (what the stop message says) then continued the abandoned run's
     state 8 (or called the run finished). A new run in the folder had its own first state deleted at once."""
@@ -283,6 +283,13 @@ def test_a_state_replaces_the_later_states_of_a_run_that_went_further(tmp_path):
     assert checkpoint.resolve_resume("latest", tmp_path) == seven
     first = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)  # a new run in the folder
     assert checkpoint.list_states(tmp_path) == [first]
+    # set aside, not deleted: the abandoned run's states still resume when named
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "state-00000001", "state-00000006.abandoned", "state-00000007.abandoned", "state-00000008.abandoned"]
+    assert checkpoint.load_state(tmp_path / "state-00000008.abandoned", config, "x").progress.step == 8
+    checkpoint.save_state(tmp_path, progress=checkpoint.Progress(8, 0, 8), **kwargs)
+    checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
+    assert (tmp_path / "state-00000008.abandoned-2").is_dir()
 
 
 def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
