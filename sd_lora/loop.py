@@ -90,6 +90,10 @@ class Hooks(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    def records_numbers_at(self, step: int) -> bool:
+        """Whether `on_step_end` of `step` records the numbers the hooks were handed (a training state holds the
+        moving loss average and the skipped-step count): with `skip_on_device` the loop hands `step`'s over first."""
+
 
 class Readout:
     """Scalars on their way to the host: a step's loss and gradient norm, a stop vote.
@@ -293,6 +297,9 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
                 state.epoch += 1
                 state.batch_in_epoch = 0
             if state.step == record.step:  # taken, not skipped before stepping
+                if pending is not None and hooks.records_numbers_at(state.step):  # a wait, only where a state is saved
+                    settle(*pending)
+                    pending = None
                 hooks.on_step_end(state)
             if state.step >= max_steps or hooks.should_stop():
                 if pending is not None:

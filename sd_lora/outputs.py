@@ -197,6 +197,9 @@ class RunOutputs:
         if c.save_state_every and step % c.save_state_every == 0:
             self.save_state(state)
 
+    def records_numbers_at(self, step: int) -> bool:
+        return bool(self.config.save_state_every) and step % self.config.save_state_every == 0
+
     def epoch_ended(self, state: loop.TrainState) -> int | None:
         """The epoch (counted from 1, kohya's file number) that ended with the step `state` holds, once; None
         within an epoch. The loop moves `state.epoch` on at an epoch's last batch, before this hook. An epoch

@@ -40,12 +40,14 @@ class FixedBatches:
 class Recorder:
     """loop.Hooks that keep what they are told: numbers of logged steps, steps ended, steps skipped."""
 
-    def __init__(self, stop_at=None):
+    def __init__(self, stop_at=None, records_at=()):
         self.losses, self.grad_norms, self.logged, self.ended, self.skipped = [], [], [], [], []
-        self.stop_at = stop_at
+        self.stop_at, self.records_at = stop_at, set(records_at)
+        self.logged_at_end = {}  # step -> the steps logged when its on_step_end ran
 
     def on_step_end(self, state):
         self.ended.append(state.step)
+        self.logged_at_end[state.step] = list(self.logged)
 
     def on_step_logged(self, record):
         self.logged.append(record.step)
@@ -57,6 +59,9 @@ class Recorder:
 
     def should_stop(self):
         return self.stop_at is not None and len(self.ended) >= self.stop_at
+
+    def records_numbers_at(self, step):
+        return step in self.records_at
 
 
 def make_trainee(model_dir, *, lr=1e-2, checkpointing=False, rank=8, weight_dtype=torch.float32):
@@ -271,6 +276,17 @@ def test_skip_on_device_trains_exactly_as_the_host_check(tiny_model_dir):
     assert host_losses == dev_losses and host_norms == dev_norms
     assert all(torch.equal(host_w[n], dev_w[n]) for n in host_w)
     assert any(torch.count_nonzero(w) for n, w in dev_w.items() if "lora_B" in n)  # it did train
+
+
+def test_skip_on_device_hands_over_a_steps_numbers_before_a_state_records_them(tiny_model_dir):
+    """A training state saved at step 2 holds the loss average and skipped-step count of steps 1-2: the loop settles
+    step 2 before its on_step_end there (a wait on a GPU), and reads the others one step late as before."""
+    _, trainee, objective, _ = make_trainee(tiny_model_dir)
+    fused(trainee)
+    recorder = Recorder(records_at={2})
+    loop.train(trainee, objective, loop.TrainState(), max_steps=4, hooks=recorder, skip_on_device=True)
+    assert recorder.logged_at_end == {1: [], 2: [1, 2], 3: [1, 2], 4: [1, 2, 3]}
+    assert recorder.logged == [1, 2, 3, 4]
 
 
 def test_skip_on_device_leaves_weights_and_moments_untouched_then_stops(tiny_model_dir):
