@@ -167,9 +167,7 @@ def save_state(
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():  # re-saving the same step (e.g. an interrupt right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,6 +176,24 @@ def save_state(
     for old in list_states(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Move the folder `new` to `final`. A `final` already there (re-saving a step, e.g. an interrupt right after a
+    periodic save) is moved aside first and deleted only once `new` is in place, or put back if that fails: at no
+    moment is neither on disk."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    replaced = final.with_name(f".{final.name}.replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    final.rename(replaced)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        replaced.rename(final)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def state_step(path: Path) -> int:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -309,6 +310,30 @@ def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
         checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
     assert checkpoint.list_states(tmp_path) == [first]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000001"]  # no temporary folder left
+
+
+def test_a_failed_resave_of_the_same_step_keeps_the_state_there(tmp_path, monkeypatch):
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path)])
+    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                  rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=2)
+    saved = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=1), **kwargs)
+    checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=2), **kwargs)  # an interrupt at step 3
+    assert checkpoint.load_state(saved, config, "x").progress.nan_steps == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000003"]
+    replace = os.replace
+
+    def fails_into_place(src, dst):
+        if Path(dst) == saved:
+            raise OSError(5, "Input/output error")
+        return replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fails_into_place)
+    with pytest.raises(OSError):
+        checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=3), **kwargs)
+    assert checkpoint.load_state(saved, config, "x").progress.nan_steps == 2  # the earlier save, in its place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000003"]
 
 
 @pytest.mark.slow
