@@ -96,6 +96,18 @@ def is_run_save(output_name: str, file_name: str, *, intermediate_only: bool = F
     return re.fullmatch(rf"{re.escape(output_name)}({middle})(-diffusers)?\.safetensors", file_name) is not None
 
 
+def final_file_step(path: Path) -> int | None:
+    """The step (`ss_steps`) a LoRA file of ours records; None without one, or for a missing or unreadable file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            steps = (f.metadata() or {}).get("ss_steps", "")
+    except (OSError, ValueError, SafetensorError):  # whatever is there, it is no final file of a finished run
+        return None
+    return int(steps) if steps.isdigit() else None
+
+
 def continue_log(path: Path, step: int):
     """`path` (metrics.jsonl) opened to append after `step`. Lines of later steps, left by a run that went on
     past the state now resumed, are dropped first (they would repeat steps), and so is a line a crash cut short."""
@@ -189,13 +201,26 @@ class RunOutputs:
         by_epoch = bool(ended and c.sample_every_epochs) and ended % c.sample_every_epochs == 0 and before_end
         if by_step or by_epoch:
             self.sample(step, epoch=ended if by_epoch else None, by_step=by_step)
-        if c.save_every and step % c.save_every == 0 and before_end:
-            self.save_scheduled(self.out / f"{c.output_name}-step{step:08d}.safetensors", state)
-        # As kohya: the last epoch's weights are the final <name>.safetensors, not also an epoch file.
-        if ended and c.save_every_epochs and ended % c.save_every_epochs == 0 and before_end:
-            self.save_scheduled(self.out / f"{c.output_name}-{ended:06d}.safetensors", state)
+        if before_end:  # as kohya: the last step's weights are the final <name>.safetensors, not also a step or epoch file
+            self.save_scheduled_files(state, ended)
         if c.save_state_every and step % c.save_state_every == 0:
             self.save_state(state)
+
+    def save_scheduled_files(self, state: loop.TrainState, ended: int | None) -> None:
+        """The --save-every and --save-every-epochs files due at `state`'s step (`ended`: the epoch that ended there)."""
+        c, step = self.config, state.step
+        if c.save_every and step % c.save_every == 0:
+            self.save_scheduled(self.out / f"{c.output_name}-step{step:08d}.safetensors", state)
+        if ended and c.save_every_epochs and ended % c.save_every_epochs == 0:
+            self.save_scheduled(self.out / f"{c.output_name}-{ended:06d}.safetensors", state)
+
+    def extend_finished_run(self, state: loop.TrainState, final: Path) -> None:
+        """A resume past a finished run's end (a higher --max-steps or --epochs), whose `final` file holds the weights
+        of the resumed step: that step's scheduled files, left out then (the final file had its weights), are written
+        now, since this run's own final file replaces that one."""
+        if final_file_step(final) != state.step:
+            return
+        self.save_scheduled_files(state, ended=state.epoch if state.epoch and not state.batch_in_epoch else None)
 
     def records_numbers_at(self, step: int) -> bool:
         return bool(self.config.save_state_every) and step % self.config.save_state_every == 0

@@ -303,6 +303,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
             prompts=prompts, total_steps=total_steps, total_epochs=epochs, targets=targets, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
         )
+        if resumed and final.exists():
+            outputs.extend_finished_run(state, final)
         outputs.encode_prompts()
         release_text_encoders(conditioner, show=accelerator.is_main_process)
         try:
