@@ -39,6 +39,15 @@ def assert_same_lora(path_a, path_b) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def small_state(tmp_path, keep: int):
+    """(config, `save_state` keyword arguments) for states of a 2x2 linear layer, its AdamW and a constant schedule."""
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    config = load_config(["--data", str(tmp_path)])
+    return config, dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                        rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=keep)
+
+
 def stop_at(monkeypatch, step: int):
     """Make the run receive a (simulated) SIGINT during step `step`."""
     original = outputs.RunOutputs.on_step_end
@@ -116,11 +125,7 @@ def test_a_stop_during_a_sample_grid_skips_the_grid_and_saves(tiny_dataset, tiny
 
 @pytest.mark.parametrize("damage", ["truncated training state", "cut progress.json", "missing LoRA tensors", "bad config.toml"])
 def test_damaged_state_names_an_older_one(tmp_path, damage):
-    module = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(module.parameters())
-    config = load_config(["--data", str(tmp_path)])
-    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                  rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=2)
+    config, kwargs = small_state(tmp_path, keep=2)
     older = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
     newer = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
     if damage == "truncated training state":
@@ -288,11 +293,7 @@ def test_a_state_sets_aside_the_later_states_of_a_run_that_went_further(tmp_path
     """Resumed from state 6 of a run that had reached state 8, then stopped at 7: --keep-states 2 used to keep 7
     and 8 and delete 6, and --resume latest (what the stop message says) then continued the abandoned run's
     state 8 (or called the run finished). A new run in the folder had its own first state deleted at once."""
-    module = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(module.parameters())
-    config = load_config(["--data", str(tmp_path)])
-    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                  rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=2)
+    config, kwargs = small_state(tmp_path, keep=2)
     for step in (6, 8):
         checkpoint.save_state(tmp_path, progress=checkpoint.Progress(step, 0, step), **kwargs)
     seven = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(7, 0, 7), **kwargs)
@@ -310,12 +311,7 @@ def test_a_state_sets_aside_the_later_states_of_a_run_that_went_further(tmp_path
 
 
 def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
-    module = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(module.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    config = load_config(["--data", str(tmp_path)])
-    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=scheduler, rng=[checkpoint.rng_states(torch.Generator())],
-                  config=config, data_fingerprint="x", keep=1)
+    config, kwargs = small_state(tmp_path, keep=1)
     first = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
 
     def disk_full(*a, **k):
@@ -329,11 +325,7 @@ def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
 
 
 def test_a_failed_resave_of_the_same_step_keeps_the_state_there(tmp_path, monkeypatch):
-    module = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(module.parameters())
-    config = load_config(["--data", str(tmp_path)])
-    kwargs = dict(modules={"unet": module}, optimizer=optimizer, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                  rng=[checkpoint.rng_states(torch.Generator())], config=config, data_fingerprint="x", keep=2)
+    config, kwargs = small_state(tmp_path, keep=2)
     saved = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=1), **kwargs)
     checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=2), **kwargs)  # an interrupt at step 3
     assert checkpoint.load_state(saved, config, "x").progress.nan_steps == 2

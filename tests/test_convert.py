@@ -26,6 +26,14 @@ from sd_lora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 RANK = 4
 
 
+def assert_same_deltas(before: dict, after: dict) -> None:
+    """Two kohya state dicts change every module's weight by the same amount (alpha folded in or not)."""
+    for name in {k.split(".")[0] for k in before}:
+        old = LoraModuleWeights(before[f"{name}.lora_down.weight"], before[f"{name}.lora_up.weight"], before[f"{name}.alpha"].item())
+        new = LoraModuleWeights(after[f"{name}.lora_down.weight"], after[f"{name}.lora_up.weight"], after[f"{name}.alpha"].item())
+        assert torch.allclose(delta(new), delta(old), rtol=1e-6, atol=1e-6), name
+
+
 @pytest.fixture(scope="module")
 def pipes():
     return {"sd1": build_tiny_pipeline("sd1"), "sd2": build_tiny_pipeline("sd2"), "sdxl": build_tiny_sdxl_pipeline()}
@@ -158,12 +166,7 @@ def test_to_kohya_gives_every_module_one_alpha_and_keeps_every_delta(pipes, tmp_
     assert back.keys() == mixed.keys()
     assert {v.item() for k, v in back.items() if k.endswith(".alpha")} == {RANK}
     assert _metadata(tmp_path / "k.safetensors")["ss_network_alpha"] == "4"
-    for name in {k.split(".")[0] for k in mixed}:
-        before = LoraModuleWeights(mixed[f"{name}.lora_down.weight"], mixed[f"{name}.lora_up.weight"],
-                                   mixed[f"{name}.alpha"].item())
-        after = LoraModuleWeights(back[f"{name}.lora_down.weight"], back[f"{name}.lora_up.weight"],
-                                  back[f"{name}.alpha"].item())
-        assert torch.allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6), name
+    assert_same_deltas(mixed, back)
 
 
 @pytest.mark.parametrize("odd_alpha", [0.0, -2.0])
@@ -177,12 +180,7 @@ def test_to_kohya_with_a_most_common_alpha_of_zero_or_below_unifies_to_a_positiv
     assert "alphas unified to 4" in capsys.readouterr().out
     back = load_file(tmp_path / "k.safetensors")
     assert {v.item() for k, v in back.items() if k.endswith(".alpha")} == {RANK}
-    for name in {k.split(".")[0] for k in mixed}:
-        before = LoraModuleWeights(mixed[f"{name}.lora_down.weight"], mixed[f"{name}.lora_up.weight"],
-                                   mixed[f"{name}.alpha"].item())
-        after = LoraModuleWeights(back[f"{name}.lora_down.weight"], back[f"{name}.lora_up.weight"],
-                                  back[f"{name}.alpha"].item())
-        assert torch.allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6), name
+    assert_same_deltas(mixed, back)
 
 
 def test_network_dim_and_alpha_metadata_say_what_the_written_file_holds(pipes, tmp_path, capsys):
