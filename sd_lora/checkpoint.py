@@ -40,6 +40,10 @@ class Progress:
     saves: list[list[str]] = field(default_factory=list)
     log_run: str | None = None  # the TensorBoard run folder under --logging-dir (tensorboard_log.py): a resume continues it
     loss_average: float | None = None  # metrics.jsonl's loss_average (a moving average) so far: a resume continues it
+    # When the run first started (Unix time: ss_training_started_at) and the seconds it has trained so far
+    # (metrics.jsonl's elapsed): a resume goes on counting from both. Older states: None, a resume starts afresh.
+    started_at: float | None = None
+    elapsed: float | None = None
 
 
 def state_dir_name(step: int) -> str:

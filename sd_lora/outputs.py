@@ -136,7 +136,10 @@ class RunOutputs:
         self.trainee, self.objective = trainee, objective
         self.dataset_meta, self.prompts = dataset_meta, prompts
         self.main = accelerator.is_main_process
-        self.started_at = time.time()
+        # ss_training_started_at: the run's first start, also after a resume; elapsed counts training time only
+        self.started_at = progress.started_at if progress and progress.started_at is not None else time.time()
+        self.elapsed_before = progress.elapsed if progress and progress.elapsed is not None else 0.0
+        self.process_started = time.time()
         self.out = config.output_dir
         self.total_steps, self.total_epochs = total_steps, total_epochs
         self.targets = targets  # the U-Net's LoRA modules as a --targets preset, or "custom" (an --init-weights file's)
@@ -251,11 +254,15 @@ class RunOutputs:
 
     def log(self, record: dict) -> None:
         if self.main:
-            record["elapsed"] = round(time.time() - self.started_at, 3)
+            record["elapsed"] = round(self.elapsed(), 3)
             record["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)  # flat over a long run, or a leak
             self.metrics.write(json.dumps(record) + "\n")
             if self.tensorboard:
                 self.tensorboard.write(record["step"], tensorboard_log.scalars(record))
+
+    def elapsed(self) -> float:
+        """Seconds this run has trained, the processes before a resume included."""
+        return self.elapsed_before + time.time() - self.process_started
 
     def validate(self, step: int) -> float:
         with eager():
@@ -431,7 +438,7 @@ class RunOutputs:
         progress = checkpoint.Progress(
             step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
             best_validation=self.best_validation, best_validation_step=self.best_validation_step, log_run=self.log_run,
-            loss_average=self.smoothed,
+            loss_average=self.smoothed, started_at=self.started_at, elapsed=self.elapsed(),
             saves=[[str(p) for p in save] for save in self.scheduled_saves],
         )
         later = checkpoint.later_states(self.out, state.step)  # set aside by save_state: another run's (its docstring)

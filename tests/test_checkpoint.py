@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sd_lora import checkpoint, outputs
@@ -102,6 +103,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_dataset, tiny_model_d
     # ... and so does the moving average (it restarted at the first resumed step's loss: loss/average jumped)
     averages = [[json.loads(line)["loss_average"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab"]
     assert averages[1] == averages[0]
+    # ... and the training time (it restarted at 0: elapsed went backwards), from the run's first start
+    elapsed = [json.loads(line)["elapsed"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    started = []
+    for name in ("data-step00000004.safetensors", "data.safetensors"):
+        with safe_open(str(tmp_path / "b" / name), "pt") as f:
+            started.append(f.metadata()["ss_training_started_at"])
+    assert started[0] == started[1]
 
 
 def test_a_stop_during_a_sample_grid_skips_the_grid_and_saves(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -410,7 +419,6 @@ def test_validation_loss_is_deterministic_and_best_step_recorded(tiny_dataset, t
     o = result.outputs
     assert validation_loss(o.trainee, o.objective, o.validation_items, batch_size=2) == val[-1][1]
     best_step, best = min(val, key=lambda sv: sv[1])[0], min(v for _, v in val)
-    from safetensors import safe_open
     with safe_open(str(result.path), "pt") as f:
         meta = f.metadata()
     assert meta["ss_validation_best_step"] == str(best_step) and float(meta["ss_validation_loss_best"]) == best
