@@ -155,6 +155,20 @@ def test_a_file_holding_nan_is_refused_by_name(pipes, tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_integer_factors_are_read_as_numbers_in_float32(pipes, tmp_path):
+    """Loaders cast integer factors to the model's dtype; convert baked alpha/rank into the int8 factors and
+    truncated them (3 * 0.5 -> 1)."""
+    state = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=2.0)
+    state = {k: (v * 3).round().to(torch.int8) if k.endswith("weight") else v for k, v in state.items()}
+    save_file(state, tmp_path / "int.safetensors")
+    as_float = {k: v.float() for k, v in state.items()}
+    save_file(as_float, tmp_path / "float.safetensors")
+    assert main([str(tmp_path / "int.safetensors"), str(tmp_path / "x.safetensors"), "--to", "diffusers"]) == 0
+    assert {v.dtype for v in load_file(tmp_path / "x.safetensors").values()} == {torch.float32}
+    assert main([str(tmp_path / "x.safetensors"), str(tmp_path / "back.safetensors"), "--to", "kohya"]) == 0
+    assert_same_deltas(as_float, load_file(tmp_path / "back.safetensors"))
+
+
 def test_to_kohya_gives_every_module_one_alpha_and_keeps_every_delta(pipes, tmp_path, capsys):
     """diffusers applies the most common alpha to every module of a kohya file, so mixed alphas must be unified."""
     original = _kohya_file(pipes["sd1"], tmp_path / "a.safetensors", alpha=float(RANK))

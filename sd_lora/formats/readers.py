@@ -296,6 +296,8 @@ def _components(modules, stray, architecture, adapter_metadata, family):
             if down.shape[0] == 0:
                 note("have rank 0 (empty factors: they change nothing)", entry.name)
                 continue
+            if not (down.is_floating_point() and up.is_floating_point()):  # no trainer writes these; loaders cast them
+                down, up = down.float(), up.float()  # so the tools compute in float too (scaling int8 truncates)
             if not all(bool(torch.isfinite(t).all()) for t in entry.tensors.values() if t.is_floating_point()):
                 note("hold NaN or infinite values (the training that wrote them diverged; use an earlier save)",
                      entry.name)
