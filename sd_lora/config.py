@@ -187,6 +187,10 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
         problems.append(f"--caption-extension {c.caption_extension!r} must start with a dot, e.g. '.txt' or '.caption'")
     if c.output_name is not None and (not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|')):
         problems.append(f"--output-name {c.output_name!r} must be a plain file name without path separators")
+    elif c.output_name is not None and c.output_name.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        stem = c.output_name.rsplit(".", 1)[0]  # kohya appends the extension too: it wrote NAME.safetensors.safetensors
+        problems.append(f"--output-name {c.output_name!r} is the name without its extension: use --output-name {stem!r} "
+                        f"(the LoRA becomes {stem}.safetensors)")
     elif c.output_name is not None and c.output_name.startswith("."):  # also "." and "..": a hidden file
         problems.append(f"--output-name {c.output_name!r} must not start with a dot (the LoRA file would be hidden); "
                         "use a plain name such as 'zkchar'")

@@ -162,6 +162,8 @@ def test_toml_type_errors(tmp_path):
         (["--text-encoder-lr", "1e-5"], "add --train-text-encoder"),
         (["--caption-extension", "txt"], "must start with a dot"),
         (["--output-name", "a/b"], "plain file name"),
+        (["--output-name", "zk.safetensors"], r"--output-name 'zk.safetensors' is the name without its extension: use --output-name 'zk'"),
+        (["--output-name", "zk.v2.SafeTensors"], r"use --output-name 'zk.v2' \(the LoRA becomes zk.v2.safetensors\)"),
         (["--output-name", ".."], r"--output-name '\.\.' must not start with a dot \(the LoRA file would be hidden\)"),
         (["--output-name", "."], r"--output-name '\.' must not start with a dot"),
         (["--output-name", ".zk"], r"--output-name '\.zk' must not start with a dot"),
