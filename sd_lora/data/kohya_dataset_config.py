@@ -303,8 +303,9 @@ def _checked(table: dict, level: str, place: str, say) -> dict:
             say(place, f"{key} = {_show(value)} must be {problem}")
             continue
         out[key] = value
-    if level == SUBSET and "num_repeats" in out and out["num_repeats"] < 1:
-        say(place, f"num_repeats = {out['num_repeats']} must be at least 1; to leave the folder out, remove its subset")
+    if "num_repeats" in out and out["num_repeats"] < 1:  # (in [general] or [[datasets]] too: its subsets inherit it)
+        fix = "to leave the folder out, remove its subset" if level == SUBSET else "set it in each subset that should train"
+        say(place, f"num_repeats = {out['num_repeats']} must be at least 1; {fix}")
         out.pop("num_repeats")
     return out
 

@@ -323,3 +323,15 @@ def test_keep_tokens_without_shuffling_is_accepted_from_a_dataset_config_as_kohy
     assert load_config([*MODEL, "--dataset-config", "k.toml"]).keep_tokens == 1
     with pytest.raises(ConfigError, match="--keep-tokens 1 only has an effect with --shuffle-tags"):  # typed: refused
         load_config([*MODEL, "--data", str(tmp_path / "data"), "--keep-tokens", "1"])
+
+
+@pytest.mark.parametrize("table", ["[general]", "[[datasets]]"])
+def test_num_repeats_below_one_is_refused_where_subsets_inherit_it(tmp_path, monkeypatch, table):
+    # Inherited by the subset, num_repeats = 0 gave records that repeat 0 times: the batch sampler then failed.
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    text = ('[general]\nnum_repeats = 0\n[[datasets]]\n' if table == "[general]" else '[[datasets]]\nnum_repeats = 0\n') + \
+        '[[datasets.subsets]]\nimage_dir = "a"\n'
+    message = problems_of(tmp_path, text)
+    place = "[general]" if table == "[general]" else "[[datasets]] #1"
+    assert f"bad.toml: {place}: num_repeats = 0 must be at least 1; set it in each subset that should train" in message
