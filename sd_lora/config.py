@@ -166,7 +166,7 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
                         "as a [[datasets.subsets]] with is_reg = true")
     elif c.reg_data is not None and not c.reg_data.is_dir():
         problems.append(f"--reg-data {c.reg_data}: folder not found")
-    if c.prior_loss_weight != 1.0 and c.reg_data is None:
+    if c.prior_loss_weight != 1.0 and c.reg_data is None and c.dataset_config is None:  # (a dataset config's is_reg: load_config)
         problems.append(f"--prior-loss-weight {c.prior_loss_weight:g} weighs regularisation images, but there are none; add --reg-data DIR")
     if c.validation_data is not None and not c.validation_data.is_dir():
         problems.append(f"--validation-data {c.validation_data}: folder not found")
@@ -365,6 +365,10 @@ def _dataset_config_options(values: dict[str, Any], cli: dict[str, Any], config_
     except UserError as e:
         problems.append(str(e))
         return options
+    weight = values.get("prior_loss_weight", 1.0)
+    if weight != 1.0 and not any(subset.is_reg for subset in dataset_config.subsets):
+        problems.append(f"--prior-loss-weight {weight:g} weighs regularisation images, but {values['dataset_config']} has no is_reg "
+                        "subset; add a [[datasets.subsets]] of them with is_reg = true, or drop --prior-loss-weight")
     given = {name: (value, "command line" if name in cli else str(config_path)) for name, value in values.items()}
     found, more = run_options(dataset_config, given)
     problems.extend(more)

@@ -335,3 +335,18 @@ def test_num_repeats_below_one_is_refused_where_subsets_inherit_it(tmp_path, mon
     message = problems_of(tmp_path, text)
     place = "[general]" if table == "[general]" else "[[datasets]] #1"
     assert f"bad.toml: {place}: num_repeats = 0 must be at least 1; set it in each subset that should train" in message
+
+
+def test_prior_loss_weight_applies_to_the_is_reg_subsets(tmp_path, monkeypatch):
+    # It was refused as if there were no regularisation images, with the fix "add --reg-data", which a dataset config refuses.
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "kohya.toml", TWO_SUBSETS)
+    config = load_config([*MODEL, "--dataset-config", "kohya.toml", "--prior-loss-weight", "0.5"])
+    assert config.prior_loss_weight == 0.5
+    prior = regularization_set(config, scan_training_data(config).records, show=False)
+    assert [(r.path.name, r.prior) for r in prior] == [("r0.png", True), ("r1.png", True)]
+
+    message = problems_of(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "reg"\n', "--prior-loss-weight", "0.5")
+    assert ("--prior-loss-weight 0.5 weighs regularisation images, but bad.toml has no is_reg subset; add a "
+            "[[datasets.subsets]] of them with is_reg = true, or drop --prior-loss-weight") in message
