@@ -90,9 +90,14 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     images, metadata_files, aliased_dirs, subfolders, left_out = _walk(root_abs, shown_root, problems, recursive, excluded)
     if not images and not problems.files:
         where = "in all sub-folders" if recursive else "directly in it, not in sub-folders"
+        fix = "Put your images in this folder."
+        if subfolders:  # kohya's layout (train/10_name/) given as one image_dir
+            fix = (f"Its sub-folders (e.g. {subfolders[0]}) are not read, as kohya reads an image_dir: make each folder of "
+                   "images a subset of its own (with a kohya N_name folder's N as its num_repeats), or pass this folder "
+                   "with --data, which reads sub-folders and their N_name repeats.")
         raise UserError(
             f"{shown_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
-            f"{where}, skipping names that start with '.'). Put your images in this folder."
+            f"{where}, skipping names that start with '.'). {fix}"
         )
     metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images))
     problems.setup.extend(metadata_problems)

@@ -318,3 +318,15 @@ def test_the_runs_own_folders_inside_the_data_are_not_read(tmp_path):
     assert sum("not read: this run writes its outputs there" in w for w in result.warnings) == 2
     assert [r.path.name for r in scan_dataset(root).records] == ["a.png", "x.png", "chars-step00000000.png"]  # other scans: as before
 
+
+
+def test_an_image_dir_holding_only_sub_folders_says_how_to_read_them(tmp_path):
+    # kohya's train/10_name/ layout given as one image_dir: the advice was "Put your images in this folder".
+    write_image(tmp_path / "train" / "10_zk" / "a.png")
+    with pytest.raises(UserError) as caught:
+        scan_dataset(tmp_path / "train", recursive=False)
+    message = str(caught.value)
+    assert f"{tmp_path / 'train'}: no images found" in message and "Put your images in this folder" not in message
+    assert (f"Its sub-folders (e.g. {tmp_path / 'train' / '10_zk'}) are not read, as kohya reads an image_dir: make each "
+            "folder of images a subset of its own (with a kohya N_name folder's N as its num_repeats), or pass this "
+            "folder with --data") in message
