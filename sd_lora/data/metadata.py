@@ -28,10 +28,11 @@ Entry = tuple[str, str] | str
 
 
 def read_metadata(
-    root: Path, shown_root: Path, metadata_files: list[Path], images: set[Path]
+    root: Path, shown_root: Path, metadata_files: list[Path], images: set[Path], recursive: bool = True
 ) -> tuple[dict[Path, str], list[str]]:
     """Captions from every metadata file, keyed by the image's logical path, and every problem found
-    (each as "file:line: problem"). `images` are the scan's images; an entry must name one of them."""
+    (each as "file:line: problem"). `images` are the scan's images; an entry must name one of them
+    (`recursive=False`: the scan read only the images directly in `root`)."""
     captions: dict[Path, str] = {}
     origin: dict[Path, str] = {}
     problems: list[str] = []
@@ -54,7 +55,7 @@ def read_metadata(
                 problems.append(f"{where}: {entry}")
                 continue
             file_name, caption = entry
-            target = _metadata_target(root, path, file_name, images)
+            target = _metadata_target(root, path, file_name, images, recursive)
             if isinstance(target, str):
                 problems.append(f"{where}: {target}")
             elif target in origin:
@@ -158,7 +159,7 @@ def _parse_csv_row(row: list[str], columns: list[str]) -> Entry:
     return values["file_name"], values["text"].strip()
 
 
-def _metadata_target(root: Path, metadata_file: Path, file_name: str, images: set[Path]) -> Path | str:
+def _metadata_target(root: Path, metadata_file: Path, file_name: str, images: set[Path], recursive: bool = True) -> Path | str:
     """The scanned image a `file_name` in `metadata_file` names (relative to its folder), or the problem.
 
     Paths are compared lexically with the scan's own (symlinks followed by the scan stay usable); a name
@@ -179,6 +180,9 @@ def _metadata_target(root: Path, metadata_file: Path, file_name: str, images: se
     if not _is_within(target.resolve(), root.resolve()):
         return (f"file_name {file_name!r} resolves outside the data folder through a symlink; "
                 "copy the image in")
+    if not recursive and target.parent != root:
+        return (f"file_name {file_name!r} is in a sub-folder, which is not read (only the images directly in the folder "
+                "are, as kohya reads an image_dir); move the image up and fix its file_name, or remove this line")
     return (f"file_name {file_name!r} is not an image the scan uses (supported: "
             f"{', '.join(IMAGE_EXTENSIONS)}; names starting with '.' are skipped)")
 

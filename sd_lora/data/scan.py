@@ -99,7 +99,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
             f"{shown_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} in any letter case, "
             f"{where}, skipping names that start with '.'). {fix}"
         )
-    metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images))
+    metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images), recursive)
     problems.setup.extend(metadata_problems)
     folders = {image: _dataset_folder(root_abs, shown_root, image, problems) for image in images}
 

@@ -174,3 +174,17 @@ def test_sidecar_caption_wins_over_csv(tmp_path):
     write_text(root / "a.txt", "from sidecar")
     write_text(root / "metadata.csv", "file_name,text\na.png,from csv a\nb.png,from csv b\n")
     assert captions(scan_dataset(root)) == {"a.png": ("from sidecar", "sidecar"), "b.png": ("from csv b", "metadata")}
+
+
+def test_a_line_for_an_image_in_an_unread_sub_folder_says_so(tmp_path):
+    # Read as an image_dir (no sub-folders), the message was "not an image the scan uses (supported: .png, ...)".
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "sub" / "b.png")
+    lines = [{"file_name": "a.png", "text": "zk, a"}, {"file_name": "sub/b.png", "text": "zk, b"}]
+    write_text(tmp_path / "metadata.jsonl", "\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(UserError) as caught:
+        scan_dataset(tmp_path, recursive=False)
+    assert (f"{tmp_path / 'metadata.jsonl'}:2: file_name 'sub/b.png' is in a sub-folder, which is not read (only the "
+            "images directly in the folder are, as kohya reads an image_dir); move the image up and fix its file_name, "
+            "or remove this line") in str(caught.value)
+    assert {r.path.name: r.caption for r in scan_dataset(tmp_path).records} == {"a.png": "zk, a", "b.png": "zk, b"}
