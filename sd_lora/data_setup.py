@@ -36,10 +36,19 @@ def scan_option(flag: str, folder, config: TrainConfig):
         raise UserError(f"{flag}: {e}") from None
 
 
-def run_folders(config: TrainConfig) -> tuple[Path, ...]:
-    """The folders the run writes into, never read as images: --output-dir inside --data would otherwise train
-    on its own sample grids from the next run on (and a --resume would find the data changed)."""
-    return tuple(p for p in (config.output_dir, config.logging_dir, config.latent_cache_dir) if p is not None)
+def run_folders(config: TrainConfig) -> dict[Path, str]:
+    """The folders the run writes into, never read as images (with why): --output-dir inside --data would otherwise
+    train on its own sample grids from the next run on (and a --resume would find the data changed)."""
+    why = "this run writes its outputs there (its sample grids would become training images)"
+    return {p: why for p in (config.output_dir, config.logging_dir, config.latent_cache_dir) if p is not None}
+
+
+def other_image_folders(config: TrainConfig) -> dict[Path, str]:
+    """--validation-data and --reg-data, never read as --data's images (with why): inside --data, held-out images
+    would train, and regularisation images would train twice, once as training images."""
+    folders = {config.validation_data: "it is --validation-data (held-out images must not train)",
+               config.reg_data: "it is --reg-data (its images train as regularisation images only)"}
+    return {p: why for p, why in folders.items() if p is not None}
 
 
 def scan_training_data(config: TrainConfig):
@@ -47,7 +56,7 @@ def scan_training_data(config: TrainConfig):
     are `regularization_set`'s)."""
     if config.dataset_config is None:
         return scan_dataset(config.data, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images,
-                            exclude=run_folders(config))
+                            exclude={**run_folders(config), **other_image_folders(config)})
     return scan_subsets(read_dataset_config(config.dataset_config), prior=False, caption_extension=config.caption_extension,
                         skip_bad_images=config.skip_bad_images)
 

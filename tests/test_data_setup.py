@@ -98,3 +98,24 @@ def test_problems_of_the_other_image_folders_name_their_option(tmp_path):
             assert str(e).startswith(f"{flag}: {empty}: no images found"), str(e)
         else:
             raise AssertionError(f"an empty {flag} folder was accepted")
+
+
+def test_validation_and_reg_folders_inside_data_are_not_trained_as_its_images(tmp_path):
+    # --data data --validation-data data/val --reg-data data/reg: the held-out and regularisation images trained as
+    # training images too (the validation loss then measured training images).
+    from PIL import Image
+
+    from sd_lora.data_setup import regularization_set, scan_training_data, split_validation
+
+    data = tmp_path / "data"
+    for path in ("5_zk/a.png", "val/v.png", "reg/r.png"):
+        (data / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(data / path)
+    config = load_config(["--data", str(data), "--validation-data", str(data / "val"), "--reg-data", str(data / "reg")])
+    scan = scan_training_data(config)
+    train, held = split_validation(config, scan)
+    assert [r.path.name for r in train] == ["a.png"]
+    assert [r.path.name for r in held] == ["v.png"]
+    assert [(r.path.name, r.prior) for r in regularization_set(config, train, show=False)] == [("r.png", True)]
+    assert f"{data / 'val'} not read: it is --validation-data (held-out images must not train)" in scan.warnings
+    assert f"{data / 'reg'} not read: it is --reg-data (its images train as regularisation images only)" in scan.warnings

@@ -72,21 +72,22 @@ class _Problems:
 
 
 def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False, recursive: bool = True,
-                 default_caption: str | None = None, exclude: tuple[Path, ...] = ()) -> ScanResult:
+                 default_caption: str | None = None, exclude: dict[Path, str] | None = None) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
     Caption priority: sidecar `<stem><caption_extension>` (in any letter case), then a `metadata.jsonl` or
     `metadata.csv` entry, then `default_caption` if given (kohya's class_tokens), else the folder name. Raises one `UserError` listing
     every problem; with `skip_bad_images`, unreadable images and caption files are left out and counted instead
     (metadata file and folder-name errors still raise). `recursive=False` reads only the images directly in
-    `root`, as kohya reads a dataset config's image_dir (sub-folders are counted in a warning). Folders in
-    `exclude` (a run's own output folders, when they lie inside `root`) are not entered, with a warning.
+    `root`, as kohya reads a dataset config's image_dir (sub-folders are counted in a warning). The folders of
+    `exclude`, {folder: why it is not read} (a run's output folders, its held-out and regularisation images, when
+    they lie inside `root`), are not entered, with a warning saying why.
     """
     shown_root = Path(root)
     root_abs = _check_root(shown_root)
     _check_caption_extension(caption_extension)
     problems = _Problems()
-    excluded = {Path(folder).resolve() for folder in exclude}
+    excluded = {Path(folder).resolve(): why for folder, why in (exclude or {}).items()}
     images, metadata_files, aliased_dirs, subfolders, left_out = _walk(root_abs, shown_root, problems, recursive, excluded)
     if not images and not problems.files:
         where = "in all sub-folders" if recursive else "directly in it, not in sub-folders"
@@ -168,8 +169,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     if subfolders:
         warnings.append(f"{_count(len(subfolders), 'sub-folder is', 'sub-folders are')} not read (e.g. {subfolders[0]}): "
                         "only the images directly in the folder are, as kohya reads an image_dir")
-    for folder in left_out:
-        warnings.append(f"{folder} not read: this run writes its outputs there (its sample grids would become training images)")
+    for folder, why in left_out:
+        warnings.append(f"{folder} not read: {why}")
     if aliased_dirs:
         warnings.append(f"{_count(len(aliased_dirs), 'folder is', 'folders are')} the same folder as one "
                         f"already scanned (symlinks, e.g. {aliased_dirs[0]}); scanned once")
@@ -220,9 +221,10 @@ def _check_caption_extension(extension: str) -> None:
         raise UserError(f"caption extension {extension!r} is an image extension; use e.g. '.txt'")
 
 
-def _walk(root: Path, shown_root: Path, problems: _Problems, recursive: bool = True, excluded: set[Path] = frozenset()):
+def _walk(root: Path, shown_root: Path, problems: _Problems, recursive: bool = True, excluded: dict[Path, str] | None = None):
     """Images and metadata files under `root` (logical paths, sorted), folders seen twice, (not `recursive`)
-    the sub-folders left unread, and the folders of `excluded` (resolved paths) that were found and left out.
+    the sub-folders left unread, and (folder, why) for the folders of `excluded` ({resolved path: why}) that were
+    found and left out.
 
     Symlinks are followed; a folder whose resolved path was already visited is not entered again, which
     both stops symlink loops and keeps an image reachable twice from being trained twice.
@@ -252,8 +254,8 @@ def _walk(root: Path, shown_root: Path, problems: _Problems, recursive: bool = T
                     problems.files.append((path, shown, _not_a_file(path)))
                 continue
             resolved = path.resolve() if is_dir else None
-            if is_dir and resolved in excluded:
-                left_out.append(shown_root / path.relative_to(root))
+            if is_dir and resolved in (excluded or {}):
+                left_out.append((shown_root / path.relative_to(root), excluded[resolved]))
             elif is_dir and not recursive:
                 unread.append(shown_root / path.relative_to(root))
             elif is_dir:
