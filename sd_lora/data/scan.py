@@ -150,8 +150,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     elif fallback:
         example, caption = fallback[0]
         warnings.append(
-            f"{_count(len(fallback), 'image has', 'images have')} no caption file or metadata entry; "
-            f"using the folder name as caption (e.g. {example} -> {caption!r})"
+            f"{_count(len(fallback), 'image has', 'images have')} no {caption_extension} caption file or metadata entry; "
+            f"using the folder name as caption (e.g. {example} -> {caption!r}){_other_extension_hint(fallback, caption_extension)}"
         )
         unnamed = [shown for shown, caption in fallback if not caption]
         if unnamed:

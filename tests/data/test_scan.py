@@ -45,7 +45,7 @@ def test_kohya_repeat_folders_and_folder_captions(tmp_path):
         "f.png": (2, "10_zk char/2_closeup", "closeup", "folder"),
     }
     assert result.warnings == [
-        "6 images have no caption file or metadata entry; using the folder name as caption "
+        "6 images have no .txt caption file or metadata entry; using the folder name as caption "
         f"(e.g. {root / '10_zk char' / '2_closeup' / 'f.png'} -> 'closeup')"
     ]
 
@@ -109,7 +109,7 @@ def test_caption_priority_sidecar_then_metadata_then_folder(tmp_path):
     result = scan_dataset(root)
     got = [(r.caption, r.caption_source) for r in result.records]
     assert got == [("from sidecar", "sidecar"), ("meta b", "metadata"), ("cls", "folder")]
-    assert result.warnings[0].startswith("1 image has no caption file")
+    assert result.warnings[0].startswith("1 image has no .txt caption file")
 
 
 def test_custom_caption_extension_and_bom(tmp_path):
@@ -330,3 +330,16 @@ def test_an_image_dir_holding_only_sub_folders_says_how_to_read_them(tmp_path):
     assert (f"Its sub-folders (e.g. {tmp_path / 'train' / '10_zk'}) are not read, as kohya reads an image_dir: make each "
             "folder of images a subset of its own (with a kohya N_name folder's N as its num_repeats), or pass this "
             "folder with --data") in message
+
+
+def test_kohyas_caption_files_under_another_extension_are_pointed_out(tmp_path):
+    # kohya's default extension is .caption; the warning said "no caption file" beside a.caption.
+    write_image(tmp_path / "10_zk" / "a.png")
+    write_text(tmp_path / "10_zk" / "a.caption", "zk, red hair")
+    result = scan_dataset(tmp_path)
+    assert [r.caption for r in result.records] == ["zk"]
+    assert result.warnings == [
+        "1 image has no .txt caption file or metadata entry; using the folder name as caption "
+        f"(e.g. {tmp_path / '10_zk' / 'a.png'} -> 'zk'); they have .caption files beside them: set the caption extension "
+        "to '.caption'"]
+    assert [r.caption for r in scan_dataset(tmp_path, caption_extension=".caption").records] == ["zk, red hair"]
