@@ -31,6 +31,8 @@ from sd_lora.fsio import readable
 MAX_LISTED_PROBLEMS = 50
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's N_name; "10_" repeats 10 times with no class token
 _MANY_REPEATS = 1000  # above this a folder name like "20240101_photos" was probably not meant as repeats
+# ... and above this it cannot be: every epoch lists each repeat (20240101_photos held up a run for minutes and GBs)
+_MAX_REPEATS = 100_000
 
 
 @dataclass(frozen=True)
@@ -299,11 +301,16 @@ def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Proble
         if match:
             label = PurePosixPath(*folders[:depth]).as_posix()
             repeats = int(match[1])
+            problem = None
             if repeats < 1:
                 problem = (f"{shown_root / label}: folder gives {repeats} repeats; kohya repeat folders are "
                            f"named N_name with N >= 1 (e.g. 1_{match[2]}); rename it")
-                if problem not in problems.setup:
-                    problems.setup.append(problem)
+            elif repeats > _MAX_REPEATS:
+                problem = (f"{shown_root / label}: folder name gives {repeats} repeats per epoch (kohya N_name folder), "
+                           f"more than {_MAX_REPEATS:,}; if the number is part of the name (a date?), rename it "
+                           f"1_{folders[depth - 1]}, else use a smaller count")
+            if problem and problem not in problems.setup:
+                problems.setup.append(problem)
             return label, max(repeats, 1), match[2]
     label = PurePosixPath(*folders).as_posix() if folders else "."
     name = folders[-1] if folders else readable(root.name)

@@ -91,6 +91,18 @@ def test_zero_repeats_is_an_error_naming_the_folder(tmp_path):
     assert message.count("0 repeats") == 1 and "rename it" in message
 
 
+def test_a_date_named_folder_is_refused_as_a_repeat_count(tmp_path):
+    """20240101_photos read as 20,240,101 repeats: a warning, then minutes and GBs listing the epoch's samples."""
+    root = tmp_path / "data"
+    write_image(root / "20240101_photos" / "a.png")
+    write_image(root / "100000_x" / "b.png")  # the most still taken (with a warning)
+    with pytest.raises(UserError) as caught:
+        scan_dataset(root)
+    message = str(caught.value)
+    assert f"{root / '20240101_photos'}: folder name gives 20240101 repeats per epoch" in message
+    assert "rename it 1_20240101_photos" in message and "100000_x" not in message
+
+
 def test_root_named_like_a_repeat_folder_warns(tmp_path):
     root = tmp_path / "5_me"
     write_image(root / "a.png")
