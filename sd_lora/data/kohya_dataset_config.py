@@ -290,6 +290,10 @@ def _checked(table: dict, level: str, place: str, say) -> dict:
             kind = option.kind
         elif key in SUBSET_OPTIONS:
             kind, tables = SUBSET_OPTIONS[key]
+        elif key in ("subsets", "datasets"):  # a table in the wrong place, not a misspelt key
+            say(place, f"{key} cannot be set in a {level} table: subsets are [[datasets.subsets]] tables after their "
+                       "[[datasets]] table (see configs/datasets/zkchar.toml)")
+            continue
         else:
             hint = _did_you_mean(key, KNOWN_KEYS)
             say(place, f"unknown key {key!r}{hint}; see kohya's docs/config_README-en.md for the keys")

@@ -178,6 +178,22 @@ def test_missing_and_wrong_image_dirs_name_the_file_the_subset_and_the_folder_th
     assert "#3: image_dir 'file.png': is a file, not a folder" in message
 
 
+def test_subsets_under_general_are_called_misplaced_not_misspelt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    message = problems_of(tmp_path, """
+[general]
+  [[general.subsets]]
+  image_dir = "a"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "a"
+""")
+    assert ("bad.toml: [general]: subsets cannot be set in a [general] table: subsets are [[datasets.subsets]] tables "
+            "after their [[datasets]] table") in message
+    assert "did you mean" not in message
+
+
 def test_unknown_unsupported_and_misplaced_keys_are_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path / "a" / "0.png")
