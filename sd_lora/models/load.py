@@ -170,12 +170,16 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         unet = load(UNet2DConditionModel, "unet", **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
     text_dtype = {} if dtype == torch.float32 else {"dtype": dtype}  # transformers' name for it
     scheduler = load(DDPMScheduler, "scheduler")
+    # --prediction-type goes into the scheduler config too: the sample grids' schedulers are built from it
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
     if zero_terminal_snr:
-        scheduler = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    if overrides:
+        scheduler = DDPMScheduler.from_config(scheduler.config, **overrides)
     model = BaseModel(
         name=name,
         family=family,
-        prediction_type=prediction_type or scheduler.config.get("prediction_type", "epsilon"),
+        prediction_type=scheduler.config.get("prediction_type", "epsilon"),
         unet=unet,
         vae=_load_vae(vae) if vae else load(AutoencoderKL, "vae", torch_dtype=vae_dtype(family, dtype)),
         text_encoder=load(CLIPTextModel, "text_encoder", **text_dtype),

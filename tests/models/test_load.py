@@ -20,7 +20,9 @@ def test_loads_tiny_sd1_folder(tiny_model_dir):
 
 def test_v_prediction_read_from_scheduler_and_overridable(tiny_v_model_dir):
     assert load_base_model(str(tiny_v_model_dir)).prediction_type == "v_prediction"
-    assert load_base_model(str(tiny_v_model_dir), prediction_type="epsilon").prediction_type == "epsilon"
+    overridden = load_base_model(str(tiny_v_model_dir), prediction_type="epsilon")
+    # the sample grids' schedulers are built from scheduler_config: it must say what training predicts
+    assert overridden.prediction_type == overridden.scheduler_config["prediction_type"] == "epsilon"
     assert load_base_model(str(tiny_v_model_dir)).family == "sd2"
 
 
