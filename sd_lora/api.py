@@ -20,6 +20,7 @@ pipeline object); adapters loaded with `pipe.load_lora_weights` directly count w
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import weakref
@@ -39,6 +40,7 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | Non
 
     Returns the adapter name. Sharp edge: loading under a name already in use is refused, not replaced.
     """
+    weight = _weight(scale, f"{path}: scale")  # before loading: a bad scale must not leave the adapter loaded
     name = name if name is not None else re.sub(r"[^\w-]", "_", Path(path).stem)
     if not re.fullmatch(r"[\w-]+", name):
         raise UserError(f"adapter name {name!r}: use letters, digits, '_' and '-' only (PEFT names cannot contain '.')")
@@ -57,7 +59,7 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | Non
             "Was the LoRA trained for another model family?"
         )
     pipe.load_lora_weights(to_diffusers_state_dict({c: w for c, w in lora.components.items() if w}), adapter_name=name)
-    _weights(pipe)[name] = float(scale)
+    _weights(pipe)[name] = weight
     _activate(pipe)
     return name
 
@@ -68,7 +70,7 @@ def set_lora_scales(pipe, scales: Mapping[str, float]) -> None:
     if unknown:
         loaded = ", ".join(_adapters(pipe)) or "none"
         raise UserError(f"no adapters named {', '.join(map(repr, unknown))}; loaded: {loaded}")
-    _weights(pipe).update({name: float(weight) for name, weight in scales.items()})
+    _weights(pipe).update({name: _weight(weight, f"adapter {name!r}: scale") for name, weight in scales.items()})
     _activate(pipe)
 
 
@@ -92,6 +94,17 @@ def lora_scales(pipe) -> dict[str, float]:
     """{adapter name: weight} of every adapter loaded in `pipe`."""
     weights = _weights(pipe)
     return {name: weights.get(name, 1.0) for name in _adapters(pipe)}
+
+
+def _weight(value, what: str) -> float:
+    """`value` as an adapter weight; a `UserError` for what is no finite number (NaN would blacken every image)."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise UserError(f"{what} {value!r} is not a finite number; pass one such as 0.8 (0 switches the adapter off)")
+    return weight
 
 
 def _adapters(pipe) -> list[str]:

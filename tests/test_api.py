@@ -8,6 +8,7 @@ must give the base model's outputs back bit for bit.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -181,3 +182,18 @@ def test_package_level_names_are_the_api():
 
     assert sd_lora.load_lora is api.load_lora and sd_lora.unload_lora is api.unload_lora
     assert sd_lora.set_lora_scales is api.set_lora_scales
+
+
+@pytest.mark.parametrize("scale", ["strong", None, float("nan"), float("inf")])
+def test_a_bad_scale_is_refused_before_anything_is_loaded(pristine, files, scale):
+    """A scale that is no finite number names the file and the value, and leaves the pipeline as it was: the
+    same call with a good scale then works (it was refused as "already loaded", the adapter stuck at 1.0)."""
+    _, _, folder = files
+    pipe = copy.deepcopy(pristine)
+    with pytest.raises(UserError, match=rf"style.safetensors: scale {re.escape(repr(scale))} is not a finite number"):
+        load_lora(pipe, folder / "style.safetensors", scale=scale)
+    assert lora_scales(pipe) == {}
+    assert load_lora(pipe, folder / "style.safetensors", scale=0.5) == "style"
+    with pytest.raises(UserError, match=rf"adapter 'style': scale {re.escape(repr(scale))} is not a finite number"):
+        set_lora_scales(pipe, {"style": scale})
+    assert lora_scales(pipe) == {"style": 0.5}
