@@ -118,4 +118,5 @@ def _weights(pipe) -> dict[str, float]:
 
 def _activate(pipe) -> None:
     scales = lora_scales(pipe)
-    pipe.set_adapters(list(scales), list(scales.values()))
+    if scales:  # diffusers' set_adapters([]) fails with a KeyError on a pipeline without adapters
+        pipe.set_adapters(list(scales), list(scales.values()))

@@ -115,6 +115,8 @@ def test_two_adapters_with_weights_match_a_hand_merge_and_unload_restores_base(p
     load_lora(pipe, folder / "style.safetensors")
     unload_lora(pipe)
     assert all(torch.equal(x, y) for x, y in zip(_outputs(pipe), base)) and lora_scales(pipe) == {}
+    set_lora_scales(pipe, lora_scales(pipe))  # nothing loaded, nothing to set: no error
+    assert all(torch.equal(x, y) for x, y in zip(_outputs(pipe), base)) and lora_scales(pipe) == {}
 
 
 def test_refusals_name_the_file(pristine, files, tmp_path):
