@@ -52,7 +52,7 @@ from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import LoraFile, common_dtype, read_any_lora, require_exact
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
-from sd_lora.merge import RANKS_NOTE_KEY, rank_metadata
+from sd_lora.merge import RANKS_NOTE_KEY, rank_metadata, require_safetensors
 
 TARGETS = ("kohya", "diffusers")
 
@@ -74,6 +74,7 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
         raise UserError(f"--to {to}: unknown format; choose kohya or diffusers")
     src, dst = Path(src), Path(dst)
     check_output_file(dst, [src], "OUT")
+    require_safetensors(dst, "OUT", "the converted LoRA")  # as resize, merge and extract: WebUIs list only these
     lora = read_any_lora(src, architecture=architecture)
     require_exact(lora, "convert")
     components = {c: w for c, w in lora.components.items() if w}

@@ -141,6 +141,13 @@ def test_refusals(pipes, tmp_path, capsys):
     assert f"OUT {tmp_path / 'somedir'}: is a folder; name the file to write" in capsys.readouterr().err
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "x.safetensors"), "--to", "lycoris"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+    # an output that is no .safetensors file (a folder-like name, a .ckpt) is refused as resize/merge/extract refuse it
+    for out, suggestion in (("newdir/", "newdir.safetensors"), ("x.ckpt", "x.safetensors")):
+        assert main([str(tmp_path / "a.safetensors"), str(tmp_path / out), "--to", "diffusers"]) == 2
+        err = capsys.readouterr().err
+        assert f"OUT {tmp_path / out.rstrip('/')}: the converted LoRA is a .safetensors file; name it e.g. " \
+               f"{tmp_path / suggestion}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "loha.safetensors", "somedir"]
 
 
 def test_a_file_holding_nan_is_refused_by_name(pipes, tmp_path, capsys):
