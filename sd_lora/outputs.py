@@ -27,9 +27,8 @@ from .fsio import atomic_write_text
 from .models.load import BaseModel
 from .lora.inject import set_lora_enabled
 from .sampling.grid import side_by_side_grid
-from .sampling.prompts import shown
 from .sampling.sampler import (SampleSettings, SamplingStopped, build_sampling_pipeline, encode_prompts, generate_grid, generate_images,
-                               save_grid)
+                               row_labels, save_grid)
 from .validation import validation_loss
 
 
@@ -346,7 +345,7 @@ class RunOutputs:
         else:
             with eager():  # no compile per grid size
                 after = generate_images(pipe, self.prompts, settings, conditioning=self.conditioning)[0]
-        grid = side_by_side_grid(before, after, [shown(p.prompt) for p in self.prompts], list(settings.seeds),
+        grid = side_by_side_grid(before, after, row_labels(self.prompts, settings), list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
         path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
         self.grids.append(path)

@@ -54,12 +54,18 @@ def test_readme_names_every_file_the_sample_hooks_write():
 
 
 @pytest.mark.slow
-def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_dataset, tiny_model_dir, tmp_path):
-    """A prompt file's --w/--h/--d/--s/--l/--ss reach the grid the run writes, and the PNG records what was drawn."""
+def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    """A prompt file's --w/--h/--d/--s/--l/--ss reach the grid the run writes, and the PNG records what was drawn;
+    the base-vs-LoRA grid's rows say so too (its columns are headed with the settings' seeds)."""
     from PIL import Image
 
+    from sd_lora import outputs
     from sd_lora.config import load_config
     from sd_lora.train import run
+
+    compared = []
+    side_by_side = outputs.side_by_side_grid
+    monkeypatch.setattr(outputs, "side_by_side_grid", lambda *a, **k: compared.append(a[2]) or side_by_side(*a, **k))
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two rows\nzkchar --d 40\n\nzkchar, tall --w 16 --h 48 --s 3 --l 2 --n blurry --ss k_euler_a\n", encoding="utf-8")
@@ -78,6 +84,7 @@ def test_grids_draw_the_prompt_files_sizes_and_seeds_and_record_them(tiny_datase
         {"prompt": "zkchar, tall", "negative": "blurry", "width": 16, "height": 48, "steps": 3, "cfg": 2.0, "seeds": [0, 1],
          "sampler": "k_euler_a"},
     ]
+    assert compared == [["zkchar [seeds 40, 41]", "zkchar, tall [16x48; 3 steps; cfg 2; k_euler_a]"]]
 
 
 # --- epoch saves and grids, --keep-saves ----------------------------------------------------------------

@@ -266,6 +266,12 @@ def _text_conditioning(pipe, row: _Row, clip_skip: int, max_tokens: int | None =
     return out
 
 
+def row_labels(prompts: list[SamplePrompt], settings: SampleSettings) -> list[str]:
+    """Each prompt's row label in a grid: the prompt, plus what its row draws differently from the column headers
+    (`seed N` of `settings.seeds`) and the title: its own size, steps, cfg, seeds (--d) or sampler."""
+    return [_Row.resolve(p, settings).label(settings) for p in prompts]
+
+
 def generate_grid(
     pipe, prompts: list[SamplePrompt], settings: SampleSettings, *, title: str = "", cells_out: list | None = None,
     stop: Callable[[], bool] | None = None, conditioning: list[dict] | None = None,
@@ -282,10 +288,9 @@ def generate_grid(
     cells, log_rows = generate_images(pipe, prompts, settings, stop=stop, conditioning=conditioning)
     if cells_out is not None:  # the caller keeps the images too (e.g. to compare runs without resampling)
         cells_out[:] = cells
-    rows = [_Row.resolve(p, settings) for p in prompts]
     grid = make_grid(
         cells,
-        row_labels=[r.label(settings) for r in rows],
+        row_labels=row_labels(prompts, settings),
         col_labels=[f"seed {s}" for s in settings.seeds],
         title=title,
     )
