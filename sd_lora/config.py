@@ -124,9 +124,11 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
     elif not c.data.is_dir():
         problems.append(f"--data {c.data}: is a file, not a folder of images")
     if c.sample_prompts is not None and not c.sample_prompts.is_file():
-        problems.append(f"--sample-prompts {c.sample_prompts}: file not found")
+        problems.append(f"--sample-prompts {c.sample_prompts}: " + ("is a folder; pass the .txt file in it with one prompt per line"
+                                                                    if c.sample_prompts.is_dir() else "file not found"))
     if c.init_weights is not None and not c.init_weights.is_file():
-        problems.append(f"--init-weights {c.init_weights}: file not found")
+        problems.append(f"--init-weights {c.init_weights}: " + ("is a folder; pass the LoRA .safetensors file in it"
+                                                                  if c.init_weights.is_dir() else "file not found"))
     if c.model_config is not None and not (c.model_config / "model_index.json").is_file():
         problems.append(f"--model-config {c.model_config}: not a diffusers folder (no model_index.json)")
     if c.config is not None and not c.config.is_file():

@@ -321,3 +321,14 @@ def test_max_token_length_takes_kohyas_values_from_flags_and_files(tmp_path):
     with pytest.raises(ConfigError, match="max-token-length = 'long' must be a whole number"):
         load_config([*base, "--max-token-length", "long"])
     assert "--max-token-length {75,150,225}" in build_parser().format_help()
+
+
+def test_a_folder_given_for_a_file_option_is_named_a_folder_not_missing(tmp_path):
+    """--sample-prompts or --init-weights naming an existing folder said "file not found" for a path that exists."""
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--data", str(tmp_path), "--sample-prompts", str(tmp_path / "prompts"), "--init-weights", str(tmp_path)])
+    assert caught.value.problems == [
+        f"--sample-prompts {tmp_path / 'prompts'}: is a folder; pass the .txt file in it with one prompt per line",
+        f"--init-weights {tmp_path}: is a folder; pass the LoRA .safetensors file in it",
+    ]
