@@ -21,6 +21,7 @@ from .models.load import BaseModel
 from .models.text import too_long
 from .precision import cpu_has_bf16
 from .sampling.prompts import read_prompt_file
+from .sampling.samplers import zero_snr_problem
 
 
 def check_precision(config: TrainConfig) -> None:
@@ -50,6 +51,22 @@ def read_sample_prompts(config: TrainConfig):
     A bad prompt file is an option problem: it is read before the model loads.
     """
     return read_prompt_file(config.sample_prompts) if config.sample_prompts else None
+
+
+def check_zero_snr_samplers(config: TrainConfig, prompts, scheduler_config) -> None:
+    """Refuse the samplers that would draw a zero-terminal-SNR model's grids on the wrong noise schedule
+    (`samplers.ZERO_SNR_SAMPLERS`): --sample-sampler when a row uses it, and each prompt line's own --ss."""
+    if not (config.sampling and scheduler_config.get("rescale_betas_zero_snr")):
+        return
+    used: dict[str, str] = {}  # sampler -> where it is set (its first place)
+    if not prompts or any(p.sampler is None for p in prompts):
+        used[config.sample_sampler] = f"--sample-sampler {config.sample_sampler}"
+    for prompt in prompts or []:
+        if prompt.sampler:
+            used.setdefault(prompt.sampler, f"{config.sample_prompts}: --ss {prompt.sampler} (prompt {prompt.prompt!r})")
+    problems = [f"{where}: {problem}" for name, where in used.items() if (problem := zero_snr_problem(name))]
+    if problems:
+        raise UserError("\n".join(problems))
 
 
 def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int,

@@ -38,7 +38,7 @@ from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .preflight import check_epoch_schedules, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
+from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator, release_text_encoders,  # noqa: E402
                             prepare_models, read_init_weights)
@@ -170,6 +170,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
         dtype_for=lambda unet_parameters: WEIGHT_DTYPES[mixed_precision_for(config, unet_parameters)],
     )
     config = resolve_defaults(config, model)  # records the same mixed precision in the config
+    check_zero_snr_samplers(config, file_prompts, model.scheduler_config)
     final = config.output_dir / f"{config.output_name}.safetensors"
     if final.is_dir():  # found now, not when the trained weights are to be written
         raise UserError(f"{final} is a folder, but the trained LoRA is saved under that name; rename or remove it, or pass another --output-name")

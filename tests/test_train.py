@@ -289,6 +289,23 @@ def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_p
         assert "Traceback" not in err
 
 
+def test_samplers_that_ignore_a_zero_terminal_snr_schedule_are_refused(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """heun, dpm_2, dpm_2_a, dpmsingle and pndm drew a zero-terminal-SNR model's grids on the plain schedule."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkchar --ss k_dpm_2\nzkchar, red --ss euler\nzkchar, blue\n", encoding="utf-8")
+    run = ["--data", str(tiny_dataset), "--model", str(tiny_model_dir), *FAST, "--prediction-type", "v_prediction",
+           "--max-steps", "1", "--sample-every", "1"]
+    ztsnr = [*run, "--zero-terminal-snr"]
+    assert main([*ztsnr, "--output-dir", str(tmp_path / "o"), "--sample-sampler", "heun", "--sample-prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "--sample-sampler heun: sampler 'heun' ignores the zero-terminal-SNR noise schedule" in err
+    assert f"{prompts}: --ss k_dpm_2 (prompt 'zkchar'): sampler 'k_dpm_2' ignores" in err
+    assert "use one of ddim, euler, euler_a, dpmsolver++, unipc" in err and "euler (prompt" not in err
+    # the plain schedule takes every sampler; with zero terminal SNR the five others draw
+    assert main([*run, "--output-dir", str(tmp_path / "plain"), "--sample-sampler", "heun"]) == 0
+    assert main([*ztsnr, "--output-dir", str(tmp_path / "z"), "--sample-sampler", "euler_a"]) == 0
+
+
 def test_a_validation_split_of_one_image_is_refused(tmp_path, tiny_model_dir, capsys):
     """It silently trained without validation: one image cannot be both trained on and held out."""
     from tests.helpers import write_dataset

@@ -22,6 +22,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+# The samplers whose diffusers scheduler rescales its betas to zero terminal SNR (`rescale_betas_zero_snr`) as
+# a zero-terminal-SNR model was trained; the others ignore that setting and denoise on the plain schedule.
+ZERO_SNR_SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++", "unipc")
 # kohya's k-diffusion spellings of the same samplers
 ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
 NAMES = (*SAMPLERS, *ALIASES)
@@ -35,3 +38,11 @@ def canonical_sampler(name: str) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; supported: {', '.join(NAMES)}")
     return name
+
+
+def zero_snr_problem(name: str) -> str | None:
+    """Why sampler `name` cannot sample a zero-terminal-SNR model, or None when it can."""
+    if canonical_sampler(name) in ZERO_SNR_SAMPLERS:
+        return None
+    return (f"sampler {name!r} ignores the zero-terminal-SNR noise schedule this model trains on, so its samples would be "
+            f"denoised on another schedule; use one of {', '.join(ZERO_SNR_SAMPLERS)}")

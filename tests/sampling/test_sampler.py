@@ -438,3 +438,16 @@ def test_sdxl_prompts_encoded_ahead_draw_what_the_pipeline_draws_from_strings(ne
     assert np.array_equal(pixels(cells[0][0]), own)
     if not negative:  # the unguided half is conditioned on zeros, as the pipeline does for an empty negative
         assert not conditioning[0]["negative_prompt_embeds"].any() and not conditioning[0]["negative_pooled_prompt_embeds"].any()
+
+
+def test_the_zero_snr_samplers_are_those_whose_scheduler_rescales_its_betas():
+    """samplers.ZERO_SNR_SAMPLERS (pure data, checked before the model loads) follows diffusers."""
+    import inspect
+
+    import diffusers
+
+    from sd_lora.sampling.samplers import SAMPLERS, ZERO_SNR_SAMPLERS
+
+    rescales = {name for name, (cls, _) in SAMPLERS.items()
+                if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, cls).__init__).parameters}
+    assert set(ZERO_SNR_SAMPLERS) == rescales == {"ddim", "euler", "euler_a", "dpmsolver++", "unipc"}
