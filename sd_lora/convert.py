@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from sd_lora.errors import UserError
+from sd_lora.errors import UserError, run_cli
 from sd_lora.fsio import check_output_file
 from sd_lora.formats.diffusers_format import (
     ADAPTER_METADATA_KEY,
@@ -163,28 +163,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the output format")
     parser.add_argument("--model", help="a local diffusers model folder to resolve module names against")
-    try:
+
+    def body() -> None:
         args = parser.parse_args(argv)
         architecture = architecture_from_model_dir(args.model) if args.model else None
         result = convert_lora(args.input, args.output, args.to, architecture=architecture)
-    except UserError as e:
-        print(f"sd_lora: error: {e}", file=sys.stderr)
-        return 2
-    source = result.source
-    modules = sum(len(w) for w in source.components.values())
-    family = source.family or "unknown family"
-    print(f"{args.input} ({source.format}, {family}, {modules} modules) -> {result.output} ({result.to})")
-    if result.to == "diffusers" and any(w.alpha != w.rank for ws in source.components.values() for w in ws.values()):
-        print("  alpha baked into lora_B (the diffusers format has no alpha; read back, alpha = rank)")
-    if result.unified_alpha is not None:
-        print(f"  alphas unified to {result.unified_alpha:g} (diffusers applies one alpha to every module); the other "
-              "modules' scale is folded into lora_up, so every weight change is the same")
-    if result.corrected_metadata:
-        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in result.corrected_metadata.items())
-        print(f"  metadata set to what the file holds: {changes}")
-    if result.added_metadata:
-        print(f"  added metadata: {', '.join(f'{k}={v}' for k, v in result.added_metadata.items())}")
-    return 0
+        source = result.source
+        modules = sum(len(w) for w in source.components.values())
+        family = source.family or "unknown family"
+        print(f"{args.input} ({source.format}, {family}, {modules} modules) -> {result.output} ({result.to})")
+        if result.to == "diffusers" and any(w.alpha != w.rank for ws in source.components.values() for w in ws.values()):
+            print("  alpha baked into lora_B (the diffusers format has no alpha; read back, alpha = rank)")
+        if result.unified_alpha is not None:
+            print(f"  alphas unified to {result.unified_alpha:g} (diffusers applies one alpha to every module); the other "
+                  "modules' scale is folded into lora_up, so every weight change is the same")
+        if result.corrected_metadata:
+            changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in result.corrected_metadata.items())
+            print(f"  metadata set to what the file holds: {changes}")
+        if result.added_metadata:
+            print(f"  added metadata: {', '.join(f'{k}={v}' for k, v in result.added_metadata.items())}")
+
+    return run_cli(body)
 
 
 class _ArgumentParser(argparse.ArgumentParser):

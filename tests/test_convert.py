@@ -240,3 +240,14 @@ def test_mixed_ranks_give_dynamic_network_dim_and_the_rank_list(pipes, tmp_path)
     meta = _metadata(tmp_path / "d.safetensors")
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "Dynamic")
     assert json.loads(meta["sd_lora_module_ranks"]) == ranks
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_130_as_in_the_other_tools(tmp_path, monkeypatch, capsys):
+    import sd_lora.convert
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sd_lora.convert, "convert_lora", interrupted)
+    assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--to", "kohya"]) == 130
+    assert "sd_lora: interrupted (Ctrl-C)" in capsys.readouterr().err
