@@ -66,6 +66,8 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | Non
 
 def set_lora_scales(pipe, scales: Mapping[str, float]) -> None:
     """Set the weights of loaded adapters by name; adapters not named keep theirs (0 switches one off)."""
+    if not isinstance(scales, Mapping):
+        raise UserError(f"set_lora_scales takes {{adapter name: weight}}, such as {{'zkchar': 0.6}}; got {scales!r}")
     unknown = sorted(set(scales) - set(_adapters(pipe)))
     if unknown:
         loaded = ", ".join(_adapters(pipe)) or "none"

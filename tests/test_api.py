@@ -199,3 +199,5 @@ def test_a_bad_scale_is_refused_before_anything_is_loaded(pristine, files, scale
     with pytest.raises(UserError, match=rf"adapter 'style': scale {re.escape(repr(scale))} is not a finite number"):
         set_lora_scales(pipe, {"style": scale})
     assert lora_scales(pipe) == {"style": 0.5}
+    with pytest.raises(UserError, match=r"set_lora_scales takes \{adapter name: weight\}, such as \{'zkchar': 0.6\}; got 'style'"):
+        set_lora_scales(pipe, "style")
