@@ -21,6 +21,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 # Prodigy estimates the step size d itself and multiplies it by lr, so lr is a dimensionless factor:
 # 1.0 is the recommended value, and a typical AdamW rate (1e-4) would make training ~10^4 times slower.
 PRODIGY_MIN_LR = 0.1
+# Where diffusers' polynomial schedule ends (its lr_end default, which kohya and the diffusers examples keep).
+POLYNOMIAL_LR_END = 1e-7
 
 
 def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
@@ -32,9 +34,12 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
     that names the install command or the alternative.
     """
     groups = [g for g in param_groups if g["params"]]
+    # The first group's rate is also the optimizer's default lr, which diffusers' polynomial schedule reads as the
+    # rate it decays from to POLYNOMIAL_LR_END (torch's own default, 1e-3, would move that end point).
+    lr = {"lr": groups[0]["lr"]} if groups else {}
     if name == "adamw":
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, **fast)
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, **lr, **fast)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -42,7 +47,7 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
             raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install 'sd_lora[bitsandbytes]' (CUDA GPUs only), or use --optimizer adamw") from None
         if device.type != "cuda":
             raise UserError("--optimizer adamw8bit runs on CUDA GPUs only; on this device use --optimizer adamw")
-        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay, **lr)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -82,6 +87,9 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_st
     `num_cycles`: cosine_with_restarts's cycles; `power`: polynomial's exponent (both as kohya passes them)."""
     from diffusers.optimization import get_scheduler
 
+    if name == "polynomial" and optimizer.defaults["lr"] <= POLYNOMIAL_LR_END:
+        raise UserError(f"--lr-scheduler polynomial decays the learning rate to {POLYNOMIAL_LR_END:g}, but --learning-rate is "
+                        f"{optimizer.defaults['lr']:g}; raise --learning-rate above it, or use --lr-scheduler linear")
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
 

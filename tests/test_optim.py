@@ -118,6 +118,31 @@ def test_cosine_with_restarts_restarts_num_cycles_times_and_polynomial_takes_its
     assert _rates("polynomial", 100) == pytest.approx(_rates("linear", 100), abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_polynomial_decays_from_the_learning_rate_to_lr_end_as_kohya(name):
+    # kohya and the diffusers examples build the optimizer with lr=--learning-rate, and diffusers' polynomial schedule
+    # decays from the optimizer's default lr: lr(t) = (lr - lr_end) * (1 - t/T)^power + lr_end, lr_end = 1e-7.
+    lr, lr_end, total, power = 1e-4, 1e-7, 10, 2.0
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer(name, [{"params": [p], "lr": lr}], weight_decay=0.0, device=CPU)
+    scheduler = build_lr_scheduler("polynomial", optimizer, warmup_steps=0, total_steps=total, power=power)
+    rates = []
+    for _ in range(total + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        p.grad = torch.zeros(2)
+        optimizer.step()
+        scheduler.step()
+    expected = [(lr - lr_end) * (1 - t / total) ** power + lr_end for t in range(total + 1)]
+    assert rates == pytest.approx(expected, rel=1e-6, abs=0)
+    assert rates[-1] == pytest.approx(lr_end, rel=1e-6)
+
+
+def test_polynomial_refuses_a_learning_rate_at_or_below_its_end():
+    optimizer = build_optimizer("adamw", [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-7}], weight_decay=0.0, device=CPU)
+    with pytest.raises(UserError, match="decays the learning rate to 1e-07, but --learning-rate is 1e-07"):
+        build_lr_scheduler("polynomial", optimizer, warmup_steps=0, total_steps=10)
+
+
 @pytest.mark.parametrize("module, name, install", [
     ("prodigyopt", "prodigy", "pip install 'sd_lora[prodigy]'"),
     ("bitsandbytes", "adamw8bit", "pip install 'sd_lora[bitsandbytes]'"),
