@@ -105,7 +105,7 @@ class TrainConfig:
     # --- LoRA ---------------------------------------------------------------------------------------
     rank: int | None = option(None, f"LoRA rank (network dim). Default: {DEFAULT_RANK}, or the --init-weights file's rank.", min=1, max=1024, ss="ss_network_dim", group="lora", fixed=True)
     alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank, or the --init-weights file's alpha.", min=0, min_exclusive=True, ss="ss_network_alpha", group="lora", fixed=True)
-    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", min=0, max=1, ss="ss_network_dropout", group="lora")
+    lora_dropout: float = option(0.0, "Dropout on each LoRA layer's input (PEFT's lora_dropout; kohya's --network_dropout drops lora_down's outputs instead).", min=0, max=1, ss="ss_network_dropout", group="lora")
     targets: str = option("attn-mlp", "U-Net modules that get LoRA.", choices=TARGET_PRESETS, group="lora", fixed=True)
     init_weights: Path | None = option(None, "Start from an existing LoRA file (kohya, diffusers or PEFT format; from any trainer): it decides the rank, the alpha, the modules (--targets then only covers a component it has none for) and, unless you set it, --train-text-encoder.", group="lora", fixed=True)
     train_text_encoder: bool | None = option(None, "Also train LoRA on the text encoder (six linears per layer). Default: no, or yes when the --init-weights file has text-encoder modules.", group="lora", fixed=True)
@@ -124,7 +124,7 @@ class TrainConfig:
     lr_scheduler_num_cycles: int = option(1, "Cycles of --lr-scheduler cosine_with_restarts, each a cosine decay from the full rate (1: no restart).", min=1, max=10_000)
     lr_scheduler_power: float = option(1.0, "Exponent of --lr-scheduler polynomial's decay (1: the same as linear).", min=0, min_exclusive=True, max=100)
     optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
-    weight_decay: float = option(1e-2, "AdamW weight decay.", min=0, max=1, fixed=True)
+    weight_decay: float = option(1e-2, "Weight decay, for every --optimizer (the libraries' own default is 0 for Adafactor and Prodigy).", min=0, max=1, fixed=True)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0, ss="ss_max_grad_norm")
     min_snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is typical.", min=0, min_exclusive=True, ss="ss_min_snr_gamma")
