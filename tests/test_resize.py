@@ -15,7 +15,7 @@ from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.lora.maths import delta, rank_for_energy
 from sd_lora.merge import read_lora_modules
 from sd_lora.resize import main, resize_modules
-from sd_lora.models.tiny import build_tiny_sdxl_pipeline
+from sd_lora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from helpers import write_random_lora
 
 RANK = 8
@@ -184,3 +184,26 @@ def test_sdxl_input_without_family_metadata_gives_a_resized_file_that_says_sdxl(
     assert "added metadata: ss_base_model_version=sdxl_base_v1-0, ss_v2=False" in capsys.readouterr().out
     metadata = read_lora_file(tmp_path / "b.safetensors")[1]
     assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == ("sdxl_base_v1-0", "False")
+
+
+def test_a_resized_diffusers_file_loses_its_peft_config_and_loads_in_diffusers(tmp_path, capsys):
+    """A diffusers file's `lora_adapter_metadata` (r 4, alpha 2) used to be copied into the resized kohya file:
+    diffusers raised on it ("Both `network_alphas` and `metadata` cannot be specified"), and it named the old rank."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = build_tiny_pipeline()
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    out_features, in_features = dict(pipe.unet.named_modules())[path].weight.shape
+    g = torch.Generator().manual_seed(0)
+    layers = {f"{path}.lora_A.weight": torch.randn(4, in_features, generator=g),
+              f"{path}.lora_B.weight": torch.randn(out_features, 4, generator=g)}  # fmt: skip
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata={"r": 4, "lora_alpha": 2.0, "target_modules": [path]})  # fmt: skip
+    assert main([str(tmp_path / "pytorch_lora_weights.safetensors"), str(tmp_path / "r.safetensors"), "--rank", "2"]) == 0
+    capsys.readouterr()
+    metadata = read_lora_file(tmp_path / "r.safetensors")[1]
+    assert "lora_adapter_metadata" not in metadata
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("2", "2")
+    pipe.load_lora_weights(str(tmp_path), weight_name="r.safetensors")  # raised before
+    module = dict(pipe.unet.named_modules())[path]
+    assert module.lora_A["default_0"].weight.shape == (2, in_features)
