@@ -102,5 +102,14 @@ def export_lora(path: Path, components: dict, metadata: dict[str, str], save_pre
         written.append(save_lora_file(path, to_kohya_state_dict(components, dtype=dtype, sgm_paths=sgm_paths), metadata))
     if file_format in ("diffusers", "both"):
         target = path if file_format == "diffusers" else path.with_name(f"{path.stem}-diffusers{path.suffix}")
-        written.append(save_diffusers_lora_file(target, to_diffusers_state_dict(components, dtype), metadata))
+        written.append(save_diffusers_lora_file(target, to_diffusers_state_dict(components, dtype), baked_metadata(metadata, components)))
     return written
+
+
+def baked_metadata(metadata: dict[str, str], components: dict) -> dict[str, str]:
+    """`metadata` for the diffusers profile, whose lora_B has alpha / r baked in (the file means alpha = r):
+    ss_network_alpha says the rank, as `convert --to diffusers` writes it, not the alpha the factors no longer need."""
+    ranks = {w.rank for modules in components.values() for w in modules.values()}
+    if "ss_network_alpha" not in metadata or len(ranks) != 1:
+        return metadata
+    return {**metadata, "ss_network_alpha": str(float(ranks.pop()))}

@@ -22,3 +22,23 @@ def test_training_metadata_holds_no_local_paths(tmp_path):
     paths = (saved["model"], saved["data"], saved["output-dir"], saved["sample-prompts"])
     assert paths == ("base", "chars", "o", "prompts.txt")
     assert not [k for k, v in meta.items() if str(tmp_path) in v]
+
+
+def test_the_diffusers_profile_says_the_alpha_its_baked_factors_hold(tmp_path):
+    """lora_B of the diffusers profile has alpha / r baked in (alpha = r); its ss_network_alpha used to keep the
+    training alpha (2 for rank 4), which `convert` then reported as wrong and a WebUI showed as scale 0.5."""
+    from helpers import random_lora_components
+
+    from sd_lora.convert import convert_lora
+    from sd_lora.export import export_lora
+    from sd_lora.formats.kohya import read_lora_file
+    from sd_lora.formats.readers import read_any_lora
+    from sd_lora.models.tiny import build_tiny_pipeline
+
+    components = random_lora_components(build_tiny_pipeline(), rank=4, alpha=2.0, seed=0)
+    metadata = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_base_model_version": "sd_v1"}
+    kohya, diffusers = export_lora(tmp_path / "a.safetensors", components, metadata, "fp32", file_format="both")
+    assert read_lora_file(kohya)[1]["ss_network_alpha"] == "2.0"
+    assert read_lora_file(diffusers)[1]["ss_network_alpha"] == "4.0"
+    assert {w.alpha for ws in read_any_lora(diffusers).components.values() for w in ws.values()} == {4.0}
+    assert convert_lora(diffusers, tmp_path / "k.safetensors", "kohya").corrected_metadata == {}
