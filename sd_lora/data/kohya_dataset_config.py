@@ -228,10 +228,12 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
     """Scan the training subsets (`prior=False`) or the `is_reg` ones into one ScanResult: each image_dir on its
     own, repeated `num_repeats` times, captioned by its caption files, else its class tokens, with
     `caption_prefix` and `caption_suffix` joined by a space as kohya joins them. Records are
-    labelled by image_dir's name, as kohya keys `ss_dataset_dirs` and `ss_tag_frequency`. `caption_extension` applies where the
+    labelled by image_dir's name, as kohya keys `ss_dataset_dirs` and `ss_tag_frequency` (`_labels`: with parent
+    folders where two image_dirs share a name). `caption_extension` applies where the
     file sets none. Prior records are not marked here: `regularization_records` balances and marks them."""
     records: list[ImageRecord] = []
     result = ScanResult(records)
+    labels = _labels([subset.image_dir for subset in config.subsets])
     for subset in config.subsets:
         if subset.is_reg != prior:
             continue
@@ -241,7 +243,7 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
                                 skip_bad_images=skip_bad_images, recursive=False, default_caption=subset.class_tokens or "")
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        label = os.path.basename(os.path.abspath(subset.image_dir))  # no local path in the LoRA's metadata
+        label = labels[subset.image_dir]
         for record in scan.records:
             caption = " ".join(part for part in (subset.caption_prefix, record.caption, subset.caption_suffix) if part)
             records.append(dataclasses.replace(record, caption=caption, repeats=subset.num_repeats, folder=label))
@@ -251,6 +253,21 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
             result.warnings.append(f"{where}: num_repeats = {subset.num_repeats} is not used for is_reg images: each epoch "
                                    "sees as many regularisation samples as training samples (as with --reg-data)")
     return result
+
+
+def _labels(image_dirs: list[Path]) -> dict[Path, str]:
+    """image_dir -> its label in the metadata: its name, as kohya's; where two folders share a name (`char_a/images`,
+    `char_b/images`), as many parent folders as tell them apart, so their entries (each with its own num_repeats)
+    are not merged into one. Never the whole local path."""
+    parts = {d: Path(os.path.abspath(d)).parts[1:] for d in image_dirs}
+    labels = {}
+    for d, own in parts.items():
+        others = {p for p in parts.values() if p != own}
+        n = 1
+        while n < len(own) and any(p[-n:] == own[-n:] for p in others):
+            n += 1
+        labels[d] = "/".join(own[-n:])
+    return labels
 
 
 # --- reading and checking ------------------------------------------------------------------------------

@@ -366,3 +366,33 @@ def test_prior_loss_weight_applies_to_the_is_reg_subsets(tmp_path, monkeypatch):
     message = problems_of(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "reg"\n', "--prior-loss-weight", "0.5")
     assert ("--prior-loss-weight 0.5 weighs regularisation images, but bad.toml has no is_reg subset; add a "
             "[[datasets.subsets]] of them with is_reg = true, or drop --prior-loss-weight") in message
+
+
+def test_image_dirs_of_one_name_keep_their_own_dataset_dirs_entries(tmp_path, monkeypatch):
+    """char_a/images (3 repeats, 2 images) and char_b/images (1 repeat, 1 image) were merged under "images" in
+    ss_dataset_dirs: 3 repeats of 3 images, 9 samples where the run had 7 (ss_num_train_images)."""
+    import json
+
+    from sd_lora.data.scan import dataset_metadata
+
+    for folder, count in (("char_a", 2), ("char_b", 1)):
+        for i in range(count):
+            write_image(tmp_path / folder / "images" / f"{i}.png")
+            (tmp_path / folder / "images" / f"{i}.txt").write_text(f"{folder}, smile")
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "kohya.toml", """
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "char_a/images"
+  num_repeats = 3
+  caption_extension = ".txt"
+  [[datasets.subsets]]
+  image_dir = "char_b/images"
+  caption_extension = ".txt"
+""")
+    meta = dataset_metadata(scan_training_data(load_config([*MODEL, "--dataset-config", "kohya.toml"])).records)
+    assert json.loads(meta["ss_dataset_dirs"]) == {"char_a/images": {"n_repeats": 3, "img_count": 2},
+                                                   "char_b/images": {"n_repeats": 1, "img_count": 1}}
+    assert json.loads(meta["ss_tag_frequency"]) == {"char_a/images": {"char_a": 2, "smile": 2},
+                                                    "char_b/images": {"char_b": 1, "smile": 1}}
+    assert meta["ss_num_train_images"] == "7"
