@@ -9,7 +9,8 @@ SDXL-like U-Nets whose block layout differs from SDXL base). A file holding anyt
 approximated; `python -m sd_lora.inspect IN` says what is in it.
 
 - `--to kohya`: written by `formats.kohya.save_lora_file` (SDXL U-Net names in kohya's SGM spelling), keeping the
-  input's metadata (`ss_*`, `modelspec.*`; `sshs_model_hash` recomputed) and adding `ss_base_model_version` /
+  input's metadata (`ss_*`, `modelspec.*`; `sshs_model_hash` recomputed, the input's `sshs_legacy_hash` and
+  `modelspec.hash_sha256` dropped: they hash the input's bytes) and adding `ss_base_model_version` /
   `ss_v2` when the input lacks them and the family is known, so A1111 lists the file under the right model.
   Modules with different alphas (PEFT `alpha_pattern` / `rank_pattern`, mixed kohya alphas) are given the most
   common one, their scale folded into `up` (`lora.maths.with_alpha`): diffusers applies one alpha to every
@@ -46,7 +47,7 @@ from sd_lora.formats.diffusers_format import (
     save_diffusers_lora_file,
     to_diffusers_state_dict,
 )
-from sd_lora.formats.kohya import HASH_KEY, kohya_module_name, save_lora_file, to_kohya_state_dict
+from sd_lora.formats.kohya import FILE_HASH_KEYS, kohya_module_name, save_lora_file, to_kohya_state_dict
 from sd_lora.formats.architecture import Architecture, architecture_from_model_dir
 from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import LoraFile, common_dtype, read_any_lora, require_exact
@@ -79,7 +80,7 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, *, architecture: Arc
     require_exact(lora, "convert")
     components = {c: w for c, w in lora.components.items() if w}
     dtype = common_dtype(components)
-    metadata = {k: v for k, v in lora.metadata.items() if k not in (HASH_KEY, ADAPTER_METADATA_KEY, RANKS_NOTE_KEY)}
+    metadata = {k: v for k, v in lora.metadata.items() if k not in (*FILE_HASH_KEYS, ADAPTER_METADATA_KEY, RANKS_NOTE_KEY)}
     added = missing_family_metadata(metadata, lora.family)
     metadata |= added
     sgm_paths = lora.architecture.sgm_paths if lora.architecture.family == "sdxl" else None

@@ -251,3 +251,17 @@ def test_ctrl_c_ends_with_one_line_and_exit_130_as_in_the_other_tools(tmp_path, 
     monkeypatch.setattr(sd_lora.convert, "convert_lora", interrupted)
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--to", "kohya"]) == 130
     assert "sd_lora: interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_the_input_files_own_hashes_are_not_copied(pipes, tmp_path, to):
+    """kohya writes sshs_legacy_hash (sd-webui-additional-networks takes it as the file's hash instead of hashing
+    the file): copied, the converted file claimed the input's hash."""
+    src = tmp_path / "a.safetensors"
+    _kohya_file(pipes["sd1"], src, alpha=2.0, metadata={"sshs_legacy_hash": "0123abcd", "modelspec.hash_sha256": "0x" + "1" * 64,
+                                                          "ss_seed": "7"})  # fmt: skip
+    convert_lora(src, tmp_path / "b.safetensors", to)
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert "sshs_legacy_hash" not in meta and "modelspec.hash_sha256" not in meta
+    assert meta["ss_seed"] == "7" and meta["sshs_model_hash"] == tensor_data_sha256(load_file(tmp_path / "b.safetensors"))

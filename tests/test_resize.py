@@ -207,3 +207,14 @@ def test_a_resized_diffusers_file_loses_its_peft_config_and_loads_in_diffusers(t
     pipe.load_lora_weights(str(tmp_path), weight_name="r.safetensors")  # raised before
     module = dict(pipe.unet.named_modules())[path]
     assert module.lora_A["default_0"].weight.shape == (2, in_features)
+
+
+def test_the_input_files_own_hashes_are_not_copied(tmp_path, capsys):
+    """kohya's sshs_legacy_hash of the input (sd-webui-additional-networks takes it as the file's hash) was copied."""
+    src = write_random_lora(tmp_path / "a.safetensors", build_tiny_pipeline(), rank=4, alpha=4.0, seed=1,
+                            metadata={"sshs_legacy_hash": "0123abcd", "modelspec.hash_sha256": "0x" + "1" * 64, "ss_seed": "7"})
+    assert main([str(src), str(tmp_path / "b.safetensors"), "--rank", "2"]) == 0
+    capsys.readouterr()
+    metadata = read_lora_file(tmp_path / "b.safetensors")[1]
+    assert "sshs_legacy_hash" not in metadata and "modelspec.hash_sha256" not in metadata
+    assert metadata["ss_seed"] == "7"

@@ -45,6 +45,9 @@ COMPONENT_PREFIXES = {
 }
 KEY_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 HASH_KEY = "sshs_model_hash"
+# Hashes of one file's bytes: written for the file they describe, never copied to another (convert, resize). kohya's
+# sshs_legacy_hash (read by sd-webui-additional-networks in place of hashing the file) and modelspec.hash_sha256.
+FILE_HASH_KEYS = (HASH_KEY, "sshs_legacy_hash", "modelspec.hash_sha256")
 
 # Top-level children of `CLIPTextTransformer`; in a flattened CLIPTextModel they sit at the model root.
 _FLATTENED_CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
