@@ -10,6 +10,7 @@ model, scan and check every image, inject LoRA, cache latents, print a summary, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -298,9 +299,11 @@ def train_lora(config: TrainConfig) -> TrainResult:
         prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma, prior_loss_weight=config.prior_loss_weight,
     )
+    dataset_meta = {**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records)),
+                    "ss_bucket_info": json.dumps(dataset.bucket_info())}
     with StopRequest() as stop:
         outputs = RunOutputs(
-            config, model, accelerator, trainee=trainee, objective=objective, dataset_meta={**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records))},
+            config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_meta,
             prompts=prompts, total_steps=total_steps, total_epochs=epochs, targets=targets, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
         )

@@ -68,6 +68,8 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert meta["ss_training_comment"] == "e2e test"
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 2, "img_count": 6}}
     assert json.loads(meta["ss_tag_frequency"])["2_zkchar"]["zkchar"] == 6
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]  # kohya's; A1111's metadata view lists its resolutions
+    assert sum(b["count"] for b in buckets.values()) == 12 and all(len(b["resolution"]) == 2 for b in buckets.values())
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "32x32"
     # shared files name no local folders (basenames only); config.toml keeps the full paths for resuming
     assert meta["ss_sd_model_name"] == Path(tiny_model_dir).name

@@ -119,6 +119,14 @@ class ImageDataset(torch.utils.data.Dataset):
             counts[bucket] += record.repeats
         return dict(sorted(counts.items()))
 
+    def bucket_info(self) -> dict:
+        """kohya's `ss_bucket_info`: {"buckets": {"0": {"resolution": [w, h], "count": samples per epoch}, ...},
+        "mean_img_ar_error": the mean |bucket aspect - image aspect| (width / height)}. A1111's LoRA metadata view
+        lists the file's resolutions from it."""
+        buckets = {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(self.bucket_counts().items())}
+        errors = [abs(w / h - r.width / r.height) for r, (w, h) in zip(self.records, self.bucket_of)]
+        return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
     def crop_plan(self, index: int, rng: random.Random | None = None) -> CropPlan:
         """How record `index` is resized and cropped into its bucket; random only with options.random_crop."""
         record = self.records[index]

@@ -31,6 +31,14 @@ def test_buckets_per_image(mixed_folder):
     assert len(ds) == 3
 
 
+def test_bucket_info_is_kohyas_ss_bucket_info(mixed_folder):
+    info = dataset(mixed_folder).bucket_info()
+    assert info["buckets"] == {"0": {"resolution": [48, 80], "count": 1}, "1": {"resolution": [64, 64], "count": 2},
+                               "2": {"resolution": [80, 48], "count": 2}}
+    # tall 48x96 in 48x80: |0.6 - 0.5|; square: 0; wide 96x48 in 80x48: |5/3 - 2|
+    assert info["mean_img_ar_error"] == pytest.approx((0.1 + 0 + 1 / 3) / 3)
+
+
 def test_no_buckets_gives_squares(mixed_folder):
     ds = dataset(mixed_folder, buckets=False)
     assert ds.bucket_of == [(64, 64)] * 3
