@@ -49,7 +49,13 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | Non
         raise UserError(f"{path}: an adapter named {name!r} is already loaded; pass another name= or unload it first")
     architecture = architecture_of_pipeline(pipe)
     lora = read_any_lora(path, architecture=architecture)
-    require_exact(lora, "load")
+    try:
+        require_exact(lora, "load")
+    except UserError as e:
+        absent = [te for te in ("text_encoder", "text_encoder_2") if hasattr(pipe, te) and getattr(pipe, te) is None]
+        if absent and lora.unsupported:
+            e.args = (f"{e}\nThis pipeline has no {' / '.join(absent)} (it is None): text-encoder modules cannot load.",)
+        raise
     mismatches = shape_mismatches(lora, architecture)
     if mismatches:
         shown = "\n  - ".join(mismatches[:10])

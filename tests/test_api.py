@@ -201,3 +201,22 @@ def test_a_bad_scale_is_refused_before_anything_is_loaded(pristine, files, scale
     assert lora_scales(pipe) == {"style": 0.5}
     with pytest.raises(UserError, match=r"set_lora_scales takes \{adapter name: weight\}, such as \{'zkchar': 0.6\}; got 'style'"):
         set_lora_scales(pipe, "style")
+
+
+def test_pipeline_without_text_encoder(pristine, files):
+    """`text_encoder=None` (a common way to save memory): a U-Net-only file loads; one that also changes the text
+    encoder is refused with the file's name, not an AttributeError."""
+    a, b, folder = files
+    pipe = copy.deepcopy(pristine)
+    pipe.text_encoder = None
+    load_lora(pipe, folder / "style.safetensors", scale=0.3)
+    merged = copy.deepcopy(pristine)
+    _merge_by_hand(merged, b, 0.3)
+    latents, states = torch.randn(1, 4, 8, 8), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        diff = (pipe.unet(latents, torch.tensor([321]), states).sample
+                - merged.unet(latents, torch.tensor([321]), states).sample).abs().max().item()  # fmt: skip
+    assert diff < TOLERANCE
+    with pytest.raises(UserError, match=r"(?s)char.v2.safetensors: cannot load.*no text_encoder \(it is None\)"):
+        load_lora(pipe, folder / "char.v2.safetensors")
+    assert lora_scales(pipe) == {"style": 0.3}

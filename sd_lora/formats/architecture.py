@@ -89,10 +89,15 @@ def _sgm_paths(unet: nn.Module, family: str) -> dict[str, str] | None:
 
 
 def architecture_of_pipeline(pipe) -> Architecture:
-    """`architecture_of` a diffusers SD / SDXL pipeline (its unet, text_encoder and text_encoder_2)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return architecture_of(pipe.unet, {"text_encoder_1": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2})
-    return architecture_of(pipe.unet, {"text_encoder": pipe.text_encoder})
+    """`architecture_of` a diffusers SD / SDXL pipeline (its unet, text_encoder and text_encoder_2). A text
+    encoder the pipeline was built without (`text_encoder=None`) has no layers: LoRA modules for it do not resolve."""
+    family = family_of_config(dict(pipe.unet.config), sdxl_text_encoders=hasattr(pipe, "text_encoder_2"))
+    if family == "sdxl":
+        text_encoders = {"text_encoder_1": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
+    else:
+        text_encoders = {"text_encoder": pipe.text_encoder}
+    present = {name: model for name, model in text_encoders.items() if model is not None}
+    return architecture_of(pipe.unet, present, family=family)
 
 
 def architecture_from_model_dir(path: str | os.PathLike) -> Architecture:
