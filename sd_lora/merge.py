@@ -370,14 +370,21 @@ def main(argv: list[str] | None = None) -> int:
         loras = [parse_lora_arg(text) for text in args.lora]
         from sd_lora.models.bake import bake_model, config_dir_problems
 
-        if problems := config_dir_problems(args.model, args.model_config):
+        problems = config_dir_problems(args.model, args.model_config)
+        if args.model is None and args.allow_unsafe_pickle:
+            problems.append("--allow-unsafe-pickle lets --model be a pickled .ckpt; without --model it has no "
+                            "meaning (LoRA inputs are always .safetensors). Drop it, or give --model.")
+        if args.model is not None and args.rank is not None:
+            problems.append("--rank compresses a merged LoRA; it has no meaning with --model (baking is exact). "
+                            "Drop --rank.")
+        if args.model is not None and args.verbose:
+            problems.append("--verbose prints each module's merge error; baking into --model is exact and has none. "
+                            "Drop --verbose.")
+        if problems:
             raise ConfigError(problems)
         if args.model is None:
             merge_files(loras, args.output, rank=args.rank, save_precision=args.save_precision, verbose=args.verbose)
             return
-        if args.rank is not None:
-            raise UserError("--rank compresses a merged LoRA; it has no meaning with --model (baking is exact). "
-                            "Drop --rank.")
         bake_model(args.model, loras, args.output, save_precision=args.save_precision or "fp32",
                    config_dir=args.model_config, allow_unsafe_pickle=args.allow_unsafe_pickle)
 

@@ -220,6 +220,8 @@ def test_parse_lora_arg():
         (["--lora", "missing.safetensors:0.5"], "missing.safetensors: no such LoRA file"),
         (["--output", "merged.txt"], "a merged LoRA is a .safetensors file"),
         (["--model", "base", "--rank", "4"], "--rank .* no meaning with --model"),
+        (["--model", "base", "--verbose"], "--verbose .* baking into --model is exact"),
+        (["--allow-unsafe-pickle"], "--allow-unsafe-pickle .* without --model it has no meaning"),
         (["--model-config", "."], "--model-config . describes a single-file --model checkpoint; without --model"),
     ],
 )
