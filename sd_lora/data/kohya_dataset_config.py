@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_lora.data.images import IMAGE_EXTENSIONS
-from sd_lora.data.scan import ImageRecord, ScanResult, scan_dataset
+from sd_lora.data.scan import MAX_REPEATS, ImageRecord, ScanResult, scan_dataset
 from sd_lora.errors import ConfigError, UserError
 
 KOHYA_CAPTION_EXTENSION = ".caption"  # kohya's default when neither the file nor --caption_extension sets one
@@ -327,6 +327,10 @@ def _checked(table: dict, level: str, place: str, say) -> dict:
     if "num_repeats" in out and out["num_repeats"] < 1:  # (in [general] or [[datasets]] too: its subsets inherit it)
         fix = "to leave the folder out, remove its subset" if level == SUBSET else "set it in each subset that should train"
         say(place, f"num_repeats = {out['num_repeats']} must be at least 1; {fix}")
+        out.pop("num_repeats")
+    elif "num_repeats" in out and out["num_repeats"] > MAX_REPEATS:  # an epoch would never end
+        say(place, f"num_repeats = {out['num_repeats']} is more than {MAX_REPEATS:,} repeats per epoch; use a smaller "
+                   "count (to train longer, raise --epochs or --max-steps)")
         out.pop("num_repeats")
     return out
 

@@ -32,7 +32,7 @@ MAX_LISTED_PROBLEMS = 50
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's N_name; "10_" repeats 10 times with no class token
 _MANY_REPEATS = 1000  # above this a folder name like "20240101_photos" was probably not meant as repeats
 # ... and above this it cannot be: every epoch lists each repeat (20240101_photos held up a run for minutes and GBs)
-_MAX_REPEATS = 100_000
+MAX_REPEATS = 100_000
 
 
 @dataclass(frozen=True)
@@ -305,9 +305,9 @@ def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Proble
             if repeats < 1:
                 problem = (f"{shown_root / label}: folder gives {repeats} repeats; kohya repeat folders are "
                            f"named N_name with N >= 1 (e.g. 1_{match[2]}); rename it")
-            elif repeats > _MAX_REPEATS:
+            elif repeats > MAX_REPEATS:
                 problem = (f"{shown_root / label}: folder name gives {repeats} repeats per epoch (kohya N_name folder), "
-                           f"more than {_MAX_REPEATS:,}; if the number is part of the name (a date?), rename it "
+                           f"more than {MAX_REPEATS:,}; if the number is part of the name (a date?), rename it "
                            f"1_{folders[depth - 1]}, else use a smaller count")
             if problem and problem not in problems.setup:
                 problems.setup.append(problem)

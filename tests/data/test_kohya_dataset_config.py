@@ -353,6 +353,14 @@ def test_num_repeats_below_one_is_refused_where_subsets_inherit_it(tmp_path, mon
     assert f"bad.toml: {place}: num_repeats = 0 must be at least 1; set it in each subset that should train" in message
 
 
+def test_num_repeats_past_the_cap_is_refused(tmp_path, monkeypatch):
+    # 20240101 repeats listed 20 million samples per image before the first step, as a folder name did.
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "a" / "0.png")
+    message = problems_of(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 20240101\n')
+    assert "num_repeats = 20240101 is more than 100,000 repeats per epoch; use a smaller count" in message
+
+
 def test_prior_loss_weight_applies_to_the_is_reg_subsets(tmp_path, monkeypatch):
     # It was refused as if there were no regularisation images, with the fix "add --reg-data", which a dataset config refuses.
     write_layout(tmp_path)
