@@ -20,8 +20,8 @@ import torch
 from . import loop
 from .config import TrainConfig
 from .errors import UserError
-from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, regularization_records,
-                   scan_dataset)
+from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, reg_dataset_metadata,
+                   regularization_records, scan_dataset)
 from .data.kohya_dataset_config import read_dataset_config, scan_subsets
 from .models.load import BaseModel
 from .validation import build_validation_set, split_records
@@ -69,17 +69,18 @@ def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
     return split_records(scan.records, config.validation_split, config.seed)
 
 
-def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> list:
-    """--reg-data: its images as prior records, as many samples per epoch as the training images; `show`
-    prints its warnings and summary (on the main process only)."""
+def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> tuple[list, dict[str, str]]:
+    """--reg-data (or a dataset config's is_reg subsets): (its images as prior records, as many samples per epoch
+    as the training images; kohya's metadata of the images as found, `reg_dataset_metadata`). `show` prints its
+    warnings and summary (on the main process only)."""
     if config.dataset_config is not None:  # its is_reg subsets
         scan = scan_subsets(read_dataset_config(config.dataset_config), prior=True, caption_extension=config.caption_extension,
                             skip_bad_images=config.skip_bad_images)
         source, flag = f"the is_reg subsets of {config.dataset_config}", "--dataset-config"
         if not scan.records:
-            return []
+            return [], reg_dataset_metadata([])
     elif config.reg_data is None:
-        return []
+        return [], reg_dataset_metadata([])
     else:
         scan, source, flag = scan_option("--reg-data", config.reg_data, config), config.reg_data, "--reg-data"
     for warning in scan.warnings if show else []:
@@ -88,7 +89,7 @@ def regularization_set(config: TrainConfig, train_records: list, show: bool = Tr
     if show:
         print(f"regularisation: {len(records)} of {len(scan.records)} images from {source}, "
               f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
-    return records
+    return records, reg_dataset_metadata(scan.records)
 
 
 def data_options(config: TrainConfig, step: int) -> DataOptions:

@@ -53,7 +53,7 @@ TRAINING_KEYS = {
     "ss_training_comment": "comment",
 }  # fmt: skip
 _TIMESTAMPS = ("ss_training_started_at", "ss_training_finished_at")
-_SHOWN_ELSEWHERE = ("ss_tag_frequency", "ss_dataset_dirs", "sshs_model_hash", "ss_base_model_version", "ss_v2")
+_SHOWN_ELSEWHERE = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "sshs_model_hash", "ss_base_model_version", "ss_v2")
 
 
 def format_report(lora: LoraFile, *, base: str | None = None, mismatches: list[str] | None = None,
@@ -158,7 +158,8 @@ def _metadata_lines(lora: LoraFile, tag_limit: int) -> list[str]:
             lines.append(f"  {key}: {meta[key]}")
     spec = sorted(k for k in meta if k.startswith("modelspec."))
     lines += [f"  {k}: {_short(meta[k])}" for k in spec]
-    lines += _dataset_lines(meta)
+    lines += _dataset_lines(meta, "ss_dataset_dirs", "Dataset folders")
+    lines += _dataset_lines(meta, "ss_reg_dataset_dirs", "Regularisation folders")
     lines += _tag_lines(meta, tag_limit)
     if "sshs_model_hash" in meta:
         lines.append(f"  sshs_model_hash: {meta['sshs_model_hash']} ({_hash_status(lora)})")
@@ -170,11 +171,11 @@ def _metadata_lines(lora: LoraFile, tag_limit: int) -> list[str]:
     return lines
 
 
-def _dataset_lines(meta: dict[str, str]) -> list[str]:
-    dirs = _json(meta, "ss_dataset_dirs")
+def _dataset_lines(meta: dict[str, str], key: str, title: str) -> list[str]:
+    dirs = _json(meta, key)
     if not isinstance(dirs, dict) or not dirs:
         return []
-    lines = ["  Dataset folders:", f"    {'folder':<32} {'repeats':>7} {'images':>7}"]
+    lines = [f"  {title}:", f"    {'folder':<32} {'repeats':>7} {'images':>7}"]
     for folder, info in sorted(dirs.items()):
         info = info if isinstance(info, dict) else {}
         lines.append(f"    {folder:<32} {_count(info.get('n_repeats')):>7} {_count(info.get('img_count')):>7}")

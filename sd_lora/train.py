@@ -164,7 +164,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan)
-    prior_records = regularization_set(config, train_records, show=process.is_main_process)
+    prior_records, reg_meta = regularization_set(config, train_records, show=process.is_main_process)
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
@@ -299,8 +299,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
         prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma, prior_loss_weight=config.prior_loss_weight,
     )
-    dataset_meta = {**dataset_metadata(train_records), "ss_num_reg_images": str(sum(r.repeats for r in prior_records)),
-                    "ss_bucket_info": json.dumps(dataset.bucket_info())}
+    dataset_meta = {**dataset_metadata(train_records), **reg_meta, "ss_bucket_info": json.dumps(dataset.bucket_info())}
     with StopRequest() as stop:
         outputs = RunOutputs(
             config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_meta,

@@ -89,7 +89,7 @@ def test_problems_of_the_other_image_folders_name_their_option(tmp_path):
     data, empty = write_dataset(tmp_path / "data"), tmp_path / "empty"
     empty.mkdir()
     scan = scan_dataset(data)
-    for flag, call in (("--reg-data", lambda c: regularization_set(c, scan.records, show=False)),
+    for flag, call in (("--reg-data", lambda c: regularization_set(c, scan.records, show=False)[0]),
                        ("--validation-data", lambda c: split_validation(c, scan))):
         config = load_config(["--data", str(data), flag, str(empty)])
         try:
@@ -116,6 +116,6 @@ def test_validation_and_reg_folders_inside_data_are_not_trained_as_its_images(tm
     train, held = split_validation(config, scan)
     assert [r.path.name for r in train] == ["a.png"]
     assert [r.path.name for r in held] == ["v.png"]
-    assert [(r.path.name, r.prior) for r in regularization_set(config, train, show=False)] == [("r.png", True)]
+    assert [(r.path.name, r.prior) for r in regularization_set(config, train, show=False)[0]] == [("r.png", True)]
     assert f"{data / 'val'} not read: it is --validation-data (held-out images must not train)" in scan.warnings
     assert f"{data / 'reg'} not read: it is --reg-data (its images train as regularisation images only)" in scan.warnings

@@ -100,3 +100,13 @@ def test_dataset_folders_from_another_tool_with_null_or_odd_counts_are_shown_not
     out = capsys.readouterr().out
     rows = out[out.index("Dataset folders:"):].splitlines()[2:5]
     assert [row.split() for row in rows] == [["2_b", "2", "7"], ["5_a", "?", "?"], ["c", "?", "?"]]
+
+
+def test_regularisation_folders_are_a_table_of_their_own(clean, tmp_path, capsys):
+    meta = {"ss_dataset_dirs": json.dumps({"10_zk": {"n_repeats": 10, "img_count": 6}}),
+            "ss_reg_dataset_dirs": json.dumps({"1_person": {"n_repeats": 1, "img_count": 200}})}
+    save_lora_file(tmp_path / "reg.safetensors", to_kohya_state_dict(clean), meta)
+    assert main([str(tmp_path / "reg.safetensors")]) == 0
+    out = capsys.readouterr().out
+    rows = out[out.index("Regularisation folders:"):].splitlines()
+    assert rows[2].split() == ["1_person", "1", "200"] and "ss_reg_dataset_dirs" not in out

@@ -126,7 +126,8 @@ def test_regularisation_images_train_beside_the_data_and_are_recorded(tiny_datas
     assert result.state.step == 3
     with safe_open(str(result.path), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_num_reg_images"] == "12" and meta["ss_prior_loss_weight"] == "0.5"
+    assert meta["ss_num_reg_images"] == "28" and meta["ss_prior_loss_weight"] == "0.5"  # as kohya: 4 images x 7 repeats
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"7_zkchar": {"n_repeats": 7, "img_count": 4}}
     assert meta["ss_num_train_images"] == "12"
 
 
@@ -163,7 +164,8 @@ resolution = 32
     assert saved["dataset-config"] == str(toml) and saved["flip"] is True and "data" not in saved
     with safe_open(str(result.path), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_num_train_images"] == "18" and meta["ss_num_reg_images"] == "18"
+    assert meta["ss_num_train_images"] == "18" and meta["ss_num_reg_images"] == "2"
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_zkchar": {"n_repeats": 1, "img_count": 2}}
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 3, "img_count": 6}}  # no local path
 
 

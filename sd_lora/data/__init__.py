@@ -10,7 +10,7 @@ from sd_lora.data.dataset import BucketBatchSampler, DataOptions, ImageDataset, 
 from sd_lora.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, ImageProblem, check_image, open_image
 from sd_lora.data.latent_cache import LatentCache, build_latent_cache
 from sd_lora.data.regularization import regularization_records
-from sd_lora.data.scan import ImageRecord, ScanResult, dataset_metadata, fingerprint, scan_dataset
+from sd_lora.data.scan import ImageRecord, ScanResult, dataset_metadata, fingerprint, reg_dataset_metadata, scan_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -32,6 +32,7 @@ __all__ = [
     "make_buckets",
     "open_image",
     "plan_crop",
+    "reg_dataset_metadata",
     "regularization_records",
     "process_caption",
     "scan_dataset",

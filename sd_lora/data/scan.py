@@ -195,17 +195,28 @@ def dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
     images per epoch, repeats included.
     """
     tag_frequency: dict[str, Counter] = {}
-    dataset_dirs: dict[str, dict[str, int]] = {}
     for record in records:
         tags = tag_frequency.setdefault(record.folder, Counter())
         tags.update(tag.lower() for tag in split_tags(record.caption))
-        entry = dataset_dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
-        entry["img_count"] += 1
     return {
         "ss_tag_frequency": json.dumps({folder: dict(tags) for folder, tags in tag_frequency.items()}),
-        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(records)),
         "ss_num_train_images": str(sum(record.repeats for record in records)),
     }
+
+
+def reg_dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
+    """kohya's metadata of the regularisation images as scanned (before they are balanced against the training
+    images): `ss_reg_dataset_dirs` {folder: {"n_repeats", "img_count"}} and `ss_num_reg_images`, images x repeats."""
+    return {"ss_reg_dataset_dirs": json.dumps(_dataset_dirs(records)),
+            "ss_num_reg_images": str(sum(record.repeats for record in records))}
+
+
+def _dataset_dirs(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
+    dirs: dict[str, dict[str, int]] = {}
+    for record in records:
+        dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})["img_count"] += 1
+    return dirs
 
 
 def _check_root(root: Path) -> Path:

@@ -64,10 +64,13 @@ def test_two_subsets_give_the_records_of_data_and_reg_data_folders(tmp_path, mon
     assert summary(train_toml) == summary(train_folders)
     assert [(r.path.name, r.caption, r.repeats) for r in train_toml] == [
         ("0.png", "token, red", 3), ("1.png", "token, blue", 3), ("2.png", "token", 3)]
-    prior_folders = regularization_set(folders, train_folders, show=False)
-    prior_toml = regularization_set(toml, train_toml, show=False)
+    prior_folders, meta_folders = regularization_set(folders, train_folders, show=False)
+    prior_toml, meta_toml = regularization_set(toml, train_toml, show=False)
     assert summary(prior_toml) == summary(prior_folders)
     assert [(r.caption, r.repeats, r.prior) for r in prior_toml] == [("a person 0", 5, True), ("a person 1", 4, True)]
+    # kohya's metadata counts the images as found (2 x 1 repeat), not the 9 balanced samples
+    assert meta_toml == {"ss_reg_dataset_dirs": '{"reg": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
+    assert meta_folders == {"ss_reg_dataset_dirs": '{".": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
 
 
 def test_subset_values_fall_back_to_the_dataset_then_general(tmp_path, monkeypatch):
@@ -368,7 +371,7 @@ def test_prior_loss_weight_applies_to_the_is_reg_subsets(tmp_path, monkeypatch):
     write_toml(tmp_path / "kohya.toml", TWO_SUBSETS)
     config = load_config([*MODEL, "--dataset-config", "kohya.toml", "--prior-loss-weight", "0.5"])
     assert config.prior_loss_weight == 0.5
-    prior = regularization_set(config, scan_training_data(config).records, show=False)
+    prior, _ = regularization_set(config, scan_training_data(config).records, show=False)
     assert [(r.path.name, r.prior) for r in prior] == [("r0.png", True), ("r1.png", True)]
 
     message = problems_of(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "reg"\n', "--prior-loss-weight", "0.5")
