@@ -245,11 +245,18 @@ batch_size = "4"
     assert "caption_extension = 'txt' must start with a dot" in message
 
 
-def test_non_square_resolution_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("general, subset, problem", [
+    ("resolution = [512, 768]", "",
+     "bad.toml: resolution = [512, 768]: sd_lora trains square-area buckets of one resolution; write resolution = N"),
+    # 20240101 repeats listed 20 million samples per image before the first step, as a folder name did
+    ("", "num_repeats = 20240101",
+     "num_repeats = 20240101 is more than 100,000 repeats per epoch; use a smaller count"),
+])
+def test_one_subset_with_a_bad_value_is_refused(tmp_path, monkeypatch, general, subset, problem):
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path / "a" / "0.png")
-    message = problems_of(tmp_path, '[general]\nresolution = [512, 768]\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n')
-    assert "bad.toml: resolution = [512, 768]: sd_lora trains square-area buckets of one resolution; write resolution = N" in message
+    message = problems_of(tmp_path, f'[general]\n{general}\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n{subset}\n')
+    assert problem in message
 
 
 def test_subsets_that_disagree_on_a_run_option_are_refused(tmp_path, monkeypatch):
@@ -354,14 +361,6 @@ def test_num_repeats_below_one_is_refused_where_subsets_inherit_it(tmp_path, mon
     message = problems_of(tmp_path, text)
     place = "[general]" if table == "[general]" else "[[datasets]] #1"
     assert f"bad.toml: {place}: num_repeats = 0 must be at least 1; set it in each subset that should train" in message
-
-
-def test_num_repeats_past_the_cap_is_refused(tmp_path, monkeypatch):
-    # 20240101 repeats listed 20 million samples per image before the first step, as a folder name did.
-    monkeypatch.chdir(tmp_path)
-    write_image(tmp_path / "a" / "0.png")
-    message = problems_of(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 20240101\n')
-    assert "num_repeats = 20240101 is more than 100,000 repeats per epoch; use a smaller count" in message
 
 
 def test_prior_loss_weight_applies_to_the_is_reg_subsets(tmp_path, monkeypatch):
