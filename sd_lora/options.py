@@ -16,6 +16,7 @@ from typing import Any
 
 from .compiling import COMPILE_MODES
 from .fsio import public_name
+from .sampling.prompts import OPTION_FLAGS as PROMPT_OPTION_FLAGS
 from .sampling.samplers import NAMES as SAMPLERS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -147,7 +148,8 @@ class TrainConfig:
     sample_every_epochs: int = option(0, "Also write a sample grid at the end of every N-th epoch, samples/<name>-NNNNNN.png; the last "
                                       "epoch's is the end grid (0: none). Unlike kohya's sample_every_n_epochs it does not replace "
                                       "--sample-every: add --sample-every 0 for epoch grids only.", min=0, group="sampling")
-    sample_prompts: Path | None = option(None, "Prompt file, one per line, kohya options --n --w --h --s --l --d. Default: dataset captions.", group="sampling")
+    sample_prompts: Path | None = option(None, f"Prompt file, one per line, kohya options {PROMPT_OPTION_FLAGS}. Default: dataset captions.",
+                                       group="sampling")
     sample_steps: int = option(20, "Denoising steps per sample.", min=1, max=1000, group="sampling")
     sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
     sample_sampler: str = option("ddim", "Sampler used for sample grids (kohya's names; a prompt's --ss overrides it).", choices=SAMPLERS, group="sampling")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 from sd_lora.config import load_config
 from sd_lora.options import FIELDS, TrainConfig
@@ -32,6 +33,13 @@ def test_metadata_names_local_paths_by_basename_and_hub_ids_whole(tmp_path):
     assert c.to_dict()["model"] == str(model) and c.to_dict()["data"] == str(tmp_path / "chars")  # config.toml
     hub = load_config(["--data", str(tmp_path), "--model", "runwayml/stable-diffusion-v1-5"])
     assert hub.ss_metadata()["ss_sd_model_name"] == "runwayml/stable-diffusion-v1-5"
+
+
+def test_sample_prompts_help_lists_every_prompt_line_option():
+    from sd_lora.sampling.prompts import OPTIONS
+
+    listed = set(re.findall(r"--(\w+)", FIELDS["sample_prompts"].metadata["help"]))
+    assert set(OPTIONS) <= listed, sorted(set(OPTIONS) - listed)  # --ss (the row's sampler) too
 
 
 def test_every_option_has_help():

@@ -51,6 +51,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "ss": ("sampler", f"sampler, one of {', '.join(SAMPLER_NAMES)}"),
 }
 SUPPORTED_OPTIONS_HELP = ", ".join(f"--{k} ({what})" for k, (_, what) in OPTIONS.items())
+OPTION_FLAGS = " ".join(f"--{k}" for k in OPTIONS)  # "--n --w --h --s --l --d --ss", for help texts
 # kohya sd-scripts' other sample-prompt options (library/train_util.py, line_to_prompt_dict) -> what to do here
 KOHYA_ONLY_OPTIONS: dict[str, str] = {
     "g": "kohya's distilled-guidance scale (FLUX-type models); for SD models use --l",
@@ -167,7 +168,7 @@ def read_prompt_file(path: str | os.PathLike, size_step: int = SIZE_STEP) -> lis
     if path.suffix.lower() in (".toml", ".json"):
         raise UserError(
             f"{path}: only plain-text prompt files are supported (kohya's .toml/.json prompt files are not). "
-            "Write one prompt per line, with --n/--w/--h/--s/--l/--d options, in a .txt file."
+            f"Write one prompt per line, with {'/'.join(f'--{k}' for k in OPTIONS)} options, in a .txt file."
         )
     try:
         data = path.read_bytes()

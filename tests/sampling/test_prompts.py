@@ -200,8 +200,9 @@ def test_missing_folder_and_undecodable_files(tmp_path):
         read_prompt_file(latin1)
     toml = tmp_path / "prompts.toml"
     toml.write_text("[[prompt]]\n", encoding="utf-8")
-    with pytest.raises(UserError, match="plain-text"):
+    with pytest.raises(UserError, match="plain-text") as e:
         read_prompt_file(toml)
+    assert "--ss" in str(e.value)  # every option a line may use, the sampler too
 
 
 CAPTIONS = [f"caption {i:02d}" for i in range(10)]
