@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # hack: see sd_lora.demo.pretrain (before torch loads)
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from functools import lru_cache  # noqa: E402
@@ -356,6 +357,8 @@ def evaluate_lora(path: str | Path, model: str | Path = BASE_MODEL_DIR, settings
 
 def format_lora_report(r: LoraReport, settings: GenerationSettings = GenerationSettings()) -> str:
     seeds = len(settings.seeds)
+    scale = (f"between two seeds of the base: {r.seed_to_seed:.3f}" if seeds > 1 else
+             "one seed: with --seeds 2 or more, two seeds of the base are compared for scale")
     return "\n".join([
         f"seeds {', '.join(map(str, settings.seeds))}; {settings.steps} {settings.sampler} steps, cfg {settings.cfg:g}",
         f"concept score (zkchar found in trigger-prompt images): base {r.concept_base:.0%}, LoRA {r.concept_lora:.0%} "
@@ -366,7 +369,7 @@ def format_lora_report(r: LoraReport, settings: GenerationSettings = GenerationS
         f"prompt fidelity (named background with the trigger, {len(FIDELITY_BACKGROUNDS) * seeds} images): "
         f"base {r.fidelity_base:.0%}, LoRA {r.fidelity_lora:.0%}",
         f"prior drift (mean |pixel change| on {len(DRIFT_PROMPTS) * seeds} non-trigger images): {r.drift:.3f} "
-        f"(between two seeds of the base: {r.seed_to_seed:.3f})",
+        f"({scale})",
     ])
 
 
@@ -388,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--grid", type=Path, help="Also save the base-vs-LoRA images as one PNG grid here.")
     args = parser.parse_args(argv)
-    from ..errors import run_cli
+    from ..errors import ConfigError, run_cli
 
-    settings = GenerationSettings(seeds=tuple(range(args.seeds)), steps=args.steps, cfg=args.cfg)
+    settings = GenerationSettings(seeds=tuple(range(max(args.seeds, 0))), steps=args.steps, cfg=args.cfg)
 
     def body() -> None:
+        problems = [f"--seeds {args.seeds}: evaluate at least one seed (default 3)"] * (args.seeds < 1)
+        problems += [f"--steps {args.steps}: sample with at least one step (default 20)"] * (args.steps < 1)
+        problems += [f"--cfg {args.cfg}: use a finite guidance scale such as 5"] * (not math.isfinite(args.cfg))
+        if problems:
+            raise ConfigError(problems)
         if args.file is None:
             print(format_base_report(evaluate_base(args.model, settings)))
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -156,3 +157,19 @@ def test_the_default_run_learns_zkchar_and_keeps_the_world(tmp_path):
     assert report.teal_base == 0.0 and report.teal_lora > 0.01
     assert report.fidelity_lora >= 0.9
     assert report.drift < report.seed_to_seed
+
+
+def test_bad_settings_are_refused_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a, **k: pytest.fail("the base model was loaded"))
+    assert evaluate.main(["--seeds", "0", "--steps", "0", "--cfg", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds 0: evaluate at least one seed" in err and "--steps 0: sample with at least one step" in err
+    assert "--cfg nan: use a finite guidance scale" in err
+
+
+def test_a_one_seed_report_says_why_it_has_no_seed_to_seed_scale():
+    report = evaluate.LoraReport(**{f.name: 0.0 for f in dataclasses.fields(evaluate.LoraReport) if f.name != "images"},
+                                 images={})
+    text = evaluate.format_lora_report(dataclasses.replace(report, seed_to_seed=float("nan")),
+                                       evaluate.GenerationSettings(seeds=(0,)))
+    assert "nan" not in text and "one seed: with --seeds 2 or more" in text
