@@ -327,7 +327,9 @@ def test_the_runs_own_folders_inside_the_data_are_not_read(tmp_path):
                           "--latent-cache-dir", str(root / "2_zk" / "cache")])
     result = scan_training_data(config)
     assert [r.path.name for r in result.records] == ["a.png"]
-    assert sum("not read: this run writes its outputs there" in w for w in result.warnings) == 2
+    assert sum("out not read: this run writes its outputs there" in w for w in result.warnings) == 1
+    assert sum("cache not read: it is --latent-cache-dir (this run writes its cached latents there)" in w
+               for w in result.warnings) == 1
     assert [r.path.name for r in scan_dataset(root).records] == ["a.png", "x.png", "chars-step00000000.png"]  # other scans: as before
 
 
