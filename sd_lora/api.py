@@ -20,6 +20,8 @@ pipeline object); adapters loaded with `pipe.load_lora_weights` directly count w
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
@@ -64,7 +66,9 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | Non
             f"{path}: {len(mismatches)} modules do not fit this pipeline's model:\n  - {shown}\n"
             "Was the LoRA trained for another model family?"
         )
-    pipe.load_lora_weights(to_diffusers_state_dict({c: w for c, w in lora.components.items() if w}), adapter_name=name)
+    with _without_transformers_load_report():
+        pipe.load_lora_weights(to_diffusers_state_dict({c: w for c, w in lora.components.items() if w}), adapter_name=name)
+    _require_loaded(pipe, lora, name)
     _weights(pipe)[name] = weight
     _activate(pipe)
     return name
@@ -113,6 +117,39 @@ def _weight(value, what: str) -> float:
     if not math.isfinite(weight):
         raise UserError(f"{what} {value!r} is not a finite number; pass one such as 0.8 (0 switches the adapter off)")
     return weight
+
+
+# transformers logs a "LOAD REPORT" when diffusers loads an adapter into a text encoder, listing every base weight as
+# MISSING and "newly initialized" (transformers 5: it filters the missing keys by a test that base_layer keys
+# pass). Nothing is re-initialized; `_require_loaded` checks instead that every module of the file got the adapter.
+_LOAD_REPORT_LOGGER = "transformers.integrations.peft"
+
+
+@contextlib.contextmanager
+def _without_transformers_load_report():
+    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _require_loaded(pipe, lora, name: str) -> None:
+    """Every module of `lora` now carries adapter `name` in `pipe`, or the adapter is removed and this is a bug."""
+    from sd_lora.lora.inject import lora_weights
+
+    attributes = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    absent = []
+    for component, modules in lora.components.items():
+        if modules:
+            loaded = lora_weights(getattr(pipe, attributes[component]), adapter_name=name)
+            absent += [f"{component}.{path}" for path in modules if path not in loaded]
+    if absent:
+        pipe.delete_adapters(name)
+        raise RuntimeError(f"{lora.source}: diffusers did not load {len(absent)} of its modules ({', '.join(absent[:3])}, ...); "
+                           "please report this bug with the file")
 
 
 def _adapters(pipe) -> list[str]:

@@ -220,3 +220,28 @@ def test_pipeline_without_text_encoder(pristine, files):
     with pytest.raises(UserError, match=r"(?s)char.v2.safetensors: cannot load.*no text_encoder \(it is None\)"):
         load_lora(pipe, folder / "char.v2.safetensors")
     assert lora_scales(pipe) == {"style": 0.3}
+
+
+def test_a_text_encoder_adapter_loads_without_transformers_false_missing_report(pristine, files, capfd):
+    # transformers 5 listed every base weight of the text encoder as MISSING, "newly initialized"; nothing was.
+    _, _, folder = files
+    pipe = copy.deepcopy(pristine)
+    capfd.readouterr()
+    load_lora(pipe, folder / "char.v2.safetensors")
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+
+
+def test_modules_diffusers_did_not_load_are_an_error_and_the_adapter_is_removed(pristine, files, monkeypatch):
+    _, _, folder = files
+    pipe = copy.deepcopy(pristine)
+    real = pipe.load_lora_weights
+
+    def drop_one_module(state, adapter_name):
+        first = sorted(k for k in state if k.startswith("unet."))[0].rsplit(".lora_", 1)[0]
+        return real({k: v for k, v in state.items() if not k.startswith(first + ".")}, adapter_name=adapter_name)
+
+    monkeypatch.setattr(pipe, "load_lora_weights", drop_one_module)
+    with pytest.raises(RuntimeError, match=r"style.safetensors: diffusers did not load 1 of its modules \(unet\."):
+        load_lora(pipe, folder / "style.safetensors")
+    assert lora_scales(pipe) == {}
