@@ -44,6 +44,9 @@ class Progress:
     # (metrics.jsonl's elapsed): a resume goes on counting from both. Older states: None, a resume starts afresh.
     started_at: float | None = None
     elapsed: float | None = None
+    # How many processes trained: a step's global batch is --batch-size x processes, and `batch_in_epoch` counts
+    # those batches, so a resume must use as many (`load_state`). Older states: None, not checked.
+    processes: int | None = None
 
 
 def state_dir_name(step: int) -> str:
@@ -233,10 +236,11 @@ def list_states(output_dir: Path) -> list[Path]:
     return sorted(found, key=state_step)
 
 
-def resume_command(output_dir: Path) -> str:
-    """The command that continues the run in `output_dir` from its newest state, quoted for a POSIX shell (a folder
-    name with a space or a quote is pasted as one argument)."""
-    return f"python -m sd_lora.train --config {shlex.quote(str(output_dir / 'config.toml'))} --resume latest"
+def resume_command(output_dir: Path, processes: int = 1) -> str:
+    """The command that continues the run in `output_dir` from its newest state, with as many `processes` as it
+    trained with, quoted for a POSIX shell (a folder name with a space or a quote is pasted as one argument)."""
+    launcher = "python" if processes == 1 else f"accelerate launch --multi_gpu --num_processes {processes}"
+    return f"{launcher} -m sd_lora.train --config {shlex.quote(str(output_dir / 'config.toml'))} --resume latest"
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:
@@ -276,9 +280,10 @@ class LoadedState:
     data_fingerprint: str
 
 
-def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> LoadedState:
-    """Read a state folder and refuse it when the run it belongs to differs from `config` in a fixed option,
-    or when it is damaged (a disk that filled up or failed, a hand-edited file): that error names an older one."""
+def load_state(path: Path, config: TrainConfig, data_fingerprint: str, processes: int = 1) -> LoadedState:
+    """Read a state folder and refuse it when the run it belongs to differs from `config` in a fixed option or
+    trained with another number of `processes` than this one has, or when it is damaged (a disk that filled up or
+    failed, a hand-edited file): that error names an older one."""
     try:
         saved_config = read_toml(path / "config.toml")
         meta = json.loads((path / "progress.json").read_text())
@@ -299,6 +304,11 @@ def load_state(path: Path, config: TrainConfig, data_fingerprint: str) -> Loaded
         sources = [f"--dataset-config {config.dataset_config}" if config.dataset_config else f"--data {config.data}"]
         sources += [f"{flag} {folder}" for flag, folder in (("--reg-data", config.reg_data), ("--validation-data", config.validation_data)) if folder]
         problems.append(f"{' or '.join(sources)}: the images or captions changed since the state was saved")
+    if progress.processes is not None and progress.processes != processes:
+        # Another count changes the global batch, so the saved position in the epoch (counted in global batches)
+        # would point elsewhere in the data and the steps per epoch would change.
+        problems.append(f"processes: {progress.processes} in the saved run, {processes} now (each step's global batch is "
+                        f"--batch-size x processes); resume with {progress.processes}: {resume_command(path.parent, progress.processes)}")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot resume from {path}: this run differs from the saved one:\n{listed}\nUse the saved settings (--config {path / 'config.toml'}), or start a new run in another --output-dir")

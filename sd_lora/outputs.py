@@ -415,7 +415,7 @@ class RunOutputs:
             kept = f"the newest training state is {older[-1]}" if older else "no training state was saved before"
             return f"Could not keep the weights in a training state either ({e}); earlier files are intact, and {kept}."
         return (f"The weights are kept in the training state {path}: free space, fix permissions or move what is in "
-                f"the way, then {checkpoint.resume_command(self.config.output_dir)} writes the file.")
+                f"the way, then {checkpoint.resume_command(self.config.output_dir, self.acc.num_processes)} writes the file.")
 
     def rng_states(self, all_processes: bool = True) -> list[dict]:
         """The random states of every process in rank order (gathered: with several processes every one must
@@ -438,7 +438,7 @@ class RunOutputs:
             step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch, nan_steps=state.nan_steps,
             best_validation=self.best_validation, best_validation_step=self.best_validation_step, log_run=self.log_run,
             loss_average=self.smoothed, started_at=self.started_at, elapsed=self.elapsed(),
-            saves=[[str(p) for p in save] for save in self.scheduled_saves],
+            saves=[[str(p) for p in save] for save in self.scheduled_saves], processes=self.acc.num_processes,
         )
         later = checkpoint.later_states(self.out, state.step)  # set aside by save_state: another run's (its docstring)
         aside = [checkpoint.set_aside_name(p).name for p in later]

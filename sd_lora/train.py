@@ -195,7 +195,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
     options = data_options(config, model.bucket_step)
     dataset = ImageDataset(train_records + prior_records, options)
     data_id = fingerprint(train_records + prior_records + validation_records)
-    resumed = checkpoint.load_state(checkpoint.resolve_resume(config.resume, config.output_dir), config, data_id) if config.resume else None
+    resumed = None
+    if config.resume:
+        resumed = checkpoint.load_state(checkpoint.resolve_resume(config.resume, config.output_dir), config, data_id,
+                                        processes=accelerator.num_processes)
 
     # Models: frozen base in the compute dtype, LoRA in fp32, seeded initialisation (the same on every process).
     torch.manual_seed(config.seed)
@@ -357,7 +360,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
             cause = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
             saved = (f"Saved {lora} and the training state {state_dir}." if accelerator.is_main_process else
                      "The main process saved the LoRA and the training state.")
-            raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {checkpoint.resume_command(config.output_dir)}",
+            raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {checkpoint.resume_command(config.output_dir, accelerator.num_processes)}",
                               128 + (stop.signal or signal.SIGTERM))
     accelerator.wait_for_everyone()
     try:  # the logs are closed even when the final file cannot be written

@@ -632,3 +632,32 @@ def test_the_resume_command_quotes_a_folder_with_spaces(tmp_path):
     command = checkpoint.resume_command(out)
     assert shlex.split(command) == ["python", "-m", "sd_lora.train", "--config", str(out / "config.toml"), "--resume", "latest"]
     assert checkpoint.resume_command(tmp_path / "plain") == f"python -m sd_lora.train --config {tmp_path / 'plain' / 'config.toml'} --resume latest"
+
+
+def test_a_state_resumes_only_with_the_number_of_processes_that_trained_it(tmp_path):
+    """The saved position in the epoch counts global batches (--batch-size x processes): a 2-process state resumed
+    by one process (the printed resume command used to start one) went on at the wrong place in the data."""
+    import shlex
+
+    config, kwargs = small_state(tmp_path, keep=3)
+    two = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, processes=2), **kwargs)
+    assert checkpoint.load_state(two, config, "x", processes=2).progress.processes == 2
+    with pytest.raises(UserError) as refused:
+        checkpoint.load_state(two, config, "x", processes=1)
+    message = str(refused.value)
+    assert "processes: 2 in the saved run, 1 now" in message
+    assert shlex.split(message.split("resume with 2: ")[1].splitlines()[0]) == [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "sd_lora.train", "--config",
+        str(tmp_path / "config.toml"), "--resume", "latest"]
+    older = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(4, 0, 4), **kwargs)  # from before the count was kept
+    assert checkpoint.load_state(older, config, "x", processes=2).progress.processes is None
+
+
+def test_a_run_records_its_number_of_processes_in_its_states(tiny_dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2", "--save-state-every", "2")) == 0
+    state = checkpoint.resolve_resume("latest", out)
+    assert json.loads((state / "progress.json").read_text())["progress"]["processes"] == 1
+    with pytest.raises(UserError, match="processes: 1 in the saved run, 2 now"):
+        checkpoint.load_state(state, load_config(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2")),
+                              json.loads((state / "progress.json").read_text())["data_fingerprint"], processes=2)

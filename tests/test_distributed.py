@@ -99,6 +99,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resume_finishes
     step = stopped_at.pop()
     assert 3 <= step < 400
     assert (out / f"state-{step:08d}").is_dir() and (out / f"zk-step{step:08d}.safetensors").is_file()
+    assert stderr.count("To continue: accelerate launch --multi_gpu --num_processes 2 -m sd_lora.train --config ") == 2  # as many processes
     assert not (out / "zk.safetensors").exists()  # no "final" file for an unfinished run
 
     resumed = subprocess.run([*launch, "--max-steps", str(step + 2), "--resume", "latest"], capture_output=True, text=True, timeout=600, env=env)
