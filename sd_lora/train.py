@@ -326,6 +326,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
                     check_gradients=config.mixed_precision != "fp16",  # fp16's loss scaler skips overflowing steps itself
                     skip_on_device=skip_steps_on_device(accelerator.device, optimizer),
                 )
+            except UserError as e:  # from this process's share of the data (an image that no longer loads): its own
+                e.every_process = False
+                raise
             finally:
                 stop_workers(dataloader)
         except loop.NonFiniteLoss as e:
@@ -400,7 +403,9 @@ def out_of_memory_error(config: TrainConfig, state: loop.TrainState, trainee: lo
         device_type=device.type,
     )
     advice = "\nTo fit, change one or more of: " + "; ".join(ways) if ways else ""
-    return UserError(f"out of {device.type} memory in step {state.step + 1} ({message}).{saved}{advice}\n{memory.describe_peak(device)}")
+    error = UserError(f"out of {device.type} memory in step {state.step + 1} ({message}).{saved}{advice}\n{memory.describe_peak(device)}")
+    error.every_process = False  # one process may run out of memory alone
+    return error
 
 
 def main(argv: list[str] | None = None) -> int:

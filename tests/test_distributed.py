@@ -180,3 +180,66 @@ def test_ranks_draw_their_own_dropout_masks_from_the_same_lora_and_resume_exactl
     a, b = load_file(str(tmp_path / "full" / "data.safetensors")), load_file(str(tmp_path / "stopped" / "data.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "random states of" not in resumed.stdout  # both ranks' sets were saved: no note
+
+
+def launch_two(*args, timeout=120) -> subprocess.CompletedProcess:
+    """`accelerate launch` of two processes; on a timeout the launcher and both ranks are ended (a hang fails the
+    test without leaving processes behind)."""
+    import signal
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_an_error_every_process_raises_is_printed_once(tmp_path):
+    proc = launch_two("-m", "sd_lora.train", "--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("sd_lora: error: ") == 1 and proc.stderr.count("folder not found") == 1, proc.stderr[-3000:]
+
+
+# Rank 1 alone finds an image it cannot load (changed since the scan) from its 4th image on. An error held back as
+# one every process raises would wait 10 minutes.
+BAD_IMAGE_ON_RANK_1 = """
+import os, sys
+import sd_lora.errors
+import sd_lora.train as train
+from sd_lora.data.dataset import ImageDataset
+from sd_lora.errors import UserError
+
+load_pixels, loaded = ImageDataset.load_pixels, []
+
+def failing_on_rank_1(self, index, plan, *, flip=False):
+    loaded.append(index)
+    if os.environ["RANK"] == "1" and len(loaded) > 3:
+        raise UserError(f"{self.records[index].path}: cannot decode image (truncated file)")
+    return load_pixels(self, index, plan, flip=flip)
+
+ImageDataset.load_pixels, sd_lora.errors.SECONDARY_GRACE_SECONDS = failing_on_rank_1, 600
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_an_image_only_one_process_fails_on_is_reported_by_it_without_a_hang(tiny_dataset, tiny_model_dir, tmp_path):
+    import time
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(BAD_IMAGE_ON_RANK_1)
+    started = time.monotonic()
+    proc = launch_two(str(probe), "--data", str(tiny_dataset), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"),
+                      "--resolution", "32", "--rank", "4", "--batch-size", "1", "--max-steps", "50", "--sample-every", "0",
+                      "--no-cache-latents")
+    assert proc.returncode != 0
+    assert proc.stderr.count("sd_lora: error: ") == 1 and proc.stderr.count("cannot decode image (truncated file)") == 1, proc.stderr[-3000:]
+    assert time.monotonic() - started < 100  # the other process was not left waiting, nor this one held back

@@ -19,3 +19,30 @@ def test_user_errors_and_ctrl_c_end_with_one_line_and_an_exit_code(capsys):
     # Ctrl-C outside training's own handling (loading, caching latents): no KeyboardInterrupt traceback.
     assert run_cli(raising(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err.endswith("sd_lora: interrupted (Ctrl-C); every file written so far is complete (writes are atomic)\n")
+
+
+def test_a_secondary_process_holds_back_an_error_every_process_raises(capsys, monkeypatch):
+    """Under `accelerate launch` every process checked the same options and printed the same error: the main
+    process reports it, a secondary one waits to be ended by the launcher and prints only if it is not."""
+    import time
+
+    from sd_lora import errors
+
+    monkeypatch.setattr(errors, "SECONDARY_GRACE_SECONDS", 0.5)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    started = time.monotonic()
+    assert run_cli(raising(UserError("--data x: folder not found"))) == 2
+    assert time.monotonic() - started < 0.4 and capsys.readouterr().err == "sd_lora: error: --data x: folder not found\n"
+
+    monkeypatch.setenv("RANK", "1")
+    started = time.monotonic()
+    assert run_cli(raising(UserError("--data x: folder not found"))) == 2
+    assert time.monotonic() - started >= 0.5 and capsys.readouterr().err == "sd_lora: error: --data x: folder not found\n"
+
+    own = UserError("data/a.png: cannot decode image")  # found in this process's share of a batch
+    own.every_process = False
+    for error, code in ((own, 2), (Interrupted("stopped by a signal to another process", 143), 143)):
+        started = time.monotonic()
+        assert run_cli(raising(error)) == code
+        assert time.monotonic() - started < 0.4 and capsys.readouterr().err == f"sd_lora: error: {error}\n"
