@@ -7,6 +7,7 @@ print its message and exit with status 2; anything else is our bug and keeps its
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +52,19 @@ def is_secondary_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
 
 
+_WORKER_WRAPPED = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def user_message(error: UserError) -> str:
+    """The message of `error`; for one a DataLoader worker raised (torch re-raises it in the main process with the
+    worker's whole traceback as its message: `--num-workers`), the original message only."""
+    text = str(error)
+    marker = f"\n{type(error).__module__}.{type(error).__qualname__}: "
+    if _WORKER_WRAPPED.match(text) and marker in text:
+        return text.rsplit(marker, 1)[1].rstrip("\n")
+    return text
+
+
 def run_cli(body: Callable[[], None]) -> int:
     """Run a command-line tool's body: 0 when it returns; a `UserError` prints one `sd_lora: error: ...` line
     on stderr (no traceback) and gives its `exit_code` (2 unless it says otherwise). A Ctrl-C that the body
@@ -66,7 +80,7 @@ def run_cli(body: Callable[[], None]) -> int:
     except UserError as e:
         if e.every_process and is_secondary_process():
             time.sleep(SECONDARY_GRACE_SECONDS)
-        print(f"sd_lora: error: {e}", file=sys.stderr)
+        print(f"sd_lora: error: {user_message(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("\nsd_lora: interrupted (Ctrl-C); every file written so far is complete (writes are atomic)", file=sys.stderr)

@@ -46,3 +46,18 @@ def test_a_secondary_process_holds_back_an_error_every_process_raises(capsys, mo
         started = time.monotonic()
         assert run_cli(raising(error)) == code
         assert time.monotonic() - started < 0.4 and capsys.readouterr().err == f"sd_lora: error: {error}\n"
+
+
+def test_an_error_a_dataloader_worker_raised_prints_its_own_message_only(capsys):
+    # With --num-workers, torch re-raises a worker's UserError with the worker's traceback as its message.
+    from torch._utils import ExceptionWrapper
+
+    def body():
+        try:
+            raise UserError("data/img.png: cannot be read (truncated file)\nreplace or remove it")
+        except UserError:
+            ExceptionWrapper(where="in DataLoader worker process 1").reraise()
+
+    assert run_cli(body) == 2
+    err = capsys.readouterr().err
+    assert err == "sd_lora: error: data/img.png: cannot be read (truncated file)\nreplace or remove it\n"
