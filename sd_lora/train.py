@@ -9,6 +9,7 @@ model, scan and check every image, inject LoRA, cache latents, print a summary, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -216,7 +217,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
             weights = {**model.vae.encoder.state_dict(), **{f"quant_conv.{k}": v for k, v in model.vae.quant_conv.state_dict().items()}}
             dtype = f"{model.vae.dtype}/autocast-{config.mixed_precision}"  # what the latents were computed in
             disk = {"cache_dir": config.latent_cache_dir, "vae_id": vae_identity(model.vae_name or model.name, model.vae.config, dtype, weights)}
-        with accelerator.main_process_first():  # with several processes the main one writes, the others reuse
+        # With several processes and a disk cache the main one writes, the others then read; in memory, each
+        # process encodes at once (the same latents: the same seeded generator), not one after another.
+        with accelerator.main_process_first() if disk else contextlib.nullcontext():
             dataset.latent_cache = build_latent_cache(dataset, encode, batch_size=config.batch_size, progress=accelerator.is_main_process, **disk)
         for warning in dataset.latent_cache.warnings if accelerator.is_main_process else []:
             print(f"warning: {warning}", file=sys.stderr)
