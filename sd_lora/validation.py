@@ -46,7 +46,8 @@ def build_validation_set(latents: list[torch.Tensor], captions: list[str], sizes
     items = []
     n = len(latents)
     for i, (lat, caption, size) in enumerate(zip(latents, captions, sizes)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        # modulo 2**64, what manual_seed takes: --seed goes up to 2**63-1 (unchanged for the usual seeds)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**64)
         timestep = int((i + 0.5) * num_train_timesteps / n)
         items.append(ValidationItem(lat, caption, torch.randn(lat.shape, generator=g), timestep, size))
     return items
