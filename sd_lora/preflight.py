@@ -97,7 +97,18 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
 def warn_long_captions(tokenizer, captions: list[str], max_tokens: int | None = None) -> None:
     """Captions longer than the text encoder reads (77 tokens, or --max-token-length + 2) lose their end: said
     once, before training."""
-    long = too_long(tokenizer, captions, max_tokens)
+    _warn_long(tokenizer, captions, max_tokens, "captions")
+
+
+def warn_long_sample_prompts(tokenizer, prompts, max_tokens: int | None, source) -> None:
+    """The same for a prompt file's prompts and negative prompts, which the sample grids cut as training cuts
+    captions (silently on the --clip-skip and --max-token-length paths, where diffusers does not warn)."""
+    texts = [text for p in prompts for text in (p.prompt, p.negative) if text]
+    _warn_long(tokenizer, texts, max_tokens, f"prompts and negative prompts in {source}")
+
+
+def _warn_long(tokenizer, texts: list[str], max_tokens: int | None, what: str) -> None:
+    long = too_long(tokenizer, texts, max_tokens)
     if long:
         caption, tokens = max(long.items(), key=lambda item: item[1])
         shown = caption if len(caption) <= 80 else caption[:77] + "..."
@@ -107,7 +118,7 @@ def warn_long_captions(tokenizer, captions: list[str], max_tokens: int | None = 
         else:
             reads = f"--max-token-length {max_tokens} ({max_tokens + 2} tokens with the start and end tokens)"
             fix = "shorten them or put what matters first" + (" or pass --max-token-length 225" if max_tokens < 225 else "")
-        print(f"warning: {len(long)} of {len(set(captions))} captions are longer than {reads}, and lose their end (the longest, "
+        print(f"warning: {len(long)} of {len(set(texts))} {what} are longer than {reads}, and lose their end (the longest, "
               f"{tokens} tokens: {shown!r}); {fix}", file=sys.stderr)
 
 

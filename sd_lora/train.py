@@ -40,7 +40,7 @@ from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions  # noqa: E402
+from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions, warn_long_sample_prompts  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator, release_text_encoders,  # noqa: E402
                             prepare_models, read_init_weights)
@@ -182,6 +182,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if process.is_main_process:
         warn_long_captions(model.tokenizer, [r.caption for r in train_records + prior_records + validation_records],
                            config.max_token_length)
+        if file_prompts and config.sampling:
+            warn_long_sample_prompts(model.tokenizer, file_prompts, config.max_token_length, config.sample_prompts)
     init_weights, targets = None, config.targets
     if config.init_weights:  # before the resume check: the file's rank and alpha are part of the run
         config, init_weights = read_init_weights(config, model)  # (and whether the text encoder trains)

@@ -696,3 +696,19 @@ def test_a_hidden_data_folder_does_not_give_a_hidden_lora_file(tiny_model_dir, t
     data = write_dataset(tmp_path / ".chars")
     result = run(load_config(train_args(data, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0")))
     assert result.path == tmp_path / "o" / "chars.safetensors" and result.path.is_file()
+
+
+def test_sample_prompts_longer_than_the_text_encoder_reads_are_named_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """With --clip-skip 2 the grids encode prompts as training does (no diffusers warning): the cut is said once."""
+    long = "zkchar, " + ", ".join(f"detail {i}" for i in range(60))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"zkchar --n {long}\n{long}\n", encoding="utf-8")
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0",
+                               "--sample-every-epochs", "0", "--clip-skip", "2", "--sample-prompts", str(prompts))))
+    assert str(prompts) not in capsys.readouterr().err  # no grids: nothing to warn about
+    run(load_config(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o2", "--max-steps", "1", "--sample-every", "1",
+                               "--sample-steps", "1", "--clip-skip", "2", "--sample-prompts", str(prompts))))
+    err = capsys.readouterr().err
+    assert err.count(str(prompts)) == 1
+    assert (f"warning: 1 of 2 prompts and negative prompts in {prompts} are longer than the 77 tokens the text encoder reads, "
+            "and lose their end (the longest, ") in err
