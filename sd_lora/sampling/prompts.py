@@ -89,7 +89,11 @@ def parse_prompt_line(line: str, where: str) -> SamplePrompt:
             problems.append(f"--{name} is {KOHYA_ONLY_OPTIONS[name]}: remove it from the line")
             continue
         if name not in OPTIONS:
-            hint = f" (missing space? write --{name[0]} {name[1:]})" if name[0] in OPTIONS and len(name) > 1 else ""
+            option, equals, value = name.partition("=")
+            if equals and option in OPTIONS:  # "--w=512", as command-line flags are written
+                hint = f" (write --{option} {value or '<value>'}, with a space, not '=')"
+            else:
+                hint = f" (missing space? write --{name[0]} {name[1:]})" if name[0] in OPTIONS and len(name) > 1 else ""
             problems.append(f"unknown option --{name}{hint}; supported: {SUPPORTED_OPTIONS_HELP}")
             continue
         if name in seen:

@@ -232,3 +232,12 @@ def test_default_prompts_without_captions_are_the_empty_prompt(captions):
     assert default_prompts(captions, n=4) == [SamplePrompt("")]
     assert len(default_prompts(CAPTIONS, n=10)) == 10
     assert default_prompts(["x --w 64"], n=1) == [SamplePrompt("x --w 64")]
+
+
+@pytest.mark.parametrize(("line", "fix"), [("a cat --w=512", "write --w 512, with a space"),
+                                          ("a cat --ss=euler --d 1", "write --ss euler, with a space"),
+                                          ("a cat --s=", "write --s <value>, with a space")])
+def test_an_option_written_with_equals_is_told_to_use_a_space(line, fix):
+    with pytest.raises(UserError) as err:
+        parse_prompt_line(line, "p.txt:1")
+    assert fix in str(err.value) and "missing space" not in str(err.value)
