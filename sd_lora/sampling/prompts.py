@@ -194,7 +194,9 @@ def read_prompt_file(path: str | os.PathLike, size_step: int = SIZE_STEP) -> lis
 
     prompts: list[SamplePrompt] = []
     problems: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines as an editor counts them: str.splitlines() would also split at \f, \x1c-\x1e, \x85 and U+2028/U+2029,
+    # turning one prompt pasted with such a character into two rows and shifting every later line number.
+    for lineno, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

@@ -241,3 +241,14 @@ def test_an_option_written_with_equals_is_told_to_use_a_space(line, fix):
     with pytest.raises(UserError) as err:
         parse_prompt_line(line, "p.txt:1")
     assert fix in str(err.value) and "missing space" not in str(err.value)
+
+
+def test_read_prompt_file_splits_lines_where_an_editor_does(tmp_path):
+    # A U+2028 or form feed pasted into a prompt is not a line break: still one prompt, later lines keep their number
+    path = tmp_path / "p.txt"
+    path.write_bytes("a photo of\u2028a cat --d 1\r\nold\x0cmac\rbad --w 7\n".encode())
+    with pytest.raises(UserError) as err:
+        read_prompt_file(path)
+    assert str(err.value).startswith(f"{path}:3: --w 7 is not a multiple of 8")
+    path.write_bytes("a photo of\u2028a cat --d 1\r\nold\x0cmac\rlast\n".encode())
+    assert [p.prompt for p in read_prompt_file(path)] == ["a photo of\u2028a cat", "old\x0cmac", "last"]
