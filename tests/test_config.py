@@ -176,6 +176,8 @@ def test_toml_type_errors(tmp_path):
         (["--lr-scheduler", "linear", "--lr-scheduler-power", "2"], "--lr-scheduler-power 2 only applies to --lr-scheduler polynomial"),
         (["--prior-loss-weight", "0.5"], "add --reg-data DIR"),
         (["--reg-data", "/nonexistent/reg"], "--reg-data /nonexistent/reg: folder not found"),
+        (["--validate-every", "10"], "--validate-every 10 has no effect without validation images; add --validation-split 0.1 or "
+                                     "--validation-data DIR, or drop --validate-every"),
     ],
 )
 def test_combination_checks(tmp_path, args, message):
@@ -332,3 +334,9 @@ def test_a_folder_given_for_a_file_option_is_named_a_folder_not_missing(tmp_path
         f"--sample-prompts {tmp_path / 'prompts'}: is a folder; pass the .txt file in it with one prompt per line",
         f"--init-weights {tmp_path}: is a folder; pass the LoRA .safetensors file in it",
     ]
+
+
+def test_validate_every_with_validation_images(tmp_path):
+    base = ["--data", str(tmp_path), "--model", "some/model", "--validate-every", "10"]
+    assert load_config(base + ["--validation-split", "0.1"]).validate_every == 10
+    assert load_config(base + ["--validation-data", str(tmp_path)]).validate_every == 10
