@@ -16,6 +16,7 @@ from typing import Any
 
 from .compiling import COMPILE_MODES
 from .fsio import public_name
+from .sampling.prompts import MAX_CFG, MAX_STEPS
 from .sampling.prompts import OPTION_FLAGS as PROMPT_OPTION_FLAGS
 from .sampling.samplers import NAMES as SAMPLERS
 
@@ -150,8 +151,8 @@ class TrainConfig:
                                       "--sample-every: add --sample-every 0 for epoch grids only.", min=0, group="sampling")
     sample_prompts: Path | None = option(None, f"Prompt file, one per line, kohya options {PROMPT_OPTION_FLAGS}. Default: dataset captions.",
                                        group="sampling")
-    sample_steps: int = option(20, "Denoising steps per sample.", min=1, max=1000, group="sampling")
-    sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=100, group="sampling")
+    sample_steps: int = option(20, "Denoising steps per sample.", min=1, max=MAX_STEPS, group="sampling")
+    sample_cfg: float = option(7.5, "Classifier-free guidance scale of samples.", min=0, max=MAX_CFG, group="sampling")
     sample_sampler: str = option("ddim", "Sampler used for sample grids (kohya's names; a prompt's --ss overrides it).", choices=SAMPLERS, group="sampling")
     sample_seeds: int = option(2, "Seeds (grid columns) per prompt; seeds are 0..N-1.", min=1, max=16, group="sampling")
     # --- logging ------------------------------------------------------------------------------------

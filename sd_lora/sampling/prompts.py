@@ -13,7 +13,6 @@ instead.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ class SamplePrompt:
 
 
 MAX_STEPS = 1000
+MAX_CFG = 100  # as --sample-cfg: far past any useful guidance, a typo (75 for 7.5) more likely than a wish
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; keep seed+1, seed+2 in range too
 
 # option letter -> (SamplePrompt field, what the value must be)
@@ -46,7 +46,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "w": ("width", "width in pixels, a positive integer"),
     "h": ("height", "height in pixels, a positive integer"),
     "s": ("steps", f"sampling steps, an integer from 1 to {MAX_STEPS}"),
-    "l": ("cfg", "CFG scale, a number >= 0"),
+    "l": ("cfg", f"CFG scale, a number from 0 to {MAX_CFG}"),
     "d": ("seed", "seed, an integer from 0 to 2**63-1"),
     "ss": ("sampler", f"sampler, one of {', '.join(SAMPLER_NAMES)}"),
 }
@@ -124,7 +124,7 @@ def _parse_option_value(name: str, raw: str) -> str | int | float | None:
         if not _FLOAT.fullmatch(raw):
             return None
         cfg = float(raw)
-        return cfg if math.isfinite(cfg) and cfg >= 0 else None
+        return cfg if 0 <= cfg <= MAX_CFG else None  # (also refuses inf and nan)
     if not _INT.fullmatch(raw):  # also refuses "512.0", "1_000" and "" that int() would take or crash on
         return None
     number = int(raw)

@@ -59,6 +59,7 @@ def test_cfg_accepts_integers_and_exponents():
     assert parse_prompt_line("a --l 7", WHERE).cfg == 7.0
     assert parse_prompt_line("a --l 0", WHERE).cfg == 0.0
     assert parse_prompt_line("a --l 1e1", WHERE).cfg == 10.0
+    assert parse_prompt_line("a --l 100", WHERE).cfg == 100.0
 
 
 @pytest.mark.parametrize(
@@ -80,6 +81,7 @@ def test_cfg_accepts_integers_and_exponents():
         ("a cat --l high", "--l 'high'"),
         ("a cat --l nan", "--l 'nan'"),
         ("a cat --l inf", "--l 'inf'"),
+        ("a cat --l 1e3", "--l '1e3' is not valid; expected CFG scale, a number from 0 to 100"),  # as --sample-cfg
         ("a cat --d -1", "--d '-1'"),
         ("a cat --d 1.5", "--d '1.5'"),
         ("a cat --d 9223372036854775808", "--d '9223372036854775808'"),
