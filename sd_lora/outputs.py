@@ -219,10 +219,13 @@ class RunOutputs:
     def extend_finished_run(self, state: loop.TrainState, final: Path) -> None:
         """A resume past a finished run's end (a higher --max-steps or --epochs), whose `final` file holds the weights
         of the resumed step: that step's scheduled files, left out then (the final file had its weights), are written
-        now, since this run's own final file replaces that one."""
+        now, since this run's own final file replaces that one; so is its epoch grid, which was the end's grid."""
         if final_file_step(final) != state.step:
             return
-        self.save_scheduled_files(state, ended=state.epoch if state.epoch and not state.batch_in_epoch else None)
+        ended = state.epoch if state.epoch and not state.batch_in_epoch else None
+        self.save_scheduled_files(state, ended)
+        if ended and self.config.sample_every_epochs and ended % self.config.sample_every_epochs == 0:
+            self.sample(state.step, epoch=ended, by_step=False)  # (its step grid is the old end's, same name)
 
     def records_numbers_at(self, step: int) -> bool:
         return bool(self.config.save_state_every) and step % self.config.save_state_every == 0

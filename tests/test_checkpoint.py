@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -661,3 +662,20 @@ def test_a_run_records_its_number_of_processes_in_its_states(tiny_dataset, tiny_
     with pytest.raises(UserError, match="processes: 1 in the saved run, 2 now"):
         checkpoint.load_state(state, load_config(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2")),
                               json.loads((state / "progress.json").read_text())["data_fingerprint"], processes=2)
+
+
+def test_extending_a_finished_run_draws_the_epoch_grid_its_end_left_to_the_final_grid(tiny_dataset, tiny_model_dir, tmp_path):
+    # As the epoch file above: the last epoch's grid is the end's <name>-stepN.png. Extended to 3 epochs, the run
+    # wrote x-000002.safetensors but never x-000002.png, so that epoch's file had no grid.
+    out = tmp_path / "x"
+    common = ["--sample-every", "0", "--sample-every-epochs", "1", "--sample-steps", "1", "--sample-seeds", "1",
+              "--save-state-every", "100", "--output-name", "x"]
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--epochs", "2", *common)) == 0
+    epochs = lambda: sorted(p.name for p in (out / "samples").glob("x-0*.png"))  # noqa: E731
+    assert epochs() == ["x-000001.png"]
+    end_of_2 = next(p for p in (out / "samples").glob("x-step*.png") if p.name != "x-step00000000.png")
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--epochs", "3", *common, "--resume", "latest")) == 0
+    assert epochs() == ["x-000001.png", "x-000002.png"]
+    with Image.open(out / "samples" / "x-000002.png") as grid, Image.open(end_of_2) as end:
+        assert json.loads(grid.text["sd_lora"])["epoch"] == 2
+        assert json.loads(grid.text["sd_lora"])["step"] == json.loads(end.text["sd_lora"])["step"]
