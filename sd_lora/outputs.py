@@ -269,7 +269,8 @@ class RunOutputs:
     def validate(self, step: int) -> float:
         with eager():
             value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)
-        if self.best_validation is None or value < self.best_validation:
+        # A NaN never becomes the best: no later loss compares below it, so the best step would stay stuck there.
+        if math.isfinite(value) and (self.best_validation is None or value < self.best_validation):
             self.best_validation, self.best_validation_step = value, step
         self.log({"step": step, "val_loss": value})
         if self.main:

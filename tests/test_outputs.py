@@ -216,3 +216,21 @@ def test_epoch_schedules_that_never_reach_an_epoch_before_the_last_are_refused(e
         with pytest.raises(UserError) as e:
             check_epoch_schedules(config, steps_per_epoch=2, total_steps=total)
         assert f"--{option.replace('_', '-')} {every}: the run has {total} steps, 2 per epoch" in str(e.value) and refused in str(e.value)
+
+
+def test_a_non_finite_validation_loss_is_logged_but_never_the_best(monkeypatch):
+    from types import SimpleNamespace
+
+    from sd_lora import outputs
+
+    losses = iter([float("nan"), 0.5, float("inf"), 0.25])
+    monkeypatch.setattr(outputs, "validation_loss", lambda *args: next(losses))
+    logged = []
+    hooks = SimpleNamespace(trainee=None, objective=None, validation_items=[], config=SimpleNamespace(batch_size=1),
+                            best_validation=None, best_validation_step=None, main=False, log=logged.append)
+    for step in (2, 4, 6, 8):
+        outputs.RunOutputs.validate(hooks, step)
+        if step == 2:
+            assert hooks.best_validation_step is None
+    assert (hooks.best_validation, hooks.best_validation_step) == (0.25, 8)
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
