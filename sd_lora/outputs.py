@@ -258,7 +258,9 @@ class RunOutputs:
         if self.main:
             record["elapsed"] = round(self.elapsed(), 3)
             record["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)  # flat over a long run, or a leak
-            self.metrics.write(json.dumps(record) + "\n")
+            # NaN / inf as strings, as a skipped step writes them: bare NaN is not JSON, and strict readers refuse it.
+            self.metrics.write(json.dumps({k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                                           for k, v in record.items()}, allow_nan=False) + "\n")
             if self.tensorboard:
                 self.tensorboard.write(record["step"], tensorboard_log.scalars(record))
 

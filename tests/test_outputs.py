@@ -234,3 +234,18 @@ def test_a_non_finite_validation_loss_is_logged_but_never_the_best(monkeypatch):
             assert hooks.best_validation_step is None
     assert (hooks.best_validation, hooks.best_validation_step) == (0.25, 8)
     assert [r["step"] for r in logged] == [2, 4, 6, 8]
+
+
+def test_metrics_lines_are_strict_json_with_non_finite_values_as_strings():
+    # A NaN validation loss was written as a bare NaN, which strict JSON readers (jq, JSON.parse) refuse.
+    import io
+    from types import SimpleNamespace
+
+    from sd_lora import outputs
+
+    metrics = io.StringIO()
+    hooks = SimpleNamespace(main=True, metrics=metrics, tensorboard=None, elapsed=lambda: 1.0,
+                            _process=SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=2**20)))
+    outputs.RunOutputs.log(hooks, {"step": 4, "val_loss": float("nan"), "loss": float("inf"), "lr": 1e-4})
+    line = json.loads(metrics.getvalue(), parse_constant=lambda c: pytest.fail(f"bare {c} in {metrics.getvalue()!r}"))
+    assert line == {"step": 4, "val_loss": "nan", "loss": "inf", "lr": 1e-4, "elapsed": 1.0, "rss_mb": 1.0}
