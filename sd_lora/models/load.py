@@ -84,6 +84,15 @@ def _check_local_folder(path: Path) -> None:
         raise UserError(f"--model {path}: the diffusers folder lacks {', '.join(m + '/' for m in missing)}; it is incomplete or not a Stable Diffusion model")
 
 
+def _variant(folder: Path) -> str | None:
+    """"fp16" for a component folder that holds only fp16-variant weights (`*.fp16.safetensors`, as
+    `huggingface-cli download --include '*fp16*'` or `variant="fp16"` leave it); diffusers and transformers look
+    only for the plain names unless told the variant."""
+    files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
+    plain = [f for f in files if f.endswith((".safetensors", ".bin")) and ".fp16." not in f]
+    return "fp16" if not plain and any(".fp16." in f for f in files) else None
+
+
 def _read_model_index(path: Path) -> dict:
     index = path / "model_index.json"
     try:
@@ -155,6 +164,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
            "check the id, your network and, for gated models, your Hugging Face login; or pass a local diffusers folder")
 
     def load(cls, sub, method="from_pretrained", **kwargs):
+        if method == "from_pretrained" and path.exists() and _variant(path / sub):
+            kwargs["variant"] = _variant(path / sub)
         try:
             return getattr(cls, method)(source, subfolder=sub, **kwargs)
         except OSError as e:  # missing files, no network for a Hub id, gated repo ...

@@ -88,3 +88,19 @@ def test_sdxl_vae_stays_fp32_when_the_rest_loads_in_fp16(tiny_sdxl_model_dir):
     assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
     for module in (model.unet, model.text_encoder, model.text_encoder_2):
         assert {p.dtype for p in module.parameters()} == {torch.float16}
+
+
+
+def test_loads_a_folder_of_fp16_variant_weights_only(tiny_model_dir, tmp_path):
+    """`variant="fp16"` downloads hold `*.fp16.safetensors` and no plain weights; diffusers finds them only
+    when told the variant."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert not list((tmp_path / "fp16").glob("*/diffusion_pytorch_model.safetensors"))
+    m = load_base_model(str(tmp_path / "fp16"))
+    assert m.family == "sd1"
+    expected = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    assert torch.equal(m.unet.conv_in.weight, expected.unet.conv_in.weight.half().float())
+
