@@ -179,7 +179,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         unet = load_cast(UNet2DConditionModel, path / "unet", dtype)
     if unet is None:
         unet = load(UNet2DConditionModel, "unet", **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
-    text_dtype = {} if dtype == torch.float32 else {"dtype": dtype}  # transformers' name for it
+    # Always given: transformers 5 otherwise loads the dtype the file holds (fp16 in many published folders).
+    text_dtype = {"dtype": dtype}  # transformers' name for torch_dtype
     scheduler = load(DDPMScheduler, "scheduler")
     # --prediction-type goes into the scheduler config too: the sample grids' schedulers are built from it
     overrides = {"prediction_type": prediction_type} if prediction_type else {}

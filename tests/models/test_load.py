@@ -104,3 +104,13 @@ def test_loads_a_folder_of_fp16_variant_weights_only(tiny_model_dir, tmp_path):
     expected = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
     assert torch.equal(m.unet.conv_in.weight, expected.unet.conv_in.weight.half().float())
 
+
+def test_half_precision_weights_load_in_the_dtype_asked_for(tiny_model_dir, tmp_path):
+    """Many published folders store fp16 weights under the plain names; transformers 5 would keep the text
+    encoder in the file's dtype unless told one."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float16).save_pretrained(tmp_path / "half")
+    m = load_base_model(str(tmp_path / "half"))
+    for module in (m.unet, m.vae, m.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
