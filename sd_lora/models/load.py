@@ -193,7 +193,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         family=family,
         prediction_type=scheduler.config.get("prediction_type", "epsilon"),
         unet=unet,
-        vae=_load_vae(vae) if vae else load(AutoencoderKL, "vae", torch_dtype=vae_dtype(family, dtype)),
+        vae=(_replacement_vae(vae, load(AutoencoderKL, "vae", method="load_config"), unet.config, family) if vae
+             else load(AutoencoderKL, "vae", torch_dtype=vae_dtype(family, dtype))),
         text_encoder=load(CLIPTextModel, "text_encoder", **text_dtype),
         tokenizer=load(CLIPTokenizer, "tokenizer"),
         scheduler_config=dict(scheduler.config),
@@ -211,6 +212,23 @@ def _checked(model: BaseModel, name: str) -> BaseModel:
     if model.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"--model {name}: prediction type {model.prediction_type!r} is not supported (epsilon or v_prediction)")
     return model
+
+
+def _replacement_vae(name: str, own_config, unet_config, family: str):
+    """The --vae AutoencoderKL, refused when it cannot stand in for the model's own VAE (config `own_config`):
+    latents of another channel count, or another latent scale (an SD1.x VAE, scaling_factor 0.18215, on SDXL,
+    0.13025: it trains without error on latents the U-Net never saw)."""
+    vae = _load_vae(name)
+    if vae.config.latent_channels != unet_config["in_channels"]:
+        raise UserError(f"--vae {name}: makes {vae.config.latent_channels}-channel latents, but the {family} U-Net takes "
+                        f"{unet_config['in_channels']}; it is a VAE for another architecture. Pass a VAE made for {family}, "
+                        "or drop --vae to use the model's own")
+    own, given = float(own_config.get("scaling_factor", 0.18215)), float(vae.config.scaling_factor)
+    if abs(own - given) > 1e-6:
+        raise UserError(f"--vae {name}: its scaling_factor is {given:g}, the model's own VAE uses {own:g}; it is a VAE "
+                        f"for another family (SD1.x/SD2.x use 0.18215, SDXL 0.13025). Pass a VAE made for {family}, or "
+                        "drop --vae to use the model's own")
+    return vae
 
 
 def _load_vae(name: str):
@@ -246,7 +264,7 @@ def _load_checkpoint_file(name: str, path: Path, *, prediction_type, vae, zero_t
     scheduler = DDPMScheduler.from_config(config)
     model = BaseModel(
         name=name, family=parts["family"], prediction_type=parts["prediction_type"], unet=parts["unet"],
-        vae=_load_vae(vae) if vae else parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        vae=_replacement_vae(vae, parts["vae"].config, parts["unet"].config, parts["family"]) if vae else parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
         scheduler_config=dict(scheduler.config), alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
         num_train_timesteps=int(scheduler.config.num_train_timesteps), text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"), vae_name=vae,

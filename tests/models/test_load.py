@@ -90,7 +90,6 @@ def test_sdxl_vae_stays_fp32_when_the_rest_loads_in_fp16(tiny_sdxl_model_dir):
         assert {p.dtype for p in module.parameters()} == {torch.float16}
 
 
-
 def test_loads_a_folder_of_fp16_variant_weights_only(tiny_model_dir, tmp_path):
     """`variant="fp16"` downloads hold `*.fp16.safetensors` and no plain weights; diffusers finds them only
     when told the variant."""
@@ -114,3 +113,17 @@ def test_half_precision_weights_load_in_the_dtype_asked_for(tiny_model_dir, tmp_
     m = load_base_model(str(tmp_path / "half"))
     for module in (m.unet, m.vae, m.text_encoder):
         assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
+def test_vae_of_another_architecture_or_family_is_refused(tiny_model_dir, tiny_sdxl_model_dir, tmp_path):
+    """A 16-channel VAE used to fail mid-training with a conv traceback; an SD1.x VAE on SDXL (another
+    scaling_factor) trained without error on latents the U-Net never saw."""
+    from sd_lora.models.tiny import tiny_vae
+
+    tiny_vae(latent_channels=16).save_pretrained(tmp_path / "vae16")
+    with pytest.raises(UserError, match=r"--vae .*vae16: makes 16-channel latents, but the sd1 U-Net takes 4"):
+        load_base_model(str(tiny_model_dir), vae=str(tmp_path / "vae16"))
+    with pytest.raises(UserError, match=r"scaling_factor is 0.18215, the model's own VAE uses 0.13025.*made for sdxl"):
+        load_base_model(str(tiny_sdxl_model_dir), vae=str(tiny_model_dir))  # a model folder: its vae/
+    m = load_base_model(str(tiny_sdxl_model_dir), vae=str(tiny_sdxl_model_dir / "vae"))
+    assert m.vae_name == str(tiny_sdxl_model_dir / "vae")
