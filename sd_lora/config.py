@@ -80,7 +80,8 @@ def _convert(name: str, value: Any, source: str, problems: list[str]) -> Any:
         if not isinstance(value, (str, Path)) or str(value) == "":
             problems.append(f"{where} = {value!r} must be a path")
             return dataclasses.MISSING
-        return Path(value)
+        # The shell leaves ~ alone in --flag=~/x and in TOML strings; --model and --vae expand it when loading.
+        return Path(value).expanduser()
     if not isinstance(value, str):
         problems.append(f"{where} = {value!r} must be a string")
         return dataclasses.MISSING
@@ -315,7 +316,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     config_path = args.get("config")
     from_file: dict[str, Any] = {}
     if config_path:
-        for name, raw in read_toml(Path(config_path)).items():
+        for name, raw in read_toml(Path(config_path).expanduser()).items():
             converted = _convert(name, raw, str(config_path), problems)
             if converted is not dataclasses.MISSING:
                 values[name] = from_file[name] = converted

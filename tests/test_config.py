@@ -340,3 +340,15 @@ def test_validate_every_with_validation_images(tmp_path):
     base = ["--data", str(tmp_path), "--model", "some/model", "--validate-every", "10"]
     assert load_config(base + ["--validation-split", "0.1"]).validate_every == 10
     assert load_config(base + ["--validation-data", str(tmp_path)]).validate_every == 10
+
+
+def test_a_path_starting_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
+    """The shell expands ~ only at the start of a word: --model-config=~/x and TOML strings reached us as a
+    literal "~" folder that does not exist, although --model ~/x.safetensors worked."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "model_index.json").write_text("{}")
+    (tmp_path / "run.toml").write_text('data = "~/data"\n')
+    c = load_config(["--config=~/run.toml", "--model-config=~/cfg", "--output-dir=~/out"])
+    assert (c.data, c.model_config, c.output_dir) == (tmp_path / "data", tmp_path / "cfg", tmp_path / "out")
