@@ -6,6 +6,7 @@ The result is a `BaseModel`: the components we train around plus the facts the r
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Callable
@@ -93,6 +94,23 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if not plain and any(".fp16." in f for f in files) else None
 
 
+def _did_you_mean(path: Path) -> str:
+    """"; did you mean <sibling>?" for a missing local path whose folder exists and holds a similar name."""
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+    return f"; did you mean {parent / close[0]}?" if close else ""
+
+
+def _local_typo_hint(path: Path) -> str:
+    """For a name read as a Hub id whose first part is a local folder ("models/sd15" with ./models present):
+    most likely a mistyped local path, so say it is not there and what is."""
+    if path.parent == Path(".") or not path.parent.is_dir():
+        return ""
+    return f" (there is no local folder {path}{_did_you_mean(path)})"
+
+
 def _read_model_index(path: Path) -> dict:
     index = path / "model_index.json"
     try:
@@ -150,6 +168,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
         return _load_checkpoint_file(name, path, prediction_type=prediction_type, vae=vae, zero_terminal_snr=zero_terminal_snr,
                                      allow_unsafe_pickle=allow_unsafe_pickle, model_config=model_config, dtype_for=dtype_for)
+    if not path.exists() and path.suffix.lower() in CHECKPOINT_SUFFIXES:  # not a Hub id: a mistyped file name
+        raise UserError(f"--model {name}: no such file{_did_you_mean(path)}")
     if path.exists():
         _check_local_folder(path)
         source = str(path)
@@ -161,7 +181,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         raise UserError(f"--model {name}: no such folder, and not a Hugging Face id of the form 'org/name'")
 
     fix = ("the folder is incomplete or damaged; download the model again" if path.exists() else
-           "check the id, your network and, for gated models, your Hugging Face login; or pass a local diffusers folder")
+           "check the id, your network and, for gated models, your Hugging Face login; or pass a local diffusers folder"
+           + _local_typo_hint(path))
 
     def load(cls, sub, method="from_pretrained", **kwargs):
         if method == "from_pretrained" and path.exists() and _variant(path / sub):

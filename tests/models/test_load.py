@@ -127,3 +127,16 @@ def test_vae_of_another_architecture_or_family_is_refused(tiny_model_dir, tiny_s
         load_base_model(str(tiny_sdxl_model_dir), vae=str(tiny_model_dir))  # a model folder: its vae/
     m = load_base_model(str(tiny_sdxl_model_dir), vae=str(tiny_sdxl_model_dir / "vae"))
     assert m.vae_name == str(tiny_sdxl_model_dir / "vae")
+
+
+def test_a_mistyped_local_path_is_named_missing_not_a_hub_problem(tmp_path, monkeypatch):
+    """"models/sd15x" or "models/sd15.safetensor" look like Hub ids: the error sent the user to check the id,
+    their network and their Hugging Face login, never saying the local path is not there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models" / "sd15").mkdir(parents=True)
+    (tmp_path / "models" / "xl.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"there is no local folder models/sd15x; did you mean models/sd15\?"):
+        load_base_model("models/sd15x")
+    with pytest.raises(UserError, match=r"^--model models/xI.safetensors: no such file; did you mean models/xl.safetensors\?$"):
+        load_base_model("models/xI.safetensors")
