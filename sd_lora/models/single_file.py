@@ -195,10 +195,13 @@ def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, 
     except (ValueError, RuntimeError, KeyError, OSError) as e:  # shape mismatches, missing keys, bad configs
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = message.split(" If you want to instead overwrite")[0]  # diffusers' advice is for its own API, not ours
-        fix = (f"; if it is a {family} model of another size, pass --model-config with a diffusers folder of its "
-               "architecture (configs and tokenizer)") if shipped else ""
-        raise UserError(f"{path}: cannot load as {family} ({message[:300]}); the file is damaged or its "
-                        f"architecture differs from standard {family}{fix}") from None
+        if shipped:
+            cause = (f"the file is damaged or its architecture differs from standard {family}; if it is a {family} model "
+                     "of another size, pass --model-config with a diffusers folder of its architecture (configs and tokenizer)")
+        else:  # the user's config folder is the likelier culprit than the file
+            cause = (f"the config folder {skeleton} does not describe this file's architecture (or the file is damaged); "
+                     f"give the diffusers folder this {family} checkpoint was made from instead")
+        raise UserError(f"{path}: cannot load as {family} ({message[:300]}); {cause}") from None
     for name, module in parts.items():
         if isinstance(module, torch.nn.Module):
             empty = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]

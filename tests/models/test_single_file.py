@@ -324,6 +324,9 @@ def test_refusals(request, tmp_path):
     with pytest.raises(UserError, match="cannot load as sd1") as caught:
         load_single_file(path, config_dir=_folder(request, "sd2-v"))
     assert "--model-config" not in str(caught.value)  # the user gave one already
+    # the folder the user gave is named as the likely culprit, not the file's "non-standard sd1" architecture
+    assert f"the config folder {_folder(request, 'sd2-v')} does not describe this file's architecture" in str(caught.value)
+    assert "standard sd1" not in str(caught.value)
     with pytest.raises(UserError, match="pass --model-config with a diffusers folder of its architecture") as caught:
         load_single_file(path)  # a reduced-size model against the shipped full-size configs
     assert "low_cpu_mem_usage" not in str(caught.value)  # diffusers' hint about its own arguments is cut
