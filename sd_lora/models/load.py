@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +240,8 @@ def _replacement_vae(name: str, own_config, unet_config, family: str):
     """The --vae AutoencoderKL, refused when it cannot stand in for the model's own VAE (config `own_config`):
     latents of another channel count, or another latent scale (an SD1.x VAE, scaling_factor 0.18215, on SDXL,
     0.13025: it trains without error on latents the U-Net never saw)."""
-    vae = _load_vae(name)
+    path = Path(name).expanduser()
+    vae = _load_vae_file(name, path, own_config, family) if path.is_file() else _load_vae(name)
     if vae.config.latent_channels != unet_config["in_channels"]:
         raise UserError(f"--vae {name}: makes {vae.config.latent_channels}-channel latents, but the {family} U-Net takes "
                         f"{unet_config['in_channels']}; it is a VAE for another architecture. Pass a VAE made for {family}, "
@@ -249,6 +251,31 @@ def _replacement_vae(name: str, own_config, unet_config, family: str):
         raise UserError(f"--vae {name}: its scaling_factor is {given:g}, the model's own VAE uses {own:g}; it is a VAE "
                         f"for another family (SD1.x/SD2.x use 0.18215, SDXL 0.13025). Pass a VAE made for {family}, or "
                         "drop --vae to use the model's own")
+    return vae
+
+
+def _load_vae_file(name: str, path: Path, own_config, family: str):
+    """A single-file VAE (A1111's `vae-ft-mse-840000-ema-pruned.safetensors`, `sdxl_vae.safetensors`) under the
+    model's own VAE config: the file holds weights only, so it is taken to be the model's VAE architecture and
+    latent scale, as A1111 and ComfyUI take it. diffusers' single-file conversion reads the original (LDM) names."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"--vae {name}: only .safetensors single-file VAEs are read ({path.suffix} files are Python pickles, "
+                        "which can run code); convert it to .safetensors, or pass a diffusers VAE folder")
+    with tempfile.TemporaryDirectory(prefix="sd_lora_vae_") as tmp:
+        (Path(tmp) / "vae").mkdir()
+        (Path(tmp) / "vae" / "config.json").write_text(json.dumps(dict(own_config)))
+        try:
+            vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True)
+        except (SingleFileComponentError, ValueError, RuntimeError, KeyError, OSError) as e:  # not a VAE, other shapes
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = message.split(" If you want to instead overwrite")[0][:300]  # diffusers' advice is for its own API
+            raise UserError(f"--vae {name}: cannot load it as the {family} model's VAE ({message}); pass a single-file "
+                            f"VAE made for {family}, or a diffusers VAE folder") from None
+    if any(t.is_meta for t in vae.state_dict().values()):
+        raise UserError(f"--vae {name}: holds no weights for part of the VAE; it is not a {family} VAE file")
     return vae
 
 
@@ -266,7 +293,8 @@ def _load_vae(name: str):
         except (OSError, ValueError):
             continue
     raise UserError(f"--vae {name}: cannot load an AutoencoderKL from it; pass a diffusers VAE folder (config.json + "
-                    "diffusion_pytorch_model.safetensors), a model folder with vae/, or a Hugging Face id")
+                    "diffusion_pytorch_model.safetensors), a model folder with vae/, a single-file .safetensors VAE, "
+                    "or a Hugging Face id")
 
 
 def _load_checkpoint_file(name: str, path: Path, *, prediction_type, vae, zero_terminal_snr, allow_unsafe_pickle,

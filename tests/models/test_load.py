@@ -140,3 +140,25 @@ def test_a_mistyped_local_path_is_named_missing_not_a_hub_problem(tmp_path, monk
         load_base_model("models/sd15x")
     with pytest.raises(UserError, match=r"^--model models/xI.safetensors: no such file; did you mean models/xl.safetensors\?$"):
         load_base_model("models/xI.safetensors")
+
+
+def test_vae_from_a_single_file(tiny_sdxl_model_dir, tmp_path):
+    """A1111-style VAE files (`sdxl_vae.safetensors`: original LDM names, no config) were refused; they load
+    under the model's own VAE config, bit-exact. A file that is no VAE (a LoRA) is a UserError, not a traceback."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from sd_lora.models.single_file import checkpoint_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model_dir))
+    full = checkpoint_state_dict(pipe.components, "sdxl")
+    prefix = "first_stage_model."
+    save_file({k[len(prefix):]: v.contiguous() for k, v in full.items() if k.startswith(prefix)}, tmp_path / "xl_vae.safetensors")
+    m = load_base_model(str(tiny_sdxl_model_dir), vae=str(tmp_path / "xl_vae.safetensors"))
+    expected = AutoencoderKL.from_pretrained(str(tiny_sdxl_model_dir / "vae")).state_dict()
+    assert m.vae.config.scaling_factor == 0.13025
+    assert m.vae.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[k]) for k, t in m.vae.state_dict().items())
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, tmp_path / "lora.safetensors")
+    with pytest.raises(UserError, match=r"--vae .*lora.safetensors: cannot load it as the sdxl model's VAE"):
+        load_base_model(str(tiny_sdxl_model_dir), vae=str(tmp_path / "lora.safetensors"))
