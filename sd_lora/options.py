@@ -90,7 +90,7 @@ class TrainConfig:
     prediction_type: str | None = option(None, "Override the model's prediction type. Default: from its scheduler config.", choices=PREDICTION_TYPES, group="model", fixed=True)
     allow_unsafe_pickle: bool = option(False, "Allow a .ckpt/.pt --model: pickle files can run code when loaded (read with torch.load(weights_only=True) first).", group="model")
     model_config: Path | None = option(None, "Diffusers folder whose configs and tokenizers describe a single-file --model (default: built-in SD1.5/SD2.1/SDXL configs).", group="model", fixed=True)
-    vae: str | None = option(None, "Replace the model's VAE (diffusers folder, single .safetensors file or Hub id), e.g. an fp16-safe SDXL VAE.", group="model", fixed=True, local_path=True)
+    vae: str | None = option(None, "Replace the model's VAE (diffusers folder, single .safetensors file or Hub id), e.g. an fp16-safe SDXL VAE.", ss="ss_vae_name", group="model", fixed=True, local_path=True)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; needs v-prediction).", ss="ss_zero_terminal_snr", group="model", fixed=True)
     clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
     max_token_length: int | None = option(

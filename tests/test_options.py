@@ -26,6 +26,7 @@ def test_metadata_names_local_paths_by_basename_and_hub_ids_whole(tmp_path):
     c = load_config(["--data", str(tmp_path / "chars"), "--model", str(model), "--output-dir", str(tmp_path / "out"),
                      "--vae", "madebyollin/sdxl-vae-fp16-fix", "--resume", "latest"])  # fmt: skip
     assert c.ss_metadata()["ss_sd_model_name"] == "base"
+    assert c.ss_metadata()["ss_vae_name"] == "madebyollin/sdxl-vae-fp16-fix"  # kohya records the replaced VAE too
     public = c.to_dict(public=True)
     assert (public["model"], public["data"], public["output-dir"]) == ("base", "chars", "out")
     assert (public["vae"], public["resume"]) == ("madebyollin/sdxl-vae-fp16-fix", "latest")
@@ -33,6 +34,9 @@ def test_metadata_names_local_paths_by_basename_and_hub_ids_whole(tmp_path):
     assert c.to_dict()["model"] == str(model) and c.to_dict()["data"] == str(tmp_path / "chars")  # config.toml
     hub = load_config(["--data", str(tmp_path), "--model", "runwayml/stable-diffusion-v1-5"])
     assert hub.ss_metadata()["ss_sd_model_name"] == "runwayml/stable-diffusion-v1-5"
+    assert hub.ss_metadata()["ss_vae_name"] == "None"
+    local_vae = load_config(["--data", str(tmp_path), "--vae", str(tmp_path / "vae" / "sdxl_vae.safetensors")])
+    assert local_vae.ss_metadata()["ss_vae_name"] == "sdxl_vae.safetensors"
 
 
 def test_sample_prompts_help_lists_every_prompt_line_option():
