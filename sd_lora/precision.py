@@ -53,10 +53,11 @@ def choose_mixed_precision(requested: str, hardware: Hardware, unet_parameters: 
     return "no"
 
 
-def vae_dtype(family: str, weight_dtype: torch.dtype, replaced: bool = False) -> torch.dtype:
+def vae_dtype(family: str, weight_dtype: torch.dtype, fp16_safe: bool = False) -> torch.dtype:
     """The dtype the VAE is kept in when the frozen base is in `weight_dtype`: SDXL's own VAE overflows in fp16
-    (NaN latents), so it stays fp32 unless `replaced` (--vae names another, e.g. an fp16-safe one)."""
-    if family == "sdxl" and weight_dtype == torch.float16 and not replaced:
+    (NaN latents), so it stays fp32 unless `fp16_safe` (a --vae whose config says `force_upcast: false`, as
+    madebyollin/sdxl-vae-fp16-fix's does; stabilityai/sdxl-vae and single-file VAEs say true)."""
+    if family == "sdxl" and weight_dtype == torch.float16 and not fp16_safe:
         return torch.float32
     return weight_dtype
 

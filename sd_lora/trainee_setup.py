@@ -103,7 +103,8 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.to(device)
-        dtype = vae_dtype(model.family, weight_dtype, replaced=bool(model.vae_name)) if module is model.vae else weight_dtype
+        fp16_safe = bool(model.vae_name) and not model.vae.config.get("force_upcast", True)
+        dtype = vae_dtype(model.family, weight_dtype, fp16_safe=fp16_safe) if module is model.vae else weight_dtype
         if next(module.parameters()).dtype != dtype:  # loading usually chose it already
             module.to(dtype=dtype)
     if device.type == "cuda":

@@ -129,6 +129,19 @@ def test_fp16_keeps_the_sdxl_vae_in_exact_fp32(tiny_sdxl_model_dir):
         assert value.dtype == torch.float32 and torch.equal(value, reference[name]), name
 
 
+
+def test_fp16_keeps_a_replaced_vae_in_fp32_unless_its_config_says_it_is_fp16_safe(tiny_sdxl_model_dir, tmp_path):
+    """Any --vae went to fp16 under fp16, the original SDXL VAE too (stabilityai/sdxl-vae, sdxl_vae.safetensors):
+    NaN latents. Only a VAE whose config says force_upcast: false (the fp16-fix VAE) may."""
+    from diffusers import AutoencoderKL
+
+    for force_upcast, expected in ((True, torch.float32), (False, torch.float16)):
+        AutoencoderKL.from_pretrained(str(tiny_sdxl_model_dir / "vae"), force_upcast=force_upcast).save_pretrained(tmp_path / str(force_upcast))
+        model = load_base_model(str(tiny_sdxl_model_dir), vae=str(tmp_path / str(force_upcast)))
+        prepare_models(TrainConfig(rank=2), model, torch.device("cpu"), torch.float16)
+        assert {p.dtype for p in model.vae.parameters()} == {expected}, force_upcast
+
+
 @pytest.mark.slow
 def test_sdxl_bf16_run_samples_with_its_text_encoders_released(tiny_sdxl_model_dir, tiny_dataset, tmp_path):
     # Every module in bf16 and the frozen text encoders let go after caching: the grids come from prompts

@@ -153,13 +153,14 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     `dtype_for(unet_parameters)`, given the U-Net's parameter count (from its config, on the meta device, before
     any weight is read), picks the dtype the frozen weights are kept in. The model's own components load
     straight into it, so no fp32 copy exists; a local folder's U-Net is read tensor by tensor (`streaming.load_cast`), so its
-    fp32 file is never resident at once either. SDXL's VAE stays fp32 under fp16 (it overflows) unless `vae`
-    replaces it.
+    fp32 file is never resident at once either. SDXL's VAE stays fp32 under fp16 (it overflows); a `vae` loads
+    in fp32, and `prepare_models` casts it to fp16 only when its config says `force_upcast: false`.
 
     `name` is a Hub id, a diffusers folder, or a single-file checkpoint (`.safetensors`; `.ckpt`/`.pt` only with
     `allow_unsafe_pickle`), read offline against shipped full-size configs or the diffusers folder `model_config`.
 
-    `vae` replaces the model's VAE (a diffusers AutoencoderKL folder or Hub id, e.g. an fp16-safe SDXL VAE);
+    `vae` replaces the model's VAE (a diffusers AutoencoderKL folder, a single `.safetensors` file read under the
+    model's own VAE config, or a Hub id, e.g. an fp16-safe SDXL VAE);
     `zero_terminal_snr` rescales the noise schedule so its last step is pure noise (Lin et al. 2023).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
