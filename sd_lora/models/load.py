@@ -91,8 +91,9 @@ def _variant(folder: Path) -> str | None:
     `huggingface-cli download --include '*fp16*'` or `variant="fp16"` leave it); diffusers and transformers look
     only for the plain names unless told the variant."""
     files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
-    plain = [f for f in files if f.endswith((".safetensors", ".bin")) and ".fp16." not in f]
-    return "fp16" if not plain and any(".fp16." in f for f in files) else None
+    fp16 = re.compile(r"\.fp16[.-]")  # model.fp16.safetensors, sharded model.fp16-00001-of-00002.safetensors
+    plain = [f for f in files if f.endswith((".safetensors", ".bin")) and not fp16.search(f)]
+    return "fp16" if not plain and any(fp16.search(f) for f in files) else None
 
 
 def _did_you_mean(path: Path) -> str:

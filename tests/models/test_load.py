@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sd_lora.errors import UserError
-from sd_lora.models.load import detect_family, load_base_model
+from sd_lora.models.load import _variant, detect_family, load_base_model
 from sd_lora.models.text import encode_tokens, tokenize, too_long
 
 
@@ -102,6 +102,9 @@ def test_loads_a_folder_of_fp16_variant_weights_only(tiny_model_dir, tmp_path):
     assert m.family == "sd1"
     expected = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
     assert torch.equal(m.unet.conv_in.weight, expected.unet.conv_in.weight.half().float())
+    pipe.unet.save_pretrained(tmp_path / "sharded" / "unet", variant="fp16", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded" / "unet").glob("*.fp16-0000*.safetensors"))) > 1
+    assert _variant(tmp_path / "sharded" / "unet") == "fp16" and _variant(tiny_model_dir / "unet") is None
 
 
 def test_half_precision_weights_load_in_the_dtype_asked_for(tiny_model_dir, tmp_path):
