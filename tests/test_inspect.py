@@ -74,6 +74,9 @@ def test_cli_model_mismatch_and_errors(clean, tmp_path, capsys):
     )
     assert main([str(tmp_path / "zkchar.safetensors"), "--model", str(tmp_path)]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+    # a single-file base model (what most people have) is named a file, with the way out
+    assert main([str(tmp_path / "zkchar.safetensors"), "--model", str(tmp_path / "zkchar.safetensors")]) == 2
+    assert "is a file; --model takes a diffusers model folder" in capsys.readouterr().err
 
 
 def test_rank_0_and_nan_modules_are_listed_as_problems(clean, tmp_path, capsys):

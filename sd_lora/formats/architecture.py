@@ -106,7 +106,11 @@ def architecture_from_model_dir(path: str | os.PathLike) -> Architecture:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = Path(path)
+    folder = Path(path).expanduser()
+    if folder.is_file():  # most people's base models are single files
+        raise UserError(f"--model {folder}: is a file; --model takes a diffusers model folder (only its configs are read). "
+                        "For a standard-size SD1.x/SD2.x/SDXL single-file checkpoint drop --model: the full-size layout "
+                        "of the LoRA's family is used")
     if not (folder / "model_index.json").is_file() or not (folder / "unet" / "config.json").is_file():
         raise UserError(
             f"--model {folder}: not a diffusers model folder (needs model_index.json and unet/config.json); "
