@@ -77,9 +77,12 @@ def _check_local_folder(path: Path) -> None:
         raise UserError(f"--model {path}: is a file, not a model; pass a single-file checkpoint "
                         f"({'/'.join(CHECKPOINT_SUFFIXES)}), {folder} or a Hugging Face id")
     if not (path / "model_index.json").is_file():
+        checkpoints = sorted(f.name for f in path.iterdir() if f.suffix.lower() in CHECKPOINT_SUFFIXES and f.is_file())
+        inside = (f"; it holds the checkpoint file{'s' if len(checkpoints) > 1 else ''} {', '.join(checkpoints[:3])}: "
+                  f"pass {'one' if len(checkpoints) > 1 else 'it'} as --model") if checkpoints else ""
         raise UserError(
-            f"--model {path}: not a diffusers model folder (no model_index.json). Pass the folder that holds "
-            "model_index.json, or a Hugging Face id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+            f"--model {path}: not a diffusers model folder (no model_index.json){inside}. Pass the folder that holds "
+            "model_index.json, a single-file checkpoint, or a Hugging Face id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:

@@ -42,6 +42,10 @@ def test_refusals(tmp_path):
         load_base_model(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="not a diffusers model folder"):
         load_base_model(str(tmp_path))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "v1-5-pruned.safetensors").write_bytes(b"x")  # a folder of single files, given for the file
+    with pytest.raises(UserError, match=r"no model_index.json\); it holds the checkpoint file v1-5-pruned.safetensors: pass it as --model"):
+        load_base_model(str(tmp_path / "sub"))
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"x")
     with pytest.raises(UserError, match="not a valid .safetensors file"):
