@@ -119,9 +119,10 @@ def _weight(value, what: str) -> float:
     return weight
 
 
-# transformers logs a "LOAD REPORT" when diffusers loads an adapter into a text encoder, listing every base weight as
-# MISSING and "newly initialized" (transformers 5: it filters the missing keys by a test that base_layer keys
-# pass). Nothing is re-initialized; `_require_loaded` checks instead that every module of the file got the adapter.
+# transformers 5 logs a "LOAD REPORT" when diffusers loads an adapter into a text encoder whose name is part of the
+# base weights' names (it takes keys holding the adapter name for adapter keys: "w" is in every "weight"), listing
+# them as MISSING and "newly initialized". Nothing is re-initialized; `_require_loaded` checks instead that every
+# module of the file got the adapter.
 _LOAD_REPORT_LOGGER = "transformers.integrations.peft"
 
 
@@ -138,13 +139,13 @@ def _without_transformers_load_report():
 
 def _require_loaded(pipe, lora, name: str) -> None:
     """Every module of `lora` now carries adapter `name` in `pipe`, or the adapter is removed and this is a bug."""
-    from sd_lora.lora.inject import lora_weights
+    from sd_lora.lora.inject import lora_paths
 
     attributes = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
     absent = []
     for component, modules in lora.components.items():
         if modules:
-            loaded = lora_weights(getattr(pipe, attributes[component]), adapter_name=name)
+            loaded = set(lora_paths(getattr(pipe, attributes[component]), adapter_name=name))
             absent += [f"{component}.{path}" for path in modules if path not in loaded]
     if absent:
         pipe.delete_adapters(name)

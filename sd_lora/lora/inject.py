@@ -114,15 +114,20 @@ def inject_lora(
             p.requires_grad_(True)
 
 
+def lora_paths(model: nn.Module, adapter_name: str = "default") -> list[str]:
+    """The paths of the modules that carry adapter `adapter_name`, sorted (no tensor is read)."""
+    return sorted(name for name, layer in _lora_layers(model).items() if adapter_name in layer.lora_A)
+
+
 def lora_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraModuleWeights]:
     """Detached CPU copies of the LoRA weights, keyed by the wrapped module's path (the target path).
 
     On a model built under `torch.device("meta")` the tensors stay meta (shapes only, for key checks).
     """
+    layers = _lora_layers(model)
     weights = {}
-    for name, layer in sorted(_lora_layers(model).items()):
-        if adapter_name not in layer.lora_A:
-            continue
+    for name in lora_paths(model, adapter_name):
+        layer = layers[name]
         weights[name] = LoraModuleWeights(
             down=_cpu_copy(layer.lora_A[adapter_name].weight),
             up=_cpu_copy(layer.lora_B[adapter_name].weight),
