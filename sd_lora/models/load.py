@@ -191,8 +191,8 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
            + _local_typo_hint(path))
 
     def load(cls, sub, method="from_pretrained", **kwargs):
-        if method == "from_pretrained" and path.exists() and _variant(path / sub):
-            kwargs["variant"] = _variant(path / sub)
+        if method == "from_pretrained" and path.exists() and (variant := _variant(path / sub)):
+            kwargs["variant"] = variant
         try:
             return getattr(cls, method)(source, subfolder=sub, **kwargs)
         except OSError as e:  # missing files, no network for a Hub id, gated repo ...
@@ -266,6 +266,8 @@ def _load_vae_file(name: str, path: Path, own_config, family: str):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    from .single_file import conversion_error
+
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"--vae {name}: only .safetensors single-file VAEs are read ({path.suffix} files are Python pickles, "
                         "which can run code); convert it to .safetensors, or pass a diffusers VAE folder")
@@ -275,9 +277,7 @@ def _load_vae_file(name: str, path: Path, own_config, family: str):
         try:
             vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True)
         except (SingleFileComponentError, ValueError, RuntimeError, KeyError, OSError) as e:  # not a VAE, other shapes
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = message.split(" If you want to instead overwrite")[0][:300]  # diffusers' advice is for its own API
-            raise UserError(f"--vae {name}: cannot load it as the {family} model's VAE ({message}); pass a single-file "
+            raise UserError(f"--vae {name}: cannot load it as the {family} model's VAE ({conversion_error(e)}); pass a single-file "
                             f"VAE made for {family}, or a diffusers VAE folder") from None
     if any(t.is_meta for t in vae.state_dict().values()):
         raise UserError(f"--vae {name}: holds no weights for part of the VAE; it is not a {family} VAE file")

@@ -167,6 +167,13 @@ def _check_config_dir(folder: Path, info: CheckpointInfo, path: Path) -> Path:
     return folder
 
 
+def conversion_error(e: Exception) -> str:
+    """The first line of an error diffusers' single-file conversion raised, at most 300 characters, without the
+    advice it appends for its own API."""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return message.split(" If you want to instead overwrite")[0][:300]
+
+
 def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, dtype: torch.dtype,
                      shipped: bool = True) -> dict[str, Any]:
     """Each component through diffusers' single-file conversion, as `<Pipeline>.from_single_file` does it."""
@@ -193,15 +200,14 @@ def _load_components(state_dict: dict, skeleton: Path, family: str, path: Path, 
             tokenizer = "tokenizer_2" if name == "text_encoder_2" else "tokenizer"
             parts[tokenizer] = CLIPTokenizer.from_pretrained(str(skeleton / tokenizer))
     except (ValueError, RuntimeError, KeyError, OSError) as e:  # shape mismatches, missing keys, bad configs
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        message = message.split(" If you want to instead overwrite")[0]  # diffusers' advice is for its own API, not ours
+        message = conversion_error(e)
         if shipped:
             cause = (f"the file is damaged or its architecture differs from standard {family}; if it is a {family} model "
                      "of another size, pass --model-config with a diffusers folder of its architecture (configs and tokenizer)")
         else:  # the user's config folder is the likelier culprit than the file
             cause = (f"the config folder {skeleton} does not describe this file's architecture (or the file is damaged); "
                      f"give the diffusers folder this {family} checkpoint was made from instead")
-        raise UserError(f"{path}: cannot load as {family} ({message[:300]}); {cause}") from None
+        raise UserError(f"{path}: cannot load as {family} ({message}); {cause}") from None
     for name, module in parts.items():
         if isinstance(module, torch.nn.Module):
             empty = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
