@@ -171,8 +171,7 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
         problems.append(f"--reg-data {c.reg_data}: folder not found")
     if c.prior_loss_weight != 1.0 and c.reg_data is None and c.dataset_config is None:  # (a dataset config's is_reg: load_config)
         problems.append(f"--prior-loss-weight {c.prior_loss_weight:g} weighs regularisation images, but there are none; add --reg-data DIR")
-    validate_every_default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "validate_every")
-    if c.validate_every != validate_every_default and not c.validation_split and c.validation_data is None:
+    if c.validate_every != FIELDS["validate_every"].default and not c.validation_split and c.validation_data is None:
         problems.append(f"--validate-every {c.validate_every} has no effect without validation images; add --validation-split 0.1 "
                         "or --validation-data DIR, or drop --validate-every")
     if c.validation_data is not None and not c.validation_data.is_dir():

@@ -100,10 +100,10 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
     returns the trainable parameters. A trained component the --init-weights file has nothing for (a
     text-encoder-only file, an SDXL file without its second encoder) starts a fresh LoRA on the preset's
     targets. `batch_shapes`: input shapes --compile must hold graphs for."""
+    fp16_safe = bool(model.vae_name) and not model.vae.config.get("force_upcast", True)
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.to(device)
-        fp16_safe = bool(model.vae_name) and not model.vae.config.get("force_upcast", True)
         dtype = vae_dtype(model.family, weight_dtype, fp16_safe=fp16_safe) if module is model.vae else weight_dtype
         if next(module.parameters()).dtype != dtype:  # loading usually chose it already
             module.to(dtype=dtype)

@@ -393,14 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ..errors import ConfigError, run_cli
 
-    settings = GenerationSettings(seeds=tuple(range(max(args.seeds, 0))), steps=args.steps, cfg=args.cfg)
-
     def body() -> None:
         problems = [f"--seeds {args.seeds}: evaluate at least one seed (default 3)"] * (args.seeds < 1)
         problems += [f"--steps {args.steps}: sample with at least one step (default 20)"] * (args.steps < 1)
         problems += [f"--cfg {args.cfg}: use a finite guidance scale such as 5"] * (not math.isfinite(args.cfg))
         if problems:
             raise ConfigError(problems)
+        settings = GenerationSettings(seeds=tuple(range(args.seeds)), steps=args.steps, cfg=args.cfg)
         if args.file is None:
             print(format_base_report(evaluate_base(args.model, settings)))
             return
