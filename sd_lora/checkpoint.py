@@ -249,7 +249,7 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
         if not states:
             raise UserError(f"--resume latest: no state folder in {output_dir}; states are written by --save-state-every N or on Ctrl-C")
         return states[-1]
-    path = Path(resume)
+    path = Path(resume).expanduser()  # the shell leaves ~ alone in --resume=~/x and in TOML strings
     if not (path / "progress.json").is_file():
         raise UserError(f"--resume {resume}: not a complete state folder (no progress.json); pass 'latest' or a state-NNNNNNNN folder")
     return path

@@ -176,7 +176,7 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
                         "or --validation-data DIR, or drop --validate-every")
     if c.validation_data is not None and not c.validation_data.is_dir():
         problems.append(f"--validation-data {c.validation_data}: folder not found")
-    if c.resume not in (None, "latest") and not Path(c.resume).is_dir():
+    if c.resume not in (None, "latest") and not Path(c.resume).expanduser().is_dir():
         problems.append(f"--resume {c.resume}: no such state folder; pass 'latest' or a folder like {c.output_dir}/state-00000100")
     if c.latent_cache_dir is not None and (c.cache_latents is False or c.random_crop):
         problems.append("--latent-cache-dir needs cached latents; drop it, or drop --no-cache-latents/--random-crop")

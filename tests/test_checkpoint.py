@@ -679,3 +679,15 @@ def test_extending_a_finished_run_draws_the_epoch_grid_its_end_left_to_the_final
     with Image.open(out / "samples" / "x-000002.png") as grid, Image.open(end_of_2) as end:
         assert json.loads(grid.text["sd_lora"])["epoch"] == 2
         assert json.loads(grid.text["sd_lora"])["step"] == json.loads(end.text["sd_lora"])["step"]
+
+
+def test_resume_expands_a_home_folder_the_shell_left_alone(tmp_path, monkeypatch):
+    """`--resume=~/run/state-N` and a TOML `resume = "~/..."` reach the trainer with the ~ unexpanded: the option
+    check called the folder missing and the state was never found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").mkdir()
+    config, kwargs = small_state(tmp_path / "run", keep=0)
+    state = checkpoint.save_state(tmp_path / "run", progress=checkpoint.Progress(3, 0, 3), **kwargs)
+    given = "~/run/" + state.name
+    assert load_config(["--data", str(tmp_path), f"--resume={given}"]).resume == given
+    assert checkpoint.resolve_resume(given, tmp_path / "run") == state
