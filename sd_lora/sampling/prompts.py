@@ -38,13 +38,14 @@ class SamplePrompt:
 
 MAX_STEPS = 1000
 MAX_CFG = 100  # as --sample-cfg: far past any useful guidance, a typo (75 for 7.5) more likely than a wish
+MAX_SIDE = 4096  # as --resolution: a 40960 px sample (a typo) would exhaust memory at the first grid, hours in
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; keep seed+1, seed+2 in range too
 
 # option letter -> (SamplePrompt field, what the value must be)
 OPTIONS: dict[str, tuple[str, str]] = {
     "n": ("negative", "negative prompt text"),
-    "w": ("width", "width in pixels, a positive integer"),
-    "h": ("height", "height in pixels, a positive integer"),
+    "w": ("width", f"width in pixels, an integer from 1 to {MAX_SIDE}"),
+    "h": ("height", f"height in pixels, an integer from 1 to {MAX_SIDE}"),
     "s": ("steps", f"sampling steps, an integer from 1 to {MAX_STEPS}"),
     "l": ("cfg", f"CFG scale, a number from 0 to {MAX_CFG}"),
     "d": ("seed", "seed, an integer from 0 to 2**63-1"),
@@ -129,8 +130,8 @@ def _parse_option_value(name: str, raw: str) -> str | int | float | None:
         return None
     number = int(raw)
     ok = {
-        "w": number > 0,
-        "h": number > 0,
+        "w": 1 <= number <= MAX_SIDE,
+        "h": 1 <= number <= MAX_SIDE,
         "s": 1 <= number <= MAX_STEPS,
         "d": 0 <= number <= MAX_SEED,
     }[name]

@@ -62,6 +62,11 @@ def test_cfg_accepts_integers_and_exponents():
     assert parse_prompt_line("a --l 100", WHERE).cfg == 100.0
 
 
+def test_the_largest_size_is_the_largest_resolution():
+    prompt = parse_prompt_line("a --w 4096 --h 4096", WHERE)
+    assert (prompt.width, prompt.height) == (4096, 4096)
+
+
 @pytest.mark.parametrize(
     "line, fragment",
     [
@@ -72,6 +77,8 @@ def test_cfg_accepts_integers_and_exponents():
         ("a cat --w -64", "--w '-64'"),
         ("a cat --w 51.2", "--w '51.2'"),
         ("a cat --w 1_000", "--w '1_000'"),
+        ("a cat --w 40960", "--w '40960' is not valid; expected width in pixels, an integer from 1 to 4096"),  # as --resolution
+        ("a cat --h 8192", "--h '8192'"),
         ("a cat --h abc", "--h 'abc'"),
         ("a cat --s 0", "--s '0'"),
         ("a cat --s 1001", "--s '1001'"),
