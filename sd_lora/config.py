@@ -304,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """CLI arguments (+ optional TOML via --config) -> validated TrainConfig. Raises ConfigError/UserError."""
+def load_config(argv: list[str] | None = None, warnings: list[str] | None = None) -> TrainConfig:
+    """CLI arguments (+ optional TOML via --config) -> validated TrainConfig. Raises ConfigError/UserError.
+
+    `warnings`, when given, receives what the user set that the run will not use (`_unused_options`)."""
     namespace, unknown = build_parser().parse_known_args(argv)
     if unknown:
         raise ConfigError(_unknown_flags(unknown))
@@ -353,7 +355,24 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     if problems:
         relative = {name for name, v in from_file.items() if name not in cli and _is_relative_path(name, v)}
         raise ConfigError([_say_where_set(p, where_set, relative) for p in problems])
+    if warnings is not None:
+        warnings.extend(_unused_options(config, set(from_file) | set(cli)))
     return config
+
+
+# What the sample grids are drawn with; the other options of the group say when they are drawn.
+SAMPLE_SETTINGS = tuple(name for name, f in FIELDS.items() if f.metadata["group"] == "sampling" and not name.startswith("sample_every"))
+
+
+def _unused_options(c: TrainConfig, given: set[str]) -> list[str]:
+    """Warnings for options the user set (`given`: on the command line or in the --config file) that this run
+    ignores. Not errors: `--sample-every 0` is how a run in a config file with sample settings is made quick."""
+    unused = [name for name in SAMPLE_SETTINGS if name in given]
+    if c.sampling or not unused:
+        return []
+    flags = ", ".join("--" + key_of(name) for name in unused)
+    return [f"{flags} unused: this run draws no sample grids (--sample-every 0 and --sample-every-epochs 0); "
+            "set --sample-every N to draw them"]
 
 
 def _dataset_config_options(values: dict[str, Any], cli: dict[str, Any], config_path, problems: list[str]) -> dict[str, Any]:

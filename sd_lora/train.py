@@ -31,7 +31,7 @@ from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprin
 from .data.latent_cache import vae_identity  # noqa: E402
 from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, scan_training_data, split_validation,  # noqa: E402
                          stop_workers, vae_encoder)
-from .errors import Interrupted, UserError, run_cli  # noqa: E402
+from .errors import Interrupted, UserError, is_secondary_process, run_cli  # noqa: E402
 from .export import trained_modules  # noqa: E402
 from .outputs import RunOutputs, StopRequest, is_run_save  # noqa: E402
 from .lora.inject import trainable_parameters  # noqa: E402
@@ -414,7 +414,14 @@ def out_of_memory_error(config: TrainConfig, state: loop.TrainState, trainee: lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: run(load_config(argv)))
+    def train() -> None:
+        warnings: list[str] = []
+        config = load_config(argv, warnings)
+        for warning in [] if is_secondary_process() else warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        run(config)
+
+    return run_cli(train)
 
 
 if __name__ == "__main__":

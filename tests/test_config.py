@@ -352,3 +352,33 @@ def test_a_path_starting_with_a_tilde_is_under_the_home_folder(tmp_path, monkeyp
     (tmp_path / "run.toml").write_text('data = "~/data"\n')
     c = load_config(["--config=~/run.toml", "--model-config=~/cfg", "--output-dir=~/out"])
     assert (c.data, c.model_config, c.output_dir) == (tmp_path / "data", tmp_path / "cfg", tmp_path / "out")
+
+
+def test_sample_settings_of_a_run_without_grids_are_warned_about(tmp_path):
+    """--sample-every 0 with sample settings from the command line or a --config file: the run draws no grid,
+    so the settings are named in a warning (not an error: it is how a config file's run is made quick)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    (tmp_path / "run.toml").write_text(f"sample-prompts = {str(prompts)!r}\nsample-steps = 5\n")
+    warnings: list[str] = []
+    load_config(["--data", str(tmp_path), "--model", "m", "--config", str(tmp_path / "run.toml"), "--sample-cfg", "4",
+                 "--sample-every", "0"], warnings)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("--sample-prompts, --sample-steps, --sample-cfg unused: this run draws no sample grids")
+    for drawn in (["--sample-every", "10"], ["--sample-every", "0", "--sample-every-epochs", "1"]):
+        warnings.clear()
+        load_config(["--data", str(tmp_path), "--model", "m", "--sample-cfg", "4", *drawn], warnings)
+        assert warnings == []
+    # The demo base's own sample settings are not the user's.
+    load_config(["--data", str(tmp_path), "--sample-every", "0"], warnings)
+    assert warnings == []
+
+
+def test_the_cli_prints_the_warnings_of_its_options(tmp_path, monkeypatch, capsys):
+    from sd_lora import train
+
+    ran = []
+    monkeypatch.setattr(train, "run", ran.append)
+    assert train.main(["--data", str(tmp_path), "--sample-every", "0", "--sample-seeds", "3"]) == 0
+    assert ran[0].sample_seeds == 3
+    assert "warning: --sample-seeds unused: this run draws no sample grids" in capsys.readouterr().err
