@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         problems = [f"--seeds {args.seeds}: evaluate at least one seed (default 3)"] * (args.seeds < 1)
         problems += [f"--steps {args.steps}: sample with at least one step (default 20)"] * (args.steps < 1)
         problems += [f"--cfg {args.cfg}: use a finite guidance scale such as 5"] * (not math.isfinite(args.cfg))
+        if args.grid and args.file is None:
+            problems.append(f"--grid {args.grid}: the grid shows base and LoRA side by side; give a LoRA FILE too")
+        elif args.grid and Image.registered_extensions().get(args.grid.suffix.lower()) not in Image.SAVE:
+            problems.append(f"--grid {args.grid}: not an image file name PIL can write; end it in .png")
         if problems:
             raise ConfigError(problems)
         settings = GenerationSettings(seeds=tuple(range(args.seeds)), steps=args.steps, cfg=args.cfg)
@@ -406,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_lora(args.file, args.model, settings)
         print(format_lora_report(report, settings))
         if args.grid:
+            args.grid.parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not lose the evaluation
             comparison_grid(report).save(args.grid)
             print(f"grid: {args.grid}")
 

@@ -173,3 +173,23 @@ def test_a_one_seed_report_says_why_it_has_no_seed_to_seed_scale():
     text = evaluate.format_lora_report(dataclasses.replace(report, seed_to_seed=float("nan")),
                                        evaluate.GenerationSettings(seeds=(0,)))
     assert "nan" not in text and "one seed: with --seeds 2 or more" in text
+
+
+def test_a_grid_without_a_lora_file_or_with_an_unknown_extension_is_refused_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    # --grid was silently ignored without FILE, and a name PIL cannot write failed after the whole evaluation
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a, **k: pytest.fail("the base model was loaded"))
+    assert evaluate.main(["--grid", str(tmp_path / "g.png")]) == 2
+    assert "--grid " + str(tmp_path / "g.png") + ": the grid shows base and LoRA side by side; give a LoRA FILE too" in capsys.readouterr().err
+    assert evaluate.main([str(tmp_path / "x.safetensors"), "--grid", str(tmp_path / "grid")]) == 2
+    assert "grid: not an image file name PIL can write; end it in .png" in capsys.readouterr().err
+
+
+def test_the_grid_goes_into_a_folder_that_does_not_exist_yet(tmp_path, capsys, monkeypatch):
+    """The grid is saved after minutes of generation: a missing folder must not end the run in a traceback."""
+    cell = Image.new("RGB", (64, 64))
+    report = evaluate.LoraReport(0, 1, 1, 1, 1, 0.01, 0.1, images={"prompts": [["zkchar"]], "base": [[cell]], "lora": [[cell]]})
+    monkeypatch.setattr(evaluate, "evaluate_lora", lambda *a, **k: report)
+    grid = tmp_path / "new" / "folder" / "grid.png"
+    assert evaluate.main([str(tmp_path / "x.safetensors"), "--seeds", "1", "--grid", str(grid)]) == 0
+    assert f"grid: {grid}" in capsys.readouterr().out
+    assert Image.open(grid).size == evaluate.comparison_grid(report).size
