@@ -1,8 +1,8 @@
 """`python -m sd_lora.demo.figure RUN_DIR OUT.png`: the README's picture, a run's sample grids side by side.
 
 Takes the step grids a run wrote to `RUN_DIR/samples/` (step 0 = the untouched base, then every
---sample-every steps, then the end), keeps up to `--columns` of them evenly spread, trims each to its first
-`--rows` prompt rows, and pastes them left to right, scaled to `--height` pixels.
+--sample-every steps, then the end), keeps up to `--columns` of them evenly spread, and pastes them left to
+right, scaled to `--height` pixels.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", type=int, default=4, help="Grids to show (default: %(default)s).")
     parser.add_argument("--height", type=int, default=420, help="Height of the picture in pixels (default: %(default)s).")
     args = parser.parse_args(argv)
+    for flag, value in (("--columns", args.columns), ("--height", args.height)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be 1 or more")
     grids = step_grids(args.run_dir)
     if not grids:
         print(f"sd_lora: error: {args.run_dir / 'samples'}: no step grids (*-stepNNNNNNNN.png); train with --sample-every", file=sys.stderr)

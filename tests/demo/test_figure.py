@@ -1,5 +1,6 @@
 """The README picture: a run's step grids, spread and pasted side by side."""
 
+import pytest
 from PIL import Image
 
 from sd_lora.demo.figure import main, progression, spread, step_grids
@@ -33,3 +34,14 @@ def test_cli_writes_the_picture_or_explains(tmp_path, capsys):
         Image.new("RGB", (60, 30), "white").save(tmp_path / "samples" / f"c-step{step:08d}.png")
     assert main([str(tmp_path), str(tmp_path / "fig" / "p.png"), "--height", "60"]) == 0
     assert Image.open(tmp_path / "fig" / "p.png").size == (3 * 120 + 2 * 8, 60)
+
+
+def test_cli_refuses_columns_or_height_below_one(tmp_path, capsys):
+    # they failed with PIL's ValueError traceback ("Width and height must be >= 0") once the grids were read
+    (tmp_path / "samples").mkdir()
+    Image.new("RGB", (60, 30), "white").save(tmp_path / "samples" / "c-step00000000.png")
+    for args, message in ((["--columns", "0"], "--columns 0: must be 1 or more"), (["--height", "-5"], "--height -5: must be 1 or more")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path), str(tmp_path / "p.png"), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
