@@ -296,9 +296,9 @@ def _components(modules, stray, architecture, adapter_metadata, family):
             if down.shape[0] == 0:
                 note("have rank 0 (empty factors: they change nothing)", entry.name)
                 continue
-            if not (down.is_floating_point() and up.is_floating_point()):  # no trainer writes these; loaders cast them
-                down, up = down.float(), up.float()  # so the tools compute in float too (scaling int8 truncates)
-            if not all(bool(torch.isfinite(t).all()) for t in entry.tensors.values() if t.is_floating_point()):
+            if not all(t.is_floating_point() and t.dtype.itemsize > 1 for t in (down, up)):  # int8, fp8: loaders cast
+                down, up = down.float(), up.float()  # them, so the tools compute in float too (int8 truncates, fp8 has no mul)
+            if not all(bool(torch.isfinite(t.float()).all()) for t in entry.tensors.values() if t.is_floating_point()):
                 note("hold NaN or infinite values (the training that wrote them diverged; use an earlier save)",
                      entry.name)
                 continue

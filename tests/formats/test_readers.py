@@ -286,3 +286,21 @@ def test_an_alpha_of_one_number_in_any_shape_or_dtype_is_read_and_any_other_is_r
         assert list(lora.components["unet"]) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
         assert all(v.rejects for v in compatibility(lora).values())
         assert f"{k} (alpha shape {list(bad.shape)})" in format_report(lora)
+
+
+def test_fp8_factors_and_alphas_are_read_as_float32_values(tmp_path):
+    # fp8 (a storage format ComfyUI loads) failed with torch's NotImplementedError ("isfinite" not implemented for
+    # 'Float8_e4m3fn') in inspect, convert and the API; fp8 has no multiplication either, so alpha could not be baked in
+    from sd_lora.formats.diffusers_format import to_diffusers_state_dict as baked
+
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up = torch.tensor([[0.5, -1.0, 2.0]]), torch.tensor([[1.5], [-0.25]])  # exact in float8_e4m3fn
+    save_file({f"{q}.lora_down.weight": down.to(torch.float8_e4m3fn), f"{q}.lora_up.weight": up.to(torch.float8_e4m3fn),
+               f"{q}.alpha": torch.tensor(0.5).to(torch.float8_e4m3fn)}, tmp_path / "fp8.safetensors")
+    lora = read_any_lora(tmp_path / "fp8.safetensors")
+    assert not lora.unsupported
+    (w,) = lora.components["unet"].values()
+    assert w.down.dtype == w.up.dtype == torch.float32 and torch.equal(w.down, down) and torch.equal(w.up, up)
+    assert w.alpha == 0.5
+    (b,) = [t for key, t in baked(lora.components).items() if key.endswith("lora_B.weight")]
+    assert torch.equal(b, up * 0.5)
