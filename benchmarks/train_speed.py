@@ -698,6 +698,17 @@ def main() -> int:
         names += list(EXPERIMENTS)
     if not args.only:
         names.append("sd15")
+    # Checked before the model is written (4 GiB for --model sd15): a worker found these only after that, or never.
+    known = ["naive", "sd15", *CONFIGS, *EXPERIMENTS]
+    unknown = [n for n in names if n not in known]
+    problems = [f"--only: unknown configurations {', '.join(unknown)} (known: {', '.join(known)})"] * bool(unknown)
+    problems += [f"--profile {args.profile}: not a configuration this run measures ({', '.join(names)})"] * (
+        args.profile is not None and args.profile not in names)
+    problems += [f"--{name.replace('_', '-')} {value}: must be 1 or more" for name, value in vars(args).items()
+                 if name in ("repeats", "steps", "rank", "batch_size", "resolution", "sd15_resolution", "sd15_steps")
+                 and value is not None and value < 1]
+    if problems:
+        parser.error("; ".join(problems))
     full_size = args.model in FULL_SIZE_FAMILY
     if args.model == "sdxl" and {"naive", "sd15"} & set(names):
         raise SystemExit("--model sdxl: the naive loop is diffusers' SD1 example; pass --only with sd_lora configurations")

@@ -1,0 +1,32 @@
+"""The benchmark scripts' own argument checks: a bad name or number is a usage error before any model is written
+or any step runs, not a traceback after (the benchmarks themselves are timed in benchmarks/, never here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    # a worker refused the name only once the model was written (minutes and 4 GiB for --model sd15)
+    (["--only", "nope,default"], "--only: unknown configurations nope (known: naive, sd15, default, "),
+    # --repeats 0: statistics.StatisticsError "no median for empty data" after the model was written
+    (["--only", "default", "--repeats", "0"], "--repeats 0: must be 1 or more"),
+    (["--only", "default", "--steps", "0", "--rank", "-1"], "--steps 0: must be 1 or more; --rank -1: must be 1 or more"),
+    # a --profile of a configuration the run does not measure was silently ignored
+    (["--only", "default", "--profile", "naive"], "--profile naive: not a configuration this run measures (default)"),
+])
+def test_train_speed_refuses_bad_arguments_before_writing_the_model(tmp_path, args, message):
+    done = _run("train_speed.py", "--out", str(tmp_path / "out"), *args)
+    assert done.returncode == 2 and f"train_speed.py: error: {message}" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
