@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sd_lora_soak"))
     args = parser.parse_args()
+    if args.steps < 3:
+        parser.error(f"--steps {args.steps}: must be 3 or more (the slope is fitted to the steps after the first tenth)")
     shutil.rmtree(args.out, ignore_errors=True)
     data = write_dataset(args.out / "data", count=12)
     model = save_tiny_model(args.out / "model")

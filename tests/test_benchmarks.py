@@ -30,3 +30,10 @@ def test_train_speed_refuses_bad_arguments_before_writing_the_model(tmp_path, ar
     assert done.returncode == 2 and f"train_speed.py: error: {message}" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("steps", ["1", "2"])
+def test_soak_refuses_too_few_steps_for_a_slope(tmp_path, steps):
+    # --steps 1 and 2 trained, then failed in the slope fit (StatisticsError, ZeroDivisionError)
+    done = _run("soak.py", "--steps", steps, "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and f"soak.py: error: --steps {steps}: must be 3 or more" in done.stderr
+    assert not (tmp_path / "out").exists()
