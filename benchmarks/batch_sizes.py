@@ -139,8 +139,9 @@ def main() -> int:
     args = parser.parse_args()
     models = args.models.split(",")
     unknown = [m for m in models if m not in MODELS]
-    if unknown or args.steps < 1 or args.max_batch < 1 or not 0 < args.fill <= 1:
-        parser.error(f"unknown models {unknown}" if unknown else "--steps and --max-batch must be >= 1, --fill in (0, 1]")
+    small = args.rank < 1 or (args.resolution is not None and args.resolution < 1)  # --resolution 0 meant the default
+    if unknown or args.steps < 1 or args.max_batch < 1 or small or not 0 < args.fill <= 1:
+        parser.error(f"unknown models {unknown}" if unknown else "--steps, --max-batch, --rank and --resolution must be >= 1, --fill in (0, 1]")
     args.out.mkdir(parents=True, exist_ok=True)
     if not (data_root(args) / "data").is_dir():
         train_speed.write_dataset(data_root(args) / "data", count=min(8, args.max_batch), repeats=math.ceil(args.max_batch / 8), square=True)

@@ -59,6 +59,8 @@ def main() -> int:
         return 0
 
     folder = args.model_dir
+    if folder is not None and not (folder / "unet" / "config.json").is_file():
+        parser.error(f"--model-dir {folder}: not a diffusers model folder (needs unet/config.json)")
     if folder is None:
         from train_speed import save_sd15_model  # same folder as this script
 

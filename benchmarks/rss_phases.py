@@ -124,6 +124,10 @@ def main() -> int:
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
                         help="sd15: the full-size SD1.5 architecture with random weights (use --resolution 256)")
     args = parser.parse_args()
+    small = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+             if name in ("steps", "resolution", "batch_size", "rank") and value < 1]
+    if small:
+        parser.error(f"{', '.join(small)}: must be 1 or more")
 
     recorder = Recorder()
     recorder.mark("start")

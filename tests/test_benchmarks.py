@@ -37,3 +37,18 @@ def test_soak_refuses_too_few_steps_for_a_slope(tmp_path, steps):
     done = _run("soak.py", "--steps", steps, "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and f"soak.py: error: --steps {steps}: must be 3 or more" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    # --resolution 0 silently became the model's default resolution; --rank 0 failed in sd_lora's config check
+    ("batch_sizes.py", ["--models", "tiny", "--resolution", "0"], "--steps, --max-batch, --rank and --resolution must be >= 1"),
+    ("batch_sizes.py", ["--models", "tiny", "--rank", "0"], "--steps, --max-batch, --rank and --resolution must be >= 1"),
+    # tracebacks after the model was written: sd_lora's ConfigError, an IndexError of the naive loop's empty step list
+    ("rss_phases.py", ["naive", "--steps", "0", "--rank", "0"], "--steps 0, --rank 0: must be 1 or more"),
+    # a CalledProcessError of the worker, its own error hidden
+    ("load_peak.py", ["--model-dir", "nope"], "--model-dir nope: not a diffusers model folder (needs unet/config.json)"),
+])
+def test_other_benchmarks_refuse_bad_numbers_and_folders_before_any_work(tmp_path, script, args, message):
+    done = _run(script, "--out", str(tmp_path / "out"), *args)
+    assert done.returncode == 2 and f"{script}: error: {message}" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
