@@ -122,10 +122,12 @@ def _block_order(block: str) -> tuple:
 def _rank_lines(lora: LoraFile) -> list[str]:
     pairs = {}
     for entry in lora.modules:
+        if entry.kind != "lora":  # LoHa, one factor alone, ...: no rank, even where a plain module has its path
+            continue
         w = lora.components.get(entry.component or "", {}).get(entry.path or "")
         if w is not None:
             pairs[entry.name] = (w.rank, float(w.alpha))
-        elif entry.kind == "lora" and entry.tensors["down"].shape[0]:  # DoRA, lora_mid, NaN ...: still has a rank
+        elif entry.tensors["down"].shape[0]:  # DoRA, lora_mid, NaN ...: still has a rank
             rank = int(entry.tensors["down"].shape[0])
             alpha = alpha_value(entry.tensors["alpha"]) if "alpha" in entry.tensors else float(rank)
             if alpha is not None:  # else a damaged alpha, reported with the unsupported modules

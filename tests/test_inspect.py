@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from helpers import random_lora_components
+from safetensors.torch import save_file
 
 from sd_lora.formats.kohya import save_lora_file, to_kohya_state_dict
 from sd_lora.inspect import main
@@ -113,3 +114,13 @@ def test_regularisation_folders_are_a_table_of_their_own(clean, tmp_path, capsys
     out = capsys.readouterr().out
     rows = out[out.index("Regularisation folders:"):].splitlines()
     assert rows[2].split() == ["1_person", "1", "200"] and "ss_reg_dataset_dirs" not in out
+
+
+def test_a_module_that_is_no_plain_lora_has_no_rank_even_beside_one_of_its_path(clean, tmp_path, capsys):
+    # a lone diffusers lora_A on proj_in, which the kohya keys also hold, was counted with the kohya module's rank
+    state = to_kohya_state_dict(clean)
+    state["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"] = torch.zeros(2, 32, 1, 1)
+    save_file(state, tmp_path / "mixed.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+    assert main([str(tmp_path / "mixed.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "Modules: 67 (1 incomplete, 66 lora)" in out and "rank 4, alpha 2 (scale 0.5) on all 66 modules" in out
