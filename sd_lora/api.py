@@ -49,6 +49,10 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, name: str | Non
     loaded = _adapters(pipe)
     if name in loaded:
         raise UserError(f"{path}: an adapter named {name!r} is already loaded; pass another name= or unload it first")
+    compiled = [c for c in ("unet", "text_encoder", "text_encoder_2") if hasattr(getattr(pipe, c, None), "_orig_mod")]
+    if compiled:  # torch.compile's wrapper renames every layer (`_orig_mod.`): no module of the file would resolve
+        raise UserError(f"{path}: pipe.{compiled[0]} is compiled (torch.compile); load LoRA files before compiling it, "
+                        "as diffusers does (it does not list the adapters of a compiled model either)")
     architecture = architecture_of_pipeline(pipe)
     lora = read_any_lora(path, architecture=architecture)
     try:

@@ -251,3 +251,14 @@ def test_modules_diffusers_did_not_load_are_an_error_and_the_adapter_is_removed(
     with pytest.raises(RuntimeError, match=r"style.safetensors: diffusers did not load 1 of its modules \(unet\."):
         load_lora(pipe, folder / "style.safetensors")
     assert lora_scales(pipe) == {}
+
+
+def test_a_compiled_unet_is_named_not_reported_as_a_file_for_another_model(pristine, files):
+    # pipe.unet = torch.compile(pipe.unet), diffusers' speed-up: every module of the file was reported to "match no
+    # layer of the sd1 model" (the wrapper's paths start with _orig_mod.), as if the LoRA were for another model
+    _, _, folder = files
+    pipe = copy.deepcopy(pristine)
+    pipe.unet = torch.compile(pipe.unet)
+    with pytest.raises(UserError, match=r"style.safetensors: pipe.unet is compiled \(torch.compile\); load LoRA files before compiling it"):
+        load_lora(pipe, folder / "style.safetensors")
+    assert lora_scales(pipe) == {}
