@@ -240,7 +240,7 @@ class RunOutputs:
         return state.epoch
 
     def on_skipped_step(self, record: loop.StepRecord, nan_steps: int) -> None:
-        self.log({"step": record.step, "skipped": True, "loss": str(record.loss), "grad_norm": str(record.grad_norm)})
+        self.log({"step": record.step, "skipped": True, "loss": record.loss, "grad_norm": record.grad_norm})  # log: NaN as "nan"
         if self.main:
             self.progress.write(f"warning: step {record.step} skipped: non-finite loss ({record.loss}) or gradient norm "
                                 f"({record.grad_norm}); {nan_steps} of --nan-skip {self.config.nan_skip} used")

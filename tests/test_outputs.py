@@ -249,3 +249,23 @@ def test_metrics_lines_are_strict_json_with_non_finite_values_as_strings():
     outputs.RunOutputs.log(hooks, {"step": 4, "val_loss": float("nan"), "loss": float("inf"), "lr": 1e-4})
     line = json.loads(metrics.getvalue(), parse_constant=lambda c: pytest.fail(f"bare {c} in {metrics.getvalue()!r}"))
     assert line == {"step": 4, "val_loss": "nan", "loss": "inf", "lr": 1e-4, "elapsed": 1.0, "rss_mb": 1.0}
+
+
+def test_a_skipped_steps_finite_numbers_stay_numbers_in_metrics_jsonl(tmp_path):
+    """Only NaN and inf are written as strings (strict JSON has no such numbers); a step skipped for an infinite
+    gradient norm wrote its finite loss as the string "0.25" too."""
+    import io
+    from types import SimpleNamespace
+
+    import psutil
+
+    from sd_lora.loop import StepRecord
+    from sd_lora.outputs import RunOutputs
+
+    hooks = SimpleNamespace(main=True, metrics=io.StringIO(), tensorboard=None, _process=psutil.Process(), elapsed=lambda: 1.0,
+                            progress=SimpleNamespace(write=lambda text: None), config=SimpleNamespace(nan_skip=2))
+    hooks.log = lambda record: RunOutputs.log(hooks, record)
+    RunOutputs.on_skipped_step(hooks, StepRecord(step=3, epoch=0, lr=1e-4, seconds=0.1, loss=0.25, grad_norm=float("inf")), 1)
+    RunOutputs.on_skipped_step(hooks, StepRecord(step=4, epoch=0, lr=1e-4, seconds=0.1, loss=float("nan"), grad_norm=2.0), 2)
+    lines = [json.loads(line) for line in hooks.metrics.getvalue().splitlines()]
+    assert [(r["step"], r["skipped"], r["loss"], r["grad_norm"]) for r in lines] == [(3, True, 0.25, "inf"), (4, True, "nan", 2.0)]
