@@ -182,6 +182,10 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
         problems.append("--latent-cache-dir needs cached latents; drop it, or drop --no-cache-latents/--random-crop")
     if c.optimizer == "prodigy" and c.learning_rate < 0.1:
         problems.append(f"--optimizer prodigy learns its own step size: --learning-rate is a multiplier, use about 1.0 (got {c.learning_rate:g})")
+    if c.optimizer == "prodigy" and c.text_encoder_lr is not None and c.text_encoder_lr != c.learning_rate:
+        # Prodigy shares one learned step size across groups and refuses groups with different lr values.
+        problems.append(f"--text-encoder-lr {c.text_encoder_lr:g}: --optimizer prodigy uses one learning rate for the U-Net and the "
+                        f"text encoder (--learning-rate {c.learning_rate:g}); drop --text-encoder-lr")
     if c.text_encoder_lr is not None and (c.train_text_encoder is False or (c.train_text_encoder is None and c.init_weights is None)):
         problems.append("--text-encoder-lr is set but the text encoder is not trained; add --train-text-encoder")
     if c.log_with == "none" and (c.logging_dir is not None or c.log_prefix is not None):

@@ -67,13 +67,13 @@ def _prodigy(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
         raise UserError("--optimizer prodigy needs the prodigyopt package: pip install 'sd_lora[prodigy]' "
                         "(and train with --learning-rate 1.0), or use --optimizer adamw") from None
     rates = sorted({float(g["lr"]) for g in groups})
-    if rates and rates[0] < PRODIGY_MIN_LR:
-        raise UserError(f"--optimizer prodigy learns its own step size and expects --learning-rate of about 1.0 "
-                        f"(a multiplier on that step), got {rates[0]:g}; pass --learning-rate 1.0")
-    if len(rates) > 1:
+    if len(rates) > 1:  # first: a low rate of the two is --text-encoder-lr's, not --learning-rate's
         # Prodigy shares one learned step size across groups and refuses groups with different lr values.
         raise UserError(f"--optimizer prodigy uses one learning rate for the U-Net and the text encoder, got "
                         f"{', '.join(f'{r:g}' for r in rates)}; drop --text-encoder-lr")
+    if rates and rates[0] < PRODIGY_MIN_LR:
+        raise UserError(f"--optimizer prodigy learns its own step size and expects --learning-rate of about 1.0 "
+                        f"(a multiplier on that step), got {rates[0]:g}; pass --learning-rate 1.0")
     # The prodigyopt README's settings for diffusion models: bias correction on, and safeguard_warmup so
     # that an lr warm-up does not inflate the step-size estimate.
     with contextlib.redirect_stdout(io.StringIO()):  # hack: its constructor prints "Using decoupled weight decay"

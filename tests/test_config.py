@@ -290,6 +290,17 @@ def test_cache_and_optimizer_combinations(tmp_path):
         assert load_config(["--data", str(tmp_path), "--optimizer", "prodigy", *model]).learning_rate == 1.0
 
 
+def test_prodigy_refuses_a_text_encoder_lr_of_its_own_by_that_name_before_the_model_loads(tmp_path):
+    """Prodigy takes one rate for every group: a --text-encoder-lr that differs was refused only after the model
+    loaded and the latents were cached, and a low one was blamed on --learning-rate (1.0, as asked)."""
+    prodigy = ["--data", str(tmp_path), "--model", "some/model", "--optimizer", "prodigy", "--train-text-encoder"]
+    for rate in ("1e-4", "0.5"):
+        with pytest.raises(ConfigError, match=rf"--text-encoder-lr {float(rate):g}: --optimizer prodigy uses one learning rate for the "
+                                              r"U-Net and the text encoder \(--learning-rate 1\); drop --text-encoder-lr"):
+            load_config(prodigy + ["--text-encoder-lr", rate])
+    assert load_config(prodigy + ["--text-encoder-lr", "1.0"]).effective_text_encoder_lr == 1.0
+
+
 def test_the_demo_run_with_epochs_has_no_warm_up_it_cannot_fit(tmp_path):
     """The demo's 20 warm-up steps fit its 1000; with --epochs the run's length is known only after the scan, and a
     short one failed there, over a warm-up the user never set."""

@@ -167,6 +167,9 @@ def test_prodigy_refuses_adamw_sized_and_mixed_learning_rates():
         build_optimizer("prodigy", [{"params": [p], "lr": 1e-4}], weight_decay=0.0, device=CPU)
     with pytest.raises(UserError, match="one learning rate .* 0.5, 1; drop --text-encoder-lr"):
         build_optimizer("prodigy", [{"params": [p], "lr": 1.0}, {"params": [q], "lr": 0.5}], weight_decay=0.0, device=CPU)
+    # A low text-encoder rate beside --learning-rate 1.0 is the mixed rates' error, not a low --learning-rate's.
+    with pytest.raises(UserError, match="one learning rate .* 0.0001, 1; drop --text-encoder-lr"):
+        build_optimizer("prodigy", [{"params": [p], "lr": 1.0}, {"params": [q], "lr": 1e-4}], weight_decay=0.0, device=CPU)
 
 
 def test_adamw8bit_refuses_the_cpu(monkeypatch):
