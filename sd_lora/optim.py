@@ -31,8 +31,9 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
     `param_groups` are torch-style dicts with "params" and "lr"; empty groups are dropped. Every optimizer
     honours each group's lr and is stepped by the schedules of `build_lr_scheduler` (Prodigy: the schedule
     scales its learned step size). A missing optional package or an unsupported device is a UserError
-    that names the install command or the alternative.
+    that names the install command or the alternative (`check_available`).
     """
+    check_available(name, device)
     groups = [g for g in param_groups if g["params"]]
     # The first group's rate is also the optimizer's default lr, which diffusers' polynomial schedule reads as the
     # rate it decays from to POLYNOMIAL_LR_END (torch's own default, 1e-3, would move that end point).
@@ -41,12 +42,8 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, weight_decay=weight_decay, **lr, **fast)
     if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install 'sd_lora[bitsandbytes]' (CUDA GPUs only), or use --optimizer adamw") from None
-        if device.type != "cuda":
-            raise UserError("--optimizer adamw8bit runs on CUDA GPUs only; on this device use --optimizer adamw")
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay, **lr)
     if name == "adafactor":
         from transformers.optimization import Adafactor
@@ -60,12 +57,28 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def check_available(name: str, device: torch.device) -> None:
+    """Whether optimizer `name` can run here: a UserError naming the install command or the alternative when its
+    optional package is missing or (adamw8bit) `device` is not a CUDA GPU. It needs no model, so a run checks it
+    before the model loads (a Hub download, minutes of latent caching), not when the optimizer is built."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install 'sd_lora[bitsandbytes]' (CUDA GPUs only), or use --optimizer adamw") from None
+        if device.type != "cuda":
+            raise UserError("--optimizer adamw8bit runs on CUDA GPUs only; on this device use --optimizer adamw")
+    if name == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise UserError("--optimizer prodigy needs the prodigyopt package: pip install 'sd_lora[prodigy]' "
+                            "(and train with --learning-rate 1.0), or use --optimizer adamw") from None
+
+
 def _prodigy(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise UserError("--optimizer prodigy needs the prodigyopt package: pip install 'sd_lora[prodigy]' "
-                        "(and train with --learning-rate 1.0), or use --optimizer adamw") from None
+    from prodigyopt import Prodigy
+
     rates = sorted({float(g["lr"]) for g in groups})
     if len(rates) > 1:  # first: a low rate of the two is --text-encoder-lr's, not --learning-rate's
         # Prodigy shares one learned step size across groups and refuses groups with different lr values.

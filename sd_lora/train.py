@@ -38,7 +38,7 @@ from .lora.inject import trainable_parameters  # noqa: E402
 from .lora.targets import matching_preset  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
-from .optim import build_lr_scheduler, build_optimizer, restore_lr_scheduler  # noqa: E402
+from .optim import build_lr_scheduler, build_optimizer, check_available, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
 from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions, warn_long_sample_prompts  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
@@ -150,6 +150,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 def train_lora(config: TrainConfig) -> TrainResult:
     check_precision(config)
+    check_available(config.optimizer, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the Accelerator's choice
     tensorboard_log.check_available(config)
     if config.compile != "off":
         check_compiler(torch.cuda.is_available())

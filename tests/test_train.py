@@ -293,6 +293,17 @@ def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_p
         assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("module, name", [("bitsandbytes", "adamw8bit"), ("prodigyopt", "prodigy")])
+def test_a_missing_optimizer_package_is_refused_before_the_model_loads(tiny_dataset, tmp_path, monkeypatch, capsys, module, name):
+    """It needs no model: it was found only once the optimizer was built, after the model loaded (a Hub download)
+    and every latent was cached."""
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    monkeypatch.setattr(train_module, "load_base_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    code = main(["--data", str(tiny_dataset), "--model", "some/model", "--output-dir", str(tmp_path / "o"), "--optimizer", name])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--optimizer {name} needs" in err and f"pip install 'sd_lora[{name.replace('adamw8bit', 'bitsandbytes')}]'" in err, err
+
+
 def test_samplers_that_ignore_a_zero_terminal_snr_schedule_are_refused(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     """heun, dpm_2, dpm_2_a, dpmsingle and pndm drew a zero-terminal-SNR model's grids on the plain schedule."""
     prompts = tmp_path / "prompts.txt"
