@@ -20,6 +20,15 @@ def test_estimate_counts_weights_lora_state_and_cache():
     assert prodigy["LoRA weights, gradients and optimizer state"] == 80 * (4 + 4 + 16)
 
 
+def test_estimate_counts_lora_weights_inside_the_frozen_modules_once():
+    # PEFT puts the LoRA factors inside the base modules: module_bytes of the U-Net includes them.
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10).requires_grad_(False), torch.nn.Linear(10, 4, bias=False))
+    lora = list(model[1].parameters())  # 40 trainable fp32 values
+    parts = memory.estimate([model], lora, cache_bytes=0)
+    assert parts["frozen weights"] == 110 * 4
+    assert parts["LoRA weights, gradients and optimizer state"] == 40 * 16 + 4
+
+
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "prodigy"])
 def test_optimizer_state_bytes_match_what_the_optimizer_allocates(name):
     from sd_lora.optim import build_optimizer
