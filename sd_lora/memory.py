@@ -145,8 +145,9 @@ def ways_to_fit(*, batch_size: int, gradient_accumulation_steps: int, gradient_c
                 optimizer: str, train_text_encoder: bool, resolution: int, device_type: str) -> list[str]:
     """What would lower this run's memory, most effective first, as flags to change (pure)."""
     ways = []
-    if batch_size > 1:
-        ways.append(f"--batch-size {batch_size // 2} --gradient-accumulation-steps {gradient_accumulation_steps * 2} "
+    if batch_size > 1:  # the largest smaller batch that divides it, so the accumulation makes up the rest exactly
+        smaller = max(d for d in range(1, batch_size) if batch_size % d == 0)
+        ways.append(f"--batch-size {smaller} --gradient-accumulation-steps {gradient_accumulation_steps * batch_size // smaller} "
                     "(the same images per optimizer step)")
     if not gradient_checkpointing:
         ways.append("--gradient-checkpointing (recomputes activations: about a third slower)")

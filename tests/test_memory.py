@@ -103,6 +103,10 @@ def test_ways_to_fit_name_only_the_flags_that_would_change_something():
                 optimizer="adamw", train_text_encoder=True, resolution=1024, device_type="cuda")
     ways = memory.ways_to_fit(**base)
     assert ways[0].startswith("--batch-size 2 --gradient-accumulation-steps 2 ")  # keeps 4 images per step
+    # An odd batch too: 3 x 2 images per step were advised as 1 x 4.
+    for batch, accumulation, advice in ((3, 2, "--batch-size 1 --gradient-accumulation-steps 6 "),
+                                        (6, 1, "--batch-size 3 --gradient-accumulation-steps 2 ")):
+        assert memory.ways_to_fit(**dict(base, batch_size=batch, gradient_accumulation_steps=accumulation))[0].startswith(advice)
     assert [w.split(" (")[0] for w in ways[1:]] == [
         "--gradient-checkpointing", "--mixed-precision bf16", "--optimizer adamw8bit",
         "training the U-Net only", "--resolution 768"]
