@@ -146,7 +146,8 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
         problems.append(f"--lr-scheduler-power {c.lr_scheduler_power:g} only applies to --lr-scheduler polynomial (got "
                         f"{c.lr_scheduler}); switch to it or drop the option")
     if c.max_steps is not None and c.max_steps >= 1 and c.lr_warmup_steps > c.max_steps:  # (< 1 is its own problem)
-        problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps})")
+        problems.append(f"--lr-warmup-steps {c.lr_warmup_steps} is longer than the run (--max-steps {c.max_steps}); use at most "
+                        f"{c.max_steps}, or raise --max-steps")
     if c.keep_saves and not c.save_every and not c.save_every_epochs:
         problems.append(f"--keep-saves {c.keep_saves} keeps the newest intermediate files, but none are saved; add --save-every N "
                         "or --save-every-epochs N, or drop --keep-saves")

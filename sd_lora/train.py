@@ -241,7 +241,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     total_steps = config.max_steps or per_epoch * (config.epochs or DEFAULT_EPOCHS)
     epochs = math.ceil(total_steps / per_epoch)
     if config.lr_warmup_steps > total_steps:
-        raise UserError(f"--lr-warmup-steps {config.lr_warmup_steps} is longer than the run ({total_steps} steps)")
+        raise UserError(f"--lr-warmup-steps {config.lr_warmup_steps} is longer than the run ({total_steps} steps: {per_epoch} per epoch x "
+                        f"{epochs} epochs); use at most {total_steps}, or train longer with more --epochs or a --max-steps")
     check_epoch_schedules(config, per_epoch, total_steps)
     n_params = sum(p.numel() for p in trainable)
     file_bytes = n_params * {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]

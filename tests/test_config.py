@@ -168,7 +168,7 @@ def test_toml_type_errors(tmp_path):
         (["--output-name", "."], r"--output-name '\.' must not start with a dot"),
         (["--output-name", ".zk"], r"--output-name '\.zk' must not start with a dot"),
         (["--resolution", "512", "--min-bucket-side", "768"], "larger than --resolution"),
-        (["--max-steps", "5", "--lr-warmup-steps", "10"], "longer than the run"),
+        (["--max-steps", "5", "--lr-warmup-steps", "10"], r"--lr-warmup-steps 10 is longer than the run \(--max-steps 5\); use at most 5, or raise --max-steps"),
         (["--lr-scheduler", "constant", "--lr-warmup-steps", "2"],
          "--lr-warmup-steps 2 has no effect with --lr-scheduler constant; use constant_with_warmup"),
         (["--lr-scheduler", "cosine", "--lr-scheduler-num-cycles", "3"],

@@ -304,6 +304,14 @@ def test_a_missing_optimizer_package_is_refused_before_the_model_loads(tiny_data
     assert code == 2 and f"--optimizer {name} needs" in err and f"pip install 'sd_lora[{name.replace('adamw8bit', 'bitsandbytes')}]'" in err, err
 
 
+def test_a_warm_up_longer_than_an_epoch_run_says_how_long_the_run_is_and_the_fix(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    # With --epochs the run's length is known only once the images are bucketed: 12 images at batch 2 = 6 steps.
+    code = main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--epochs", "1", "--lr-scheduler", "linear", "--lr-warmup-steps", "20"))
+    err = capsys.readouterr().err
+    assert code == 2 and ("--lr-warmup-steps 20 is longer than the run (6 steps: 6 per epoch x 1 epochs); use at most 6, or train "
+                          "longer with more --epochs or a --max-steps") in err, err
+
+
 def test_samplers_that_ignore_a_zero_terminal_snr_schedule_are_refused(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     """heun, dpm_2, dpm_2_a, dpmsingle and pndm drew a zero-terminal-SNR model's grids on the plain schedule."""
     prompts = tmp_path / "prompts.txt"
