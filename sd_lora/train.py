@@ -246,7 +246,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
     check_epoch_schedules(config, per_epoch, total_steps)
     n_params = sum(p.numel() for p in trainable)
     file_bytes = n_params * {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
-    check_free_space(config.output_dir, 64 * 2**20 + file_bytes * 4 + n_params * 12 * config.keep_states)
+    # A training state holds the fp32 LoRA weights and the optimizer's state (Prodigy's is twice AdamW's).
+    state_bytes = sum(p.numel() * p.element_size() + memory.optimizer_state_bytes(config.optimizer, p.shape, p.element_size()) for p in trainable)
+    check_free_space(config.output_dir, 64 * 2**20 + file_bytes * 4 + state_bytes * config.keep_states)
 
     groups = [{"params": trainable_parameters(model.unet), "lr": config.learning_rate}]
     if config.train_text_encoder:

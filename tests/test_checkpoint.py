@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sd_lora import checkpoint, outputs
+from sd_lora import train as train_module
 from sd_lora.config import load_config
 from sd_lora.errors import Interrupted, UserError
 from sd_lora.train import main, run
@@ -447,6 +448,24 @@ def test_too_little_disk_space_is_refused_before_training(tiny_dataset, tiny_mod
     err = capsys.readouterr().err
     assert "only 1 MiB free" in err and "free some space" in err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_the_free_space_check_counts_the_states_the_optimizer_writes(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, optimizer):
+    """The check reserved 12 bytes a LoRA value per kept state (fp32 weights and AdamW's two moments); Prodigy's
+    states hold four tensors a value, and a disk the check passed could fill up at the second state."""
+    needed = []
+    monkeypatch.setattr(train_module, "check_free_space", lambda path, n: needed.append(n))
+    lr = ["--learning-rate", "1.0"] if optimizer == "prodigy" else []
+    result = run(load_config(args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "2", "--optimizer", optimizer,
+                                  "--save-state-every", "1", *lr)))
+    state = tmp_path / "o" / "state-00000002"
+    training = torch.load(state / "training_state.pt", weights_only=True)
+    written = sum(t.numel() * t.element_size() for t in load_file(str(state / "lora_params.safetensors")).values())
+    written += sum(t.numel() * t.element_size() for s in training["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t))
+    n_params = sum(t.numel() for t in load_file(str(result.path)).values() if t.dim() > 0)  # (without the alpha scalars)
+    states_allowance = needed[0] - 64 * 2**20 - 4 * 4 * n_params  # less the margin and four fp32 LoRA files
+    assert states_allowance >= result.config.keep_states * written, (states_allowance, written)
 
 
 @pytest.mark.slow
