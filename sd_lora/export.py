@@ -19,6 +19,7 @@ from .formats.kohya import save_lora_file, to_kohya_state_dict
 from .formats.modelspec import family_metadata
 from .formats.sgm import sgm_module_map
 from .lora.inject import lora_weights
+from .optim import kohya_description
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -74,6 +75,7 @@ def training_metadata(
     meta.update(
         {
             "ss_network_module": "networks.lora",
+            "ss_optimizer": kohya_description(config.optimizer, config.weight_decay),
             "ss_network_args": json.dumps({"targets": targets or config.targets, "train_text_encoder": config.train_text_encoder}),
             "ss_resolution": str(resolution),
             "ss_training_started_at": str(started_at),

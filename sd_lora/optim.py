@@ -21,6 +21,16 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 # Prodigy estimates the step size d itself and multiplies it by lr, so lr is a dimensionless factor:
 # 1.0 is the recommended value, and a typical AdamW rate (1e-4) would make training ~10^4 times slower.
 PRODIGY_MIN_LR = 0.1
+# Each optimizer's class as kohya's ss_optimizer names it (module.Class), and the arguments it is built with here
+# beyond the learning rates and the weight decay (kohya writes those a user gives it as "(k=v,...)").
+KOHYA_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                 "adafactor": "transformers.optimization.Adafactor", "prodigy": "prodigyopt.prodigy.Prodigy"}
+# Fixed-step Adafactor (kohya's recommended LoRA setting): relative_step and scale_parameter off, so the step is
+# each group's lr times the RMS-clipped update, and the lr schedule applies as with AdamW. Prodigy: the prodigyopt
+# README's settings for diffusion models, bias correction on, and safeguard_warmup so that an lr warm-up does not
+# inflate the step-size estimate.
+FIXED_ARGS = {"adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
+              "prodigy": {"use_bias_correction": True, "safeguard_warmup": True}}
 # Where diffusers' polynomial schedule ends (its lr_end default, which kohya and the diffusers examples keep).
 POLYNOMIAL_LR_END = 1e-7
 
@@ -48,13 +58,17 @@ def build_optimizer(name: str, param_groups: list[dict], *, weight_decay: float,
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        # Fixed-step Adafactor (kohya's recommended LoRA setting): relative_step and scale_parameter off,
-        # so the step is each group's lr times the RMS-clipped update, and the lr schedule applies as with AdamW.
-        return Adafactor(groups, lr=groups[0]["lr"] if groups else None, relative_step=False, scale_parameter=False,
-                         warmup_init=False, weight_decay=weight_decay)
+        return Adafactor(groups, lr=groups[0]["lr"] if groups else None, weight_decay=weight_decay, **FIXED_ARGS[name])
     if name == "prodigy":
         return _prodigy(groups, weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def kohya_description(name: str, weight_decay: float) -> str:
+    """`ss_optimizer` as kohya writes it, "module.Class(k=v,...)": the class path, then the arguments given beyond
+    the learning rate ("torch.optim.adamw.AdamW(weight_decay=0.01)"). Pure."""
+    args = {"weight_decay": weight_decay, **FIXED_ARGS.get(name, {})}
+    return KOHYA_CLASSES[name] + "(" + ",".join(f"{key}={value}" for key, value in args.items()) + ")"
 
 
 def check_available(name: str, device: torch.device) -> None:
@@ -87,11 +101,8 @@ def _prodigy(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
     if rates and rates[0] < PRODIGY_MIN_LR:
         raise UserError(f"--optimizer prodigy learns its own step size and expects --learning-rate of about 1.0 "
                         f"(a multiplier on that step), got {rates[0]:g}; pass --learning-rate 1.0")
-    # The prodigyopt README's settings for diffusion models: bias correction on, and safeguard_warmup so
-    # that an lr warm-up does not inflate the step-size estimate.
     with contextlib.redirect_stdout(io.StringIO()):  # hack: its constructor prints "Using decoupled weight decay"
-        return Prodigy(groups, lr=rates[0] if rates else 1.0, weight_decay=weight_decay, use_bias_correction=True,
-                       safeguard_warmup=True)
+        return Prodigy(groups, lr=rates[0] if rates else 1.0, weight_decay=weight_decay, **FIXED_ARGS["prodigy"])
 
 
 def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,

@@ -125,7 +125,7 @@ class TrainConfig:
     lr_warmup_steps: int = option(0, "Linear warm-up steps (not with --lr-scheduler constant, which has none).", min=0, ss="ss_lr_warmup_steps")
     lr_scheduler_num_cycles: int = option(1, "Cycles of --lr-scheduler cosine_with_restarts, each a cosine decay from the full rate (1: no restart).", min=1, max=10_000)
     lr_scheduler_power: float = option(1.0, "Exponent of --lr-scheduler polynomial's decay (1: the same as linear).", min=0, min_exclusive=True, max=100)
-    optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, ss="ss_optimizer", fixed=True)
+    optimizer: str = option("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, CUDA), adafactor, prodigy (prodigyopt; --learning-rate ~1.0).", choices=OPTIMIZERS, fixed=True)  # ss_optimizer: export.py
     weight_decay: float = option(1e-2, "Weight decay, for every --optimizer (the libraries' own default is 0 for Adafactor and Prodigy).", min=0, max=1, fixed=True)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", min=1, max=1024, ss="ss_gradient_accumulation_steps", fixed=True)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 disables).", min=0, ss="ss_max_grad_norm")

@@ -18,6 +18,7 @@ def test_training_metadata_holds_no_local_paths(tmp_path):
     meta = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0,
                              step=1, epoch=1)  # fmt: skip
     assert meta["ss_sd_model_name"] == "base"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"  # as kohya writes it
     saved = json.loads(meta["sd_lora_config"])
     paths = (saved["model"], saved["data"], saved["output-dir"], saved["sample-prompts"])
     assert paths == ("base", "chars", "o", "prompts.txt")

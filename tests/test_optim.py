@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd_lora.errors import UserError
-from sd_lora.optim import OPTIMIZERS, build_lr_scheduler, build_optimizer
+from sd_lora.optim import FIXED_ARGS, KOHYA_CLASSES, OPTIMIZERS, build_lr_scheduler, build_optimizer, kohya_description
 
 CPU = torch.device("cpu")
 # The learning rate each optimizer is meant to run at on this problem (Prodigy's is a multiplier).
@@ -65,6 +65,21 @@ def test_all_four_optimizers_are_known():
     assert OPTIMIZERS == ("adamw", "adamw8bit", "adafactor", "prodigy")
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         build_optimizer("sgd", [], weight_decay=0.0, device=CPU)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "prodigy"])
+def test_kohyas_description_names_the_class_and_the_arguments_built_with(name):
+    """ss_optimizer as kohya writes it ("torch.optim.adamw.AdamW(weight_decay=0.01)"): WebUIs and LoRA managers
+    show it; the short name sd_lora takes is in sd_lora_config."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer(name, [{"params": [p], "lr": 1.0}], weight_decay=0.05, device=CPU)
+    assert KOHYA_CLASSES[name] == f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    built = {"weight_decay": 0.05, **FIXED_ARGS.get(name, {})}
+    assert {key: optimizer.defaults[key] for key in built} == built
+    args = ",".join(f"{key}={value}" for key, value in built.items())
+    assert kohya_description(name, 0.05) == f"{KOHYA_CLASSES[name]}({args})"
+    assert kohya_description("adafactor", 0.0) == ("transformers.optimization.Adafactor(weight_decay=0.0,scale_parameter=False,"
+                                                   "relative_step=False,warmup_init=False)")
 
 
 def test_adamw_is_foreach_on_the_cpu():
