@@ -77,7 +77,11 @@ def _diffusers(lora: LoraFile) -> Verdict:
         if left:
             v.reject(f"its kohya conversion cannot rename {len(left)} keys and raises: {preview(left, 3)}")
             return v
-        _peft_injection(v, lora.modules, sgm_names_mapped=lora.family == "sdxl")
+        unconverted = _text_encoder_keys_left_unconverted(v, lora.modules)
+        if v.rejects:
+            return v
+        kept = [m for m in lora.modules if m.name not in unconverted]
+        _peft_injection(v, kept, sgm_names_mapped=lora.family == "sdxl")
         if any(m.sgm_name for m in lora.modules):
             v.reasons.append("SGM U-Net names are mapped only by StableDiffusionXLPipeline (it passes the U-Net "
                              "config)")
@@ -94,6 +98,27 @@ def _diffusers(lora: LoraFile) -> Verdict:
     _peft_injection(v, [m for m in lora.modules if m.style != "kohya" and m.prefixed])
     v.drop(lora.stray_keys, "not LoRA factors")
     return v
+
+
+def _text_encoder_keys_left_unconverted(v: Verdict, modules: list[ModuleEntry]) -> set[str]:
+    """diffusers' kohya conversion names text-encoder attention keys the old way (`self_attn.to_q_lora`) and mlp keys
+    the new way (`mlp.fc1.lora_linear_layer`), then tells each encoder's format by `to_out_lora` (out_proj) first,
+    `lora_linear_layer` second (`convert_state_dict_to_diffusers` / `_to_peft`). Without an out_proj module the q, k,
+    v keys keep their old names and PEFT drops them; without mlp modules as well, the conversion raises.
+    Returns the names dropped (a rejection is recorded in `v`)."""
+    dropped: set[str] = set()
+    for component in ("text_encoder", "text_encoder_2"):
+        names = [m.name for m in modules if m.style == "kohya" and _diffusers_component(m) == component]
+        if not names or any(n.endswith("_self_attn_out_proj") for n in names):
+            continue
+        if not any("_mlp_" in n for n in names):
+            v.reject(f"its {component} conversion finds neither out_proj nor mlp modules and cannot tell their key "
+                     f"format ({preview(sorted(names), 3)})")
+            return dropped
+        attention = sorted(n for n in names if "_self_attn_" in n)
+        v.drop(attention, f"{component} attention keys stay unconverted without an out_proj module (PEFT warns)")
+        dropped.update(attention)
+    return dropped
 
 
 def _peft_injection(v: Verdict, modules: list[ModuleEntry], sgm_names_mapped: bool = True) -> None:

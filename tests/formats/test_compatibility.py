@@ -79,6 +79,13 @@ def _crafted(case: str, clean) -> dict[str, torch.Tensor]:
         kohya |= {k: v for k, v in sgm.items() if k.startswith(Q_SGM)}
     if case == "SGM U-Net names":
         kohya = {k: v for k, v in sgm.items() if not k.startswith("lora_unet_") or "input_blocks" in k}
+    # diffusers' kohya conversion tells a text encoder's key format by its out_proj modules (old-style to_out_lora),
+    # else by its mlp ones: without out_proj, q/k/v keep unconverted names; without mlp as well, it raises
+    if case == "text encoder without out_proj":
+        kohya = {k: v for k, v in kohya.items() if "_self_attn_out_proj." not in k}
+    if case == "text encoder q and v only":
+        kohya = {k: v for k, v in kohya.items() if not k.startswith("lora_te_") or "_self_attn_q_proj." in k
+                 or "_self_attn_v_proj." in k}  # fmt: skip
     if case == "diffusers keys":
         return to_diffusers_state_dict(clean)
     if case == "diffusers keys without prefixes":
@@ -89,7 +96,8 @@ def _crafted(case: str, clean) -> dict[str, torch.Tensor]:
 CASES = [
     "clean kohya", "unknown module", "only unknown U-Net modules", "only unknown text-encoder modules", "orphan alpha",
     "lora_mid", "dora_scale", "norm-layer LoRA", "LoHa", "mixed prefixes", "diffusers keys",
-    "diffusers keys without prefixes", "one SGM-named U-Net module", "SGM U-Net names",
+    "diffusers keys without prefixes", "one SGM-named U-Net module", "SGM U-Net names", "text encoder without out_proj",
+    "text encoder q and v only",
 ]  # fmt: skip
 
 
