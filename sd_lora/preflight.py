@@ -70,7 +70,8 @@ def check_zero_snr_samplers(config: TrainConfig, prompts, scheduler_config) -> N
 
 
 def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, steps_per_epoch: int, total_steps: int, epochs: int,
-            n_params: int, model: BaseModel, n_validation: int = 0, processes: int = 1) -> str:
+            n_params: int, model: BaseModel, n_validation: int = 0, processes: int = 1, targets: str | None = None) -> str:
+    """The run as it will train. `targets`: the U-Net's LoRA modules when not --targets' (an --init-weights file's)."""
     bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[config.save_precision]
     repeats = sum(r.repeats for r in dataset.records)
     prior = [r for r in dataset.records if r.prior]
@@ -86,7 +87,7 @@ def summary(config: TrainConfig, scan, dataset: ImageDataset, batches: int, step
         f"buckets: {bucket_text}",
         f"batch size: {config.batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes; {batches} batches/epoch",
         f"steps per epoch: {steps_per_epoch}, total steps: {total_steps} ({epochs} epochs)",
-        f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {config.targets}"
+        f"LoRA: rank {config.rank}, alpha {config.effective_alpha:g}, targets {targets or config.targets}"
         + ((" + text encoders" if model.family == "sdxl" else " + text encoder") if config.train_text_encoder else ""),
         f"trainable parameters: {n_params:,}; expected file size: {n_params * bytes_per / 2**20:.2f} MiB ({config.save_precision})",
         f"latent cache: {'on' if config.cache_latents else 'off'}; mixed precision: {config.mixed_precision}; CPU threads: {torch.get_num_threads()}",

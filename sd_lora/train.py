@@ -292,7 +292,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
         placed = [model.unet, model.vae, *([] if conditioner.cache_outputs else model.text_encoders)]
         print(memory.describe_estimate(memory.estimate(placed, trainable, cache_bytes, config.optimizer)))
         print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model,
-                      len(validation_records), accelerator.num_processes))
+                      len(validation_records), accelerator.num_processes, targets))
         if resumed:
             print(f"resuming from {resumed.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
             if note := checkpoint.rng_note(resumed, accelerator.num_processes):

@@ -429,6 +429,22 @@ def test_init_weights_without_the_unet_starts_a_fresh_unet_lora(tiny_dataset, ti
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the file's modules carried over
 
 
+def test_init_weights_of_no_preset_train_and_are_summarised_as_custom(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """Every other attn-mlp module is no --targets preset: the run's summary said "targets attn-mlp" (the default
+    it did not use) where the note before it and ss_network_args say 'custom'."""
+    from diffusers import StableDiffusionPipeline
+
+    from tests.helpers import write_random_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    source = write_random_lora(tmp_path / "every-other.safetensors", pipe, rank=4, alpha=4, seed=0, unet_every=2)
+    result = run(load_config(init_args(tiny_dataset, tiny_model_dir, tmp_path / "o", source, "--max-steps", "1", "--sample-every", "0")))
+    out = capsys.readouterr().out
+    assert "LoRA: rank 4, alpha 4, targets custom + text encoder" in out
+    with safe_open(str(result.path), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"])["targets"] == "custom"
+
+
 def _kohya_file(tiny_model_dir, path, *, rank, alpha, components=("unet", "text_encoder")):
     from diffusers import StableDiffusionPipeline
 
