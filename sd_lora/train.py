@@ -311,7 +311,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma, prior_loss_weight=config.prior_loss_weight,
     )
-    dataset_meta = {**dataset_metadata(train_records), **reg_meta, "ss_bucket_info": json.dumps(dataset.bucket_info())}
+    dataset_meta = {**dataset_metadata(train_records), **reg_meta, "ss_bucket_info": json.dumps(dataset.bucket_info()),
+                    "ss_num_batches_per_epoch": str(len(batch_sampler))}  # kohya's: one process's batches
     with StopRequest() as stop:
         outputs = RunOutputs(
             config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_meta,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -65,6 +66,7 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert len(keys) == 48 * 3 and all(k.startswith("lora_unet_") for k in keys)
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "zk"
+    assert meta["ss_num_batches_per_epoch"] == re.search(r"(\d+) batches/epoch", proc.stdout).group(1)  # as the summary
     assert meta["ss_training_comment"] == "e2e test"
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 2, "img_count": 6}}
     assert json.loads(meta["ss_tag_frequency"])["2_zkchar"]["zkchar"] == 6
