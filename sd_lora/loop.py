@@ -73,6 +73,7 @@ class StepRecord:
     loss: float = math.nan  # mean over the step's micro-batches
     grad_norm: float = math.nan  # before clipping
     text_encoder_lr: float | None = None  # the text encoders' rate, when they train (their own optimizer group)
+    d_lr: float | None = None  # Prodigy: its learned step size d times lr, the rate it applies (kohya's lr/d*lr)
 
     def finite(self, check_gradients: bool) -> bool:
         return math.isfinite(self.loss) and (not check_gradients or math.isfinite(self.grad_norm))
@@ -273,8 +274,9 @@ def train(t: Trainee, obj: Objective, state: TrainState, *, max_steps: int, hook
             norm = gradient_norm(t)
             readout = Readout(accumulated, norm)
             lrs = t.lr_scheduler.get_last_lr()  # per optimizer group: the U-Net's, then the text encoders'
+            d = t.optimizer.param_groups[0].get("d")  # Prodigy's, as this step will use it (a float it keeps on the host)
             record = StepRecord(state.step + 1, state.epoch, lrs[0], time.perf_counter() - started,
-                                text_encoder_lr=lrs[1] if len(lrs) > 1 else None)
+                                text_encoder_lr=lrs[1] if len(lrs) > 1 else None, d_lr=None if d is None else float(d) * lrs[0])
             if skip_on_device:
                 step_unless(t.optimizer, non_finite(accumulated, norm if check_gradients else None))
                 t.lr_scheduler.step()

@@ -184,6 +184,7 @@ class RunOutputs:
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         norm = record.grad_norm if math.isfinite(record.grad_norm) else None  # fp16: the loss scaler's overflow steps; JSON has no inf
         lrs = {"lr": record.lr} if record.text_encoder_lr is None else {"lr": record.lr, "lr_text_encoder": record.text_encoder_lr}
+        lrs |= {} if record.d_lr is None else {"d_lr": record.d_lr}
         self.log({"step": record.step, "epoch": record.epoch, "loss": loss, "loss_average": self.smoothed, **lrs, "grad_norm": norm})
         if self.main:
             self.progress.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{record.lr:.2e}", s_it=f"{record.seconds:.2f}")

@@ -34,6 +34,7 @@ TAGS = {
     "val_loss": "loss/validation",
     "lr": "lr/unet",
     "lr_text_encoder": "lr/textencoder",
+    "d_lr": "lr/d*lr/unet",
     "grad_norm": "grad_norm",
     "epoch": "epoch",
     "rss_mb": "memory/rss_mb",

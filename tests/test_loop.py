@@ -41,7 +41,7 @@ class Recorder:
     """loop.Hooks that keep what they are told: numbers of logged steps, steps ended, steps skipped."""
 
     def __init__(self, stop_at=None, records_at=()):
-        self.losses, self.grad_norms, self.logged, self.ended, self.skipped = [], [], [], [], []
+        self.losses, self.grad_norms, self.logged, self.ended, self.skipped, self.d_lrs = [], [], [], [], [], []
         self.stop_at, self.records_at = stop_at, set(records_at)
         self.logged_at_end = {}  # step -> the steps logged when its on_step_end ran
 
@@ -51,6 +51,7 @@ class Recorder:
 
     def on_step_logged(self, record):
         self.logged.append(record.step)
+        self.d_lrs.append(record.d_lr)
         self.losses.append(record.loss)
         self.grad_norms.append(record.grad_norm)
 
@@ -120,6 +121,30 @@ def test_loss_goes_down_on_a_fixed_batch(tiny_model_dir):
     for name, p in model.unet.named_parameters():
         if "lora_" not in name:
             assert torch.equal(p, base_before[name]), name
+
+
+def test_prodigys_learned_step_size_is_recorded_with_each_step(tiny_model_dir):
+    """kohya logs Prodigy's d*lr (lr alone is the schedule's multiplier, 1.0): the rate it applies at that step,
+    from its step size d before the step updates it."""
+    _, trainee, objective, _ = make_trainee(tiny_model_dir)
+    recorder = Recorder()
+    loop.train(trainee, objective, loop.TrainState(), max_steps=2, hooks=recorder)
+    assert recorder.d_lrs == [None, None]  # AdamW: the rate is lr
+    trainee.optimizer = build_optimizer("prodigy", [{"params": trainee.trainable, "lr": 0.5}], weight_decay=0.0, device=torch.device("cpu"))
+    trainee.lr_scheduler = build_lr_scheduler("linear", trainee.optimizer, warmup_steps=0, total_steps=4)
+    seen = []  # d as each step starts, and after the last
+    original_step = trainee.optimizer.step
+
+    def step(*args, **kwargs):
+        seen.append(trainee.optimizer.param_groups[0]["d"])
+        trainee.optimizer.param_groups[0]["d"] *= 3  # as Prodigy's d grows over a long run
+        return original_step(*args, **kwargs)
+
+    trainee.optimizer.step = step
+    recorder = Recorder()
+    loop.train(trainee, objective, loop.TrainState(), max_steps=3, hooks=recorder)
+    assert seen[0] == 1e-6  # Prodigy's d0
+    assert recorder.d_lrs == pytest.approx([d * lr for d, lr in zip(seen, [0.5, 0.375, 0.25])])
 
 
 def test_lora_at_init_is_a_no_op_and_gradients_reach_only_lora(tiny_model_dir):

@@ -269,3 +269,18 @@ def test_a_skipped_steps_finite_numbers_stay_numbers_in_metrics_jsonl(tmp_path):
     RunOutputs.on_skipped_step(hooks, StepRecord(step=4, epoch=0, lr=1e-4, seconds=0.1, loss=float("nan"), grad_norm=2.0), 2)
     lines = [json.loads(line) for line in hooks.metrics.getvalue().splitlines()]
     assert [(r["step"], r["skipped"], r["loss"], r["grad_norm"]) for r in lines] == [(3, True, 0.25, "inf"), (4, True, "nan", 2.0)]
+
+
+def test_prodigys_step_size_is_logged_beside_the_learning_rate():
+    from types import SimpleNamespace
+
+    from sd_lora.loop import StepRecord
+    from sd_lora.outputs import RunOutputs
+
+    hooks = SimpleNamespace(main=False, smoothed=None)
+    logged = []
+    hooks.log = logged.append
+    RunOutputs.on_step_logged(hooks, StepRecord(step=1, epoch=0, lr=1.0, seconds=0.1, loss=0.25, grad_norm=1.0, d_lr=2e-6))
+    RunOutputs.on_step_logged(hooks, StepRecord(step=2, epoch=0, lr=1e-4, seconds=0.1, loss=0.25, grad_norm=1.0))
+    assert logged[0]["lr"] == 1.0 and logged[0]["d_lr"] == 2e-6
+    assert "d_lr" not in logged[1]  # not Prodigy: lr is the rate

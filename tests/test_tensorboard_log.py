@@ -43,6 +43,7 @@ def test_scalars_use_kohyas_tags_and_leave_out_what_is_not_a_number():
         "memory/rss_mb": 900.5,
     }
     assert tensorboard_log.scalars({"step": 3, "val_loss": 0.125, "rss_mb": 1.0}) == {"loss/validation": 0.125, "memory/rss_mb": 1.0}
+    assert tensorboard_log.scalars({"step": 3, "lr": 1.0, "d_lr": 2e-6}) == {"lr/unet": 1.0, "lr/d*lr/unet": 2e-6}  # Prodigy's
     # a skipped step's strings and an fp16 overflow step's missing gradient norm are no points on a curve
     assert tensorboard_log.scalars({"step": 4, "skipped": True, "loss": "nan", "grad_norm": "inf", "rss_mb": 2.0}) == {"memory/rss_mb": 2.0}
     assert "grad_norm" not in tensorboard_log.scalars({"step": 5, "loss": 0.5, "grad_norm": None})
