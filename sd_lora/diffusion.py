@@ -84,12 +84,13 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556), shape (B,).
 
     For epsilon targets the weight is min(SNR, gamma) / SNR; for v targets, whose loss already carries a
-    factor (SNR + 1), it is min(SNR, gamma) / (SNR + 1).
+    factor (SNR + 1), it is min(SNR, gamma) / (SNR + 1). A zero-terminal-SNR schedule has SNR 0 at its last
+    step: there the epsilon weight is its limit 1, not 0 / 0.
     """
     s = snr(timesteps, alphas_cumprod)
     clipped = torch.clamp(s, max=gamma)
     if prediction_type == "epsilon":
-        return clipped / s
+        return torch.where(s > 0, clipped / s, 1.0)
     if prediction_type == "v_prediction":
         return clipped / (s + 1)
     raise ValueError(f"unknown prediction type {prediction_type!r}")

@@ -58,6 +58,19 @@ def test_min_snr_weights_closed_form():
     assert w_eps[0] < 1 and w_eps[-1] == 1  # low-noise steps (high SNR) are down-weighted
 
 
+
+def test_min_snr_weights_at_zero_terminal_snr_are_finite():
+    # A rescaled schedule ends at SNR 0 (alphas_cumprod[-1] == 0): epsilon's min(SNR, 5) / SNR is 0 / 0 there,
+    # and one such sample made a whole batch's loss NaN. Its limit is 1; v-prediction's weight is 0 / 1 = 0.
+    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    t = torch.tensor([999, 998, 500, 1])
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    assert snr[0] == 0
+    w_eps = diffusion.min_snr_weights(t, s.alphas_cumprod, 5.0, "epsilon")
+    w_v = diffusion.min_snr_weights(t, s.alphas_cumprod, 5.0, "v_prediction")
+    assert w_eps.tolist()[:3] == [1.0, 1.0, 1.0] and torch.allclose(w_eps[3], 5.0 / snr[3])
+    assert w_v[0] == 0 and torch.allclose(w_v[1:], torch.minimum(snr[1:], torch.tensor(5.0)) / (snr[1:] + 1))
+
 def test_loss_is_weighted_per_sample_mean():
     pred = torch.zeros(2, 1, 2, 2)
     target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
