@@ -31,6 +31,9 @@ SD2_V_STAT_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bi
 SD2_V_STAT_THRESHOLD = 0.09
 _NAME_HINT_V = re.compile(r"(?:^|[-_ .])(?:v[-_ ]?pred(?:iction)?|768[-_ ]?v)(?:[-_ .]|$)", re.IGNORECASE)
 _YAML_V = re.compile(r"^\s*parameterization\s*:\s*['\"]?v['\"]?\s*(?:#.*)?$", re.MULTILINE)
+# A zero-terminal-SNR model's scheduler (Lin et al. 2024, arXiv:2305.08891): betas rescaled so that the last
+# step has SNR 0, and "trailing" spacing so that sampling starts at that step (t = 999), not at 951 as "leading" does.
+ZERO_TERMINAL_SNR_SCHEDULER = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 WEAK_SOURCES = ("statistic", "file name", "default")  # prediction-type evidence a config folder may overrule
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..precision import vae_dtype
+from .checkpoint_detect import ZERO_TERMINAL_SNR_SCHEDULER
 from .streaming import load_cast, parameter_count
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -212,7 +213,7 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     # --prediction-type goes into the scheduler config too: the sample grids' schedulers are built from it
     overrides = {"prediction_type": prediction_type} if prediction_type else {}
     if zero_terminal_snr:
-        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        overrides |= ZERO_TERMINAL_SNR_SCHEDULER
     if overrides:
         scheduler = DDPMScheduler.from_config(scheduler.config, **overrides)
     model = BaseModel(
@@ -314,7 +315,7 @@ def _load_checkpoint_file(name: str, path: Path, *, prediction_type, vae, zero_t
     print(f"--model {name}: {parts['info']}")
     config = dict(parts["scheduler_config"])
     if zero_terminal_snr:
-        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        config.update(ZERO_TERMINAL_SNR_SCHEDULER)
     scheduler = DDPMScheduler.from_config(config)
     model = BaseModel(
         name=name, family=parts["family"], prediction_type=parts["prediction_type"], unet=parts["unet"],

@@ -29,6 +29,7 @@ from ..precision import vae_dtype
 from .checkpoint_detect import (
     SAFE_SUFFIXES,
     WEAK_SOURCES,
+    ZERO_TERMINAL_SNR_SCHEDULER,
     CheckpointInfo,
     check_checkpoint_file,
     detect_checkpoint,
@@ -74,7 +75,7 @@ def write_skeleton(family: str, directory: str | os.PathLike, *, prediction_type
     config = json.loads(scheduler_config.read_text())
     config["prediction_type"] = prediction_type
     if zero_terminal_snr:
-        config["rescale_betas_zero_snr"] = True
+        config.update(ZERO_TERMINAL_SNR_SCHEDULER)
     scheduler_config.write_text(json.dumps(config, indent=2))
     for tokenizer in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
         pad = "!" if family == "sd2" else _TOKENIZER_PAD[tokenizer]
@@ -142,7 +143,7 @@ def load_single_file(
             info.evidence.append(f"prediction type {folder_pred}: from {config_dir}/scheduler (no marker in the file)")
     scheduler_config["prediction_type"] = info.prediction_type
     if info.zero_terminal_snr:
-        scheduler_config["rescale_betas_zero_snr"] = True
+        scheduler_config.update(ZERO_TERMINAL_SNR_SCHEDULER)
     components["scheduler"] = _scheduler(scheduler_config)
     components.update(scheduler_config=scheduler_config, family=info.family,
                       prediction_type=info.prediction_type, info=info)

@@ -155,6 +155,12 @@ def test_detection_of_tiny_checkpoints_and_prediction_sources(request, tmp_path)
     named = tmp_path / "model-768-v.safetensors"
     save_file(tensors, named)
     assert detect_checkpoint(named).prediction_type == "v_prediction"
+    # A `ztsnr` key: a zero-terminal-SNR schedule, sampled from its last step as --zero-terminal-snr samples
+    # (its grids began at t = 951 with "leading" spacing).
+    ztsnr = tmp_path / "ztsnr.safetensors"
+    save_file({**load_file(path), "ztsnr": torch.zeros(0)}, ztsnr)
+    scheduler = load_single_file(ztsnr, config_dir=_folder(request, "sd2-v"))["scheduler_config"]
+    assert (scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"]) == (True, "trailing")
 
 
 def test_sd2_statistic_heuristic_and_sdxl_v_pred_keys():
@@ -258,6 +264,7 @@ def test_skeletons_are_the_full_size_configs(tmp_path, tokenizer_cache):
                               zero_terminal_snr=True, tokenizer_cache=tokenizer_cache)
     scheduler = json.loads((skeleton / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    assert scheduler["timestep_spacing"] == "trailing"  # sampling starts at t = 999, where the SNR is 0
     assert json.loads((skeleton / "unet" / "config.json").read_text())["sample_size"] == 128
     tok, tok2 = (CLIPTokenizer.from_pretrained(str(skeleton / t)) for t in ("tokenizer", "tokenizer_2"))
     assert len(tok) == len(tok2) == 49408 and (tok.pad_token, tok2.pad_token) == ("<|endoftext|>", "!")
