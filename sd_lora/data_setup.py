@@ -63,10 +63,13 @@ def scan_training_data(config: TrainConfig):
                         skip_bad_images=config.skip_bad_images)
 
 
-def split_validation(config: TrainConfig, scan) -> tuple[list, list]:
-    """(training records, validation records) from --validation-split or --validation-data."""
+def split_validation(config: TrainConfig, scan, show: bool = True) -> tuple[list, list]:
+    """(training records, validation records) from --validation-split or --validation-data. `show` prints the
+    --validation-data scan's warnings (on the main process only), as `regularization_set` prints --reg-data's."""
     if config.validation_data is not None:
         held = scan_option("--validation-data", config.validation_data, config)
+        for warning in held.warnings if show else []:
+            print(f"warning: --validation-data: {warning}", file=sys.stderr)
         return list(scan.records), list(held.records)
     return split_records(scan.records, config.validation_split, config.seed)
 

@@ -165,7 +165,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     scan = scan_training_data(config)
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)
-    train_records, validation_records = split_validation(config, scan)
+    train_records, validation_records = split_validation(config, scan, show=process.is_main_process)
     prior_records, reg_meta = regularization_set(config, train_records, show=process.is_main_process)
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,

@@ -119,3 +119,25 @@ def test_validation_and_reg_folders_inside_data_are_not_trained_as_its_images(tm
     assert [(r.path.name, r.prior) for r in regularization_set(config, train, show=False)[0]] == [("r.png", True)]
     assert f"{data / 'val'} not read: it is --validation-data (held-out images must not train)" in scan.warnings
     assert f"{data / 'reg'} not read: it is --reg-data (its images train as regularisation images only)" in scan.warnings
+
+
+def test_the_validation_folders_scan_warnings_are_printed(tmp_path, capsys):
+    # --validation-data val/ with v.caption beside v.png (the run reads .txt): the held-out image's loss was measured
+    # against the caption "val", its folder's name, and the scan's warning saying so was dropped.
+    from PIL import Image
+
+    from sd_lora.data_setup import scan_training_data, split_validation
+    from tests.helpers import write_dataset
+
+    data, val = write_dataset(tmp_path / "data"), tmp_path / "val"
+    val.mkdir()
+    Image.new("RGB", (32, 32)).save(val / "v.png")
+    (val / "v.caption").write_text("zkchar, held out")
+    config = load_config(["--data", str(data), "--validation-data", str(val)])
+    _, held = split_validation(config, scan_training_data(config))
+    assert [r.caption for r in held] == ["val"]
+    err = capsys.readouterr().err
+    assert "warning: --validation-data: 1 image has no .txt caption file or metadata entry; using the folder name" in err
+    assert "set the caption extension to '.caption'" in err
+    split_validation(config, scan_training_data(config), show=False)  # (processes other than the main one)
+    assert "--validation-data" not in capsys.readouterr().err
