@@ -79,7 +79,7 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "color_aug": ((False,), "sd_lora has no colour augmentation; remove it"),
     "face_crop_aug_range": ((), "sd_lora has no face-crop augmentation; remove it"),
     "token_warmup_min": ((1,), "sd_lora has no token warm-up; remove it"),
-    "token_warmup_step": ((0,), "sd_lora has no token warm-up; remove it"),
+    "token_warmup_step": ((0, 0.0), "sd_lora has no token warm-up; remove it"),  # (kohya: steps, or below 1 a share of them)
     "secondary_separator": (("",), "sd_lora splits tags on commas only; replace the separator with commas in the captions"),
     "keep_tokens_separator": (("",), "sd_lora keeps the first keep_tokens tags instead; reorder the captions and use keep_tokens"),
     "caption_separator": ((",",), "sd_lora splits tags on commas only; remove it"),

@@ -406,3 +406,11 @@ def test_image_dirs_of_one_name_keep_their_own_dataset_dirs_entries(tmp_path, mo
     assert json.loads(meta["ss_tag_frequency"]) == {"char_a/images": {"char_a": 2, "smile": 2},
                                                     "char_b/images": {"char_b": 1, "smile": 1}}
     assert meta["ss_num_train_images"] == "7"
+
+
+def test_token_warmup_step_at_zero_is_accepted_written_as_a_share_too(tmp_path, monkeypatch):
+    # kohya reads token_warmup_step as steps, or below 1 as a share of the run's steps: 0.0 is as much a no-op as 0.
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "k.toml", "[general]\ntoken_warmup_step = 0.0\n" + TWO_SUBSETS)
+    assert [s.image_dir for s in read_dataset_config(tmp_path / "k.toml").subsets] == [Path("data/3_token"), Path("reg")]
