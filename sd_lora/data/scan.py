@@ -110,7 +110,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
         sizes = list(pool.map(_checked_size, images))
 
     records: list[ImageRecord] = []
-    fallback, empty, multiline = [], [], []
+    fallback, empty, empty_metadata, multiline = [], [], [], []
     listings: dict[Path, dict[str, list[str]]] = {}
     for image, size in zip(images, sizes):
         shown = shown_root / image.relative_to(root_abs)
@@ -132,6 +132,9 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
                 multiline.append(shown)
         elif image in metadata:
             caption, source = metadata[image], "metadata"
+            if not split_tags(caption):  # "" or ",": kohya and diffusers would train on it as it is
+                caption = ""
+                empty_metadata.append(shown)
         elif default_caption is not None:
             caption, source = default_caption, "default"
             fallback.append((shown, caption))
@@ -162,6 +165,9 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     if empty:
         warnings.append(f"{_count(len(empty), 'caption file is', 'caption files are')} empty (e.g. "
                         f"{empty[0]}); those images train with an empty caption")
+    if empty_metadata:
+        warnings.append(f"{_count(len(empty_metadata), 'metadata caption is', 'metadata captions are')} empty or only commas (e.g. "
+                        f"the text of {empty_metadata[0]}); those images train with an empty caption")
     if multiline:
         warnings.append(f"{_count(len(multiline), 'caption file has', 'caption files have')} more than one "
                         f"line (e.g. {multiline[0]}); all lines are used (kohya uses only the first)")

@@ -22,6 +22,20 @@ def test_metadata_in_parent_folder_names_nested_files(tmp_path):
     assert (record.caption, record.caption_source) == ("deep one", "metadata")
 
 
+def test_empty_metadata_captions_are_warned_about_as_empty_caption_files_are(tmp_path):
+    """An empty or comma-only "text" trained silently (",": on the caption ","), where an empty caption file is
+    warned about."""
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        write_image(root / f"{name}.png")
+    lines = [{"file_name": "a.png", "text": ""}, {"file_name": "b.png", "text": " , "}, {"file_name": "c.png", "text": "zk, red"}]
+    write_text(root / "metadata.jsonl", "\n".join(json.dumps(line) for line in lines))
+    result = scan_dataset(root)
+    assert [r.caption for r in result.records] == ["", "", "zk, red"]
+    assert result.warnings == [f"2 metadata captions are empty or only commas (e.g. the text of {root / 'a.png'}); those images "
+                               "train with an empty caption"]
+
+
 def test_metadata_errors_name_file_and_line(tmp_path):
     root = tmp_path / "data"
     write_image(root / "a.png")
