@@ -153,6 +153,7 @@ class RunOutputs:
         self.smoothed: float | None = progress.loss_average if progress else None  # loss_average goes on after a resume
         self.state = loop.TrainState()
         self.saved: list[Path] = []
+        self.weights_saved_at: int | None = None  # the step whose weights this process last wrote (a LoRA file or a state)
         # --save-every/--save-every-epochs files of this run, oldest first (--keep-saves), and the epochs whose end
         # the hooks have seen: a resumed run knows both from its state, so no epoch end is handled twice.
         self.scheduled_saves = [[Path(p) for p in save] for save in progress.saves] if progress else []
@@ -383,6 +384,7 @@ class RunOutputs:
         except OSError as e:
             raise UserError(f"could not save {path}: {e.strerror or e}. {self._rescue(state)}") from None
         self.saved.extend(written)
+        self.weights_saved_at = state.step
         self.progress.write(f"saved {', '.join(map(str, written))}")
         return written
 
@@ -456,6 +458,7 @@ class RunOutputs:
             )
         except OSError as e:
             raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None
+        self.weights_saved_at = state.step
         if later:
             self.progress.write(f"moved {', '.join(p.name for p in later)} aside to {', '.join(aside)}: later steps than this "
                                 "run's, left by a run that went further (delete them if you do not need them)")

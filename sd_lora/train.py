@@ -357,6 +357,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
             raise Interrupted("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", 130) from None
         except Exception as e:
             if not memory.is_out_of_memory(e):
+                keep_trained_lora(config, state, outputs)  # a failed write or a crash in a hook loses no trained step
                 outputs.close()  # what was logged is flushed; the event file and metrics.jsonl end cleanly
                 raise
             out_of_memory = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
@@ -393,6 +394,22 @@ def train_lora(config: TrainConfig) -> TrainResult:
         print(memory.describe_peak(accelerator.device))
         print(f"done: {final}")
     return TrainResult(final, config, state, model.unet, model.text_encoders, outputs)
+
+
+def keep_trained_lora(config: TrainConfig, state: loop.TrainState, outputs: RunOutputs) -> None:
+    """After an error that ends training (a write that failed, a crash in sampling or validation, an image that no
+    longer loads): save the LoRA of the last completed step, unless this process already wrote its weights, and
+    say so before the error is reported. A save that fails as well is reported, never raised over the error."""
+    if state.step < outputs.first_step or outputs.weights_saved_at == state.step:  # nothing trained since the last save
+        return
+    try:
+        path = outputs.save_lora(config.output_dir / f"{config.output_name}-step{state.step:08d}.safetensors", state)
+    except UserError as e:
+        outputs.progress.write(f"the LoRA of step {state.step} could not be saved either: {e}", file=sys.stderr)
+        return
+    if path:
+        outputs.progress.write(f"the run stopped on an error (below); the LoRA of step {state.step}, the last one completed, was saved "
+                               f"to {path}; --init-weights {path} starts a new run from it", file=sys.stderr)
 
 
 def out_of_memory_error(config: TrainConfig, state: loop.TrainState, trainee: loop.Trainee, outputs: RunOutputs,

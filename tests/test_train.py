@@ -620,6 +620,50 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_would_fit(tiny_dataset,
     assert not (out / "zk.safetensors").exists()
 
 
+def test_a_crash_in_a_hook_keeps_the_lora_of_the_last_completed_step(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A sample grid that fails at step 3 (here a bug in drawing) ended the run with its traceback and none of the
+    three trained steps saved: the LoRA of step 3 is now written before the error goes on."""
+    from sd_lora import outputs
+
+    generate_grid = outputs.generate_grid
+
+    def failing_at_step_3(*args, title, **kwargs):
+        if title.endswith("step 3"):
+            raise RuntimeError("a bug in sampling")
+        return generate_grid(*args, title=title, **kwargs)
+
+    monkeypatch.setattr(outputs, "generate_grid", failing_at_step_3)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="a bug in sampling"):
+        run(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--sample-every", "3", "--output-name", "zk")))
+    saved = out / "zk-step00000003.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        assert f.metadata()["ss_steps"] == "3" and len(list(f.keys())) == 48 * 3
+    assert f"the LoRA of step 3, the last one completed, was saved to {saved}" in capsys.readouterr().err
+
+
+def test_a_failed_state_save_keeps_the_lora_of_its_step_once(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A training state that cannot be written (a full disk) ends the run with its message; the LoRA of that step
+    is kept (it was not), and a step whose --save-every file is already written is not written again."""
+    from sd_lora import checkpoint, outputs
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    written, write = [], outputs.RunOutputs._write_lora
+    monkeypatch.setattr(outputs.RunOutputs, "_write_lora", lambda self, path, state: (written.append(path.name), write(self, path, state))[1])
+    out = tmp_path / "out"
+    assert main(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--sample-every", "0", "--save-state-every", "2",
+                           "--output-name", "zk")) == 2
+    assert f"could not save the training state in {out}: No space left on device" in capsys.readouterr().err
+    assert written == ["zk-step00000002.safetensors"]
+    written.clear()
+    assert main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "every", "--max-steps", "5", "--sample-every", "0",
+                           "--save-state-every", "2", "--save-every", "2", "--output-name", "zk")) == 2
+    assert written == ["zk-step00000002.safetensors"]
+
+
 def test_text_encoder_runs_once_up_front_not_during_training(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Frozen text encoder, fixed captions: every caption is encoded in one batch before step 1 (the lazy cache
     used to call the encoder from inside training steps as captions first appeared)."""
