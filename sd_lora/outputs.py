@@ -261,8 +261,11 @@ class RunOutputs:
             record["elapsed"] = round(self.elapsed(), 3)
             record["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)  # flat over a long run, or a leak
             # NaN / inf as strings, as a skipped step writes them: bare NaN is not JSON, and strict readers refuse it.
-            self.metrics.write(json.dumps({k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-                                           for k, v in record.items()}, allow_nan=False) + "\n")
+            line = json.dumps({k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}, allow_nan=False)
+            try:
+                self.metrics.write(line + "\n")
+            except OSError as e:
+                raise UserError(f"could not write {self.out / 'metrics.jsonl'}: {e.strerror or e}; free some space or fix its permissions") from None
             if self.tensorboard:
                 self.tensorboard.write(record["step"], tensorboard_log.scalars(record))
 
@@ -326,7 +329,7 @@ class RunOutputs:
         # The log (per row: prompt, size, steps, cfg, seeds) travels in the PNG: a grid says how it was drawn.
         names = ([f"{name}-step{step:08d}.png"] if by_step else []) + ([f"{name}-{epoch:06d}.png"] if epoch else [])
         metadata = {"step": step, **({"epoch": epoch} if epoch else {}), **log}
-        paths = [save_grid(grid, self.out / "samples" / file_name, metadata=metadata) for file_name in names]
+        paths = [self._save_grid(grid, self.out / "samples" / file_name, metadata=metadata) for file_name in names]
         self.grids.extend(paths)
         if self.tensorboard:
             self.tensorboard.image("samples", grid, step)
@@ -355,10 +358,17 @@ class RunOutputs:
                 after = generate_images(pipe, self.prompts, settings, conditioning=self.conditioning)[0]
         grid = side_by_side_grid(before, after, row_labels(self.prompts, settings), list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
-        path = save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
+        path = self._save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
         self.grids.append(path)
         self.progress.write(f"base vs LoRA: {path}")
         return path
+
+    def _save_grid(self, grid, path: Path, metadata: dict | None = None) -> Path:
+        """`save_grid`; a write that fails (a full disk, permissions) is a `UserError` naming the file."""
+        try:
+            return save_grid(grid, path, metadata=metadata)
+        except OSError as e:
+            raise UserError(f"could not save {path}: {e.strerror or e}; free some space or fix the permissions of {path.parent}") from None
 
     def save_lora(self, path: Path, state: loop.TrainState) -> Path | None:
         return path if self._write_lora(path, state) else None
@@ -469,6 +479,9 @@ class RunOutputs:
         """Safe to call more than once (the error paths close before they re-raise)."""
         self.progress.close()
         if self.main:
-            self.metrics.close()
+            try:
+                self.metrics.close()
+            except OSError:  # the line it could not flush failed to write first, and that error is the one reported
+                pass
             if self.tensorboard:
                 self.tensorboard.close()

@@ -284,3 +284,47 @@ def test_prodigys_step_size_is_logged_beside_the_learning_rate():
     RunOutputs.on_step_logged(hooks, StepRecord(step=2, epoch=0, lr=1e-4, seconds=0.1, loss=0.25, grad_norm=1.0))
     assert logged[0]["lr"] == 1.0 and logged[0]["d_lr"] == 2e-6
     assert "d_lr" not in logged[1]  # not Prodigy: lr is the rate
+
+
+def test_a_sample_grid_or_metrics_line_that_cannot_be_written_is_named_and_the_lora_kept(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A full disk (or a samples/ folder the run may not write) met while writing a grid or a metrics.jsonl line
+    ended the run with an OSError traceback and the steps since the last save lost: now a message names the file and
+    the fix, and the LoRA of the step is saved (where there is room for it: here only those writes fail)."""
+    from safetensors import safe_open
+
+    from sd_lora import outputs
+    from sd_lora.sampling import sampler
+    from sd_lora.train import main
+
+    write = sampler.atomic_write_bytes
+
+    def full_for_step_2(path, data):
+        if path.name == "zk-step00000002.png":
+            raise OSError(28, "No space left on device")
+        return write(path, data)
+
+    monkeypatch.setattr(sampler, "atomic_write_bytes", full_for_step_2)
+    out = tmp_path / "grid"
+    assert main(epoch_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--sample-every", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"sd_lora: error: could not save {out / 'samples' / 'zk-step00000002.png'}: No space left on device; free some space" in err
+    assert "Traceback" not in err and not [p for p in (out / "samples").iterdir() if p.name.endswith(".tmp")]
+    with safe_open(str(out / "zk-step00000002.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "2"
+    monkeypatch.undo()
+
+    on_step_end = outputs.RunOutputs.on_step_end
+
+    def disk_fills_after_step_1(self, state):
+        on_step_end(self, state)
+        if state.step == 1:  # metrics.jsonl's next line goes to a device that is always full
+            self.metrics.close()
+            self.metrics = open("/dev/full", "w", encoding="utf-8", buffering=1)
+
+    monkeypatch.setattr(outputs.RunOutputs, "on_step_end", disk_fills_after_step_1)
+    out = tmp_path / "metrics"
+    assert main(epoch_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--sample-every", "0")) == 2
+    err = capsys.readouterr().err
+    assert f"sd_lora: error: could not write {out / 'metrics.jsonl'}: No space left on device" in err and "Traceback" not in err
+    with safe_open(str(out / "zk-step00000002.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "2"
