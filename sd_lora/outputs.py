@@ -339,6 +339,9 @@ class RunOutputs:
         """The sample prompts on the same seeds without and with the LoRA, side by side: what the LoRA changed."""
         if not self.main or not self.config.sampling:
             return None
+        if self.stop.requested:  # a Ctrl-C or SIGTERM during the end's saves: the run is saved, and stops now
+            self.progress.write(f"base vs LoRA comparison at step {step} skipped: a stop was requested")
+            return None
         pipe, settings = self._sampling()
         before = self.step_0_cells if self.base_at_step_0 else None  # LoRA starts as an exact no-op
         if before is None:

@@ -376,15 +376,17 @@ def train_lora(config: TrainConfig) -> TrainResult:
                      "The main process saved the LoRA and the training state.")
             raise Interrupted(f"stopped by {cause} at step {state.step} of {total_steps}. {saved}\nTo continue: {checkpoint.resume_command(config.output_dir, accelerator.num_processes)}",
                               128 + (stop.signal or signal.SIGTERM))
-    accelerator.wait_for_everyone()
-    try:  # the logs are closed even when the final file cannot be written
-        outputs.save_lora(final, state)
-        if config.save_state_every and state.step % config.save_state_every:  # as kohya's --save_state, the end too:
-            outputs.save_state(state)  # extending the run (--resume latest, a larger --max-steps) continues from here
-        outputs.sample(state.step)
-        outputs.compare_with_base(state.step)
-    finally:
-        outputs.close()
+        # Still under the StopRequest: a Ctrl-C or SIGTERM now lets the final file and state be written, then skips
+        # the end's grids (without it, a Ctrl-C aborted the final save, and the steps since the last save were lost).
+        accelerator.wait_for_everyone()
+        try:  # the logs are closed even when the final file cannot be written
+            outputs.save_lora(final, state)
+            if config.save_state_every and state.step % config.save_state_every:  # as kohya's --save_state, the end too:
+                outputs.save_state(state)  # extending the run (--resume latest, a larger --max-steps) continues from here
+            outputs.sample(state.step)
+            outputs.compare_with_base(state.step)
+        finally:
+            outputs.close()
     if accelerator.is_main_process:
         if state.nan_steps:  # over the whole run, resumed parts included
             skipped = "1 step was" if state.nan_steps == 1 else f"{state.nan_steps} steps were"

@@ -134,6 +134,28 @@ def test_a_stop_during_a_sample_grid_skips_the_grid_and_saves(tiny_dataset, tiny
     assert (out / "data-step00000001.safetensors").is_file() and (out / "state-00000001").is_dir()
 
 
+def test_a_stop_during_the_final_save_finishes_the_file_and_skips_the_end_grids(tiny_dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the final file was written aborted that write (the run had left the StopRequest): the steps
+    since the last save were lost. The file and the end's state are now written; the end's grids are skipped."""
+    export = outputs.export_lora
+
+    def interrupted_during_the_final_save(path, *a, **kw):
+        if path.name == "data.safetensors":
+            os.kill(os.getpid(), signal.SIGINT)
+        return export(path, *a, **kw)
+
+    monkeypatch.setattr(outputs, "export_lora", interrupted_during_the_final_save)
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "3", "--save-state-every", "2", "--sample-every", "2",
+                     "--sample-steps", "2")) == 0
+    with safe_open(str(out / "data.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "3"
+    assert checkpoint.list_states(out)[-1].name == "state-00000003"
+    assert "samples at step 3 skipped" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["data-step00000000.png", "data-step00000002.png"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file or folder left
+
+
 @pytest.mark.parametrize("damage", ["truncated training state", "cut progress.json", "missing LoRA tensors", "bad config.toml"])
 def test_damaged_state_names_an_older_one(tmp_path, damage):
     config, kwargs = small_state(tmp_path, keep=2)
