@@ -153,12 +153,15 @@ def save_state(
     config: TrainConfig,
     data_fingerprint: str,
     keep: int,
+    after: int | None = None,
 ) -> Path:
-    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders. Folders of later
-    steps are first set aside (`set_aside`, not deleted: another run trained them): a run that went on past the
-    state this run resumed from (or an earlier run in the folder) left them, and `--resume latest` must continue
-    this run, not that one (nor may `keep` count them and delete this run's states). `rng`: `rng_states` of every
-    process, in rank order (one entry with one process)."""
+    """Write `output_dir/state-<step>/` atomically and keep only the newest `keep` state folders. Folders of steps
+    after `after` (default: this state's step) are first set aside (`set_aside`, not deleted: another run trained
+    them): a run that went on past the state this run resumed from (or an earlier run in the folder) left them, and
+    `--resume latest` must continue this run, not that one (nor may `keep` count them and delete this run's
+    states). A run's first state passes the step the run started from: every folder after it is another run's,
+    also one at this very step, which would be replaced. `rng`: `rng_states` of every process, in rank order
+    (one entry with one process)."""
     final = output_dir / state_dir_name(progress.step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
@@ -174,12 +177,12 @@ def save_state(
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
+        for later in later_states(output_dir, progress.step if after is None else after):
+            set_aside(later)
         _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for later in later_states(output_dir, progress.step):
-        set_aside(later)
     for old in list_states(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

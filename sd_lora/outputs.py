@@ -154,6 +154,7 @@ class RunOutputs:
         self.state = loop.TrainState()
         self.saved: list[Path] = []
         self.weights_saved_at: int | None = None  # the step whose weights this process last wrote (a LoRA file or a state)
+        self.states_after: int | None = start_step  # until this run's first state: the states after it are another run's
         # --save-every/--save-every-epochs files of this run, oldest first (--keep-saves), and the epochs whose end
         # the hooks have seen: a resumed run knows both from its state, so no epoch end is handled twice.
         self.scheduled_saves = [[Path(p) for p in save] for save in progress.saves] if progress else []
@@ -462,19 +463,20 @@ class RunOutputs:
             loss_average=self.smoothed, started_at=self.started_at, elapsed=self.elapsed(),
             saves=[[str(p) for p in save] for save in self.scheduled_saves], processes=self.acc.num_processes,
         )
-        later = checkpoint.later_states(self.out, state.step)  # set aside by save_state: another run's (its docstring)
+        after = state.step if self.states_after is None else self.states_after
+        later = checkpoint.later_states(self.out, after)  # set aside by save_state: another run's (its docstring)
         aside = [checkpoint.set_aside_name(p).name for p in later]
         try:
             path = checkpoint.save_state(
                 self.out, progress=progress, modules=modules, optimizer=self.trainee.optimizer, lr_scheduler=self.trainee.lr_scheduler,
-                rng=rng, config=self.config, data_fingerprint=self.data_fingerprint, keep=self.config.keep_states,
+                rng=rng, config=self.config, data_fingerprint=self.data_fingerprint, keep=self.config.keep_states, after=after,
             )
         except OSError as e:
             raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None
-        self.weights_saved_at = state.step
+        self.weights_saved_at, self.states_after = state.step, None
         if later:
-            self.progress.write(f"moved {', '.join(p.name for p in later)} aside to {', '.join(aside)}: later steps than this "
-                                "run's, left by a run that went further (delete them if you do not need them)")
+            self.progress.write(f"moved {', '.join(p.name for p in later)} aside to {', '.join(aside)}: states after step {after}, "
+                                "where this run started, left by another run (delete them if you do not need them)")
         self.progress.write(f"saved training state {path}")
         return path
 

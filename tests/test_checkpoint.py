@@ -343,6 +343,23 @@ def test_a_state_sets_aside_the_later_states_of_a_run_that_went_further(tmp_path
     assert (tmp_path / "state-00000008.abandoned-2").is_dir()
 
 
+def test_a_new_run_sets_aside_every_state_an_earlier_run_left_in_its_folder(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """Only the states after a run's first state were set aside: a new run in a folder with an earlier run's states
+    2 and 4, saving its first state at step 4, replaced that run's state 4 and its --keep-states 1 deleted state 2,
+    both without a word, though --output-name differed."""
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--save-state-every", "2", "--output-name", "first")) == 0
+    earlier = {p.name: (p / "progress.json").read_text() for p in checkpoint.list_states(out)}
+    assert sorted(earlier) == ["state-00000002", "state-00000004"]
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "4", "--save-state-every", "4", "--keep-states", "1",
+                     "--output-name", "second")) == 0
+    assert "moved state-00000002, state-00000004 aside to state-00000002.abandoned, state-00000004.abandoned" in capsys.readouterr().out
+    for name, progress in earlier.items():
+        assert (out / f"{name}.abandoned" / "progress.json").read_text() == progress
+    assert [p.name for p in checkpoint.list_states(out)] == ["state-00000004"]
+    assert json.loads((out / "state-00000004" / "progress.json").read_text()) != json.loads(earlier["state-00000004"])
+
+
 def test_failed_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
     config, kwargs = small_state(tmp_path, keep=1)
     first = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
