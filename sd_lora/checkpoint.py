@@ -13,7 +13,6 @@ import os
 import random
 import shlex
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import FIELDS, TrainConfig, read_toml
 from .errors import UserError
+from .fsio import temp_folder, usual_permissions
 
 STATE_PREFIX = "state-"
 
@@ -163,7 +163,7 @@ def save_state(
     also one at this very step, which would be replaced. `rng`: `rng_states` of every process, in rank order
     (one entry with one process)."""
     final = output_dir / state_dir_name(progress.step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
+    tmp = temp_folder(output_dir, final.name)
     try:
         save_file(trainable_tensors(modules), str(tmp / "lora_params.safetensors"))
         training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": list(rng)}
@@ -175,6 +175,7 @@ def save_state(
         (tmp / "progress.json").write_text(json.dumps(meta, indent=2))
         (tmp / "config.toml").write_text(config.to_toml(), encoding="utf-8")
         for f in tmp.iterdir():
+            usual_permissions(f)
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         for later in later_states(output_dir, progress.step if after is None else after):

@@ -42,6 +42,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def temp_folder(parent: Path, name: str) -> Path:
+    """A new hidden folder `.<name>.XXXX.tmp` in `parent` to fill and then rename into place, with the usual umask
+    permissions (mkdtemp creates it 0700: a state folder other users of a shared machine could not read)."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    usual_permissions(folder)
+    return folder
+
+
+def usual_permissions(path: Path) -> None:
+    """Give `path` the permissions a plain `open()` or `mkdir()` would: 0666 for a file, 0777 for a folder, less the
+    umask (mkdtemp and safetensors' `save_file` create theirs 0700 and 0600)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -749,3 +749,17 @@ def test_resume_expands_a_home_folder_the_shell_left_alone(tmp_path, monkeypatch
     given = "~/run/" + state.name
     assert load_config(["--data", str(tmp_path), f"--resume={given}"]).resume == given
     assert checkpoint.resolve_resume(given, tmp_path / "run") == state
+
+
+def test_a_state_folder_has_the_umask_permissions_not_mkdtemps_0700(tmp_path):
+    """Other users of a shared machine could read the LoRA files (umask) but not the state folders beside them."""
+    import stat
+
+    config, kwargs = small_state(tmp_path, keep=0)
+    old = os.umask(0o022)
+    try:
+        state = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(2, 0, 2), **kwargs)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in state.iterdir()} == {0o644}

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..fsio import usual_permissions
 from ..precision import vae_dtype
 from .checkpoint_detect import (
     SAFE_SUFFIXES,
@@ -328,7 +329,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        usual_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
