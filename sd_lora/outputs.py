@@ -472,7 +472,8 @@ class RunOutputs:
                 rng=rng, config=self.config, data_fingerprint=self.data_fingerprint, keep=self.config.keep_states, after=after,
             )
         except OSError as e:
-            raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. The previous state is intact") from None
+            raise UserError(f"could not save the training state in {self.out}: {e.strerror or e}. Earlier states are intact; free some "
+                            "space or fix the folder's permissions before the next run") from None
         self.weights_saved_at, self.states_after = state.step, None
         if later:
             self.progress.write(f"moved {', '.join(p.name for p in later)} aside to {', '.join(aside)}: states after step {after}, "

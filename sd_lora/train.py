@@ -177,6 +177,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
     final = config.output_dir / f"{config.output_name}.safetensors"
     if final.is_dir():  # found now, not when the trained weights are to be written
         raise UserError(f"{final} is a folder, but the trained LoRA is saved under that name; rename or remove it, or pass another --output-name")
+    if final.is_file() and not config.resume and process.is_main_process:  # as kohya, replaced; but not without a word
+        print(f"warning: {final} is an earlier run's; this run replaces it when it ends, with its step files and sample grids "
+              "of the same names. To keep them, pass another --output-name or --output-dir", file=sys.stderr)
     if config.init_weights is not None and may_write(config, config.init_weights):
         raise UserError(f"--init-weights {config.init_weights} is named as this run's own saves in {config.output_dir}, so training "
                         "would overwrite it; copy it elsewhere first, or pass another --output-name or --output-dir")

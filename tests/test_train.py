@@ -431,6 +431,16 @@ def test_init_weights_without_the_unet_starts_a_fresh_unet_lora(tiny_dataset, ti
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the file's modules carried over
 
 
+def test_a_second_run_in_the_folder_says_it_replaces_the_first_runs_file(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """kohya replaces a file of the same name silently; a user who reran by mistake should learn it before the end."""
+    args = train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0", "--output-name", "zk")
+    assert main(args) == 0
+    assert "earlier run" not in capsys.readouterr().err
+    assert main(args) == 0
+    assert (f"warning: {tmp_path / 'o' / 'zk.safetensors'} is an earlier run's; this run replaces it when it ends"
+            in capsys.readouterr().err)
+
+
 def test_init_weights_of_no_preset_train_and_are_summarised_as_custom(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     """Every other attn-mlp module is no --targets preset: the run's summary said "targets attn-mlp" (the default
     it did not use) where the note before it and ss_network_args say 'custom'."""
@@ -656,7 +666,7 @@ def test_a_failed_state_save_keeps_the_lora_of_its_step_once(tiny_dataset, tiny_
     out = tmp_path / "out"
     assert main(train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "5", "--sample-every", "0", "--save-state-every", "2",
                            "--output-name", "zk")) == 2
-    assert f"could not save the training state in {out}: No space left on device" in capsys.readouterr().err
+    assert f"could not save the training state in {out}: No space left on device. Earlier states are intact; free some space" in capsys.readouterr().err
     assert written == ["zk-step00000002.safetensors"]
     written.clear()
     assert main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "every", "--max-steps", "5", "--sample-every", "0",
