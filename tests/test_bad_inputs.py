@@ -429,7 +429,7 @@ def prompt_unknown_option(env):
     return env.argv("--sample-prompts", str(prompts), "--sample-every", "1")
 
 
-@bad("{tmp}/prompts.txt:1: --w 'wide' is not valid; expected width in pixels, a positive integer", before_model=True)
+@bad("{tmp}/prompts.txt:1: --w 'wide' is not valid; expected width in pixels, an integer from 1 to 4096", before_model=True)
 def prompt_bad_number(env):
     prompts = env.write("prompts.txt", "zkchar --w wide --h 32\n")
     return env.argv("--sample-prompts", str(prompts), "--sample-every", "1")
