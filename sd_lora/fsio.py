@@ -25,7 +25,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp creates 0600; give the file the usual umask permissions
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, _usual_mode(folder=False))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,7 +53,7 @@ def temp_folder(parent: Path, name: str) -> Path:
 def usual_permissions(path: Path) -> None:
     """Give `path` the permissions a plain `open()` or `mkdir()` would: 0666 for a file, 0777 for a folder, less the
     umask (mkdtemp and safetensors' `save_file` create theirs 0700 and 0600)."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    os.chmod(path, _usual_mode(folder=path.is_dir()))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -78,6 +78,10 @@ def readable(name: str | os.PathLike) -> str:
     holds them as lone surrogates, which no UTF-8 writer accepts) become U+FFFD. For captions, labels and
     metadata; open files by the original path."""
     return os.fsencode(name).decode("utf-8", "replace")
+
+
+def _usual_mode(folder: bool) -> int:
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 def _umask() -> int:
