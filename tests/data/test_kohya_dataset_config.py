@@ -414,3 +414,24 @@ def test_token_warmup_step_at_zero_is_accepted_written_as_a_share_too(tmp_path, 
     monkeypatch.chdir(tmp_path)
     write_toml(tmp_path / "k.toml", "[general]\ntoken_warmup_step = 0.0\n" + TWO_SUBSETS)
     assert [s.image_dir for s in read_dataset_config(tmp_path / "k.toml").subsets] == [Path("data/3_token"), Path("reg")]
+
+
+def test_the_config_toml_of_a_run_without_buckets_reruns_it(tmp_path, monkeypatch):
+    """Without buckets the run records bucket_no_upscale off (it does nothing then, as in kohya); fed back with
+    --config, that off was refused as contradicting the dataset config's bucket_no_upscale = true."""
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "k.toml", """
+[[datasets]]
+enable_bucket = false
+bucket_no_upscale = true
+  [[datasets.subsets]]
+  image_dir = "data/3_token"
+""")
+    c = load_config([*MODEL, "--dataset-config", "k.toml"])
+    saved = write_toml(tmp_path / "config.toml", c.to_toml())
+    again = load_config(["--config", str(saved)])
+    assert (again.buckets, again.no_upscale) == (False, False) and again.to_toml() == c.to_toml()
+    with pytest.raises(ConfigError, match="--no-upscale false .* contradicts bucket_no_upscale = true"):
+        write_toml(tmp_path / "k.toml", (tmp_path / "k.toml").read_text().replace("enable_bucket = false", "enable_bucket = true"))
+        load_config(["--config", str(saved), "--buckets"])
