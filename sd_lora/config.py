@@ -85,6 +85,9 @@ def _convert(name: str, value: Any, source: str, problems: list[str]) -> Any:
     if not isinstance(value, str):
         problems.append(f"{where} = {value!r} must be a string")
         return dataclasses.MISSING
+    if value == "" and f.metadata["local_path"]:  # not "unset": --vae "" trained with the model's own VAE, recorded as the cwd's name
+        problems.append(f"{where} = '' is empty; name the {key_of(name)} (see --help) or leave the option out")
+        return dataclasses.MISSING
     return value
 
 

@@ -393,3 +393,15 @@ def test_the_cli_prints_the_warnings_of_its_options(tmp_path, monkeypatch, capsy
     assert train.main(["--data", str(tmp_path), "--sample-every", "0", "--sample-seeds", "3"]) == 0
     assert ran[0].sample_seeds == 3
     assert "warning: --sample-seeds unused: this run draws no sample grids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["model", "vae", "resume"])
+def test_an_empty_path_string_is_refused_not_read_as_unset_or_the_current_folder(tmp_path, flag):
+    """--vae "" trained with the model's own VAE and recorded ss_vae_name as the current folder's name; --model ""
+    loaded the current folder; --resume "" did not resume."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'{flag} = ""\n')
+    with pytest.raises(ConfigError, match=f"command line: {flag} = '' is empty; name the {flag} .* or leave the option out"):
+        load_config(["--data", str(tmp_path), "--model", "m", f"--{flag}", ""])
+    with pytest.raises(ConfigError, match=f"run.toml: {flag} = '' is empty"):
+        load_config(["--data", str(tmp_path), "--config", str(cfg)] + ([] if flag == "model" else ["--model", "m"]))
