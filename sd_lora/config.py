@@ -225,7 +225,7 @@ def validate(config: TrainConfig) -> None:
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a config file into {field_name: raw value}; unknown keys are errors (with a suggestion)."""
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # (Windows editors often write a BOM)
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
     except IsADirectoryError:

@@ -114,6 +114,13 @@ def test_invalid_toml_names_the_file(tmp_path):
         read_toml(cfg)
 
 
+def test_a_config_saved_with_a_bom_is_read(tmp_path):
+    """Windows editors often write a UTF-8 BOM; it was "invalid TOML (Invalid statement (at line 1, column 1))"."""
+    cfg = tmp_path / "notepad.toml"
+    cfg.write_bytes("\ufeffrank = 4\n".encode())
+    assert read_toml(cfg) == {"rank": 4}
+
+
 def test_unreadable_config_is_a_user_error_naming_it(tmp_path):
     with pytest.raises(UserError, match=f"^{tmp_path}: is a folder; --config takes a TOML file"):
         load_config(["--config", str(tmp_path)])

@@ -278,7 +278,7 @@ def _labels(image_dirs: list[Path]) -> dict[Path, str]:
 
 def _load(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (Windows editors often write a BOM)
     except FileNotFoundError:
         raise UserError(f"--dataset-config {path}: file not found ({Path(os.path.abspath(path))}); check the path") from None
     except IsADirectoryError:

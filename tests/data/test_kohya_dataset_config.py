@@ -314,6 +314,14 @@ def test_unreadable_files_name_the_option(tmp_path, monkeypatch):
         read_dataset_config(write_toml(tmp_path / "only-reg.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "reg"\nis_reg = true\n'))
 
 
+def test_a_dataset_config_saved_with_a_bom_is_read(tmp_path, monkeypatch):
+    """Windows editors often write a UTF-8 BOM; it was "invalid TOML (Invalid statement (at line 1, column 1))"."""
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "k.toml").write_bytes(("\ufeff" + TWO_SUBSETS).encode())
+    assert [s.image_dir for s in read_dataset_config(tmp_path / "k.toml").subsets] == [Path("data/3_token"), Path("reg")]
+
+
 def test_the_example_config_loads(monkeypatch):
     monkeypatch.chdir(REPO)  # its paths are relative to the repository root
     c = load_config(["--dataset-config", "configs/datasets/zkchar.toml"])
