@@ -252,6 +252,11 @@ def read_toml(path: Path) -> dict[str, Any]:
             problems.append(f"{path}: [{key}] tables are not used; write its keys ({', '.join(value)}) at the "
                             f"top level, without the [{key}] line")
             continue
+        if name not in FIELDS and name.startswith("no_") and name[3:] in FIELDS and _base_type(FIELDS[name[3:]])[0] is bool:
+            # (difflib suggested `buckets` for `no-buckets = true`: the opposite)
+            problems.append(f"{path}: unknown key {key!r}: --{key_of(name)} is the flag's negative form; in a config file "
+                            f"write {key_of(name[3:])} = {'true' if value is False else 'false'}")
+            continue
         if name not in FIELDS or name == "config":
             known = [key_of(n) for n in FIELDS if n != "config"]
             close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)

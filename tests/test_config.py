@@ -80,6 +80,19 @@ def test_unknown_toml_key_is_an_error_with_suggestion(tmp_path):
     assert "unknown key 'foo'" in text and len(e.value.problems) == 2
 
 
+def test_a_negative_flag_as_a_toml_key_is_told_to_set_the_option_false(tmp_path):
+    """`no-buckets = true` was answered "did you mean 'buckets'?", which written as it stood turned buckets on."""
+    cfg = tmp_path / "neg.toml"
+    cfg.write_text("no-buckets = true\nno_cache_latents = true\nno-flip = false\nno-upscale = true\n")
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    assert e.value.problems == [
+        f"{cfg}: unknown key 'no-buckets': --no-buckets is the flag's negative form; in a config file write buckets = false",
+        f"{cfg}: unknown key 'no_cache_latents': --no-cache-latents is the flag's negative form; in a config file write cache-latents = false",
+        f"{cfg}: unknown key 'no-flip': --no-flip is the flag's negative form; in a config file write flip = true",
+    ]  # (no-upscale is an option of its own)
+
+
 def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
     cfg = tmp_path / "twice.toml"
     cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
