@@ -257,7 +257,11 @@ def read_toml(path: Path) -> dict[str, Any]:
             problems.append(f"{path}: unknown key {key!r}: --{key_of(name)} is the flag's negative form; in a config file "
                             f"write {key_of(name[3:])} = {'true' if value is False else 'false'}")
             continue
-        if name not in FIELDS or name == "config":
+        if name == "config":  # (difflib suggested 'model-config', a diffusers folder)
+            problems.append(f"{path}: config = {value!r}: a config file cannot read another one; pass one --config file, "
+                            "with the other's options copied into it")
+            continue
+        if name not in FIELDS:
             known = [key_of(n) for n in FIELDS if n != "config"]
             close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

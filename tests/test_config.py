@@ -93,6 +93,15 @@ def test_a_negative_flag_as_a_toml_key_is_told_to_set_the_option_false(tmp_path)
     ]  # (no-upscale is an option of its own)
 
 
+def test_a_config_key_in_a_config_file_is_refused_without_suggesting_model_config(tmp_path):
+    cfg = tmp_path / "outer.toml"
+    cfg.write_text('config = "base.toml"\n')
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    assert e.value.problems == [f"{cfg}: config = 'base.toml': a config file cannot read another one; pass one --config file, "
+                                "with the other's options copied into it"]
+
+
 def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
     cfg = tmp_path / "twice.toml"
     cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
