@@ -221,6 +221,31 @@ def validate(config: TrainConfig) -> None:
 
 # --- sources: TOML and argparse ----------------------------------------------------------------------
 
+# kohya sd-scripts' names of options sd_lora has under another name (its train_network.py arguments and
+# --config_file keys), for the "did you mean": difflib's guess misled, e.g. save_every_n_steps -> --save-every-epochs,
+# max_train_epochs -> --max-steps, save_last_n_steps -> --sample-steps, train_data_dir -> --train-text-encoder.
+KOHYA_NAMES = {
+    "pretrained_model_name_or_path": "model", "train_data_dir": "data", "reg_data_dir": "reg_data", "network_dim": "rank",
+    "network_alpha": "alpha", "network_weights": "init_weights", "max_train_steps": "max_steps", "max_train_epochs": "epochs",
+    "train_batch_size": "batch_size", "unet_lr": "learning_rate", "save_every_n_steps": "save_every",
+    "save_every_n_epochs": "save_every_epochs", "save_last_n_steps": "keep_saves", "save_last_n_epochs": "keep_saves",
+    "sample_every_n_steps": "sample_every", "sample_every_n_epochs": "sample_every_epochs", "enable_bucket": "buckets",
+    "min_bucket_reso": "min_bucket_side", "max_bucket_reso": "max_bucket_side", "bucket_no_upscale": "no_upscale",
+    "shuffle_caption": "shuffle_tags", "flip_aug": "flip", "caption_dropout_rate": "caption_dropout",
+    "caption_tag_dropout_rate": "tag_dropout", "max_data_loader_n_workers": "num_workers",
+}
+
+
+def _did_you_mean(key: str, known: list[str], prefix: str = "") -> str:
+    """' (did you mean ...?)' for an unknown option `key` (a TOML key, or a flag without its --), or ''; kohya's
+    names by `KOHYA_NAMES`. `known`: the option keys; `prefix`: "--" for flags (else the key is quoted)."""
+    kohya = KOHYA_NAMES.get(key.replace("-", "_"))
+    close = [key_of(kohya)] if kohya else difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    if not close:
+        return ""
+    shown = f"{prefix}{close[0]}" if prefix else repr(close[0])
+    return f" (kohya's name; did you mean {shown}?)" if kohya else f" (did you mean {shown}?)"
+
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a config file into {field_name: raw value}; unknown keys are errors (with a suggestion)."""
@@ -262,9 +287,7 @@ def read_toml(path: Path) -> dict[str, Any]:
                             "with the other's options copied into it")
             continue
         if name not in FIELDS:
-            known = [key_of(n) for n in FIELDS if n != "config"]
-            close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _did_you_mean(key, [key_of(n) for n in FIELDS if n != "config"])
             problems.append(f"{path}: unknown key {key!r}{hint}")
             continue
         values[name] = value
@@ -285,11 +308,10 @@ def _unknown_flags(unknown: list[str]) -> list[str]:
     flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
     if not flags:
         return [f"unexpected argument {unknown[0]!r}; options are written --flag VALUE"]
-    known = [f"--{key_of(n)}" for n in FIELDS]
+    known = [key_of(n) for n in FIELDS]
     problems = []
     for flag in flags:
-        close = difflib.get_close_matches(flag, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = _did_you_mean(flag[2:], known, "--")
         problems.append(f"unknown option {flag}{hint}; see python -m sd_lora.train --help")
     return problems
 

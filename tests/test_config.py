@@ -102,6 +102,22 @@ def test_a_config_key_in_a_config_file_is_refused_without_suggesting_model_confi
                                 "with the other's options copied into it"]
 
 
+def test_kohyas_option_names_suggest_ours_not_difflibs_guess(tmp_path):
+    """difflib's guesses changed what the option does: save_every_n_steps -> --save-every-epochs, max_train_epochs
+    -> --max-steps, save_last_n_steps -> --sample-steps, train_data_dir -> 'train-text-encoder'."""
+    with pytest.raises(ConfigError) as e:
+        load_config(["--save_every_n_steps", "500", "--max_train_epochs=3", "--save_last_n_steps", "2", "--mixed_precision", "no"])
+    assert e.value.problems == [f"unknown option {flag} ({why}did you mean {ours}?); see python -m sd_lora.train --help" for flag, why, ours in [
+        ("--save_every_n_steps", "kohya's name; ", "--save-every"), ("--max_train_epochs", "kohya's name; ", "--epochs"),
+        ("--save_last_n_steps", "kohya's name; ", "--keep-saves"), ("--mixed_precision", "", "--mixed-precision")]]
+    cfg = tmp_path / "kohya.toml"
+    cfg.write_text('train_data_dir = "x"\nnetwork_dim = 8\n')
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    assert e.value.problems == [f"{cfg}: unknown key 'train_data_dir' (kohya's name; did you mean 'data'?)",
+                                f"{cfg}: unknown key 'network_dim' (kohya's name; did you mean 'rank'?)"]
+
+
 def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
     cfg = tmp_path / "twice.toml"
     cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
