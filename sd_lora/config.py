@@ -72,6 +72,8 @@ def _convert(name: str, value: Any, source: str, problems: list[str]) -> Any:
         except ValueError:
             problems.append(f"{where} = {value!r} must be a number")
             return dataclasses.MISSING
+        except OverflowError:  # a TOML integer beyond a float's range
+            number = math.inf
         if not math.isfinite(number):
             problems.append(f"{where} = {value!r} must be a finite number")
             return dataclasses.MISSING

@@ -198,6 +198,13 @@ def test_toml_type_errors(tmp_path):
     assert "--alpha 0.0 is out of range: it must be > 0" in joined
 
 
+def test_a_toml_integer_too_large_for_a_float_option_is_refused_not_a_traceback(tmp_path):
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(f"noise-offset = 1{'0' * 400}\n")  # float() of it raised OverflowError
+    with pytest.raises(ConfigError, match=r"big.toml: noise-offset = 10+ must be a finite number"):
+        load_config(["--data", str(tmp_path), "--model", "m", "--config", str(cfg)])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
