@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,6 +213,11 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     scheduler = load(DDPMScheduler, "scheduler")
     # --prediction-type goes into the scheduler config too: the sample grids' schedulers are built from it
     overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    own = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type and prediction_type != own:  # deliberate, or a value carried over from another model's config.toml
+        print(f"warning: --model {name}: its scheduler predicts {own}, but --prediction-type {prediction_type} trains it to "
+              f"predict {prediction_type}. Unless that is meant (e.g. a mislabelled model), drop --prediction-type, or its line "
+              "in the --config file if that came from another model's run", file=sys.stderr)
     if zero_terminal_snr:
         overrides |= ZERO_TERMINAL_SNR_SCHEDULER
     if overrides:

@@ -18,9 +18,13 @@ def test_loads_tiny_sd1_folder(tiny_model_dir):
     assert m.tokenizer.model_max_length == 77
 
 
-def test_v_prediction_read_from_scheduler_and_overridable(tiny_v_model_dir):
+def test_v_prediction_read_from_scheduler_and_overridable(tiny_v_model_dir, capsys):
     assert load_base_model(str(tiny_v_model_dir)).prediction_type == "v_prediction"
+    assert load_base_model(str(tiny_v_model_dir), prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert "warning" not in capsys.readouterr().err  # the model's own type, as a resumed run's config.toml names it
     overridden = load_base_model(str(tiny_v_model_dir), prediction_type="epsilon")
+    # an override against the scheduler is said: a config.toml reused for another model carries its type along
+    assert "its scheduler predicts v_prediction, but --prediction-type epsilon" in capsys.readouterr().err
     # the sample grids' schedulers are built from scheduler_config: it must say what training predicts
     assert overridden.prediction_type == overridden.scheduler_config["prediction_type"] == "epsilon"
     assert load_base_model(str(tiny_v_model_dir)).family == "sd2"
