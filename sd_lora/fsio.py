@@ -62,11 +62,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def check_output_file(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], flag: str) -> None:
     """Refuse, as a `UserError`, an output file that is an existing folder (the rename would fail with a
-    traceback) or the same file as one of `inputs` (also through a symlink, a hard link or `./`): the tool
-    would replace the file it reads. `flag` names the argument in the message ("OUT", "--output")."""
+    traceback), one below a file (so would the mkdir of its folder) or the same file as one of `inputs` (also through
+    a symlink, a hard link or `./`): the tool would replace the file it reads. `flag` names the argument in the
+    message ("OUT", "--output")."""
     output = Path(output)
     if output.is_dir():
         raise UserError(f"{flag} {output}: is a folder; name the file to write, e.g. {output / 'lora.safetensors'}")
+    # A missing folder is created (`atomic_write_bytes`), but not where a file stands: mkdir would fail with a traceback.
+    if blocking := next((p for p in output.parents if p.exists() and not p.is_dir()), None):
+        raise UserError(f"{flag} {output}: {blocking} is a file, not a folder, so nothing can be written inside it; "
+                        "choose another output path")
     for source in inputs:
         if output.exists() and Path(source).exists() and os.path.samefile(output, source):
             raise UserError(f"{flag} {output}: the output would overwrite the input {source}; "

@@ -65,6 +65,16 @@ def test_check_output_file_refuses_a_folder_and_every_spelling_of_an_input(tmp_p
     assert source.read_bytes() == b"lora"
 
 
+@pytest.mark.parametrize("output", ["in.safetensors/out.safetensors", "in.safetensors/sub/out.safetensors"])
+def test_check_output_file_refuses_a_path_below_a_file(tmp_path, monkeypatch, output):
+    """The tools create a missing output folder; below a file that would fail in mkdir with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.safetensors").write_bytes(b"lora")
+    with pytest.raises(fsio.UserError, match=rf"OUT {output}: in\.safetensors is a file, not a folder"):
+        fsio.check_output_file(output, ["in.safetensors"], "OUT")
+    fsio.check_output_file("new/sub/out.safetensors", ["in.safetensors"], "OUT")  # a missing folder is fine
+
+
 @pytest.mark.parametrize("value, name", [("./models/base", "base"), ("~/models/base.safetensors", "base.safetensors"),
                                          ("C:\\Users\\me\\base.ckpt", "base.ckpt"), ("org/model", "org/model")])
 def test_public_name(value, name):
