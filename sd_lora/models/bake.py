@@ -28,6 +28,7 @@ from sd_lora.errors import UserError
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.architecture import architecture_of_pipeline, family_of_config
 from sd_lora.formats.readers import read_any_lora, require_exact, shape_mismatches
+from sd_lora.fsio import public_name
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
 
@@ -212,7 +213,9 @@ def bake_model(
     pipe = load_pipeline(model, config_dir=config_dir, allow_unsafe_pickle=allow_unsafe_pickle)
     summary = bake_loras(pipe, loras)
     dtype = SAVE_DTYPES[save_precision]
-    record = {"base_model": str(model), "loras": summary, "precision": save_precision}
+    # The record travels with the shared model: paths by `public_name`, so no user or folder name leaks.
+    loras_record = [{**entry, "file": public_name(entry["file"])} for entry in summary]
+    record = {"base_model": public_name(str(model)), "loras": loras_record, "precision": save_precision}
     if single_file:
         save_single_file_checkpoint(pipe, output, record, dtype)
     else:

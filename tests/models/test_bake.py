@@ -78,6 +78,8 @@ def test_bake_one_lora_matches_diffusers(tiny_model_dir, sd1_loras, reference_a,
     _compare(baked, reference, base, "sd1, one LoRA x 0.8")
     record = json.loads((out / BAKE_RECORD).read_text())
     assert record["loras"][0]["weight"] == 0.8 and record["loras"][0]["modules"] == {"unet": 48, "text_encoder": 18}
+    # the record travels with the model: local paths by their basename only (`fsio.public_name`)
+    assert record["base_model"] == tiny_model_dir.name and record["loras"][0]["file"] == "a.safetensors"
 
 
 def test_bake_single_file_checkpoint_in_and_out(tiny_model_dir, sd1_loras, reference_a, tmp_path):
@@ -93,7 +95,9 @@ def test_bake_single_file_checkpoint_in_and_out(tiny_model_dir, sd1_loras, refer
     out = bake_model(str(base_file), [(a, 0.8)], tmp_path / "baked.safetensors", config_dir=tiny_model_dir)
     keys, metadata = read_safetensors_header(out)
     assert any(k.startswith("model.diffusion_model.") for k in keys)  # the original LDM layout
-    assert json.loads(metadata["sd_lora_baked_loras"])["loras"][0]["weight"] == 0.8
+    record = json.loads(metadata["sd_lora_baked_loras"])
+    assert record["loras"][0]["weight"] == 0.8
+    assert record["base_model"] == "base.safetensors" and record["loras"][0]["file"] == "a.safetensors"  # no folders
     parts = load_single_file(out, config_dir=tiny_model_dir)
     baked = _outputs(SimpleNamespace(unet=parts["unet"], text_encoder=parts["text_encoder"]))
     base, reference = reference_a
