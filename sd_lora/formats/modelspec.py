@@ -20,14 +20,17 @@ BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 def missing_family_metadata(metadata: Mapping[str, str], family: str | None) -> dict[str, str]:
-    """`ss_base_model_version` / `ss_v2` for `family` when `metadata` lacks them; {} when it has them or the
+    """`ss_base_model_version` / `ss_v2` for `family`, each when `metadata` lacks it; {} when it has both or the
     family is unknown. For the tools that rewrite existing files (`convert`, `merge`, `resize`): A1111 takes an
-    SDXL or SD2 LoRA without `ss_base_model_version` for SD1 and hides it on the right checkpoints. What the
-    file already says is never changed (e.g. `sd_v2_v`, which the keys cannot tell from `sd_v2`).
+    SDXL LoRA without `ss_base_model_version`, and an SD2 LoRA without `ss_v2` = "True" (its only SD2 test, whatever
+    `ss_base_model_version` says), for SD1 and hides it on the right checkpoints. What the file already says is
+    never changed (e.g. `sd_v2_v`, which the keys cannot tell from `sd_v2`).
     """
-    if family is None or "ss_base_model_version" in metadata:
+    if family is None:
         return {}
-    added = {"ss_base_model_version": BASE_MODEL_VERSIONS[family]}
+    added = {}
+    if "ss_base_model_version" not in metadata:
+        added["ss_base_model_version"] = BASE_MODEL_VERSIONS[family]
     if "ss_v2" not in metadata:
         added["ss_v2"] = str(family == "sd2")
     return added

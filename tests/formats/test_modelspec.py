@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from sd_lora.formats.modelspec import family_metadata
+from sd_lora.formats.modelspec import family_metadata, missing_family_metadata
 
 DATE = datetime(2024, 5, 17, 13, 45, 12, 345678)
 
@@ -88,3 +88,12 @@ def test_date_string_is_checked_and_kept():
 def test_invalid_arguments(overrides, message):
     with pytest.raises(ValueError, match=message):
         _meta(**overrides)
+
+
+def test_missing_family_metadata_adds_each_key_the_file_lacks_and_changes_none():
+    """A1111's only SD2 test is ss_v2 == "True": an SD2 file with ss_base_model_version alone is listed as SD1."""
+    assert missing_family_metadata({"ss_base_model_version": "sd_v2"}, "sd2") == {"ss_v2": "True"}
+    assert missing_family_metadata({"ss_v2": "True"}, "sd2") == {"ss_base_model_version": "sd_v2"}
+    assert missing_family_metadata({}, "sdxl") == {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+    assert missing_family_metadata({"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}, "sd2") == {}
+    assert missing_family_metadata({}, None) == {}
