@@ -201,15 +201,26 @@ def _a1111(lora: LoraFile) -> Verdict:
     for why, names in dropped.items():
         v.drop(names, why)
     v.drop(lora.stray_keys, "not LoRA keys")
-    if lora.family in ("sd2", "sdxl"):
-        version = lora.metadata.get("ss_base_model_version", "")
-        expected = "sdxl" if lora.family == "sdxl" else "sd_v2"
-        if not version.startswith(expected) and not (lora.family == "sd2" and lora.metadata.get("ss_v2") == "True"):
-            v.reasons.append(
-                f"hidden for {FAMILY_NAMES[lora.family]} checkpoints: ss_base_model_version is "
-                f"{version or 'missing'}, so A1111 lists it as SD1"
-            )
+    listed_as, why = _a1111_version(lora.metadata)
+    if lora.family and listed_as is None:
+        v.reasons.append(f"{why}: A1111 cannot tell the family and lists it for every checkpoint")
+    elif lora.family and listed_as != lora.family:
+        v.reasons.append(f"hidden for {FAMILY_NAMES[lora.family]} checkpoints: {why}, so A1111 lists it as "
+                         f"{FAMILY_NAMES[listed_as]}")
     return v
+
+
+def _a1111_version(metadata: dict[str, str]) -> tuple[str | None, str]:
+    """(family A1111 lists the file under, why), as its `NetworkOnDisk.detect_version`: SDXL by the `sdxl_` prefix
+    of ss_base_model_version, SD2 only by ss_v2 == "True", SD1 for any other metadata, unknown (None) for none."""
+    version, v2 = metadata.get("ss_base_model_version"), metadata.get("ss_v2")
+    if str(version or "").startswith("sdxl_"):
+        return "sdxl", f"ss_base_model_version is {version}"
+    if v2 == "True":
+        return "sd2", "ss_v2 is True"
+    if metadata:
+        return "sd1", f"ss_base_model_version is {version or 'missing'} and ss_v2 is {v2 or 'missing'}"
+    return None, "no metadata"
 
 
 def _a1111_finds(m: ModuleEntry, family: str | None) -> bool:

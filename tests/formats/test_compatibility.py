@@ -174,7 +174,25 @@ def test_a1111_openclip_attention_and_sdxl_naming_rules():
              "lora_te2_text_model_encoder_layers_0_mlp_fc1"]  # fmt: skip
     verdict = compatibility(lora(names))["AUTOMATIC1111"]
     assert sorted(verdict.drops) == sorted(names[:2])
-    assert any("hidden for SDXL checkpoints" in r for r in verdict.reasons)  # no ss_base_model_version
+    assert any("no metadata: A1111 cannot tell the family and lists it for every checkpoint" in r
+               for r in verdict.reasons)  # A1111's SdVersion.Unknown
+    verdict = compatibility(lora(names, {"ss_network_dim": "1"}))["AUTOMATIC1111"]
+    assert any("hidden for SDXL checkpoints" in r and "lists it as SD1.x" in r for r in verdict.reasons)
+
+
+@pytest.mark.parametrize("metadata, hidden", [
+    ({"ss_base_model_version": "sd_v2"}, True),  # A1111's only SD2 test is ss_v2 == "True"
+    ({"ss_base_model_version": "sd_v2", "ss_v2": "False"}, True),
+    ({"ss_v2": "True"}, False),
+    ({"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}, False),
+])  # fmt: skip
+def test_a1111_lists_a_file_as_sd2_only_by_ss_v2(metadata, hidden):
+    te = "lora_te_text_model_encoder_layers_20_mlp_fc1"  # a 23-layer text encoder: SD2 by its keys
+    state = {f"{te}.lora_down.weight": torch.zeros(1, 1), f"{te}.lora_up.weight": torch.zeros(1, 1)}
+    lora = parse_lora_state_dict(state, metadata)
+    assert lora.family == "sd2"
+    reasons = compatibility(lora)["AUTOMATIC1111"].reasons
+    assert any("hidden for SD2.x checkpoints" in r and "lists it as SD1.x" in r for r in reasons) == hidden, reasons
 
 
 def test_sdxl_lora_te_names_verdicts_match_diffusers(tmp_path):
