@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from sd_lora.errors import UserError
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.architecture import architecture_of_pipeline, family_of_config
 from sd_lora.formats.readers import read_any_lora, require_exact, shape_mismatches
-from sd_lora.fsio import public_name
+from sd_lora.fsio import public_name, temp_folder
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
 
@@ -169,7 +168,7 @@ def save_pipeline(pipe, output: Path, record: dict) -> Path:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"--output {output}: already exists; choose a new folder name or remove it first")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    tmp = temp_folder(output.parent, output.name)  # not mkdtemp's 0700: the model is for others to read too
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / BAKE_RECORD).write_text(json.dumps(record, indent=2))

@@ -8,7 +8,9 @@ Weights other than 1, alpha != rank and a LoRA on only some modules make every p
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -136,11 +138,17 @@ def test_bake_sdxl_matches_diffusers(tmp_path):
     _compare(baked, _outputs(pipe), base, "sdxl, one LoRA x 0.8")
 
 
-def test_save_precision(tiny_model_dir, sd1_loras, tmp_path):
+def test_save_precision_and_the_folders_permissions(tiny_model_dir, sd1_loras, tmp_path):
     _, a, _ = sd1_loras
-    out = bake_model(str(tiny_model_dir), [(a, 1.0)], tmp_path / "half", save_precision="fp16")
+    old_umask = os.umask(0o022)
+    try:
+        out = bake_model(str(tiny_model_dir), [(a, 1.0)], tmp_path / "half", save_precision="fp16")
+    finally:
+        os.umask(old_umask)
     with safe_open(out / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    # the umask's mode, as any folder: the temporary folder it was renamed from must not keep mkdtemp's 0700
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
 
 
 def test_bake_errors(tiny_model_dir, sd1_loras, tmp_path, capsys):
