@@ -30,7 +30,7 @@ from sd_lora.errors import ConfigError, UserError
 from sd_lora.formats.kohya import kohya_module_name
 from sd_lora.formats.modelspec import family_metadata
 from sd_lora.formats.architecture import family_of_config
-from sd_lora.fsio import check_output_file, public_name
+from sd_lora.fsio import check_output_file, public_name, readable
 from sd_lora.formats.sgm import sgm_module_map
 from sd_lora.lora import maths
 from sd_lora.lora.targets import UNET_PRESETS, text_encoder_target_modules, unet_target_modules
@@ -183,10 +183,10 @@ def extract_file(
     prediction_type = tuned.scheduler.config.get("prediction_type", "epsilon")
     resolution = int(tuned.unet.config.sample_size) * 2 ** (len(tuned.vae.config.block_out_channels) - 1)
     metadata = family_metadata(family=family, prediction_type=prediction_type, resolution=(resolution, resolution),
-                               title=output.stem, date=datetime.now(timezone.utc))
+                               title=readable(output.stem), date=datetime.now(timezone.utc))
     metadata.update(rank_metadata(modules))
     metadata.update({
-        "ss_output_name": output.stem,
+        "ss_output_name": readable(output.stem),  # metadata must be UTF-8; a file name need not be
         "ss_network_args": json.dumps({"targets": targets, "train_text_encoder": text_encoder}),
         "ss_sd_model_name": public_name(str(base_name)),  # a Hub id whole, a local path by its basename
         "sd_lora_extract": json.dumps({

@@ -38,7 +38,7 @@ import torch
 from sd_lora.errors import ConfigError, UserError, run_cli
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.kohya import KEY_SUFFIXES, save_lora_file
-from sd_lora.fsio import check_output_file
+from sd_lora.fsio import check_output_file, readable
 from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.formats.readers import family_from_metadata, kohya_state_dict_of, read_any_lora
 from sd_lora.lora import maths
@@ -282,8 +282,8 @@ def merged_metadata(
     meta.update(rank_metadata(modules))
     meta.update(
         {
-            "ss_output_name": output.stem,
-            "modelspec.title": output.stem,
+            "ss_output_name": readable(output.stem),  # metadata must be UTF-8; a file name need not be
+            "modelspec.title": readable(output.stem),
             "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             "sd_lora_merge": json.dumps(
                 {

@@ -58,6 +58,17 @@ def test_full_rank_extract_recovers_the_lora(tiny_model_dir, tuned, capsys):
     assert str(folder) not in json.dumps(meta) and str(tiny_model_dir.parent) not in json.dumps(meta)
 
 
+def test_an_output_name_that_is_not_utf8_is_written_with_readable_metadata(tiny_model_dir, tuned, tmp_path):
+    """A Latin-1 file name (a Windows zip unpacked on Linux) is a valid path, but safetensors metadata is UTF-8."""
+    import os
+
+    _, _, tuned_dir = tuned
+    out = tmp_path / os.fsdecode(b"caf\xe9.safetensors")
+    assert main([str(out), "--base", str(tiny_model_dir), "--tuned", str(tuned_dir), "--rank", "2"]) == 0
+    _, meta = read_lora_file(out)
+    assert meta["ss_output_name"] == meta["modelspec.title"] == "caf\ufffd"
+
+
 def test_low_rank_extract_reports_energy_and_honest_errors(tiny_model_dir, tuned, capsys):
     folder, lora, tuned_dir = tuned
     out = folder / "rank2.safetensors"

@@ -250,6 +250,17 @@ def test_output_that_is_an_input_or_a_folder_is_refused(loras, tmp_path, capsys,
     assert "d.safetensors: is a folder; name the file to write" in capsys.readouterr().err
 
 
+def test_an_output_name_that_is_not_utf8_is_written_with_readable_metadata(loras, tmp_path):
+    """A Latin-1 file name (a Windows zip unpacked on Linux) is a valid path, but safetensors metadata is UTF-8."""
+    import os
+
+    _, a, _ = loras
+    out = tmp_path / os.fsdecode(b"caf\xe9.safetensors")
+    assert main(["--lora", str(a), "--output", str(out)]) == 0
+    _, meta = read_lora_file(out)
+    assert meta["ss_output_name"] == meta["modelspec.title"] == "caf\ufffd"
+
+
 def test_bad_file_is_a_user_error(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..fsio import usual_permissions
+from ..fsio import readable, usual_permissions
 from ..precision import vae_dtype
 from .checkpoint_detect import (
     SAFE_SUFFIXES,
@@ -291,7 +291,7 @@ def save_single_file(
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": path.stem,
+        "modelspec.title": readable(path.stem),  # metadata must be UTF-8; a file name need not be
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
     }

@@ -111,6 +111,15 @@ def test_written_file_loads_back_bit_exact_in_diffusers_and_ours(request, tmp_pa
         assert ours["tokenizer_2"].pad_token == "!"
 
 
+def test_a_file_name_that_is_not_utf8_gets_a_readable_title(request, tmp_path):
+    """A Latin-1 file name (a Windows zip unpacked on Linux) is a valid path, but safetensors metadata is UTF-8."""
+    import os
+
+    pipe = _pipeline(_folder(request, "sd1"))
+    path = save_single_file(pipe.components, tmp_path / os.fsdecode(b"caf\xe9.safetensors"), "sd1")
+    assert read_safetensors_header(path)[1]["modelspec.title"] == "caf\ufffd"
+
+
 def test_layout_names_and_markers(request, tmp_path):
     pipe = _pipeline(_folder(request, "sd2-v"))
     path = save_single_file(pipe.components, tmp_path / "m.safetensors", "sd2")
