@@ -6,6 +6,7 @@ print its message and exit with status 2; anything else is our bug and keeps its
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -85,4 +86,15 @@ def run_cli(body: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         print("\nsd_lora: interrupted (Ctrl-C); every file written so far is complete (writes are atomic)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): end quietly, as a shell tool does
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE (13), what a shell reports for a tool its pipe ended
     return 0
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not raise the broken pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's captured stdout)
+        pass

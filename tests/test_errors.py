@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from sd_lora.errors import Interrupted, UserError, run_cli
 
 
@@ -61,3 +64,15 @@ def test_an_error_a_dataloader_worker_raised_prints_its_own_message_only(capsys)
     assert run_cli(body) == 2
     err = capsys.readouterr().err
     assert err == "sd_lora: error: data/img.png: cannot be read (truncated file)\nreplace or remove it\n"
+
+
+def test_a_reader_that_goes_away_ends_the_tool_quietly():
+    """`python -m sd_lora.inspect FILE | head`: the pipe closes while the tool still prints."""
+    script = ("import sys\nfrom sd_lora.errors import run_cli\n"
+              "sys.exit(run_cli(lambda: [print('module', i) for i in range(10**6)]))")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.readline() == b"module 0\n"
+    child.stdout.close()  # as head does after its lines
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141
+    assert stderr == "", stderr  # no BrokenPipeError traceback, nor 'Exception ignored' at exit
