@@ -98,7 +98,7 @@ class TrainConfig:
         "77-token sequence and joined, as kohya sd-scripts trains (A1111/Forge/ComfyUI read long prompts in windows too); sample grids too. Default (or 75): "
         "the first 75 tokens.", choices=(75, 150, 225), ss="ss_max_token_length", group="model", fixed=True)
     mixed_precision: str = option("auto", "Compute precision of the frozen base model; LoRA weights stay fp32. auto: bf16 on a GPU that has it (fp16 on older ones) and on a CPU with bf16 instructions (AVX512-BF16 or AMX) for full-size models, else no (fp32). fp16 needs a CUDA GPU.", choices=MIXED_PRECISION, ss="ss_mixed_precision", group="model")
-    xformers: bool = option(False, "Use xformers memory-efficient attention (default: PyTorch SDPA).", group="model")
+    xformers: bool = option(False, "Use xformers memory-efficient attention (CUDA GPUs; default: PyTorch SDPA).", group="model")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", ss="ss_gradient_checkpointing", group="model")
     threads: int | None = option(None, "CPU threads for PyTorch's operations (torch.set_num_threads). Default: PyTorch's choice, one per core "
                                  "(or OMP_NUM_THREADS). Small models run as fast on one thread and do not slow down when the machine is busy.",

@@ -33,6 +33,19 @@ def check_precision(config: TrainConfig) -> None:
               "convolutions. --mixed-precision auto or no trains in fp32, the fastest precision this CPU has.", file=sys.stderr)
 
 
+def check_xformers(config: TrainConfig) -> None:
+    """--xformers needs the package and a CUDA GPU (its attention kernels run on CUDA only): refused before the model
+    loads, not when the U-Net's attention is switched over."""
+    if not config.xformers:
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise UserError("--xformers needs the xformers package: pip install 'sd_lora[xformers]' (CUDA GPUs), or drop --xformers to use PyTorch SDPA") from None
+    if not torch.cuda.is_available():
+        raise UserError("--xformers runs on CUDA GPUs only; on this device drop --xformers to use PyTorch SDPA")
+
+
 def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
     """Create `path` if needed and write a file there, so that a folder the run cannot write is found before any
     model loads (`flag` names the option in the error)."""

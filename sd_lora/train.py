@@ -40,7 +40,7 @@ from .models.conditioning import Conditioner  # noqa: E402
 from .models.load import BaseModel, load_base_model  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer, check_available, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, read_sample_prompts, summary, warn_long_captions, warn_long_sample_prompts  # noqa: E402
+from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, check_xformers, read_sample_prompts, summary, warn_long_captions, warn_long_sample_prompts  # noqa: E402
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator, release_text_encoders,  # noqa: E402
                             prepare_models, read_init_weights)
@@ -150,6 +150,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 def train_lora(config: TrainConfig) -> TrainResult:
     check_precision(config)
+    check_xformers(config)
     check_available(config.optimizer, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the Accelerator's choice
     tensorboard_log.check_available(config)
     if config.compile != "off":

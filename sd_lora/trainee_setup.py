@@ -111,11 +111,7 @@ def prepare_models(config: TrainConfig, model: BaseModel, device: torch.device, 
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 tensor cores for fp32 matmuls/convs
         torch.backends.cudnn.allow_tf32 = True
         model.unet.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on tensor cores
-    if config.xformers:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise UserError("--xformers needs the xformers package: pip install 'sd_lora[xformers]' (CUDA GPUs), or drop --xformers to use PyTorch SDPA") from None
+    if config.xformers:  # (preflight.check_xformers: the package and a CUDA GPU are there)
         model.unet.enable_xformers_memory_efficient_attention()
     # LoRA parameters are created and kept in fp32 whatever the base dtype.
     lora = dict(rank=config.rank, alpha=config.effective_alpha, dropout=config.lora_dropout)

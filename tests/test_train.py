@@ -306,6 +306,24 @@ def test_a_missing_optimizer_package_is_refused_before_the_model_loads(tiny_data
     assert code == 2 and f"--optimizer {name} needs" in err and f"pip install 'sd_lora[{name.replace('adamw8bit', 'bitsandbytes')}]'" in err, err
 
 
+@pytest.mark.parametrize("installed, message", [
+    (False, "--xformers needs the xformers package: pip install 'sd_lora[xformers]'"),
+    (True, "--xformers runs on CUDA GPUs only; on this device drop --xformers to use PyTorch SDPA"),
+])
+def test_xformers_without_the_package_or_a_cuda_gpu_is_refused_before_the_model_loads(tiny_dataset, tmp_path, monkeypatch, capsys,
+                                                                                      installed, message):
+    """It was checked once the model had loaded (a Hub download); with xformers installed on a machine without a CUDA
+    GPU, diffusers' ValueError then ended the run in a traceback."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers") if installed else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_module, "load_base_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    code = main(["--data", str(tiny_dataset), "--model", "some/model", "--output-dir", str(tmp_path / "o"), "--xformers"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_a_warm_up_longer_than_an_epoch_run_says_how_long_the_run_is_and_the_fix(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     # With --epochs the run's length is known only once the images are bucketed: 12 images at batch 2 = 6 steps.
     code = main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--epochs", "1", "--lr-scheduler", "linear", "--lr-warmup-steps", "20"))
