@@ -19,12 +19,17 @@ COMPILE_MODES = ("off", "blocks", "unet")
 
 
 def check_compiler(cuda: bool) -> None:
-    """torch.compile's inductor needs a C++ compiler on the CPU and Triton on a CUDA GPU: refuse clearly without."""
+    """torch.compile's inductor needs a C++ compiler on the CPU and Triton on a CUDA GPU (one Triton supports: inductor
+    raises GPUTooOldForTriton at the first compiled step otherwise): refuse clearly without."""
     if cuda:
         try:
             import triton  # noqa: F401
         except ImportError:
             raise UserError("--compile on a CUDA GPU needs Triton (pip install triton); or drop --compile") from None
+        major, minor = torch.cuda.get_device_capability()
+        if torch.version.hip is None and major < 7:  # Pascal (P100, GTX 10xx) and older
+            raise UserError(f"--compile on a CUDA GPU needs Triton, which runs on compute capability 7.0 (Volta) and newer; this "
+                            f"{torch.cuda.get_device_name()} has {major}.{minor}; drop --compile")
     elif not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
         raise UserError("--compile on the CPU needs a C++ compiler (g++ or clang++; e.g. apt install g++); or drop --compile")
 

@@ -3,10 +3,14 @@ in tests/test_train.py)."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
-from sd_lora.compiling import compile_unet
+from sd_lora.compiling import check_compiler, compile_unet
+from sd_lora.errors import UserError
 from sd_lora.models.tiny import build_tiny_pipeline
 
 
@@ -31,3 +35,19 @@ def test_off_compiles_nothing_and_unknown_modes_are_refused():
     assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules())
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
         compile_unet(unet, "fast")
+
+
+@pytest.mark.parametrize("capability, refused", [((6, 0), True), ((7, 0), False), ((9, 0), False)])
+def test_a_gpu_too_old_for_triton_is_refused(monkeypatch, capability, refused):
+    """Triton needs compute capability 7.0: on a P100 (6.0) inductor raised GPUTooOldForTriton at the first compiled
+    step, in a traceback after the model had loaded and the latents were cached."""
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    if refused:
+        with pytest.raises(UserError, match=r"--compile on a CUDA GPU needs Triton, which runs on compute capability 7.0 \(Volta\) "
+                                            r"and newer; this Tesla P100-PCIE-16GB has 6.0; drop --compile"):
+            check_compiler(cuda=True)
+    else:
+        check_compiler(cuda=True)
