@@ -48,8 +48,11 @@ def compile_unet(unet: torch.nn.Module, mode: str, batch_shapes: int = 1) -> Non
     # one class share their forward's code object, so all of them, at every shape, count against one limit.
     graphs = batch_shapes * len(blocks)
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, graphs)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * graphs)
+    # torch < 2.7 names them cache_size_limit and accumulated_cache_size_limit (pytorch#143709 renamed them).
+    per_code, accumulated = (("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit")
+                             else ("cache_size_limit", "accumulated_cache_size_limit"))
+    setattr(config, per_code, max(getattr(config, per_code), graphs))
+    setattr(config, accumulated, max(getattr(config, accumulated), 2 * graphs))
     for block in blocks:
         block.compile(dynamic=False)
 

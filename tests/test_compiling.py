@@ -51,3 +51,16 @@ def test_a_gpu_too_old_for_triton_is_refused(monkeypatch, capability, refused):
             check_compiler(cuda=True)
     else:
         check_compiler(cuda=True)
+
+
+def test_the_recompile_limits_are_raised_under_their_old_names_on_older_torch(monkeypatch):
+    """torch 2.4 to 2.6 (pyproject allows them) call the limits cache_size_limit and accumulated_cache_size_limit:
+    --compile ended in an AttributeError on `recompile_limit` there."""
+    old = types.SimpleNamespace(cache_size_limit=8, accumulated_cache_size_limit=256)
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: None)  # (torch.compile reads the real config)
+    unet = build_tiny_pipeline("sd1").unet
+    compile_unet(unet, "blocks", batch_shapes=20)
+    blocks = len(unet.down_blocks) + 1 + len(unet.up_blocks)
+    assert (old.cache_size_limit, old.accumulated_cache_size_limit) == (20 * blocks, max(256, 40 * blocks))
+    assert vars(old).keys() == {"cache_size_limit", "accumulated_cache_size_limit"}
