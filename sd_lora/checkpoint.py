@@ -111,7 +111,11 @@ def restore_rng_states(saved: dict | list[dict], generator: torch.Generator, *, 
     """Restore rank `rank`'s states from `saved` (`rng_states` of every rank in rank order; a single dict is
     the one set of a state folder written before states were kept per rank). True when `saved` holds this
     rank's own set; otherwise rank 0's set is restored and `seed_process(seed, rank, step)` reseeds the
-    global RNGs (see the note above), and False says the run is no longer exact from here."""
+    global RNGs (see the note above), and False says the run is no longer exact from here.
+
+    A state saved on another kind of device (a GPU run resumed on the CPU, or the reverse) holds a training
+    generator of that device, which this one cannot take: it is reseeded from (seed, step), the same on every
+    rank, and False is returned too. GPUs this machine lacks (a state saved with more visible) are left out."""
     by_rank = saved if isinstance(saved, list) else [saved]
     own = rank < len(by_rank)
     states = by_rank[rank if own else 0]
@@ -120,12 +124,16 @@ def restore_rng_states(saved: dict | list[dict], generator: torch.Generator, *, 
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    generator.set_state(states["generator"])
+    for index, state in enumerate(states["cuda"][:torch.cuda.device_count()] if torch.cuda.is_available() else []):
+        torch.cuda.set_rng_state(state, index)
+    moved = states["generator"].numel() != generator.get_state().numel()  # a CPU and a CUDA generator's states differ
+    if moved:
+        generator.manual_seed(process_seed(seed, 0, step))
+    else:
+        generator.set_state(states["generator"])
     if not own:
         seed_process(seed, rank, step)
-    return own
+    return own and not moved
 
 
 def saved_processes(training: dict) -> int:

@@ -277,8 +277,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         restore_lr_scheduler(lr_scheduler, resumed.training["lr_scheduler"])
         if accelerator.scaler is not None and "scaler" in resumed.training:  # fp16: the loss scale reached
             accelerator.scaler.load_state_dict(resumed.training["scaler"])
-        checkpoint.restore_rng_states(resumed.training["rng"], generator, rank=accelerator.process_index, seed=config.seed,
-                                      step=resumed.progress.step)
+        exact = checkpoint.restore_rng_states(resumed.training["rng"], generator, rank=accelerator.process_index, seed=config.seed,
+                                              step=resumed.progress.step)
         p = resumed.progress
         state = loop.TrainState(step=p.step, epoch=p.epoch, batch_in_epoch=p.batch_in_epoch, nan_steps=p.nan_steps)
         # A state at the last step is a finished run whose final file could not be written: resuming writes it.
@@ -301,6 +301,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
             print(f"resuming from {resumed.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
             if note := checkpoint.rng_note(resumed, accelerator.num_processes):
                 print(f"note: {note}")
+            elif not exact:
+                print(f"note: {resumed.path} was saved on another kind of device (CPU or CUDA GPU), whose random generator this "
+                      "one cannot continue: noise and timesteps are drawn afresh from here, so the run will not match an "
+                      "uninterrupted one exactly")
 
     trainee = loop.Trainee(
         accelerator=accelerator, unet=unet, text_encoders=text_encoders,

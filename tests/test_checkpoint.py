@@ -651,6 +651,23 @@ def test_every_rank_resumes_its_own_random_states(tmp_path):
         assert torch.equal(generator.get_state(), sets[rank]["generator"])
 
 
+def test_a_state_saved_on_another_device_resumes_with_a_reseeded_generator(monkeypatch):
+    """A GPU run's state holds a CUDA training generator (16 bytes) and one CUDA state per visible GPU: resumed on the
+    CPU, set_state ended the run in a RuntimeError; resumed with fewer GPUs visible, set_rng_state_all did."""
+    saved = rank_states(100)
+    saved["generator"] = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)  # CUDA: seed, offset
+    saved["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # two GPUs were visible
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    generator = torch.Generator()
+    assert not checkpoint.restore_rng_states([saved], generator, rank=0, seed=42, step=3)  # no longer exact
+    assert torch.equal(torch.get_rng_state(), saved["torch"])  # what this machine can take is restored
+    assert [(device, state.sum().item()) for device, state in restored] == [(0, 0)]
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(checkpoint.process_seed(42, 0, 3)).get_state())
+
+
 def test_a_state_with_one_set_of_random_states_still_resumes_on_several_ranks(tmp_path):
     """A state folder from before per-rank states ("rng" one dict), or saved by one process: every rank takes
     its training generator (the same on all ranks) and rank 0 its global RNGs; the others reseed their global
