@@ -9,6 +9,7 @@ bucket shape, pays the compile time; inference under `eager()` never triggers a 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 
 import torch
@@ -19,8 +20,8 @@ COMPILE_MODES = ("off", "blocks", "unet")
 
 
 def check_compiler(cuda: bool) -> None:
-    """torch.compile's inductor needs a C++ compiler on the CPU and Triton on a CUDA GPU (one Triton supports: inductor
-    raises GPUTooOldForTriton at the first compiled step otherwise): refuse clearly without."""
+    """torch.compile's inductor needs a C++ compiler on the CPU, and Triton with a C compiler on a CUDA GPU (one Triton
+    supports: inductor raises GPUTooOldForTriton at the first compiled step otherwise): refuse clearly without."""
     if cuda:
         try:
             import triton  # noqa: F401
@@ -30,6 +31,11 @@ def check_compiler(cuda: bool) -> None:
         if torch.version.hip is None and major < 7:  # Pascal (P100, GTX 10xx) and older
             raise UserError(f"--compile on a CUDA GPU needs Triton, which runs on compute capability 7.0 (Volta) and newer; this "
                             f"{torch.cuda.get_device_name()} has {major}.{minor}; drop --compile")
+        # Triton builds its launchers with a C compiler at the first kernel (its build.py: $CC, else gcc or clang);
+        # slim images (the pytorch/pytorch runtime ones) have none.
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            raise UserError("--compile on a CUDA GPU needs a C compiler for Triton's kernels (gcc or clang; e.g. apt install gcc, "
+                            "or name one in $CC); or drop --compile")
     elif not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
         raise UserError("--compile on the CPU needs a C++ compiler (g++ or clang++; e.g. apt install g++); or drop --compile")
 

@@ -45,6 +45,7 @@ def test_a_gpu_too_old_for_triton_is_refused(monkeypatch, capability, refused):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setenv("CC", "gcc")  # (a C compiler: test_compile_on_a_gpu_without_a_c_compiler_is_refused)
     if refused:
         with pytest.raises(UserError, match=r"--compile on a CUDA GPU needs Triton, which runs on compute capability 7.0 \(Volta\) "
                                             r"and newer; this Tesla P100-PCIE-16GB has 6.0; drop --compile"):
@@ -64,3 +65,24 @@ def test_the_recompile_limits_are_raised_under_their_old_names_on_older_torch(mo
     blocks = len(unet.down_blocks) + 1 + len(unet.up_blocks)
     assert (old.cache_size_limit, old.accumulated_cache_size_limit) == (20 * blocks, max(256, 40 * blocks))
     assert vars(old).keys() == {"cache_size_limit", "accumulated_cache_size_limit"}
+
+
+@pytest.mark.parametrize("cc, compilers, refused", [(None, {}, True), (None, {"gcc": "/usr/bin/gcc"}, False),
+                                                    (None, {"clang": "/usr/bin/clang"}, False), ("/opt/cc", {}, False)])
+def test_compile_on_a_gpu_without_a_c_compiler_is_refused(monkeypatch, cc, compilers, refused):
+    """Triton builds its kernel launchers with $CC, gcc or clang: without one (a slim Docker image) the first compiled
+    step ended in "RuntimeError: Failed to find C compiler", after the model had loaded and the latents were cached."""
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr("shutil.which", lambda name: compilers.get(name))
+    if cc is None:
+        monkeypatch.delenv("CC", raising=False)
+    else:
+        monkeypatch.setenv("CC", cc)
+    if refused:
+        with pytest.raises(UserError, match=r"--compile on a CUDA GPU needs a C compiler for Triton's kernels \(gcc or clang; "
+                                            r"e.g. apt install gcc, or name one in \$CC\); or drop --compile"):
+            check_compiler(cuda=True)
+    else:
+        check_compiler(cuda=True)
