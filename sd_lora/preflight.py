@@ -31,6 +31,11 @@ def check_precision(config: TrainConfig) -> None:
         print("warning: --mixed-precision bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch computes "
               "bf16 here in a slow fallback, from a few times slower than fp32 on a tiny model to about 100x for full-size "
               "convolutions. --mixed-precision auto or no trains in fp32, the fastest precision this CPU has.", file=sys.stderr)
+    # torch.cuda.is_bf16_supported() alone says yes on every CUDA GPU: pre-Ampere ones (T4, V100) emulate bf16.
+    if config.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        print(f"warning: --mixed-precision bf16 on a {torch.cuda.get_device_name()}, which has no bf16 arithmetic (it came with "
+              "Ampere, compute capability 8.0): PyTorch emulates it, slower than fp16. --mixed-precision auto picks fp16, with "
+              "a loss scaler, on this GPU", file=sys.stderr)
 
 
 def check_xformers(config: TrainConfig) -> None:

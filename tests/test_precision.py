@@ -80,3 +80,17 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, ca
     err = capsys.readouterr().err
     assert ("warning: --mixed-precision bf16 on a CPU without bf16 instructions" in err) is warned
     assert ("--mixed-precision auto or no trains in fp32" in err) is warned
+
+
+@pytest.mark.parametrize("native, requested, warned", [(False, "bf16", True), (True, "bf16", False), (False, "fp16", False)])
+def test_bf16_on_a_gpu_before_ampere_is_warned_about(monkeypatch, capsys, tmp_path, native, requested, warned):
+    from sd_lora import preflight
+    from sd_lora.config import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    preflight.check_precision(load_config(["--data", str(tmp_path), "--mixed-precision", requested]))
+    err = capsys.readouterr().err
+    assert ("warning: --mixed-precision bf16 on a Tesla T4, which has no bf16 arithmetic" in err) is warned
+    assert ("--mixed-precision auto picks fp16" in err) is warned
