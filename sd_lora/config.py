@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import tomllib
 import types
 import typing
@@ -210,6 +211,24 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
     elif c.output_name is not None and c.output_name.startswith("."):  # also "." and "..": a hidden file
         problems.append(f"--output-name {c.output_name!r} must not start with a dot (the LoRA file would be hidden); "
                         "use a plain name such as 'zkchar'")
+    elif c.output_name is not None and (problem := output_name_length_problem(c.output_name)):
+        problems.append(f"--output-name {c.output_name[:20]!r}... is {problem}")
+
+
+# The longest file name a run writes from --output-name: the temporary file of a Ctrl-C save's -diffusers sibling
+# (fsio.atomic_write_bytes), .<name>-step00000000-last-good-diffusers.safetensors.XXXXXXXX.tmp.
+_OUTPUT_NAME_EXTRA = len(".-step00000000-last-good-diffusers.safetensors.XXXXXXXX.tmp")
+NAME_MAX = 255  # bytes in one file name (ext4, APFS; NTFS counts 255 UTF-16 units)
+
+
+def output_name_length_problem(name: str) -> str | None:
+    """Why the files of output name `name` could not be written (a name too long for the file system), or None: found
+    before training, not when its first file is saved."""
+    size = len(os.fsencode(name))
+    if size + _OUTPUT_NAME_EXTRA <= NAME_MAX:
+        return None
+    return (f"{size} bytes long; its files' names add up to {_OUTPUT_NAME_EXTRA} more (e.g. -step00000010-last-good-diffusers"
+            f".safetensors) and a file name holds at most {NAME_MAX} bytes: use a name of at most {NAME_MAX - _OUTPUT_NAME_EXTRA} bytes")
 
 
 def validate(config: TrainConfig) -> None:

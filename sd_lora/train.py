@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from . import checkpoint, loop, memory, tensorboard_log  # noqa: E402
 from .compiling import check_compiler  # noqa: E402
-from .config import TrainConfig, load_config  # noqa: E402
+from .config import TrainConfig, load_config, output_name_length_problem  # noqa: E402
 from .demo.defaults import announce_demo, is_demo_base  # noqa: E402
 from .options import DEFAULT_RANK  # noqa: E402
 from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint  # noqa: E402
@@ -101,6 +101,10 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     if config.sampling and resolution % SIZE_STEP:
         off = "--sample-every 0" + (" --sample-every-epochs 0" if config.sample_every_epochs else "")
         problems.append(f"--resolution {resolution}: sample grids need a multiple of {SIZE_STEP} px; change it or pass {off}")
+    output_name = config.output_name or (config.data or config.dataset_config.with_suffix("")).resolve().name.lstrip(".") or "lora"  # never hidden
+    if not config.output_name and (problem := output_name_length_problem(output_name)):
+        problems.append(f"the output name {output_name[:20]!r}... (the data folder's name; --output-name was not set) is {problem}; "
+                        "pass a shorter --output-name")
     if problems:
         raise UserError("\n".join(problems))
     return dataclasses.replace(
@@ -108,7 +112,7 @@ def resolve_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
         resolution=resolution,
         min_bucket_side=min_side,
         max_bucket_side=max_side,
-        output_name=config.output_name or (config.data or config.dataset_config.with_suffix("")).resolve().name.lstrip(".") or "lora",  # never hidden
+        output_name=output_name,
         prediction_type=model.prediction_type,
         # With --init-weights the file decides the LoRA's shape (read_init_weights); without, the defaults.
         **({} if config.init_weights else {"rank": config.rank or DEFAULT_RANK, "train_text_encoder": bool(config.train_text_encoder)}),

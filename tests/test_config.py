@@ -219,6 +219,8 @@ def test_a_toml_integer_too_large_for_a_float_option_is_refused_not_a_traceback(
         (["--output-name", ".."], r"--output-name '\.\.' must not start with a dot \(the LoRA file would be hidden\)"),
         (["--output-name", "."], r"--output-name '\.' must not start with a dot"),
         (["--output-name", ".zk"], r"--output-name '\.zk' must not start with a dot"),
+        (["--output-name", "z" * 197], r"--output-name 'z{20}'... is 197 bytes long; .* use a name of at most 196 bytes"),
+        (["--output-name", "é" * 99], r"is 198 bytes long"),  # bytes, not characters
         (["--resolution", "512", "--min-bucket-side", "768"], "larger than --resolution"),
         (["--max-steps", "5", "--lr-warmup-steps", "10"], r"--lr-warmup-steps 10 is longer than the run \(--max-steps 5\); use at most 5, or raise --max-steps"),
         (["--lr-scheduler", "constant", "--lr-warmup-steps", "2"],

@@ -373,6 +373,19 @@ def test_init_weights_named_as_the_runs_own_save_is_refused(tiny_dataset, tiny_m
     assert not train_module.may_write(load_config(train_args(tiny_dataset, tiny_model_dir, out, "--output-name", "x")), out / "xy.safetensors")
 
 
+def test_an_output_name_too_long_for_a_file_name_is_refused_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """A 245-byte --output-name trained, then crashed saving NAME.safetensors (File name too long) with a traceback; the
+    default name, the data folder's, can be as long."""
+    long_folder = tmp_path / ("d" * 200)
+    tiny_dataset.rename(long_folder)
+    code = main(train_args(long_folder, tiny_model_dir, tmp_path / "o", "--sample-every", "0"))
+    err = capsys.readouterr().err
+    assert code == 2 and "the output name 'dddddddddddddddddddd'... (the data folder's name; --output-name was not set) is 200 bytes" in err, err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained
+    assert main(train_args(long_folder, tiny_model_dir, tmp_path / "o", "--sample-every", "0", "--max-steps", "1", "--save-every", "1",
+                           "--format", "both", "--output-name", "n" * 196)) == 0
+
+
 def test_bad_images_are_listed_before_training(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     folder = tiny_dataset / "2_zkchar"
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
