@@ -38,10 +38,12 @@ def scan_option(flag: str, folder, config: TrainConfig):
 
 def run_folders(config: TrainConfig) -> dict[Path, str]:
     """The folders the run writes into, never read as images (with why): --output-dir inside --data would otherwise
-    train on its own sample grids from the next run on (and a --resume would find the data changed)."""
+    train on its own sample grids from the next run on (and a --resume would find the data changed). Its samples
+    folder too, for an --output-dir that is --data itself."""
     whys = {config.logging_dir: "it is --logging-dir (this run writes its logs there)",
             config.latent_cache_dir: "it is --latent-cache-dir (this run writes its cached latents there)",
-            config.output_dir: "this run writes its outputs there (its sample grids would become training images)"}
+            config.output_dir: "this run writes its outputs there (its sample grids would become training images)",
+            config.output_dir / "samples": "this run writes its sample grids there (they would become training images)"}
     return {p: why for p, why in whys.items() if p is not None}
 
 

@@ -333,6 +333,19 @@ def test_the_runs_own_folders_inside_the_data_are_not_read(tmp_path):
     assert [r.path.name for r in scan_dataset(root).records] == ["a.png", "x.png", "chars-step00000000.png"]  # other scans: as before
 
 
+def test_the_sample_grids_of_an_output_dir_that_is_the_data_folder_are_not_read(tmp_path):
+    """--output-dir DATA --data DATA: the second run trained on the first run's sample grids in DATA/samples."""
+    from sd_lora.config import load_config
+    from sd_lora.data_setup import scan_training_data
+
+    write_image(tmp_path / "2_zk" / "a.png")
+    write_image(tmp_path / "samples" / "chars-step00000000.png")
+    config = load_config(["--data", str(tmp_path), "--model", "m", "--output-dir", str(tmp_path)])
+    result = scan_training_data(config)
+    assert [r.path.name for r in result.records] == ["a.png"]
+    assert f"{tmp_path / 'samples'} not read: this run writes its sample grids there (they would become training images)" in result.warnings
+
+
 
 def test_an_image_dir_holding_only_sub_folders_says_how_to_read_them(tmp_path):
     # kohya's train/10_name/ layout given as one image_dir: the advice was "Put your images in this folder".
