@@ -186,6 +186,11 @@ def read_prompt_file(path: str | os.PathLike, size_step: int = SIZE_STEP) -> lis
         raise UserError(f"{path}: is a folder, not a prompt file. Pass a .txt file with one prompt per line.") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the prompt file ({e.strerror}). Check its permissions.") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows Notepad's "Unicode"
+        raise UserError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark). Re-save the file as UTF-8.")
+    if b"\x00" in data:  # UTF-16 without a byte-order mark decodes as UTF-8, a NUL in every other byte: garbled prompts
+        raise UserError(f"{path}: holds NUL bytes (byte {data.index(0)}): UTF-16 text without a byte-order mark, or not "
+                        "text. Re-save the file as UTF-8.")
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")  # Windows editors often write a BOM
     except UnicodeDecodeError as e:

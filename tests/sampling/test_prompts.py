@@ -207,6 +207,14 @@ def test_missing_folder_and_undecodable_files(tmp_path):
     latin1.write_bytes(b"\xef\xbb\xbf" + "a caf\u00e9 photo\n".encode("latin-1"))  # offsets count the BOM
     with pytest.raises(UserError, match=r"0xe9 at offset 8"):
         read_prompt_file(latin1)
+    # UTF-16 without a byte-order mark decoded as UTF-8: three rows of garbled prompts, their --s option lost.
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a cat --s 2\nred circle\n".encode("utf-16-le"))
+    with pytest.raises(UserError, match=r"utf16.txt: holds NUL bytes \(byte 1\): UTF-16 text without a byte-order mark"):
+        read_prompt_file(utf16)
+    utf16.write_bytes("a cat\n".encode("utf-16"))  # with its mark (Notepad's "Unicode")
+    with pytest.raises(UserError, match=r"utf16.txt: UTF-16 text \(it starts with a UTF-16 byte-order mark\). Re-save the file as UTF-8"):
+        read_prompt_file(utf16)
     toml = tmp_path / "prompts.toml"
     toml.write_text("[[prompt]]\n", encoding="utf-8")
     with pytest.raises(UserError, match="plain-text") as e:
