@@ -183,6 +183,12 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
                         "or --validation-data DIR, or drop --validate-every")
     if c.validation_data is not None and not c.validation_data.is_dir():
         problems.append(f"--validation-data {c.validation_data}: folder not found")
+    # A folder inside --data is left out of its scan (data_setup.other_image_folders); --data itself, or one holding it, cannot be.
+    for flag, folder, why in (("--validation-data", c.validation_data, "its images would be held out and trained on (the validation "
+                                                                       "loss would measure training images); use --validation-split 0.1 or"),
+                              ("--reg-data", c.reg_data, "its images would train twice, once as regularisation images;")):
+        if folder is not None and c.data is not None and folder.is_dir() and _holds(folder, c.data):
+            problems.append(f"{flag} {folder} is the --data folder {c.data} or holds it: {why} pass a folder of other images")
     if c.resume not in (None, "latest") and not Path(c.resume).expanduser().is_dir():
         problems.append(f"--resume {c.resume}: no such state folder; pass 'latest' or a folder like {c.output_dir}/state-00000100")
     if c.latent_cache_dir is not None and (c.cache_latents is False or c.random_crop):
@@ -213,6 +219,12 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
                         "use a plain name such as 'zkchar'")
     elif c.output_name is not None and (problem := output_name_length_problem(c.output_name)):
         problems.append(f"--output-name {c.output_name[:20]!r}... is {problem}")
+
+
+def _holds(folder: Path, other: Path) -> bool:
+    """Whether `folder` is `other` or one of its parent folders (symlinks resolved)."""
+    folder, other = folder.resolve(), other.resolve()
+    return folder == other or folder in other.parents
 
 
 # The longest file name a run writes from --output-name: the temporary file of a Ctrl-C save's -diffusers sibling

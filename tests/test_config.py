@@ -142,7 +142,7 @@ def test_a_relative_path_from_the_config_file_says_where_it_was_set_and_looked_f
     # An absolute path: where it was set, nothing about where relative paths are read from.
     assert f"--reg-data /nonexistent/reg: folder not found (set in {toml})" in message and message.count("relative paths") == 1
     monkeypatch.chdir(tmp_path)
-    assert load_config(["--config", str(toml), "--data", str(tmp_path), "--reg-data", str(tmp_path)]).sample_prompts.is_file()
+    assert load_config(["--config", str(toml), "--data", str(tmp_path), "--reg-data", str(tmp_path / "configs")]).sample_prompts.is_file()
 
 
 def test_invalid_toml_names_the_file(tmp_path):
@@ -404,7 +404,26 @@ def test_a_folder_given_for_a_file_option_is_named_a_folder_not_missing(tmp_path
 def test_validate_every_with_validation_images(tmp_path):
     base = ["--data", str(tmp_path), "--model", "some/model", "--validate-every", "10"]
     assert load_config(base + ["--validation-split", "0.1"]).validate_every == 10
-    assert load_config(base + ["--validation-data", str(tmp_path)]).validate_every == 10
+    (tmp_path / "val").mkdir()
+    assert load_config(base + ["--validation-data", str(tmp_path / "val")]).validate_every == 10
+
+
+def test_validation_or_reg_data_that_is_the_data_folder_or_holds_it_is_refused(tmp_path):
+    """--validation-data DATA trained on its held-out images (the validation loss measured training images), and
+    --reg-data DATA trained every image twice, silently; a folder inside --data is left out of its scan instead."""
+    data = tmp_path / "data"
+    (data / "reg").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(data)
+    base = ["--data", str(data), "--model", "some/model"]
+    for folder in (data, tmp_path, tmp_path / "link"):
+        with pytest.raises(ConfigError) as e:
+            load_config(base + ["--validation-data", str(folder)])
+        assert (f"--validation-data {folder} is the --data folder {data} or holds it: its images would be held out and trained on "
+                "(the validation loss would measure training images); use --validation-split 0.1 or pass a folder of other images") in str(e.value)
+        with pytest.raises(ConfigError, match=f"--reg-data {folder} is the --data folder {data} or holds it: its images would train "
+                                              "twice, once as regularisation images; pass a folder of other images"):
+            load_config(base + ["--reg-data", str(folder)])
+    assert load_config(base + ["--reg-data", str(data / "reg")]).reg_data == data / "reg"
 
 
 def test_a_path_starting_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
