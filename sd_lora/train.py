@@ -167,6 +167,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     check_output_dir(config.output_dir)
     if config.latent_cache_dir is not None:
         check_output_dir(config.latent_cache_dir, "--latent-cache-dir")
+    if config.log_with == "tensorboard":
+        check_output_dir(tensorboard_log.logging_dir(config), "--logging-dir")
     scan = scan_training_data(config)
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)

@@ -287,6 +287,9 @@ def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_p
         # Found before the model loads: a cache folder that cannot be written (a traceback at the first entry before).
         (["--model", str(tiny_model_dir), "--latent-cache-dir", str(tiny_dataset / "2_zkchar" / "img0.txt")],
          f"--latent-cache-dir {tiny_dataset / '2_zkchar' / 'img0.txt'}: cannot write there"),
+        # ... and a TensorBoard folder that cannot be (a NotADirectoryError traceback from SummaryWriter, once latents were cached).
+        (["--model", str(tiny_model_dir), "--log-with", "tensorboard", "--logging-dir", str(tiny_dataset / "2_zkchar" / "img0.txt")],
+         f"--logging-dir {tiny_dataset / '2_zkchar' / 'img0.txt'}: cannot write there"),
     ]
     for extra, message in cases:
         code = main(["--data", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), "--sample-every", "0", *extra])
