@@ -206,6 +206,10 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
         problems.append(f"{flag} only applies to TensorBoard logs, which are off; add --log-with tensorboard or drop {flag}")
     if c.log_prefix is not None and any(ch in c.log_prefix for ch in '/\\:*?"<>|'):
         problems.append(f"--log-prefix {c.log_prefix!r} must be part of a folder name, without path separators; use --logging-dir for the folder")
+    elif c.log_prefix is not None and len(os.fsencode(c.log_prefix)) + _LOG_PREFIX_EXTRA > NAME_MAX:
+        problems.append(f"--log-prefix {c.log_prefix[:20]!r}... is {len(os.fsencode(c.log_prefix))} bytes long; the run's folder adds "
+                        f"{_LOG_PREFIX_EXTRA} (e.g. 20240101-120000-2) and a folder name holds at most {NAME_MAX} bytes: use at most "
+                        f"{NAME_MAX - _LOG_PREFIX_EXTRA}")
     if not c.caption_extension.startswith(".") or len(c.caption_extension) < 2:
         problems.append(f"--caption-extension {c.caption_extension!r} must start with a dot, e.g. '.txt' or '.caption'")
     if c.output_name is not None and (not c.output_name or any(ch in c.output_name for ch in '/\\:*?"<>|')):
@@ -231,6 +235,7 @@ def _holds(folder: Path, other: Path) -> bool:
 # (fsio.atomic_write_bytes), .<name>-step00000000-last-good-diffusers.safetensors.XXXXXXXX.tmp.
 _OUTPUT_NAME_EXTRA = len(".-step00000000-last-good-diffusers.safetensors.XXXXXXXX.tmp")
 NAME_MAX = 255  # bytes in one file name (ext4, APFS; NTFS counts 255 UTF-16 units)
+_LOG_PREFIX_EXTRA = len("YYYYmmdd-HHMMSS-99")  # tensorboard_log.new_run: the start time, -2 for a second run that second
 
 
 def output_name_length_problem(name: str) -> str | None:

@@ -65,6 +65,8 @@ def test_run_folders_are_named_like_kohyas_and_never_shared(tmp_path):
     (["--logging-dir", "logs"], "--logging-dir only applies to TensorBoard logs, which are off; add --log-with tensorboard"),
     (["--log-prefix", "a_"], "--log-prefix only applies to TensorBoard logs"),
     (["--log-with", "tensorboard", "--log-prefix", "a/b"], "--log-prefix 'a/b' must be part of a folder name"),
+    # a File name too long traceback from SummaryWriter, once the model was loaded and the latents cached
+    (["--log-with", "tensorboard", "--log-prefix", "p" * 238], r"--log-prefix 'p{20}'... is 238 bytes long; .* use at most 237"),
     (["--log-with", "wandb"], "--log-with 'wandb' is not supported"),
 ])
 def test_logging_options_are_checked_with_the_others(tmp_path, args, message):
