@@ -353,8 +353,8 @@ def _checked_size(path: Path) -> tuple[int, int] | ImageProblem:
 
 def _sidecar_path(image: Path, extension: str, listings: dict[Path, dict[str, list[str]]]) -> Path | None:
     """The caption file of `image`: `<stem><extension>` exactly, else the one file whose name differs only in letter
-    case (`a.TXT`, as Windows, where datasets are often made, matches it), else None. `listings` caches each folder's
-    names by their lower-case form."""
+    case (`a.TXT`, as Windows, where datasets are often made, matches it) unless it is another image's exact caption
+    file (`A.PNG` beside `a.png` and `a.txt`), else None. `listings` caches each folder's names by their lower-case form."""
     exact = image.parent / (image.stem + extension)
     if exact.exists():
         return exact
@@ -363,11 +363,19 @@ def _sidecar_path(image: Path, extension: str, listings: dict[Path, dict[str, li
         for name in sorted(os.listdir(image.parent)):
             names.setdefault(name.lower(), []).append(name)
         listings[image.parent] = names
-    matches = listings[image.parent].get(exact.name.lower(), [])
+    names = listings[image.parent]
+    matches = names.get(exact.name.lower(), [])
     if len(matches) > 1:
         raise UserError(f"caption files {' and '.join(matches)} differ only in letter case; keep one of them, named "
                         f"{exact.name}")
-    return image.parent / matches[0] if matches else None
+    if not matches:
+        return None
+    owner = matches[0][:-len(extension)] if matches[0].endswith(extension) else None  # the image it is the exact caption of
+    owned = owner is not None and any(Path(name).stem == owner for suffix in IMAGE_EXTENSIONS
+                                      for name in names.get((owner + suffix).lower(), []))
+    if owned:  # kohya (on Linux) gives this image no caption file either: never another image's caption
+        return None
+    return image.parent / matches[0]
 
 
 def _read_sidecar(path: Path | None) -> str | None:

@@ -167,6 +167,18 @@ def test_caption_extension_matches_in_any_letter_case(tmp_path):
     assert result.warnings == []
 
 
+def test_another_images_exact_caption_file_is_not_shared_by_letter_case(tmp_path):
+    """A.PNG beside a.png and a.txt trained silently on a.png's caption (a.txt matched A.txt in any letter case)."""
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    write_image(root / "A.PNG")
+    write_text(root / "a.txt", "a.png's own")
+    result = scan_dataset(root)
+    assert [(r.path.name, r.caption, r.caption_source) for r in result.records] == [
+        ("A.PNG", "data", "folder"), ("a.png", "a.png's own", "sidecar")]
+    assert result.warnings[0].startswith("1 image has no .txt caption file or metadata entry; using the folder name as caption")
+
+
 def test_caption_files_differing_only_in_case_are_refused(tmp_path):
     root = tmp_path / "data"
     write_image(root / "a.png")
