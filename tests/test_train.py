@@ -291,6 +291,10 @@ def test_refusals_exit_2_with_clear_messages(tiny_dataset, tiny_model_dir, tmp_p
         (["--model", str(tiny_model_dir), "--log-with", "tensorboard", "--logging-dir", str(tiny_dataset / "2_zkchar" / "img0.txt")],
          f"--logging-dir {tiny_dataset / '2_zkchar' / 'img0.txt'}: cannot write there"),
     ]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "samples").write_text("not a folder")  # "could not save s/samples/...png: File exists; free some space"
+    cases.append((["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "s"), "--sample-every", "5"],
+                  f"{tmp_path / 's' / 'samples'} is a file, but the sample grids are saved in a folder of that name; rename or remove it"))
     for extra, message in cases:
         code = main(["--data", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), "--sample-every", "0", *extra])
         err = capsys.readouterr().err
