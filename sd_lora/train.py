@@ -190,6 +190,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if final.is_file() and not config.resume and process.is_main_process:  # as kohya, replaced; but not without a word
         print(f"warning: {final} is an earlier run's; this run replaces it when it ends, with its step files and sample grids "
               "of the same names. To keep them, pass another --output-name or --output-dir", file=sys.stderr)
+    elif (config.output_dir / "config.toml").is_file() and not config.resume and process.is_main_process:
+        print(f"warning: {config.output_dir} holds an earlier run's config.toml and metrics.jsonl (one per folder); this run "
+              "replaces them as it starts (the earlier LoRA files stay). To keep them, pass another --output-dir", file=sys.stderr)
     if config.init_weights is not None and may_write(config, config.init_weights):
         raise UserError(f"--init-weights {config.init_weights} is named as this run's own saves in {config.output_dir}, so training "
                         "would overwrite it; copy it elsewhere first, or pass another --output-name or --output-dir")

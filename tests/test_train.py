@@ -469,7 +469,7 @@ def test_init_weights_without_the_unet_starts_a_fresh_unet_lora(tiny_dataset, ti
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # lr 1e-12: the file's modules carried over
 
 
-def test_a_second_run_in_the_folder_says_it_replaces_the_first_runs_file(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+def test_a_second_run_in_the_folder_says_it_replaces_the_first_runs_files(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     """kohya replaces a file of the same name silently; a user who reran by mistake should learn it before the end."""
     args = train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--max-steps", "1", "--sample-every", "0", "--output-name", "zk")
     assert main(args) == 0
@@ -477,6 +477,10 @@ def test_a_second_run_in_the_folder_says_it_replaces_the_first_runs_file(tiny_da
     assert main(args) == 0
     assert (f"warning: {tmp_path / 'o' / 'zk.safetensors'} is an earlier run's; this run replaces it when it ends"
             in capsys.readouterr().err)
+    # A run of another name in the folder keeps the earlier LoRA, but not its config.toml and metrics.jsonl.
+    assert main(args[:-1] + ["other"]) == 0
+    assert (f"warning: {tmp_path / 'o'} holds an earlier run's config.toml and metrics.jsonl (one per folder); this run "
+            "replaces them" in capsys.readouterr().err)
 
 
 def test_init_weights_of_no_preset_train_and_are_summarised_as_custom(tiny_dataset, tiny_model_dir, tmp_path, capsys):
