@@ -37,13 +37,18 @@ def test_off_compiles_nothing_and_unknown_modes_are_refused():
         compile_unet(unet, "fast")
 
 
+def a_cuda_machine_with_triton(monkeypatch, capability: tuple[int, int]) -> None:
+    """What check_compiler sees of a CUDA (not ROCm) machine whose GPU has `capability`, Triton installed."""
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
 @pytest.mark.parametrize("capability, refused", [((6, 0), True), ((7, 0), False), ((9, 0), False)])
 def test_a_gpu_too_old_for_triton_is_refused(monkeypatch, capability, refused):
     """Triton needs compute capability 7.0: on a P100 (6.0) inductor raised GPUTooOldForTriton at the first compiled
     step, in a traceback after the model had loaded and the latents were cached."""
-    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    a_cuda_machine_with_triton(monkeypatch, capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     monkeypatch.setenv("CC", "gcc")  # (a C compiler: test_compile_on_a_gpu_without_a_c_compiler_is_refused)
     if refused:
@@ -72,9 +77,7 @@ def test_the_recompile_limits_are_raised_under_their_old_names_on_older_torch(mo
 def test_compile_on_a_gpu_without_a_c_compiler_is_refused(monkeypatch, cc, compilers, refused):
     """Triton builds its kernel launchers with $CC, gcc or clang: without one (a slim Docker image) the first compiled
     step ended in "RuntimeError: Failed to find C compiler", after the model had loaded and the latents were cached."""
-    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    a_cuda_machine_with_triton(monkeypatch, (8, 0))
     monkeypatch.setattr("shutil.which", lambda name: compilers.get(name))
     if cc is None:
         monkeypatch.delenv("CC", raising=False)
