@@ -232,12 +232,12 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
     own, repeated `num_repeats` times, captioned by its caption files, else its class tokens, with
     `caption_prefix` and `caption_suffix` joined by a space as kohya joins them. Records are
     labelled by image_dir's name, as kohya keys `ss_dataset_dirs` and `ss_tag_frequency` (`_labels`: with parent
-    folders where two image_dirs share a name). `caption_extension` applies where the
-    file sets none. Prior records are not marked here: `regularization_records` balances and marks them."""
+    folders where two image_dirs share a name, `name (2)` for an image_dir in a second dataset). `caption_extension`
+    applies where the file sets none. Prior records are not marked here: `regularization_records` balances and marks them."""
     records: list[ImageRecord] = []
     result = ScanResult(records)
     labels = _labels([subset.image_dir for subset in config.subsets])
-    for subset in config.subsets:
+    for subset, label in zip(config.subsets, labels):
         if subset.is_reg != prior:
             continue
         where = f"{config.path}: {subset.place} (image_dir {str(subset.image_dir)!r})"
@@ -246,7 +246,6 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
                                 skip_bad_images=skip_bad_images, recursive=False, default_caption=subset.class_tokens or "")
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        label = labels[subset.image_dir]
         for record in scan.records:
             caption = " ".join(part for part in (subset.caption_prefix, record.caption, subset.caption_suffix) if part)
             records.append(dataclasses.replace(record, caption=caption, repeats=subset.num_repeats, folder=label))
@@ -258,18 +257,20 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
     return result
 
 
-def _labels(image_dirs: list[Path]) -> dict[Path, str]:
-    """image_dir -> its label in the metadata: its name, as kohya's; where two folders share a name (`char_a/images`,
+def _labels(image_dirs: list[Path]) -> list[str]:
+    """Each image_dir's label in the metadata: its name, as kohya's; where two folders share a name (`char_a/images`,
     `char_b/images`), as many parent folders as tell them apart, so their entries (each with its own num_repeats)
-    are not merged into one. Never the whole local path."""
-    parts = {d: Path(os.path.abspath(d)).parts[1:] for d in image_dirs}
-    labels = {}
-    for d, own in parts.items():
-        others = {p for p in parts.values() if p != own}
+    are not merged into one. A folder that is a subset of several datasets is `name (2)`, `name (3)` after the
+    first, as in kohya's `ss_dataset_dirs`. Never the whole local path."""
+    parts = [Path(os.path.abspath(d)).parts[1:] for d in image_dirs]
+    labels = []
+    for i, own in enumerate(parts):
+        others = {p for p in parts if p != own}
         n = 1
         while n < len(own) and any(p[-n:] == own[-n:] for p in others):
             n += 1
-        labels[d] = "/".join(own[-n:])
+        earlier = parts[:i].count(own)
+        labels.append("/".join(own[-n:]) + (f" ({earlier + 1})" if earlier else ""))
     return labels
 
 

@@ -201,7 +201,11 @@ def dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
     images per epoch, repeats included.
     """
     tag_frequency: dict[str, Counter] = {}
+    counted = set()
     for record in records:
+        if record.path in counted:  # a folder in two kohya datasets: its tags once, under its first label, as kohya's
+            continue
+        counted.add(record.path)
         tags = tag_frequency.setdefault(record.folder, Counter())
         tags.update(tag.lower() for tag in split_tags(record.caption))
     return {

@@ -416,6 +416,35 @@ def test_image_dirs_of_one_name_keep_their_own_dataset_dirs_entries(tmp_path, mo
     assert meta["ss_num_train_images"] == "7"
 
 
+def test_an_image_dir_in_two_datasets_keeps_one_dataset_dirs_entry_each(tmp_path, monkeypatch):
+    """The same folder in two [[datasets]] (2 and 5 repeats) was one "a" entry with 2 repeats of 4 images, 8 samples
+    where the run had 14; kohya names the second "a (2)" and counts its tags once."""
+    import json
+
+    from sd_lora.data.scan import dataset_metadata
+
+    for i in range(2):
+        write_image(tmp_path / "a" / f"{i}.png")
+        (tmp_path / "a" / f"{i}.txt").write_text("a, smile")
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "kohya.toml", """
+[general]
+caption_extension = ".txt"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "a"
+  num_repeats = 2
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "a"
+  num_repeats = 5
+""")
+    meta = dataset_metadata(scan_training_data(load_config([*MODEL, "--dataset-config", "kohya.toml"])).records)
+    assert json.loads(meta["ss_dataset_dirs"]) == {"a": {"n_repeats": 2, "img_count": 2}, "a (2)": {"n_repeats": 5, "img_count": 2}}
+    assert json.loads(meta["ss_tag_frequency"]) == {"a": {"a": 2, "smile": 2}}
+    assert meta["ss_num_train_images"] == "14"
+
+
 def test_token_warmup_step_at_zero_is_accepted_written_as_a_share_too(tmp_path, monkeypatch):
     # kohya reads token_warmup_step as steps, or below 1 as a share of the run's steps: 0.0 is as much a no-op as 0.
     write_layout(tmp_path)
