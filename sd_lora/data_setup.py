@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, reg_dataset_metadata,
                    regularization_records, scan_dataset)
-from .data.kohya_dataset_config import read_dataset_config, scan_subsets
+from .data.kohya_dataset_config import balance_regularization, read_dataset_config, scan_subsets
 from .models.load import BaseModel
 from .validation import build_validation_set, split_records
 
@@ -78,21 +78,23 @@ def split_validation(config: TrainConfig, scan, show: bool = True) -> tuple[list
 
 def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> tuple[list, dict[str, str]]:
     """--reg-data (or a dataset config's is_reg subsets): (its images as prior records, as many samples per epoch
-    as the training images; kohya's metadata of the images as found, `reg_dataset_metadata`). `show` prints its
+    as the training images (a dataset config's: as those of their own [[datasets]]); kohya's metadata of the images as found, `reg_dataset_metadata`). `show` prints its
     warnings and summary (on the main process only)."""
     if config.dataset_config is not None:  # its is_reg subsets
-        scan = scan_subsets(read_dataset_config(config.dataset_config), prior=True, caption_extension=config.caption_extension,
-                            skip_bad_images=config.skip_bad_images)
+        kohya = read_dataset_config(config.dataset_config)
+        scan = scan_subsets(kohya, prior=True, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
         source, flag = f"the is_reg subsets of {config.dataset_config}", "--dataset-config"
         if not scan.records:
             return [], reg_dataset_metadata([])
+        records, more = balance_regularization(kohya, train_records, scan.records)
+        scan.warnings += more
     elif config.reg_data is None:
         return [], reg_dataset_metadata([])
     else:
         scan, source, flag = scan_option("--reg-data", config.reg_data, config), config.reg_data, "--reg-data"
+        records = regularization_records(scan.records, sum(r.repeats for r in train_records))
     for warning in scan.warnings if show else []:
         print(f"warning: {flag}: {warning}", file=sys.stderr)
-    records = regularization_records(scan.records, sum(r.repeats for r in train_records))
     if show:
         print(f"regularisation: {len(records)} of {len(scan.records)} images from {source}, "
               f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_lora.data.images import IMAGE_EXTENSIONS
+from sd_lora.data.regularization import regularization_records
 from sd_lora.data.scan import MAX_REPEATS, ImageRecord, ScanResult, scan_dataset
 from sd_lora.errors import ConfigError, UserError
 
@@ -106,6 +107,8 @@ class KohyaSubset:
 
     place: str
     """Where it is written, e.g. "[[datasets]] #1 [[datasets.subsets]] #2"."""
+    dataset: int
+    """Its [[datasets]]'s number, from 1: is_reg images balance against their own dataset's training images."""
     image_dir: Path
     """As written in the file; a relative path is read from the folder the command runs in (as kohya does)."""
     num_repeats: int = 1
@@ -166,7 +169,7 @@ def read_dataset_config(path: Path) -> KohyaDatasetConfig:
             for key, option in RUN_OPTIONS.items():
                 if option.level == SUBSET:
                     run_values.setdefault(key, []).append((place, _fallback(key, values, dataset_values, general)))
-            subset = _subset(place, values, dataset_values, general, say)
+            subset = _subset(place, d, values, dataset_values, general, say)
             if subset is None:
                 continue
             resolved = os.path.realpath(subset.image_dir)
@@ -233,7 +236,7 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
     `caption_prefix` and `caption_suffix` joined by a space as kohya joins them. Records are
     labelled by image_dir's name, as kohya keys `ss_dataset_dirs` and `ss_tag_frequency` (`_labels`: with parent
     folders where two image_dirs share a name, `name (2)` for an image_dir in a second dataset). `caption_extension`
-    applies where the file sets none. Prior records are not marked here: `regularization_records` balances and marks them."""
+    applies where the file sets none. Prior records are not marked here: `balance_regularization` balances and marks them."""
     records: list[ImageRecord] = []
     result = ScanResult(records)
     labels = _labels([subset.image_dir for subset in config.subsets])
@@ -255,6 +258,22 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
             result.warnings.append(f"{where}: num_repeats = {subset.num_repeats} is not used for is_reg images: each epoch "
                                    "sees as many regularisation samples as training samples (as with --reg-data)")
     return result
+
+
+def balance_regularization(config: KohyaDatasetConfig, train_records: list[ImageRecord],
+                           prior_records: list[ImageRecord]) -> tuple[list[ImageRecord], list[str]]:
+    """(`scan_subsets(prior=True)`'s records balanced as kohya balances them, warnings): each [[datasets]]'s is_reg
+    images against the training images of the same dataset only (repeats counted), not of the whole run; a
+    dataset without training images leaves its is_reg images unused, as in kohya."""
+    dataset_of = dict(zip(_labels([subset.image_dir for subset in config.subsets]), (s.dataset for s in config.subsets)))
+    out, warnings = [], []
+    for number in sorted({dataset_of[record.folder] for record in prior_records}):
+        samples = sum(record.repeats for record in train_records if dataset_of.get(record.folder) == number)
+        if not samples:
+            warnings.append(f"{config.path}: {DATASET} #{number}: its is_reg images are not used: the dataset has no training "
+                            "images to balance them against (as in kohya); move them to the dataset of the images they regularise")
+        out += regularization_records([record for record in prior_records if dataset_of[record.folder] == number], samples)
+    return out, warnings
 
 
 def _labels(image_dirs: list[Path]) -> list[str]:
@@ -339,7 +358,7 @@ def _checked(table: dict, level: str, place: str, say) -> dict:
     return out
 
 
-def _subset(place: str, values: dict, dataset: dict, general: dict, say) -> KohyaSubset | None:
+def _subset(place: str, number: int, values: dict, dataset: dict, general: dict, say) -> KohyaSubset | None:
     if "metadata_file" in values:
         say(place, "metadata_file (kohya's fine-tuning JSON) is not supported; put each caption in a .txt file beside its "
                    "image (or in a metadata.jsonl) and use image_dir")
@@ -359,7 +378,7 @@ def _subset(place: str, values: dict, dataset: dict, general: dict, say) -> Kohy
         say(place, f"caption_extension = {extension!r} must start with a dot and not be an image extension, e.g. '.txt' or '.caption'")
         return None
     return KohyaSubset(
-        place=place, image_dir=image_dir, num_repeats=get("num_repeats", 1), is_reg=values.get("is_reg", False),
+        place=place, dataset=number, image_dir=image_dir, num_repeats=get("num_repeats", 1), is_reg=values.get("is_reg", False),
         class_tokens=get("class_tokens", None), caption_extension=extension,
         caption_prefix=get("caption_prefix", ""), caption_suffix=get("caption_suffix", ""),
     )

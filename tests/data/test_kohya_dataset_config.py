@@ -445,6 +445,44 @@ caption_extension = ".txt"
     assert meta["ss_num_train_images"] == "14"
 
 
+def test_is_reg_images_balance_against_the_training_images_of_their_own_dataset(tmp_path, monkeypatch, capsys):
+    """As kohya's: dataset 1's 2 regularisation images were balanced against all 14 training samples of the run
+    (7 repeats each) instead of dataset 1's 2; a dataset without training images leaves its own unused."""
+    write_layout(tmp_path)
+    for i in range(3):
+        write_image(tmp_path / "b" / f"{i}.png")
+        write_image(tmp_path / "c" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "kohya.toml", """
+[general]
+caption_extension = ".txt"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "data/3_token"
+  num_repeats = 1
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "b"
+  num_repeats = 4
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "c"
+  is_reg = true
+""")
+    config = load_config([*MODEL, "--dataset-config", "kohya.toml"])
+    train = scan_training_data(config).records
+    assert sum(r.repeats for r in train) == 3 + 12
+    prior, meta = regularization_set(config, train)
+    assert [(r.path.name, r.repeats) for r in prior] == [("r0.png", 2), ("r1.png", 1)]
+    assert meta["ss_num_reg_images"] == "5"  # the images as found, as kohya counts them
+    assert ("warning: --dataset-config: kohya.toml: [[datasets]] #3: its is_reg images are not used: the dataset has no "
+            "training images to balance them against (as in kohya); move them to the dataset of the images they "
+            "regularise") in capsys.readouterr().err
+
+
 def test_token_warmup_step_at_zero_is_accepted_written_as_a_share_too(tmp_path, monkeypatch):
     # kohya reads token_warmup_step as steps, or below 1 as a share of the run's steps: 0.0 is as much a no-op as 0.
     write_layout(tmp_path)
