@@ -471,6 +471,12 @@ def _dataset_config_options(values: dict[str, Any], cli: dict[str, Any], config_
     if weight != 1.0 and not any(subset.is_reg for subset in dataset_config.subsets):
         problems.append(f"--prior-loss-weight {weight:g} weighs regularisation images, but {values['dataset_config']} has no is_reg "
                         "subset; add a [[datasets.subsets]] of them with is_reg = true, or drop --prior-loss-weight")
+    own = {subset.caption_extension for subset in dataset_config.subsets}
+    if "caption_extension" in cli and None not in own and own != {values["caption_extension"]}:
+        # As in kohya the file's value wins: a typed extension that no subset reads would be ignored without a word.
+        problems.append(f"--caption-extension {values['caption_extension']} (command line) is not used: every subset of "
+                        f"{values['dataset_config']} sets its own caption_extension ({', '.join(map(repr, sorted(own)))}); "
+                        "drop --caption-extension or change caption_extension in the dataset config")
     given = {name: (value, "command line" if name in cli else str(config_path)) for name, value in values.items()}
     found, more = run_options(dataset_config, given)
     problems.extend(more)

@@ -291,6 +291,20 @@ def test_a_flag_that_contradicts_the_file_is_refused_naming_both(tmp_path, monke
             "drop --batch-size or change the dataset config") in message
 
 
+def test_a_typed_caption_extension_that_every_subset_overrides_is_refused(tmp_path, monkeypatch):
+    """The file's caption_extension wins (as in kohya); --caption-extension .txt was then ignored without a word, the
+    .txt captions unread, and config.toml recorded .txt. Where some subset reads it, it is kohya's fallback."""
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    message = problems_of(tmp_path, TWO_SUBSETS, "--caption-extension", ".caption")
+    assert ("--caption-extension .caption (command line) is not used: every subset of bad.toml sets its own caption_extension "
+            "('.txt'); drop --caption-extension or change caption_extension in the dataset config") in message
+    assert load_config([*MODEL, "--dataset-config", "bad.toml", "--caption-extension", ".txt"]).caption_extension == ".txt"
+    write_toml(tmp_path / "k.toml", TWO_SUBSETS.replace('  caption_extension = ".txt"\n\n', "\n", 1))
+    config = load_config([*MODEL, "--dataset-config", "k.toml", "--caption-extension", ".txt"])
+    assert [r.caption for r in scan_training_data(config).records] == ["token, red", "token, blue", "token"]
+
+
 def test_data_and_reg_data_do_not_combine_with_a_dataset_config(tmp_path, monkeypatch):
     write_layout(tmp_path)
     monkeypatch.chdir(tmp_path)
