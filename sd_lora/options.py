@@ -59,7 +59,7 @@ def option(
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------------
     data: Path | None = option(None, "Folder of captioned images (kohya `N_name` repeat folders allowed).", group="data", fixed=True)
-    dataset_config: Path | None = option(None, "kohya sd-scripts dataset config TOML (its --dataset_config), instead of --data: each subset's image_dir with its "
+    dataset_config: Path | None = option(None, "kohya sd-scripts dataset config, TOML or .json (its --dataset_config), instead of --data: each subset's image_dir with its "
                                          "num_repeats, class_tokens, caption_extension and is_reg; its resolution, batch size, bucket and caption options "
                                          "become the run's when all subsets agree. Default output name: the file's stem.", metavar="FILE", group="data", fixed=True)
     caption_extension: str = option(".txt", "Extension of sidecar caption files.", group="data")

@@ -1,7 +1,7 @@
 """kohya sd-scripts' dataset config (its `--dataset_config` TOML), read into plain data.
 
-The file has a `[general]` table, `[[datasets]]` and, in each, `[[datasets.subsets]]`; every subset is one image
-folder (`image_dir`). A value missing from a subset falls back to its dataset's, then to `[general]`'s (kohya's
+The file has a `[general]` table, `[[datasets]]` and, in each, `[[datasets.subsets]]` (or, in a `.json` file, the
+same as JSON objects and lists); every subset is one image folder (`image_dir`). A value missing from a subset falls back to its dataset's, then to `[general]`'s (kohya's
 docs/config_README-en.md). sd_lora follows kohya where it can:
 
   - `image_dir` is read as kohya reads it: only the images directly in it, relative paths from the folder the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -307,8 +308,16 @@ def _load(path: Path) -> dict:
         raise UserError(f"--dataset-config {path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise UserError(f"--dataset-config {path}: not a UTF-8 text file; a dataset config is TOML text") from None
-    if path.suffix.lower() == ".json":
-        raise UserError(f"--dataset-config {path}: JSON dataset configs are not read; write it as TOML (same keys)")
+    if path.suffix.lower() == ".json":  # kohya reads its dataset configs as JSON too, by this suffix
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--dataset-config {path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if not isinstance(table, dict):
+            raise UserError(f"--dataset-config {path}: a JSON dataset config is one object "
+                            '({"general": {...}, "datasets": [{..., "subsets": [{"image_dir": ...}]}]}), not a '
+                            f"{type(table).__name__}")
+        return table
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

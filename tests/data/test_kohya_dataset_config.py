@@ -3,6 +3,8 @@ name the file, the table and the fix."""
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -336,6 +338,24 @@ def test_a_dataset_config_saved_with_a_bom_is_read(tmp_path, monkeypatch):
     assert [s.image_dir for s in read_dataset_config(tmp_path / "k.toml").subsets] == [Path("data/3_token"), Path("reg")]
 
 
+def test_a_json_dataset_config_reads_as_its_toml(tmp_path, monkeypatch):
+    """kohya reads a .json dataset config as the same tables; it was refused."""
+    write_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "k.toml", TWO_SUBSETS)
+    (tmp_path / "k.json").write_text(json.dumps({"general": {"flip_aug": True}, **tomllib.loads(TWO_SUBSETS)}))
+    from_json = load_config([*MODEL, "--dataset-config", "k.json"])
+    assert from_json.flip and from_json.dataset_config == Path("k.json")
+    assert summary(scan_training_data(from_json).records) == summary(scan_training_data(load_config([*MODEL, "--dataset-config", "k.toml"])).records)
+    assert read_dataset_config(Path("k.json")).subsets == read_dataset_config(Path("k.toml")).subsets
+    (tmp_path / "broken.json").write_text('{"datasets": [}')
+    with pytest.raises(UserError, match=r"--dataset-config broken.json: invalid JSON \(Expecting value at line 1, column 15\)"):
+        load_config([*MODEL, "--dataset-config", "broken.json"])
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(UserError, match=r"a JSON dataset config is one object .*, not a list"):
+        load_config([*MODEL, "--dataset-config", "list.json"])
+
+
 def test_the_example_config_loads(monkeypatch):
     monkeypatch.chdir(REPO)  # its paths are relative to the repository root
     c = load_config(["--dataset-config", "configs/datasets/zkchar.toml"])
@@ -403,7 +423,6 @@ def test_prior_loss_weight_applies_to_the_is_reg_subsets(tmp_path, monkeypatch):
 def test_image_dirs_of_one_name_keep_their_own_dataset_dirs_entries(tmp_path, monkeypatch):
     """char_a/images (3 repeats, 2 images) and char_b/images (1 repeat, 1 image) were merged under "images" in
     ss_dataset_dirs: 3 repeats of 3 images, 9 samples where the run had 7 (ss_num_train_images)."""
-    import json
 
     from sd_lora.data.scan import dataset_metadata
 
@@ -433,7 +452,6 @@ def test_image_dirs_of_one_name_keep_their_own_dataset_dirs_entries(tmp_path, mo
 def test_an_image_dir_in_two_datasets_keeps_one_dataset_dirs_entry_each(tmp_path, monkeypatch):
     """The same folder in two [[datasets]] (2 and 5 repeats) was one "a" entry with 2 repeats of 4 images, 8 samples
     where the run had 14; kohya names the second "a (2)" and counts its tags once."""
-    import json
 
     from sd_lora.data.scan import dataset_metadata
 
