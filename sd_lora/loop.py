@@ -196,9 +196,9 @@ def gradient_norm(t: Trainee) -> torch.Tensor:
 def supports_skip_on_device(optimizer) -> bool:
     """Whether `optimizer.step()` can skip an update on a flag that stays on the device: torch's fused
     Adam/AdamW/SGD read `found_inf` (the attribute GradScaler sets) and then leave weights, moments and step
-    counts untouched. Not under fp16's loss scaler, which sets that flag itself."""
+    counts untouched. Under fp16's loss scaler the scaler sets that flag itself (`step_unless`)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    return bool(getattr(inner, "_step_supports_amp_scaling", False)) and getattr(optimizer, "scaler", None) is None
+    return bool(getattr(inner, "_step_supports_amp_scaling", False))
 
 
 def skip_step(optimizer) -> None:
@@ -211,7 +211,13 @@ def skip_step(optimizer) -> None:
 
 
 def step_unless(optimizer, skip: torch.Tensor) -> None:
-    """optimizer.step(), skipped on the device where `skip` (a float32 scalar tensor, 0 or 1) is 1."""
+    """optimizer.step(), skipped on the device where `skip` (a float32 scalar tensor, 0 or 1) is 1. Under fp16's
+    loss scaler (accelerate's optimizer wrapper holds it) the scaler hands the optimizer its own flag, set where the
+    unscaled gradients are not finite, and lowers the scale: `skip` adds nothing, as a non-finite loss has
+    non-finite gradients."""
+    if getattr(optimizer, "scaler", None) is not None:
+        optimizer.step()
+        return
     inner = getattr(optimizer, "optimizer", optimizer)
     inner.found_inf = skip
     try:

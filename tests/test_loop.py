@@ -241,6 +241,65 @@ def test_fp16_loss_scaler_skipped_step_and_gradient_norm(tiny_model_dir, monkeyp
     assert 0 < norms[0.0] == pytest.approx(norms[1.0], rel=1e-5)
 
 
+class WeightRecorder(Recorder):
+    """Recorder that also keeps the LoRA weights each step ended with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.weights = model, {}
+
+    def on_step_end(self, state):
+        super().on_step_end(state)
+        self.weights[state.step] = lora_weights(self.model)
+
+
+def test_fp16_loss_scaler_with_a_fused_optimizer_skips_on_the_device(tiny_model_dir, monkeypatch):
+    """fp16 on a GPU with the default fused AdamW: the loss scaler's own flag skips a non-finite step on the device,
+    so no step waits for the host to read its loss (every fp16 step did, while the README says none waits). The NaN
+    step leaves the weights alone, is counted one step later, keeps its place in the count, and the scale backs off."""
+    from accelerate import Accelerator
+
+    from sd_lora.train import skip_steps_on_device
+
+    model, trainee, objective, batch = make_trainee(tiny_model_dir)
+    fused(trainee)
+    acc = Accelerator(cpu=True)
+    monkeypatch.setattr(acc.state, "_mixed_precision", "fp16")  # what Accelerator(mixed_precision="fp16") sets up on CUDA
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = acc.prepare(trainee.optimizer)
+    assert skip_steps_on_device(torch.device("cuda"), optimizer)
+    poisoned = dict(batch, latents=torch.full_like(batch["latents"], float("nan")))
+    batches = Batches([batch, poisoned, batch, batch])
+    trainee = dataclasses.replace(trainee, accelerator=acc, optimizer=optimizer, dataloader=batches, batch_sampler=batches,
+                                  lr_scheduler=build_lr_scheduler("constant", optimizer, warmup_steps=0, total_steps=100))
+    host_reads, reading, values = [], [], loop.Readout.values
+
+    def read_values(self):
+        reading.append(True)
+        try:
+            return values(self)
+        finally:
+            reading.pop()
+
+    monkeypatch.setattr(loop.Readout, "values", read_values)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if not reading:
+                host_reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    recorder = WeightRecorder(model)
+    state = loop.train(trainee, objective, loop.TrainState(), max_steps=4, hooks=recorder, nan_skip=1, check_gradients=False,
+                       skip_on_device=True)
+    monkeypatch.undo()
+    assert host_reads == []
+    assert (state.step, state.nan_steps, recorder.logged, recorder.skipped, recorder.ended) == (4, 1, [1, 3, 4], [2], [1, 2, 3, 4])
+    assert all(torch.equal(recorder.weights[2][n], w) for n, w in recorder.weights[1].items())  # the NaN step changed nothing
+    assert any(not torch.equal(recorder.weights[3][n], w) for n, w in recorder.weights[2].items())  # the next one trained
+    assert acc.scaler.get_scale() == 2.0**9  # one backoff, for the NaN step
+
+
 def test_should_stop_ends_after_the_current_step(tiny_model_dir):
     model, trainee, objective, batch = make_trainee(tiny_model_dir)
     state = loop.train(trainee, objective, loop.TrainState(), max_steps=50, hooks=Recorder(stop_at=3))
@@ -375,10 +434,11 @@ def test_only_optimizers_that_read_found_inf_skip_on_the_device():
     assert loop.supports_skip_on_device(torch.optim.AdamW(params, fused=True))
     assert not loop.supports_skip_on_device(torch.optim.AdamW(params, foreach=True))
     assert not loop.supports_skip_on_device(torch.optim.SGD(params, lr=1.0))
-    # accelerate's wrapper: the inner optimizer decides, unless fp16's loss scaler owns found_inf.
+    # accelerate's wrapper: the inner optimizer decides, also under fp16's loss scaler (which sets found_inf itself).
     wrapped = SimpleNamespace(optimizer=torch.optim.AdamW(params, fused=True), scaler=None)
     assert loop.supports_skip_on_device(wrapped)
-    assert not loop.supports_skip_on_device(SimpleNamespace(optimizer=wrapped.optimizer, scaler=object()))
+    assert loop.supports_skip_on_device(SimpleNamespace(optimizer=wrapped.optimizer, scaler=object()))
+    assert not loop.supports_skip_on_device(SimpleNamespace(optimizer=torch.optim.AdamW(params, foreach=True), scaler=object()))
 
 
 def test_non_finite_is_a_device_flag():
