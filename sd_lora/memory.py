@@ -92,7 +92,10 @@ def describe_peak(device: torch.device) -> str:
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A batch tensor from the host on `device`, without making the host wait for the device: copied as it is
     (from the DataLoader's pinned memory the copy is asynchronous), then converted there. Converting first
-    would copy from a fresh pageable tensor, which the CUDA driver may only do after the queued work ends."""
+    would copy from a fresh pageable tensor, which the CUDA driver may only do after the queued work ends; a
+    pageable tensor (a step's token ids, from the tokenizer) is pinned first for the same reason."""
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
     tensor = tensor.to(device, non_blocking=True)
     return tensor if dtype is None else tensor.to(dtype)
 

@@ -143,6 +143,35 @@ def test_to_device_copies_the_tensor_as_it_is_then_converts_it(monkeypatch):
     assert memory.to_device(x, "cpu") is x  # same device, no dtype: nothing to do
 
 
+def test_to_device_pins_a_pageable_tensor_for_a_gpu(monkeypatch):
+    """A pageable host tensor (a step's token ids) is pinned before its copy to a GPU, so that the copy need not wait
+    for the queued work; a pinned one (the DataLoader's) is copied as it is, and nothing is pinned for the CPU.
+    Simulated: the CUDA copy returns the tensor itself."""
+    calls, original, pinned = [], torch.Tensor.to, []
+
+    def pin(self):
+        calls.append("pin")
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    def to(self, *args, **kwargs):
+        if args and args[0] == "cuda":
+            calls.append(("cuda", kwargs, any(self is p for p in pinned)))
+            return self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: any(self is p for p in pinned))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    ids = torch.ones(2, 77, dtype=torch.long)
+    memory.to_device(ids, "cuda")
+    assert calls == ["pin", ("cuda", {"non_blocking": True}, True)]
+    calls.clear()
+    memory.to_device(pinned[-1], "cuda")  # already pinned
+    memory.to_device(ids, "cpu")
+    assert calls == [("cuda", {"non_blocking": True}, True)]
+
+
 def test_release_modules_lets_the_weights_go_and_keeps_the_modules():
     modules = [torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)]  # parameters and buffers
     expected = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))

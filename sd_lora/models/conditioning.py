@@ -97,12 +97,12 @@ class Conditioner:
     def _encode(self, captions: list[str], batch: dict, device, dtype) -> dict:
         if self.family != "sdxl":
             ids = tokenize(self.tokenizers[0], captions, self.max_tokens)  # (B * k, 77)
-            hidden = encode_tokens(self.text_encoders[0], ids.to(_device_of(self.text_encoders[0])), self.clip_skip)
+            hidden = encode_tokens(self.text_encoders[0], to_device(ids, _device_of(self.text_encoders[0])), self.clip_skip)
             return {"encoder_hidden_states": join_windows(hidden, self.windows).to(device)}  # (B, 77 or 75k + 2, D)
         hidden_states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenize(tokenizer, captions, self.max_tokens)  # (B * k, 77)
-            out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True, return_dict=True)
+            out = encoder(to_device(ids, _device_of(encoder)), output_hidden_states=True, return_dict=True)
             # SDXL conditions on the penultimate layer ("clip skip 2" is built in); --clip-skip N goes N-1
             # layers further back, without the final layer norm, as the SDXL pipeline does.
             hidden_states.append(join_windows(out.hidden_states[-(self.clip_skip + 1)], self.windows))

@@ -59,6 +59,25 @@ def test_cache_encodes_each_caption_once_in_batches_then_never_calls_the_encoder
     _assert_same_conditioning(a, b, model.family)
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_token_ids_go_to_the_text_encoders_without_a_wait(request, model_fixture, monkeypatch):
+    """Captions encoded at each step (a trained text encoder, shuffled tags) send their token ids as the batches go,
+    through `memory.to_device` (pinned, asynchronous on a GPU): a plain `.to(device)` of the tokenizer's pageable ids
+    made every step wait for the GPU to finish the previous one."""
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    copies, original = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if self.dtype == torch.long and self.shape[-1] == 77 and args and isinstance(args[0], (str, torch.device)):  # token ids
+            copies.append(kwargs.get("non_blocking", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    with torch.no_grad():
+        Conditioner(model.family, model.tokenizers, model.text_encoders)(CAPTIONS[:2], _sizes(2), "cpu", torch.float32)
+    assert copies == [True] * len(model.text_encoders)
+
+
 def test_cache_needs_cached_outputs(tiny_model_dir):
     model = load_base_model(str(tiny_model_dir))
     with pytest.raises(ValueError, match="cache_outputs=True"):
