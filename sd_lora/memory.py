@@ -89,6 +89,13 @@ def describe_peak(device: torch.device) -> str:
     return text
 
 
+def reset_peak(device: torch.device) -> None:
+    """Count `describe_peak`'s CUDA peak from now on: a run reports its own, not an earlier run's in the same process
+    (a notebook that trains twice). The RSS peak is the process's high-water mark and is not reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A batch tensor from the host on `device`, without making the host wait for the device: copied as it is
     (from the DataLoader's pinned memory the copy is asynchronous), then converted there. Converting first

@@ -160,6 +160,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if config.compile != "off":
         check_compiler(torch.cuda.is_available())
     process = process_state()
+    memory.reset_peak(process.device)  # the CUDA peak this run reports counts from here
     if is_demo_base(config.model):
         announce_demo(config, show=process.is_main_process)
     # Everything that needs no model is checked first: a Hub model may take long to download.

@@ -172,6 +172,19 @@ def test_to_device_pins_a_pageable_tensor_for_a_gpu(monkeypatch):
     assert calls == [("cuda", {"non_blocking": True}, True)]
 
 
+def test_reset_peak_restarts_the_cuda_peak_on_a_gpu_only(monkeypatch):
+    """Simulated allocator statistics: after a reset the peak is what is allocated now."""
+    stats = {"peak": 5 * 2**30, "now": 2**30}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: stats["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: stats.update(peak=stats["now"]))
+    gpu = torch.device("cuda", 0)
+    assert "5.00 GiB CUDA allocated" in memory.describe_peak(gpu)
+    memory.reset_peak(torch.device("cpu"))
+    assert stats["peak"] == 5 * 2**30
+    memory.reset_peak(gpu)
+    assert "1.00 GiB CUDA allocated" in memory.describe_peak(gpu)
+
+
 def test_release_modules_lets_the_weights_go_and_keeps_the_modules():
     modules = [torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)]  # parameters and buffers
     expected = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))

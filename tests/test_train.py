@@ -331,6 +331,20 @@ def test_xformers_without_the_package_or_a_cuda_gpu_is_refused_before_the_model_
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
+def test_a_runs_cuda_peak_counts_from_its_start(tiny_dataset, tmp_path, monkeypatch):
+    """A second run in one process (a notebook) reported the first run's CUDA peak as its own: the count now starts
+    again before the model loads. Simulated: the run's device is a GPU."""
+    from types import SimpleNamespace
+
+    events = []
+    monkeypatch.setattr(train_module, "process_state", lambda: SimpleNamespace(device=torch.device("cuda", 0), is_main_process=True))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append(("reset", device)))
+    monkeypatch.setattr(train_module, "load_base_model", lambda *args, **kwargs: events.append("load") or pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        run(load_config(["--data", str(tiny_dataset), "--model", "some/model", "--output-dir", str(tmp_path / "o")]))
+    assert events == [("reset", torch.device("cuda", 0)), "load"]
+
+
 def test_a_warm_up_longer_than_an_epoch_run_says_how_long_the_run_is_and_the_fix(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     # With --epochs the run's length is known only once the images are bucketed: 12 images at batch 2 = 6 steps.
     code = main(train_args(tiny_dataset, tiny_model_dir, tmp_path / "o", "--epochs", "1", "--lr-scheduler", "linear", "--lr-warmup-steps", "20"))
