@@ -85,7 +85,7 @@ def first_guess(one: dict, two: dict, total_mib: float, fill: float, max_batch: 
 def largest_batch(args, model: str) -> list[dict]:
     """Runs at batch 1, 2 and the largest batch that fits (see the module docstring); returns them in order."""
     runs = [train(args, model, 1)]
-    if not runs[0]["ok"]:
+    if not runs[0]["ok"] or args.max_batch < 2:  # --max-batch 1: the dataset holds one image, a "batch 2" would train 1
         return runs
     runs.append(train(args, model, 2))
     if not runs[1]["ok"] or args.max_batch <= 2:

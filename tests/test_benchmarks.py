@@ -3,6 +3,7 @@ or any step runs, not a traceback after (the benchmarks themselves are timed in 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,14 @@ def test_other_benchmarks_refuse_bad_numbers_and_folders_before_any_work(tmp_pat
     done = _run(script, "--out", str(tmp_path / "out"), *args)
     assert done.returncode == 2 and f"{script}: error: {message}" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_sizes_tries_no_batch_above_max_batch(monkeypatch):
+    # --max-batch 1 still ran "batch 2" on its one-image dataset: sd_lora trained batches of 1, reported as 2
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import batch_sizes
+
+    tried = []
+    monkeypatch.setattr(batch_sizes, "train", lambda args, model, batch: tried.append(batch) or {"batch": batch, "ok": True})
+    runs = batch_sizes.largest_batch(argparse.Namespace(max_batch=1), "tiny")
+    assert tried == [1] and [r["batch"] for r in runs] == [1]
