@@ -307,7 +307,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         cache_bytes = dataset.latent_cache.memory_bytes() if dataset.latent_cache is not None else 0
         placed = [model.unet, model.vae, *([] if conditioner.cache_outputs else model.text_encoders)]
-        print(memory.describe_estimate(memory.estimate(placed, trainable, cache_bytes, config.optimizer)))
+        print(memory.describe_estimate(memory.estimate(placed, trainable, cache_bytes, config.optimizer, conditioner.cache_bytes())))
         print(summary(config, scan, dataset, len(batch_sampler), per_epoch, total_steps, epochs, n_params, model,
                       len(validation_records), accelerator.num_processes, targets))
         if resumed:

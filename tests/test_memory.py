@@ -18,6 +18,8 @@ def test_estimate_counts_weights_lora_state_and_cache():
     assert "GiB" in memory.describe_estimate(parts)
     prodigy = memory.estimate([frozen], lora, cache_bytes=0, optimizer="prodigy")
     assert prodigy["LoRA weights, gradients and optimizer state"] == 80 * (4 + 4 + 16)
+    # cached text-encoder outputs sit on the device too (SDXL: about 0.3 MiB a caption); the estimate left them out
+    assert memory.estimate([frozen], lora, cache_bytes=0, text_cache_bytes=5000)["text-encoder output cache"] == 5000
 
 
 def test_estimate_counts_lora_weights_inside_the_frozen_modules_once():

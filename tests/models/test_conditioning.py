@@ -84,6 +84,19 @@ def test_cache_needs_cached_outputs(tiny_model_dir):
         Conditioner(model.family, model.tokenizers, model.text_encoders).cache(["a"], "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_cache_bytes_count_every_cached_output(request, model_fixture):
+    """The memory estimate's text-encoder output cache: one hidden state (and SDXL pooled embedding) per distinct caption."""
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True)
+    assert cached.cache_bytes() == 0
+    cached.cache(CAPTIONS, "cpu", torch.float32)
+    out = cached(CAPTIONS[:1], _sizes(1), "cpu", torch.float32)
+    per_caption = out["encoder_hidden_states"][0].numel() * 4
+    if model.family == "sdxl":
+        per_caption += out["added_cond_kwargs"]["text_embeds"][0].numel() * 4
+    assert cached.cache_bytes() == 4 * per_caption > 0  # 4 distinct captions
+
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
 def test_released_encoders_free_their_weights_and_the_cache_still_conditions(request, model_fixture):
