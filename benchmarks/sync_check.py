@@ -36,6 +36,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps <= WATCH_FROM:
         parser.error(f"--steps must be more than {WATCH_FROM}: the first {WATCH_FROM} steps are not watched")
+    if args.resolution < 1:  # 0 wrote the model at its default size, then sd_lora's config check failed in a traceback
+        parser.error(f"--resolution {args.resolution}: must be 1 or more")
 
     import torch
 

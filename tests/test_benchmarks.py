@@ -46,6 +46,8 @@ def test_soak_refuses_too_few_steps_for_a_slope(tmp_path, steps):
     ("batch_sizes.py", ["--models", "tiny", "--rank", "0"], "--steps, --max-batch, --rank and --resolution must be >= 1"),
     # tracebacks after the model was written: sd_lora's ConfigError, an IndexError of the naive loop's empty step list
     ("rss_phases.py", ["naive", "--steps", "0", "--rank", "0"], "--steps 0, --rank 0: must be 1 or more"),
+    # on a GPU: the model written, then a traceback of sd_lora's ConfigError (on a CPU: "needs a CUDA GPU")
+    ("sync_check.py", ["--resolution", "0"], "--resolution 0: must be 1 or more"),
     # a CalledProcessError of the worker, its own error hidden
     ("load_peak.py", ["--model-dir", "nope"], "--model-dir nope: not a diffusers model folder (needs unet/config.json)"),
 ])
