@@ -106,8 +106,8 @@ def total_ram_mib() -> float:
     return psutil.virtual_memory().total / 2**20
 
 
-def report(model: str, resolution: int, runs: list[dict]) -> dict:
-    print(f"\n{model} at {resolution} px, rank-16 attn-mlp LoRA")
+def report(model: str, resolution: int, rank: int, runs: list[dict]) -> dict:
+    print(f"\n{model} at {resolution} px, rank-{rank} attn-mlp LoRA")
     total = next((r["device_total_mib"] for r in runs if r.get("device_total_mib")), None)
     print(f"{'batch':>6}{'s/it':>9}{'images/s':>10}{'peak MiB':>10}{'RSS MiB':>9}"
           + (f"   (GPU memory {total:.0f} MiB; peak = CUDA reserved)" if total else "   (peak = RSS)"))
@@ -154,7 +154,7 @@ def main() -> int:
     started = time.perf_counter()
     summary = {"machine": info, "config": args.config, "models": []}
     for model in models:
-        summary["models"].append(report(model, args.resolution or MODELS[model][1], largest_batch(args, model)))
+        summary["models"].append(report(model, args.resolution or MODELS[model][1], args.rank, largest_batch(args, model)))
     summary["wall_s"] = time.perf_counter() - started
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"total {summary['wall_s']:.0f} s; details in {args.out / 'summary.json'}")

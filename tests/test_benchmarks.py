@@ -66,3 +66,13 @@ def test_batch_sizes_tries_no_batch_above_max_batch(monkeypatch):
     monkeypatch.setattr(batch_sizes, "train", lambda args, model, batch: tried.append(batch) or {"batch": batch, "ok": True})
     runs = batch_sizes.largest_batch(argparse.Namespace(max_batch=1), "tiny")
     assert tried == [1] and [r["batch"] for r in runs] == [1]
+
+
+def test_batch_sizes_table_names_the_rank_trained(monkeypatch, capsys):
+    # the heading said "rank-16" whatever --rank was
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import batch_sizes
+
+    run = {"batch": 1, "ok": True, "s_per_it": 0.5, "images_per_s": 2.0, "peak_mib": 900.0, "peak_rss_mib": 900.0, "device_total_mib": None}
+    batch_sizes.report("tiny", 64, 4, [run])
+    assert "tiny at 64 px, rank-4 attn-mlp LoRA" in capsys.readouterr().out
