@@ -39,7 +39,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps < 3:
         parser.error(f"--steps {args.steps}: must be 3 or more (the slope is fitted to the steps after the first tenth)")
-    shutil.rmtree(args.out, ignore_errors=True)
+    for folder in ("data", "model", "run"):  # what this script writes: --out itself may hold other files (--out .)
+        shutil.rmtree(args.out / folder, ignore_errors=True)
     data = write_dataset(args.out / "data", count=12)
     model = save_tiny_model(args.out / "model")
     started = time.perf_counter()

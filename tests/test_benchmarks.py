@@ -76,3 +76,19 @@ def test_batch_sizes_table_names_the_rank_trained(monkeypatch, capsys):
     run = {"batch": 1, "ok": True, "s_per_it": 0.5, "images_per_s": 2.0, "peak_mib": 900.0, "peak_rss_mib": 900.0, "device_total_mib": None}
     batch_sizes.report("tiny", 64, 4, [run])
     assert "tiny at 64 px, rank-4 attn-mlp LoRA" in capsys.readouterr().out
+
+
+def test_soak_clears_only_its_own_folders_under_out(tmp_path, monkeypatch):
+    # --out was removed whole before the run: `--out .` deleted the folder it ran in
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import soak
+
+    (tmp_path / "keep.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "old.txt").write_text("a previous soak run")
+    monkeypatch.setattr(soak, "write_dataset", lambda root, count: root)
+    monkeypatch.setattr(soak, "save_tiny_model", lambda folder: folder)
+    monkeypatch.setattr(soak, "train_main", lambda argv: 1)  # stop before training
+    monkeypatch.setattr(sys, "argv", ["soak.py", "--steps", "3", "--out", str(tmp_path)])
+    assert soak.main() == 1
+    assert (tmp_path / "keep.txt").read_text() == "mine" and not (tmp_path / "run").exists()
