@@ -106,7 +106,7 @@ def total_ram_mib() -> float:
     return psutil.virtual_memory().total / 2**20
 
 
-def report(model: str, resolution: int, rank: int, runs: list[dict]) -> dict:
+def report(model: str, resolution: int, rank: int, runs: list[dict], max_batch: int) -> dict:
     print(f"\n{model} at {resolution} px, rank-{rank} attn-mlp LoRA")
     total = next((r["device_total_mib"] for r in runs if r.get("device_total_mib")), None)
     print(f"{'batch':>6}{'s/it':>9}{'images/s':>10}{'peak MiB':>10}{'RSS MiB':>9}"
@@ -121,7 +121,7 @@ def report(model: str, resolution: int, rank: int, runs: list[dict]) -> dict:
     best = max(fitted, key=lambda r: r["batch"]) if fitted else None
     if best:
         above = f"batch {min(b for b in failed if b > best['batch'])} did not fit" if any(b > best["batch"] for b in failed) \
-            else "the next size up was not tried"
+            else f"--max-batch {max_batch}: no larger batch tried" if best["batch"] >= max_batch else "the next size up was not tried"
         print(f"largest batch that fitted: {best['batch']} ({above})")
     return {"model": model, "resolution": resolution, "runs": runs, "largest_batch": best["batch"] if best else None}
 
@@ -154,7 +154,7 @@ def main() -> int:
     started = time.perf_counter()
     summary = {"machine": info, "config": args.config, "models": []}
     for model in models:
-        summary["models"].append(report(model, args.resolution or MODELS[model][1], args.rank, largest_batch(args, model)))
+        summary["models"].append(report(model, args.resolution or MODELS[model][1], args.rank, largest_batch(args, model), args.max_batch))
     summary["wall_s"] = time.perf_counter() - started
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"total {summary['wall_s']:.0f} s; details in {args.out / 'summary.json'}")

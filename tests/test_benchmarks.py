@@ -74,8 +74,21 @@ def test_batch_sizes_table_names_the_rank_trained(monkeypatch, capsys):
     import batch_sizes
 
     run = {"batch": 1, "ok": True, "s_per_it": 0.5, "images_per_s": 2.0, "peak_mib": 900.0, "peak_rss_mib": 900.0, "device_total_mib": None}
-    batch_sizes.report("tiny", 64, 4, [run])
+    batch_sizes.report("tiny", 64, 4, [run], max_batch=8)
     assert "tiny at 64 px, rank-4 attn-mlp LoRA" in capsys.readouterr().out
+
+
+def test_batch_sizes_says_when_the_largest_batch_is_the_max_batch_cap(monkeypatch, capsys):
+    # a batch capped by --max-batch read "the next size up was not tried", as if a larger one might have fitted
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import batch_sizes
+
+    runs = [{"batch": b, "ok": True, "s_per_it": 0.5, "images_per_s": 2.0, "peak_mib": 900.0 + b, "peak_rss_mib": 900.0,
+             "device_total_mib": None} for b in (1, 2, 8)]
+    batch_sizes.report("tiny", 64, 16, runs, max_batch=8)
+    assert "largest batch that fitted: 8 (--max-batch 8: no larger batch tried)" in capsys.readouterr().out
+    batch_sizes.report("tiny", 64, 16, runs, max_batch=64)
+    assert "largest batch that fitted: 8 (the next size up was not tried)" in capsys.readouterr().out
 
 
 def test_soak_clears_only_its_own_folders_under_out(tmp_path, monkeypatch):
