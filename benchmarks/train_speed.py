@@ -496,6 +496,8 @@ def worker_sd15(args) -> dict:
             lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
     }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # as training sets them (trainee_setup): fp32 steps and the fp32 peak both on TF32 cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     result: dict = {"resolution": args.sd15_resolution}
     # Without bf16 instructions PyTorch computes bf16 in a fallback 100x slower than fp32: one 3072^3 bf16 mm takes
     # minutes there, an SD1.5 step far longer. Such a CPU trains in fp32 (--mixed-precision auto), measured alone.
