@@ -271,18 +271,35 @@ KOHYA_NAMES = {
     "min_bucket_reso": "min_bucket_side", "max_bucket_reso": "max_bucket_side", "bucket_no_upscale": "no_upscale",
     "shuffle_caption": "shuffle_tags", "flip_aug": "flip", "caption_dropout_rate": "caption_dropout",
     "caption_tag_dropout_rate": "tag_dropout", "max_data_loader_n_workers": "num_workers",
+    "v_parameterization": "prediction_type", "network_train_unet_only": "no_train_text_encoder",
+}
+# The same for the diffusers examples (train_text_to_image_lora.py, train_dreambooth_lora.py): difflib pointed
+# random_flip -> --random-crop, checkpointing_steps -> --gradient-checkpointing, validation_prompt -> --validation-split.
+DIFFUSERS_NAMES = {
+    "instance_data_dir": "data", "class_data_dir": "reg_data", "with_prior_preservation": "reg_data", "random_flip": "flip",
+    "center_crop": "no_buckets", "num_train_epochs": "epochs", "checkpointing_steps": "save_state_every",
+    "checkpoints_total_limit": "keep_states", "resume_from_checkpoint": "resume", "validation_prompt": "sample_prompts",
+    "num_validation_images": "sample_seeds", "validation_epochs": "sample_every_epochs", "snr_gamma": "min_snr_gamma",
+    "use_8bit_adam": "optimizer", "adam_weight_decay": "weight_decay", "report_to": "log_with", "lr_num_cycles":
+    "lr_scheduler_num_cycles", "lr_power": "lr_scheduler_power", "dataloader_num_workers": "num_workers",
+    "enable_xformers_memory_efficient_attention": "xformers",
 }
 
 
 def _did_you_mean(key: str, known: list[str], prefix: str = "") -> str:
     """' (did you mean ...?)' for an unknown option `key` (a TOML key, or a flag without its --), or ''; kohya's
     names by `KOHYA_NAMES`. `known`: the option keys; `prefix`: "--" for flags (else the key is quoted)."""
-    kohya = KOHYA_NAMES.get(key.replace("-", "_"))
-    close = [key_of(kohya)] if kohya else difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    name = key.replace("-", "_")
+    theirs = KOHYA_NAMES.get(name) or DIFFUSERS_NAMES.get(name)
+    close = [key_of(theirs)] if theirs else difflib.get_close_matches(key.replace("_", "-"), known, n=1)
     if not close:
         return ""
     shown = f"{prefix}{close[0]}" if prefix else repr(close[0])
-    return f" (kohya's name; did you mean {shown}?)" if kohya else f" (did you mean {shown}?)"
+    if not prefix and theirs and theirs not in FIELDS:  # a negative flag (--no-buckets) is a false value in a file
+        shown = repr(f"{key_of(theirs[3:])} = false")
+    if name in KOHYA_NAMES:
+        return f" (kohya's name; did you mean {shown}?)"
+    return f" (the diffusers examples' name; did you mean {shown}?)" if theirs else f" (did you mean {shown}?)"
 
 
 def read_toml(path: Path) -> dict[str, Any]:

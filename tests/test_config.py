@@ -118,6 +118,30 @@ def test_kohyas_option_names_suggest_ours_not_difflibs_guess(tmp_path):
                                 f"{cfg}: unknown key 'network_dim' (kohya's name; did you mean 'rank'?)"]
 
 
+def test_diffusers_examples_option_names_suggest_ours(tmp_path):
+    """The diffusers training examples' flags got difflib's guesses, which do something else (random_flip ->
+    --random-crop, checkpointing_steps -> --gradient-checkpointing, validation_prompt -> --validation-split) or
+    none (resume_from_checkpoint, instance_data_dir); kohya's network_train_unet_only and v_parameterization got none."""
+    with pytest.raises(ConfigError) as e:
+        load_config(["--random_flip", "--checkpointing_steps", "500", "--validation_prompt", "a dog", "--resume_from_checkpoint",
+                     "latest", "--instance_data_dir", "d", "--network_train_unet_only", "--v_parameterization"])
+    assert e.value.problems == [f"unknown option {flag} ({why}; did you mean {ours}?); see python -m sd_lora.train --help" for flag, why, ours in [
+        ("--random_flip", "the diffusers examples' name", "--flip"),
+        ("--checkpointing_steps", "the diffusers examples' name", "--save-state-every"),
+        ("--validation_prompt", "the diffusers examples' name", "--sample-prompts"),
+        ("--resume_from_checkpoint", "the diffusers examples' name", "--resume"),
+        ("--instance_data_dir", "the diffusers examples' name", "--data"),
+        ("--network_train_unet_only", "kohya's name", "--no-train-text-encoder"),
+        ("--v_parameterization", "kohya's name", "--prediction-type")]]
+    cfg = tmp_path / "kohya.toml"
+    cfg.write_text("network_train_unet_only = true\ncenter_crop = true\nbucket_no_upscale = true\n")
+    with pytest.raises(ConfigError) as e:
+        read_toml(cfg)
+    assert e.value.problems == [f"{cfg}: unknown key 'network_train_unet_only' (kohya's name; did you mean 'train-text-encoder = false'?)",
+                                f"{cfg}: unknown key 'center_crop' (the diffusers examples' name; did you mean 'buckets = false'?)",
+                                f"{cfg}: unknown key 'bucket_no_upscale' (kohya's name; did you mean 'no-upscale'?)"]
+
+
 def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
     cfg = tmp_path / "twice.toml"
     cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
