@@ -92,7 +92,7 @@ class TrainConfig:
     model_config: Path | None = option(None, "Diffusers folder whose configs and tokenizers describe a single-file --model (default: built-in SD1.5/SD2.1/SDXL configs).", group="model", fixed=True)
     vae: str | None = option(None, "Replace the model's VAE (diffusers folder, single .safetensors file or Hub id), e.g. an fp16-safe SDXL VAE.", ss="ss_vae_name", group="model", fixed=True, local_path=True)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; needs v-prediction).", ss="ss_zero_terminal_snr", group="model", fixed=True)
-    clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
+    clip_skip: int = option(1, "Use the text encoder's N-th hidden state from the end (2 = penultimate). SDXL already conditions on the penultimate at 1, so N goes N-1 layers further back (2: the third from the end, as the SDXL pipeline's clip_skip=1; kohya ignores --clip_skip for SDXL).", min=1, max=12, ss="ss_clip_skip", group="model", fixed=True)
     max_token_length: int | None = option(
         None, "Caption tokens the text encoders read: 150 or 225 reads long (tag) captions in 75-token windows, each encoded as its own "
         "77-token sequence and joined, as kohya sd-scripts trains (A1111/Forge/ComfyUI read long prompts in windows too); sample grids too. Default (or 75): "

@@ -210,3 +210,18 @@ def test_cached_long_caption_conditioning_equals_fresh_encoding(request, model_f
     b = cached(captions, _sizes(4), "cpu", torch.float32)
     assert b["encoder_hidden_states"].shape[1] == 227
     _assert_same_conditioning(a, b, model.family)
+
+
+def test_sdxl_clip_skip_2_is_the_third_layer_from_the_end_and_the_help_says_so(tiny_sdxl_model_dir):
+    """SDXL conditions on the penultimate layer at --clip-skip 1, so a kohya SDXL command's --clip_skip 2 (which kohya
+    ignores for SDXL) reads one layer further back here; the help said "2 = penultimate" for every family."""
+    from sd_lora.options import FIELDS
+
+    model = load_base_model(str(tiny_sdxl_model_dir))
+    ids = [t(["zkchar, red circle"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+           for t in model.tokenizers]
+    with torch.no_grad():
+        cond = Conditioner(model.family, model.tokenizers, model.text_encoders, 2)(["zkchar, red circle"], _sizes(1), "cpu", torch.float32)
+        third = [e(i, output_hidden_states=True).hidden_states[-3] for e, i in zip(model.text_encoders, ids)]
+    assert torch.allclose(cond["encoder_hidden_states"], torch.cat(third, dim=-1), atol=1e-5)
+    assert "SDXL" in FIELDS["clip_skip"].metadata["help"] and "the third from the end" in FIELDS["clip_skip"].metadata["help"]
