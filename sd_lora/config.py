@@ -40,6 +40,18 @@ def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
 # --- conversion and validation ---------------------------------------------------------------------
 
 
+def _warmup_ratio_hint(name: str, value: Any) -> str:
+    """kohya (since 2024) reads an lr_warmup_steps below 1 as a share of the run's steps; say so, not just "whole"."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if name != "lr_warmup_steps" or not 0 < share < 1:
+        return ""
+    return (f" (kohya reads a value below 1 as a share of the run's steps; sd_lora counts steps: give {share:g} times the "
+            "run's total steps (--max-steps, or the total a run prints at its start))")
+
+
 def _convert(name: str, value: Any, source: str, problems: list[str]) -> Any:
     """Check/convert one raw value (from TOML or argparse) to the field's type; record problems."""
     f = FIELDS[name]
@@ -57,12 +69,12 @@ def _convert(name: str, value: Any, source: str, problems: list[str]) -> Any:
         return dataclasses.MISSING
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            problems.append(f"{where} = {value!r} must be a whole number")
+            problems.append(f"{where} = {value!r} must be a whole number{_warmup_ratio_hint(name, value)}")
             return dataclasses.MISSING
         try:
             return int(value)
         except ValueError:
-            problems.append(f"{where} = {value!r} must be a whole number")
+            problems.append(f"{where} = {value!r} must be a whole number{_warmup_ratio_hint(name, value)}")
             return dataclasses.MISSING
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):

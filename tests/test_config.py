@@ -142,6 +142,22 @@ def test_diffusers_examples_option_names_suggest_ours(tmp_path):
                                 f"{cfg}: unknown key 'bucket_no_upscale' (kohya's name; did you mean 'no-upscale'?)"]
 
 
+def test_kohyas_warmup_ratio_is_refused_saying_what_kohya_meant(tmp_path):
+    """kohya reads lr_warmup_steps below 1 as a share of the run's steps; "must be a whole number" did not say why."""
+    cfg = tmp_path / "kohya.toml"
+    cfg.write_text("lr_warmup_steps = 0.05\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--data", str(tmp_path), "--lr-warmup-steps", "0.1", "--lr-scheduler", "cosine"])
+    assert "lr-warmup-steps = '0.1' must be a whole number (kohya reads a value below 1 as a share of the run's steps" in e.value.problems[0]
+    assert "give 0.1 times the run's total steps" in e.value.problems[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(["--data", str(tmp_path), "--config", str(cfg)])
+    assert "lr-warmup-steps = 0.05 must be a whole number (kohya reads" in e.value.problems[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(["--data", str(tmp_path), "--lr-warmup-steps", "1.5"])
+    assert e.value.problems == ["command line: lr-warmup-steps = '1.5' must be a whole number"]
+
+
 def test_two_spellings_of_one_key_are_an_error_naming_both(tmp_path):
     cfg = tmp_path / "twice.toml"
     cfg.write_text("max_steps = 2\nrank = 4\nmax-steps = 3\n")
