@@ -296,12 +296,22 @@ DIFFUSERS_NAMES = {
     "lr_scheduler_num_cycles", "lr_power": "lr_scheduler_power", "dataloader_num_workers": "num_workers",
     "enable_xformers_memory_efficient_attention": "xformers",
 }
+# Their options sd_lora has no equivalent for, whose difflib guess names another thing: ip_noise_gamma ->
+# --min-snr-gamma, network_args -> --num-workers, dataset_name -> --dataset-config, revision -> --resolution.
+NO_EQUIVALENT = {
+    "ip_noise_gamma": "kohya's", "network_args": "kohya's", "weighted_captions": "kohya's", "scale_weight_norms": "kohya's",
+    "dataset_name": "the diffusers examples'", "caption_column": "the diffusers examples'", "cache_dir": "the diffusers examples'",
+    "revision": "the diffusers examples'", "scale_lr": "the diffusers examples'", "sample_batch_size": "the diffusers examples'",
+    "instance_prompt": "the diffusers examples'", "class_prompt": "the diffusers examples'",
+}
 
 
 def _did_you_mean(key: str, known: list[str], prefix: str = "") -> str:
     """' (did you mean ...?)' for an unknown option `key` (a TOML key, or a flag without its --), or ''; kohya's
     names by `KOHYA_NAMES`. `known`: the option keys; `prefix`: "--" for flags (else the key is quoted)."""
     name = key.replace("-", "_")
+    if name in NO_EQUIVALENT:
+        return f" ({NO_EQUIVALENT[name]} option; sd_lora has no equivalent)"
     theirs = KOHYA_NAMES.get(name) or DIFFUSERS_NAMES.get(name)
     close = [key_of(theirs)] if theirs else difflib.get_close_matches(key.replace("_", "-"), known, n=1)
     if not close:

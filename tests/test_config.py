@@ -142,6 +142,16 @@ def test_diffusers_examples_option_names_suggest_ours(tmp_path):
                                 f"{cfg}: unknown key 'bucket_no_upscale' (kohya's name; did you mean 'no-upscale'?)"]
 
 
+def test_their_options_without_an_equivalent_get_no_misleading_guess():
+    """difflib named other things: ip_noise_gamma -> --min-snr-gamma, network_args -> --num-workers, dataset_name
+    (a Hub dataset) -> --dataset-config, revision -> --resolution."""
+    with pytest.raises(ConfigError) as e:
+        load_config(["--ip_noise_gamma", "0.1", "--network_args", "conv_dim=4", "--dataset_name", "x", "--revision", "main"])
+    assert e.value.problems == [f"unknown option {flag} ({whose} option; sd_lora has no equivalent); see python -m sd_lora.train --help"
+                                for flag, whose in [("--ip_noise_gamma", "kohya's"), ("--network_args", "kohya's"),
+                                                    ("--dataset_name", "the diffusers examples'"), ("--revision", "the diffusers examples'")]]
+
+
 def test_kohyas_warmup_ratio_is_refused_saying_what_kohya_meant(tmp_path):
     """kohya reads lr_warmup_steps below 1 as a share of the run's steps; "must be a whole number" did not say why."""
     cfg = tmp_path / "kohya.toml"
