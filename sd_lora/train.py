@@ -184,6 +184,10 @@ def train_lora(config: TrainConfig) -> TrainResult:
         dtype_for=lambda unet_parameters: WEIGHT_DTYPES[mixed_precision_for(config, unet_parameters)],
     )
     config = resolve_defaults(config, model)  # records the same mixed precision in the config
+    if model.family == "sdxl" and config.clip_skip > 1 and process.is_main_process:  # a kohya SDXL command copied over
+        print(f"warning: --clip-skip {config.clip_skip} on SDXL conditions on hidden state {config.clip_skip + 1} from the end: "
+              "SDXL already uses the penultimate at 1. kohya ignores --clip_skip for SDXL, so to train as it does, drop "
+              "--clip-skip", file=sys.stderr)
     check_zero_snr_samplers(config, file_prompts, model.scheduler_config)
     final = config.output_dir / f"{config.output_name}.safetensors"
     if final.is_dir():  # found now, not when the trained weights are to be written

@@ -110,6 +110,15 @@ def test_zero_terminal_snr_refused_for_epsilon_models(tiny_sdxl_model_dir, tiny_
     assert code == 2 and "--zero-terminal-snr needs a v-prediction model" in capsys.readouterr().err
 
 
+def test_clip_skip_on_sdxl_is_warned_about(tiny_sdxl_model_dir, tiny_dataset, tmp_path, capsys):
+    """kohya ignores --clip_skip for SDXL; here --clip-skip 2 reads one layer further back than SDXL's penultimate."""
+    code = main(["--data", str(tiny_dataset), "--model", str(tiny_sdxl_model_dir), "--output-dir", str(tmp_path / "o"),
+                 *FAST, "--clip-skip", "2", "--max-steps", "1", "--sample-every", "0"])
+    assert code == 0
+    assert ("warning: --clip-skip 2 on SDXL conditions on hidden state 3 from the end: SDXL already uses the penultimate "
+            "at 1. kohya ignores --clip_skip for SDXL" in capsys.readouterr().err)
+
+
 def test_zero_terminal_snr_schedule_ends_in_pure_noise(tiny_sdxl_model_dir):
     from sd_lora.models.load import load_base_model
 
