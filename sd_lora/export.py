@@ -56,10 +56,12 @@ def training_metadata(
     total_steps: int | None = None,
     total_epochs: int | None = None,
     targets: str | None = None,
+    processes: int = 1,
 ) -> dict[str, str]:
     """All metadata strings for one saved file: options, dataset, family/modelspec, progress. `total_steps` and
     `total_epochs`: the run's length as trained (kohya writes both, whichever option set it); `targets`: the
-    preset the U-Net modules match (default: --targets)."""
+    preset the U-Net modules match (default: --targets); `processes`: the run's processes (GPUs), which multiply
+    the images per optimizer step (kohya's `ss_total_batch_size`)."""
     resolution = (config.resolution, config.resolution)
     meta = config.ss_metadata()
     meta.update(dataset_metadata)
@@ -81,6 +83,7 @@ def training_metadata(
             "ss_training_started_at": str(started_at),
             "ss_training_finished_at": str(time.time()),
             "ss_steps": str(step),
+            "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation_steps * processes),
             "ss_epoch": str(epoch),
             "ss_text_encoder_trained": str(config.train_text_encoder),  # kohya writes it implicitly via network_train_*_only
             "sd_lora_config": json.dumps(config.to_dict(public=True), default=str),  # basenames: files get shared

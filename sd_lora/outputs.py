@@ -387,7 +387,7 @@ class RunOutputs:
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
             dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
             epoch=state.epoch + (1 if state.batch_in_epoch else 0), total_steps=self.total_steps,
-            total_epochs=self.total_epochs, targets=self.targets,
+            total_epochs=self.total_epochs, targets=self.targets, processes=self.acc.num_processes,
         )
         if self.best_validation_step is not None:
             meta["ss_validation_loss_best"] = str(self.best_validation)

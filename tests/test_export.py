@@ -43,3 +43,14 @@ def test_the_diffusers_profile_says_the_alpha_its_baked_factors_hold(tmp_path):
     assert read_lora_file(diffusers)[1]["ss_network_alpha"] == "4.0"
     assert {w.alpha for ws in read_any_lora(diffusers).components.values() for w in ws.values()} == {4.0}
     assert convert_lora(diffusers, tmp_path / "k.safetensors", "kohya").corrected_metadata == {}
+
+
+def test_the_total_batch_size_counts_accumulation_and_processes(tmp_path):
+    """kohya's ss_total_batch_size: images per optimizer step over every GPU (it was not written)."""
+    config = load_config(["--data", str(tmp_path), "--batch-size", "3", "--gradient-accumulation-steps", "2", "--output-name", "zk",
+                          "--resolution", "64"])
+    one = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0, step=1, epoch=1)
+    two = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0, step=1, epoch=1,
+                            processes=2)
+    assert (one["ss_total_batch_size"], two["ss_total_batch_size"]) == ("6", "12")
+    assert one["ss_batch_size_per_device"] == "3" and one["ss_gradient_accumulation_steps"] == "2"
