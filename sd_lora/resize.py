@@ -104,8 +104,8 @@ def _span(ranks: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ToolArgumentParser(prog="python -m sd_lora.resize", description="Change a LoRA's rank by SVD, per module.")
-    parser.add_argument("input", type=Path, help="kohya LoRA .safetensors")
-    parser.add_argument("output", type=Path, help="resized LoRA .safetensors")
+    parser.add_argument("input", type=Path, help="the LoRA .safetensors to resize (kohya, diffusers or old diffusers keys)")
+    parser.add_argument("output", type=Path, help="the resized LoRA .safetensors (kohya format)")
     parser.add_argument("--rank", type=positive_rank, help="new rank (with --energy: the largest rank allowed)")
     parser.add_argument("--energy", type=float, help="per-module rank keeping this fraction of sigma^2, in (0, 1]")
     parser.add_argument("--save-precision", choices=sorted(SAVE_DTYPES), help="default: the input file's")
