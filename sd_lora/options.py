@@ -69,7 +69,7 @@ class TrainConfig:
         min=8, max=4096, ss="ss_resolution", group="data", fixed=True,
     )
     buckets: bool = option(True, "Aspect-ratio bucketing; --no-buckets trains on square centre crops.", ss="ss_enable_bucket", group="data", fixed=True)
-    min_bucket_side: int | None = option(None, "Smallest bucket side in px. Default: resolution/2.", min=8, ss="ss_min_bucket_reso", group="data", fixed=True)
+    min_bucket_side: int | None = option(None, "Smallest bucket side in px. Default: resolution/2, rounded down to the bucket step (64 px for SD; at least one step).", min=8, ss="ss_min_bucket_reso", group="data", fixed=True)
     max_bucket_side: int | None = option(None, "Largest bucket side in px. Default: resolution*2.", min=8, ss="ss_max_bucket_reso", group="data", fixed=True)
     no_upscale: bool = option(False, "Never upscale small images; they get a bucket that fits inside them.", ss="ss_bucket_no_upscale", group="data", fixed=True)
     random_crop: bool = option(False, "Random instead of centre crops (needs fresh pixels each step: no latent cache).", ss="ss_random_crop", group="data")
