@@ -24,13 +24,17 @@ def missing_family_metadata(metadata: Mapping[str, str], family: str | None) -> 
     family is unknown. For the tools that rewrite existing files (`convert`, `merge`, `resize`): A1111 takes an
     SDXL LoRA without `ss_base_model_version`, and an SD2 LoRA without `ss_v2` = "True" (its only SD2 test, whatever
     `ss_base_model_version` says), for SD1 and hides it on the right checkpoints. What the file already says is
-    never changed (e.g. `sd_v2_v`, which the keys cannot tell from `sd_v2`).
+    never changed (e.g. `sd_v2_v`, which the keys cannot tell from `sd_v2`). An SD1 / SD2 file whose modelspec
+    says v-prediction (`modelspec.prediction_type` `v`, or the `stable-diffusion-v2-768-v` architecture) gets the
+    `_v` version kohya writes for it, not a version that contradicts its own modelspec.
     """
     if family is None:
         return {}
     added = {}
     if "ss_base_model_version" not in metadata:
-        added["ss_base_model_version"] = BASE_MODEL_VERSIONS[family]
+        v_pred = (metadata.get("modelspec.prediction_type") == "v"
+                  or metadata.get("modelspec.architecture", "").startswith("stable-diffusion-v2-768-v"))
+        added["ss_base_model_version"] = BASE_MODEL_VERSIONS[family] + ("_v" if v_pred and family != "sdxl" else "")
     if "ss_v2" not in metadata:
         added["ss_v2"] = str(family == "sd2")
     return added

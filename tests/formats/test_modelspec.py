@@ -97,3 +97,14 @@ def test_missing_family_metadata_adds_each_key_the_file_lacks_and_changes_none()
     assert missing_family_metadata({}, "sdxl") == {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
     assert missing_family_metadata({"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}, "sd2") == {}
     assert missing_family_metadata({}, None) == {}
+
+
+def test_missing_base_model_version_follows_the_files_own_v_prediction_modelspec():
+    """An SD2 768-v file with modelspec but no ss_* keys (convert / resize / merge add them) must not get `sd_v2`,
+    which contradicts its modelspec; kohya writes `sd_v2_v` for it (and `sd_v1_v` for a v-prediction SD1)."""
+    v2_768 = {"modelspec.architecture": "stable-diffusion-v2-768-v/lora", "modelspec.prediction_type": "v"}
+    assert missing_family_metadata(v2_768, "sd2") == {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
+    assert missing_family_metadata({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2")["ss_base_model_version"] == "sd_v2_v"
+    assert missing_family_metadata({"modelspec.prediction_type": "v"}, "sd1")["ss_base_model_version"] == "sd_v1_v"
+    assert missing_family_metadata({"modelspec.prediction_type": "epsilon"}, "sd2")["ss_base_model_version"] == "sd_v2"
+    assert missing_family_metadata({"modelspec.prediction_type": "v"}, "sdxl")["ss_base_model_version"] == "sdxl_base_v1-0"
