@@ -202,6 +202,9 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
 
     unet_config = load(UNet2DConditionModel, "unet", method="load_config")
     family = detect_family(unet_config, model_index, name)
+    if unet_config.get("in_channels", 4) != 4:  # as detect_from_shapes refuses such single-file checkpoints
+        raise UserError(f"--model {name}: the U-Net takes {unet_config['in_channels']} input channels (an inpainting, depth or "
+                        "instruct-pix2pix model?); only text-to-image models with 4 latent channels can be trained")
     dtype = dtype_for(parameter_count(UNet2DConditionModel, unet_config)) if dtype_for else torch.float32
     unet = None
     if dtype != torch.float32 and path.exists():  # a cast: read tensor by tensor, never the whole fp32 file at once

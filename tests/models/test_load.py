@@ -173,3 +173,15 @@ def test_vae_from_a_single_file(tiny_sdxl_model_dir, tmp_path):
     save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, tmp_path / "lora.safetensors")
     with pytest.raises(UserError, match=r"--vae .*lora.safetensors: cannot load it as the sdxl model's VAE"):
         load_base_model(str(tiny_sdxl_model_dir), vae=str(tmp_path / "lora.safetensors"))
+
+
+def test_a_folder_whose_unet_takes_more_than_4_channels_is_refused(tiny_v_model_dir, tmp_path):
+    """An SD2 inpainting (9 channels) or depth (5) folder crashed at the first step's conv_in; the single-file path
+    refuses the same U-Net up front, saying why."""
+    import shutil
+
+    folder = shutil.copytree(tiny_v_model_dir, tmp_path / "inpaint")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    with pytest.raises(UserError, match="9 input channels .*inpainting"):
+        load_base_model(str(folder))
