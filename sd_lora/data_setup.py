@@ -43,7 +43,7 @@ def run_folders(config: TrainConfig) -> dict[Path, str]:
     whys = {config.logging_dir: "it is --logging-dir (this run writes its logs there)",
             config.latent_cache_dir: "it is --latent-cache-dir (this run writes its cached latents there)",
             config.output_dir: "this run writes its outputs there (its sample grids would become training images)",
-            config.output_dir / "samples": "this run writes its sample grids there (they would become training images)"}
+            config.samples_dir: "this run writes its sample grids there (they would become training images)"}
     return {p: why for p, why in whys.items() if p is not None}
 
 

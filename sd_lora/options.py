@@ -198,6 +198,11 @@ class TrainConfig:
         """Whether the run draws sample grids (then also at step 0 and at the end)."""
         return bool(self.sample_every or self.sample_every_epochs)
 
+    @property
+    def samples_dir(self) -> Path:
+        """The folder of the run's sample grids, never read as training images."""
+        return self.output_dir / "samples"
+
     def to_dict(self, *, public: bool = False) -> dict[str, Any]:
         """Kebab-case keys, JSON/TOML-friendly values; `load_config` reads it back unchanged.
 

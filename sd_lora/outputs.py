@@ -330,7 +330,7 @@ class RunOutputs:
         # The log (per row: prompt, size, steps, cfg, seeds) travels in the PNG: a grid says how it was drawn.
         names = ([f"{name}-step{step:08d}.png"] if by_step else []) + ([f"{name}-{epoch:06d}.png"] if epoch else [])
         metadata = {"step": step, **({"epoch": epoch} if epoch else {}), **log}
-        paths = [self._save_grid(grid, self.out / "samples" / file_name, metadata=metadata) for file_name in names]
+        paths = [self._save_grid(grid, self.config.samples_dir / file_name, metadata=metadata) for file_name in names]
         self.grids.extend(paths)
         if self.tensorboard:
             self.tensorboard.image("samples", grid, step)
@@ -362,7 +362,7 @@ class RunOutputs:
                 after = generate_images(pipe, self.prompts, settings, conditioning=self.conditioning)[0]
         grid = side_by_side_grid(before, after, row_labels(self.prompts, settings), list(settings.seeds),
                                  title=f"{self.config.output_name} - step {step}: base | LoRA, same seeds")
-        path = self._save_grid(grid, self.out / "samples" / f"{self.config.output_name}-compare-step{step:08d}.png")
+        path = self._save_grid(grid, self.config.samples_dir / f"{self.config.output_name}-compare-step{step:08d}.png")
         self.grids.append(path)
         self.progress.write(f"base vs LoRA: {path}")
         return path

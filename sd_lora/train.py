@@ -166,7 +166,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     # Everything that needs no model is checked first: a Hub model may take long to download.
     file_prompts = read_sample_prompts(config)
     check_output_dir(config.output_dir)
-    samples = config.output_dir / "samples"
+    samples = config.samples_dir
     if config.sampling and samples.exists() and not samples.is_dir():  # found now, not at the first grid (steps in after a resume)
         raise UserError(f"{samples} is a file, but the sample grids are saved in a folder of that name; rename or remove it")
     if config.latent_cache_dir is not None:
