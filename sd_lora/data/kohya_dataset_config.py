@@ -218,8 +218,8 @@ def run_options(config: KohyaDatasetConfig, given: dict[str, tuple[Any, str]]) -
             problems.append(f"{config.path}: resolution = {list(value)}: sd_lora trains square-area buckets of one resolution; "
                             f"write resolution = N (e.g. {max(value)})")
             continue
-        buckets = out.get("buckets", given.get("buckets", (True,))[0])  # (enable_bucket comes first)
-        if key == "bucket_no_upscale" and given_value is not None and not given_value[0] and not buckets:
+        if (key == "bucket_no_upscale" and given_value is not None and not given_value[0]
+                and not out.get("buckets", given.get("buckets", (True,))[0])):  # (enable_bucket comes first)
             continue  # no contradiction: it does nothing without buckets in kohya, and config.toml records it off
         if given_value is not None and given_value[0] != value:
             set_in = ", ".join(place for place, v in places if v is not dataclasses.MISSING)
