@@ -23,7 +23,7 @@ from typing import Any
 
 from .data.kohya_dataset_config import KOHYA_CAPTION_EXTENSION, RUN_OPTIONS, read_dataset_config, run_options
 from .errors import ConfigError, UserError
-from .fsio import readable
+from .fsio import is_within, readable
 from .options import FIELDS, TrainConfig, key_of
 
 
@@ -199,7 +199,7 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
     for flag, folder, why in (("--validation-data", c.validation_data, "its images would be held out and trained on (the validation "
                                                                        "loss would measure training images); use --validation-split 0.1 or"),
                               ("--reg-data", c.reg_data, "its images would train twice, once as regularisation images;")):
-        if folder is not None and c.data is not None and folder.is_dir() and _holds(folder, c.data):
+        if folder is not None and c.data is not None and folder.is_dir() and is_within(c.data.resolve(), folder.resolve()):
             problems.append(f"{flag} {folder} is the --data folder {c.data} or holds it: {why} pass a folder of other images")
     if c.resume not in (None, "latest") and not Path(c.resume).expanduser().is_dir():
         problems.append(f"--resume {c.resume}: no such state folder; pass 'latest' or a folder like {c.output_dir}/state-00000100")
@@ -235,12 +235,6 @@ def _check_combinations(c: TrainConfig, problems: list[str], from_dataset_config
                         "use a plain name such as 'zkchar'")
     elif c.output_name is not None and (problem := output_name_length_problem(c.output_name)):
         problems.append(f"--output-name {c.output_name[:20]!r}... is {problem}")
-
-
-def _holds(folder: Path, other: Path) -> bool:
-    """Whether `folder` is `other` or one of its parent folders (symlinks resolved)."""
-    folder, other = folder.resolve(), other.resolve()
-    return folder == other or folder in other.parents
 
 
 # The longest file name a run writes from --output-name: the temporary file of a Ctrl-C save's -diffusers sibling

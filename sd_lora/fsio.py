@@ -85,6 +85,11 @@ def readable(name: str | os.PathLike) -> str:
     return os.fsencode(name).decode("utf-8", "replace")
 
 
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, by the paths as given (resolve them first to follow symlinks)."""
+    return path == folder or folder in path.parents
+
+
 def _usual_mode(folder: bool) -> int:
     return (0o777 if folder else 0o666) & ~_umask()
 

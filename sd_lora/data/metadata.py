@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 
 from sd_lora.data.images import IMAGE_EXTENSIONS
+from sd_lora.fsio import is_within
 
 JSONL_FILE, CSV_FILE = "metadata.jsonl", "metadata.csv"
 METADATA_FILES = (JSONL_FILE, CSV_FILE)
@@ -171,13 +172,13 @@ def _metadata_target(root: Path, metadata_file: Path, file_name: str, images: se
         return (f"file_name {file_name!r} is absolute; write it relative to the folder of this "
                 f"{metadata_file.name}")
     target = Path(os.path.normpath(metadata_file.parent / file_name))
-    if not _is_within(target, root):
+    if not is_within(target, root):
         return f"file_name {file_name!r} points outside the data folder; keep images inside it"
     if target in images:
         return target
     if not target.exists():
         return f"file_name {file_name!r} does not exist (looked for {target})"
-    if not _is_within(target.resolve(), root.resolve()):
+    if not is_within(target.resolve(), root.resolve()):
         return (f"file_name {file_name!r} resolves outside the data folder through a symlink; "
                 "copy the image in")
     if not recursive and target.parent != root:
@@ -186,6 +187,3 @@ def _metadata_target(root: Path, metadata_file: Path, file_name: str, images: se
     return (f"file_name {file_name!r} is not an image the scan uses (supported: "
             f"{', '.join(IMAGE_EXTENSIONS)}; names starting with '.' are skipped)")
 
-
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
