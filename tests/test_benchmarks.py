@@ -57,6 +57,28 @@ def test_other_benchmarks_refuse_bad_numbers_and_folders_before_any_work(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--images", "0"], "argument --images: must be at least 1, got 0"),
+    (["--size", "4032"], "argument --size: expected WIDTHxHEIGHT such as 4032x3024, got '4032'"),
+    (["--size", "32x32"], "argument --size: 32x32: each side at least 64 px and at most 50 megapixels"),
+    (["--resolution", "100"], "argument --resolution: a multiple of 64 px (SD's bucket step), got 100"),
+])
+def test_image_decode_refuses_bad_arguments(args, message):
+    done = _run("image_decode.py", *args)
+    assert done.returncode == 2 and f"image_decode.py: error: {message}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_image_decode_reports_both_decodes_and_the_ratios():
+    done = _run("image_decode.py", "--images", "2", "--size", "640x480", "--resolution", "64", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("2 JPEGs of 640x480 (half progressive), bucket ")
+    difference = float(lines[3].split(" by ")[1].split(" levels")[0])
+    assert 0 < difference < 1  # decoded at 1/2 scale for a 64 px bucket: not the full decode, and close to it
+    assert [part.split("=")[0] for part in lines[-1].split()] == [
+        "scan_check_speedup", "load_speedup", "pipeline_images_per_s_ratio"]
+
+
 def test_batch_sizes_tries_no_batch_above_max_batch(monkeypatch):
     # --max-batch 1 still ran "batch 2" on its one-image dataset: sd_lora trained batches of 1, reported as 2
     monkeypatch.syspath_prepend(str(BENCHMARKS))

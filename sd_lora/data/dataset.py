@@ -24,7 +24,7 @@ from PIL import Image
 
 from sd_lora.data.buckets import CropPlan, Size, choose_bucket, make_buckets, plan_crop, square_bucket
 from sd_lora.data.captions import process_caption
-from sd_lora.data.images import ImageProblem, open_image
+from sd_lora.data.images import ImageProblem, open_image_to_shrink
 from sd_lora.data.scan import ImageRecord
 from sd_lora.errors import UserError
 
@@ -137,15 +137,15 @@ class ImageDataset(torch.utils.data.Dataset):
         """Record `index` resized and cropped per `plan`, as float32 (3, H, W) in [-1, 1]."""
         record = self.records[index]
         try:
-            image = open_image(record.path)
+            image, size = open_image_to_shrink(record.path, cover=(plan.resize_width, plan.resize_height))
         except ImageProblem as e:
             # Re-raised as a plain UserError: DataLoader workers rebuild exceptions from one message
             # argument, and would turn an ImageProblem(path, problem) into a RuntimeError.
             raise UserError(str(e)) from e
-        if image.size != (record.width, record.height):
+        if size != (record.width, record.height):
             raise UserError(
                 f"{record.path}: image changed since the data folder was scanned (was {record.width}x"
-                f"{record.height}, now {image.width}x{image.height}); restart training to rescan it"
+                f"{record.height}, now {size[0]}x{size[1]}); restart training to rescan it"
             )
         bucket_width, bucket_height = self.bucket_of[index]
         image = image.resize(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +248,27 @@ def test_image_resized_after_scan_is_refused(mixed_folder):
     with pytest.raises(UserError, match=r"square\.png: image changed since the data folder was scanned "
                                         r"\(was 64x64, now 80x64\)"):
         ds[(1, 0)]
+
+
+def test_a_large_jpeg_loads_as_the_full_decode_would(tmp_path):
+    # 640x480 -> bucket 80x48 (resized to 80x60): the JPEG is decoded at 1/4 scale, 160x120, then resized.
+    from PIL import Image
+
+    from .test_images import photo
+
+    (tmp_path / "data").mkdir()
+    path = photo(tmp_path / "data" / "a.jpg", (640, 480))
+    ds = dataset(tmp_path / "data", flip=False)
+    plan = ds.crop_plan(0)
+    assert ds.bucket_of == [(80, 48)] and (plan.resize_width, plan.resize_height) == (80, 60)
+    full = Image.open(path).convert("RGB").resize((80, 60), Image.Resampling.LANCZOS).crop(
+        (plan.left, plan.top, plan.left + 80, plan.top + 48))
+    expected = torch.tensor(np.asarray(full), dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
+    difference = (ds.load_pixels(0, plan) - expected).abs() * 127.5
+    assert difference.mean() < 1.0 and difference.max() <= 8
+    path.write_bytes(photo(tmp_path / "b.jpg", (480, 640)).read_bytes())
+    with pytest.raises(UserError, match=r"a\.jpg: image changed since the data folder was scanned \(was 640x480, now 480x640\)"):
+        ds.load_pixels(0, plan)
 
 
 def test_sampler_resumes_mid_epoch_with_the_same_keys():

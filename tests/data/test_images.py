@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_lora.data.images import MIN_IMAGE_SIDE, ImageProblem, check_image, is_image_file, open_image, to_rgb
+from sd_lora.data.images import (
+    MIN_IMAGE_SIDE, ImageProblem, check_image, is_image_file, open_image, open_image_to_shrink, to_rgb,
+)
 from sd_lora.errors import UserError
 
 from .conftest import BLUE, RED, write_halves, write_image, write_text
@@ -167,3 +169,49 @@ def test_decompression_bomb_is_an_error(tmp_path, monkeypatch):
 def test_open_image_plain_rgb_unchanged(tmp_path):
     out = open_image(write_halves(tmp_path / "a.png", (32, 16)))
     assert out.mode == "RGB" and pixel(out, (0, 0)) == RED and pixel(out, (31, 0)) == BLUE
+
+
+def photo(path, size, orientation=None):
+    """A JPEG with smooth gradients and texture (a stand-in for a photo), stored at `size`."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    texture = np.asarray(Image.effect_noise((width // 8, height // 8), 60).resize(size, Image.Resampling.BICUBIC))
+    pixels = np.stack([x * 255 / width, y * 255 / height, texture], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=92, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("cover,decoded", [((100, 75), (200, 150)), ((99, 50), (200, 150)), ((101, 75), (400, 300)),
+                                           ((201, 150), (800, 600)), ((1600, 1200), (800, 600)), ((1, 1), (100, 75))])
+def test_a_jpeg_to_shrink_is_decoded_at_the_smallest_scale_that_leaves_twice_the_target(tmp_path, cover, decoded):
+    image, size = open_image_to_shrink(photo(tmp_path / "a.jpg", (800, 600)), cover)
+    assert size == (800, 600) and image.size == decoded and image.mode == "RGB"
+
+
+def test_a_jpeg_decoded_small_then_resized_matches_the_full_decode(tmp_path):
+    path = photo(tmp_path / "a.jpg", (800, 600))
+    target = (100, 75)
+    small, _ = open_image_to_shrink(path, target)
+    assert small.size == (200, 150)
+    reduced = np.asarray(small.resize(target, Image.Resampling.LANCZOS), np.float64)
+    full = np.asarray(open_image(path).resize(target, Image.Resampling.LANCZOS), np.float64)
+    assert np.abs(reduced - full).mean() < 1.0 and np.abs(reduced - full).max() <= 8
+
+
+def test_a_png_to_shrink_decodes_whole(tmp_path):
+    image, size = open_image_to_shrink(write_halves(tmp_path / "a.png", (64, 32)), (8, 4))
+    assert image.size == size == (64, 32)
+
+
+def test_the_cover_of_a_turned_jpeg_is_read_upright(tmp_path):
+    # Stored 800x400, displayed 400x800 (orientation 6). Cover 200x25 upright needs the stored width 800 whole:
+    # read in the stored orientation, it would allow 1/2 scale and return an image 200 px wide, not 400.
+    path = photo(tmp_path / "a.jpg", (800, 400), orientation=6)
+    image, size = open_image_to_shrink(path, (200, 25))
+    assert size == (400, 800) and image.size == (400, 800)
+    image, size = open_image_to_shrink(path, (50, 100))
+    assert size == (400, 800) and image.size == (100, 200)
+    assert check_image(path) == (400, 800)
