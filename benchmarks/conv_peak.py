@@ -10,6 +10,8 @@ oneDNN's matmul at 3072^3), measured first.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from train_speed import matmul_peak_gflops, median_seconds
@@ -18,6 +20,7 @@ SHAPES = ((320, 64), (640, 32), (1280, 16), (1280, 8))  # (channels, side): SD1.
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help, and typos refused
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype in (torch.float32, torch.bfloat16):
