@@ -82,7 +82,7 @@ def positive_rank(text: str) -> int:
 
 
 def require_safetensors(path: Path, flag: str, what: str) -> None:
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":  # as the WebUIs list them: any case (LORA.SAFETENSORS from Windows)
         suggestion = path.with_suffix(".safetensors")
         raise UserError(f"{flag} {path}: {what} is a .safetensors file; name it e.g. {suggestion}")
 

@@ -212,6 +212,14 @@ def test_parse_lora_arg():
             parse_lora_arg(bad)
 
 
+def test_an_output_suffix_in_capitals_is_a_safetensors_file(tmp_path):
+    from sd_lora.merge import require_safetensors
+
+    require_safetensors(tmp_path / "LORA.SAFETENSORS", "--output", "a merged LoRA")  # was refused
+    with pytest.raises(UserError, match=r"LORA.SAFE: a merged LoRA is a .safetensors file; name it e.g. .*LORA.safetensors"):
+        require_safetensors(tmp_path / "LORA.SAFE", "--output", "a merged LoRA")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
