@@ -485,7 +485,7 @@ def worker_sd15(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    from sd_lora.lora.inject import inject_lora, trainable_parameters
+    from sd_lora.lora.inject import autocast_casts_lora_inputs, inject_lora, trainable_parameters
     from sd_lora.lora.targets import unet_target_modules
 
     aten = torch.ops.aten
@@ -528,8 +528,8 @@ def worker_sd15(args) -> dict:
     hidden = torch.randn(1, 77, 768, device=device)
     timestep = torch.tensor([500], device=device)
 
-    def step(dtype=torch.float32):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def step(dtype=torch.float32):  # as loop.py steps: autocast casts the LoRA layers' inputs, PEFT does not
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), autocast_casts_lora_inputs([unet], device.type):
             pred = unet(latents, timestep, encoder_hidden_states=hidden).sample
             loss = torch.nn.functional.mse_loss(pred.float(), latents)
         loss.backward()
@@ -546,7 +546,7 @@ def worker_sd15(args) -> dict:
                 ("float32_channels_last", torch.float32, torch.channels_last),
                 ("bfloat16_channels_last", torch.bfloat16, torch.channels_last),
                 ("bfloat16", torch.bfloat16, torch.contiguous_format))
-    if args.sd15_steps == 1:  # --quick
+    if args.quick:
         variants = variants[0:1] + variants[2:3]
     variants = tuple(v for v in variants if v[1] in dtypes)
     # As sd_lora runs them: fp32; --mixed-precision bf16 (frozen base stored in bf16, LoRA in fp32, autocast);
@@ -612,7 +612,7 @@ def worker_command(name: str, *, result: Path, out: Path, run_dir: Path, model_d
 def spawn(args, name: str, repeat: int) -> dict:
     result = args.out / "results" / f"{name}-{repeat}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
-    extra = ("--sd15-resolution", str(args.sd15_resolution), "--sd15-steps", str(args.sd15_steps))
+    extra = ("--sd15-resolution", str(args.sd15_resolution), "--sd15-steps", str(args.sd15_steps)) + ("--quick",) * args.quick
     if args.profile == name:
         extra += ("--profile", name)
     command = worker_command(name, result=result, out=args.out, run_dir=args.out / "runs" / f"{name}-{repeat}",
@@ -660,21 +660,25 @@ def summarise(name: str, runs: list[dict]) -> dict:
         row["cuda_peak_mib"] = statistics.median(r["cuda_peak_mib"] for r in runs)
     return row
 
+RUN_LENGTHS = {"repeats": (3, 1), "steps": (24, 8), "sd15_resolution": (256, 128), "sd15_steps": (3, 1)}
+"""Each run-length option's default, and its default with --quick."""
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_CONFIGS)} once, 8 steps, SD1.5 at 128 px with 1 timed step")
+    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_CONFIGS)} once, 8 steps, SD1.5 at 128 px with 1 timed step "
+                        "(each where the option is not given)")
     parser.add_argument("--only", help="comma-separated configurations (naive, sd15, " + ", ".join([*CONFIGS, *EXPERIMENTS]) + ")")
     parser.add_argument("--experiments", action="store_true", help="also run the monkeypatched experiments")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--repeats", type=int, help=f"default: {RUN_LENGTHS['repeats'][0]} ({RUN_LENGTHS['repeats'][1]} with --quick)")
+    parser.add_argument("--steps", type=int, help=f"default: {RUN_LENGTHS['steps'][0]} ({RUN_LENGTHS['steps'][1]} with --quick)")
     parser.add_argument("--model", choices=("tiny", *FULL_SIZE_FAMILY), default="tiny",
                         help="model of the training runs: the tiny SD1 model, or full-size SD1.5 with random weights (4 GiB on disk)")
     parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 256 (sd15), 1024 (sdxl)")
     parser.add_argument("--batch-size", type=int, help="default: 2 (tiny), 1 (sd15, sdxl)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--sd15-resolution", type=int, default=256)
-    parser.add_argument("--sd15-steps", type=int, default=3)
+    parser.add_argument("--sd15-resolution", type=int,
+                        help=f"default: {RUN_LENGTHS['sd15_resolution'][0]} ({RUN_LENGTHS['sd15_resolution'][1]} with --quick)")
+    parser.add_argument("--sd15-steps", type=int, help=f"default: {RUN_LENGTHS['sd15_steps'][0]} ({RUN_LENGTHS['sd15_steps'][1]} with --quick)")
     parser.add_argument("--profile", metavar="CONFIG", help="print a torch.profiler table for this configuration")
     parser.add_argument("--out", type=Path, default=Path("/tmp/sd_lora_train_speed"))
     parser.add_argument("--square", action="store_true",
@@ -687,12 +691,13 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for name, (default, quick) in RUN_LENGTHS.items():  # --quick shortens only what was not given
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
     if args.worker:
         args.profile = args.profile is not None
         return run_worker(args)
 
-    if args.quick:
-        args.repeats, args.steps, args.sd15_resolution, args.sd15_steps = 1, 8, 128, 1
     names = args.only.split(",") if args.only else list(QUICK_CONFIGS if args.quick else ["naive", *CONFIGS])
     if args.quick and not args.only and not native_bf16():
         names.remove("bf16")  # a slow fallback there (sd_lora warns), and auto trains in fp32: 25 s of --quick's 2 minutes

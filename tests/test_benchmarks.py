@@ -25,6 +25,8 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     (["--only", "default", "--steps", "0", "--rank", "-1"], "--steps 0: must be 1 or more; --rank -1: must be 1 or more"),
     # a --profile of a configuration the run does not measure was silently ignored
     (["--only", "default", "--profile", "naive"], "--profile naive: not a configuration this run measures (default)"),
+    # --quick replaced the run lengths the user gave (here a bad one, which then went unnoticed)
+    (["--quick", "--only", "default", "--steps", "0"], "--steps 0: must be 1 or more"),
 ])
 def test_train_speed_refuses_bad_arguments_before_writing_the_model(tmp_path, args, message):
     done = _run("train_speed.py", "--out", str(tmp_path / "out"), *args)
@@ -50,6 +52,8 @@ def test_soak_refuses_too_few_steps_for_a_slope(tmp_path, steps):
     ("sync_check.py", ["--resolution", "0"], "--resolution 0: must be 1 or more"),
     # a CalledProcessError of the worker, its own error hidden
     ("load_peak.py", ["--model-dir", "nope"], "--model-dir nope: not a diffusers model folder (needs unet/config.json)"),
+    # took no options: any argument (even --help) ran the whole measurement
+    ("conv_peak.py", [], "unrecognized arguments: --out"),
 ])
 def test_other_benchmarks_refuse_bad_numbers_and_folders_before_any_work(tmp_path, script, args, message):
     done = _run(script, "--out", str(tmp_path / "out"), *args)
