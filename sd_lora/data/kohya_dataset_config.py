@@ -234,7 +234,7 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
                  skip_bad_images: bool = False) -> ScanResult:
     """Scan the training subsets (`prior=False`) or the `is_reg` ones into one ScanResult: each image_dir on its
     own, repeated `num_repeats` times, captioned by its caption files, else its class tokens, with
-    `caption_prefix` and `caption_suffix` joined by a space as kohya joins them. Records are
+    `caption_prefix` and `caption_suffix` joined by a space as kohya joins them (`caption_as_read`: without them). Records are
     labelled by image_dir's name, as kohya keys `ss_dataset_dirs` and `ss_tag_frequency` (`_labels`: with parent
     folders where two image_dirs share a name, `name (2)` for an image_dir in a second dataset). `caption_extension`
     applies where the file sets none. Prior records are not marked here: `balance_regularization` balances and marks them."""
@@ -252,7 +252,8 @@ def scan_subsets(config: KohyaDatasetConfig, *, prior: bool, caption_extension: 
             raise UserError(f"{where}: {e}") from None
         for record in scan.records:
             caption = " ".join(part for part in (subset.caption_prefix, record.caption, subset.caption_suffix) if part)
-            records.append(dataclasses.replace(record, caption=caption, repeats=subset.num_repeats, folder=label))
+            records.append(dataclasses.replace(record, caption=caption, caption_as_read=record.caption, repeats=subset.num_repeats,
+                                               folder=label))
         result.skipped += scan.skipped
         result.warnings += [f"{where}: {w}" for w in scan.warnings]
         if prior and subset.num_repeats != 1:

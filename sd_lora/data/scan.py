@@ -54,6 +54,9 @@ class ImageRecord:
     """Size after EXIF orientation."""
     prior: bool = False
     """A regularisation (prior-preservation) image: its loss is weighted by --prior-loss-weight."""
+    caption_as_read: str | None = None
+    """The caption before a dataset config's caption_prefix / caption_suffix were added to it (None: `caption`, which
+    has none). `ss_tag_frequency` counts its tags, as kohya counts the captions it read, not the ones it trains on."""
 
 
 @dataclass
@@ -196,8 +199,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
 def dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
     """kohya's dataset metadata, as JSON strings ready for a .safetensors header.
 
-    `ss_tag_frequency`: {folder: {tag: images with it}}, tags lower-cased like kohya; each image counts once,
-    not once per repeat. `ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`:
+    `ss_tag_frequency`: {folder: {tag: times it occurs}}, tags lower-cased like kohya, counted in the captions as
+    read (`caption_as_read`: no caption_prefix / caption_suffix); each image counts once, not once per repeat. `ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`:
     images per epoch, repeats included.
     """
     tag_frequency: dict[str, Counter] = {}
@@ -207,7 +210,8 @@ def dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
             continue
         counted.add(record.path)
         tags = tag_frequency.setdefault(record.folder, Counter())
-        tags.update(tag.lower() for tag in split_tags(record.caption))
+        caption = record.caption if record.caption_as_read is None else record.caption_as_read
+        tags.update(tag.lower() for tag in split_tags(caption))
     return {
         "ss_tag_frequency": json.dumps({folder: dict(tags) for folder, tags in tag_frequency.items()}),
         "ss_dataset_dirs": json.dumps(_dataset_dirs(records)),

@@ -477,6 +477,29 @@ caption_extension = ".txt"
     assert meta["ss_num_train_images"] == "14"
 
 
+def test_tag_frequency_counts_the_captions_as_read_without_caption_prefix_and_suffix(tmp_path, monkeypatch):
+    """kohya counts ss_tag_frequency when it reads the caption files (train_util's set_tag_frequency) and adds
+    caption_prefix / caption_suffix only when it draws a sample; ours counted them in every image's tags."""
+    from sd_lora.data.scan import dataset_metadata
+
+    write_image(tmp_path / "a" / "0.png")
+    (tmp_path / "a" / "0.txt").write_text("Red Hair, smile")
+    write_image(tmp_path / "a" / "1.png")  # no caption file: its class tokens are the caption as read
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "kohya.toml", """
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "a"
+  class_tokens = "zk"
+  caption_extension = ".txt"
+  caption_prefix = "masterpiece,"
+  caption_suffix = ", best quality"
+""")
+    records = scan_training_data(load_config([*MODEL, "--dataset-config", "kohya.toml"])).records
+    assert [r.caption for r in records] == ["masterpiece, Red Hair, smile , best quality", "masterpiece, zk , best quality"]
+    assert json.loads(dataset_metadata(records)["ss_tag_frequency"]) == {"a": {"red hair": 1, "smile": 1, "zk": 1}}
+
+
 def test_is_reg_images_balance_against_the_training_images_of_their_own_dataset(tmp_path, monkeypatch, capsys):
     """As kohya's: dataset 1's 2 regularisation images were balanced against all 14 training samples of the run
     (7 repeats each) instead of dataset 1's 2; a dataset without training images leaves its own unused."""
