@@ -20,7 +20,7 @@ import torch
 from . import loop
 from .config import TrainConfig
 from .errors import UserError
-from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, reg_dataset_metadata,
+from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate,
                    regularization_records, scan_dataset)
 from .data.kohya_dataset_config import balance_regularization, read_dataset_config, scan_subsets
 from .models.load import BaseModel
@@ -76,20 +76,21 @@ def split_validation(config: TrainConfig, scan, show: bool = True) -> tuple[list
     return split_records(scan.records, config.validation_split, config.seed)
 
 
-def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> tuple[list, dict[str, str]]:
+def regularization_set(config: TrainConfig, train_records: list, show: bool = True) -> tuple[list, list]:
     """--reg-data (or a dataset config's is_reg subsets): (its images as prior records, as many samples per epoch
-    as the training images (a dataset config's: as those of their own [[datasets]]); kohya's metadata of the images as found, `reg_dataset_metadata`). `show` prints its
+    as the training images (a dataset config's: as those of their own [[datasets]]); its images as found, whose
+    metadata kohya writes: `reg_dataset_metadata`, and their tags in `dataset_metadata`). `show` prints its
     warnings and summary (on the main process only)."""
     if config.dataset_config is not None:  # its is_reg subsets
         kohya = read_dataset_config(config.dataset_config)
         scan = scan_subsets(kohya, prior=True, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images)
         source, flag = f"the is_reg subsets of {config.dataset_config}", "--dataset-config"
         if not scan.records:
-            return [], reg_dataset_metadata([])
+            return [], []
         records, more = balance_regularization(kohya, train_records, scan.records)
         scan.warnings += more
     elif config.reg_data is None:
-        return [], reg_dataset_metadata([])
+        return [], []
     else:
         scan, source, flag = scan_option("--reg-data", config.reg_data, config), config.reg_data, "--reg-data"
         records = regularization_records(scan.records, sum(r.repeats for r in train_records))
@@ -98,7 +99,7 @@ def regularization_set(config: TrainConfig, train_records: list, show: bool = Tr
     if show:
         print(f"regularisation: {len(records)} of {len(scan.records)} images from {source}, "
               f"{sum(r.repeats for r in records)} samples per epoch, loss weight {config.prior_loss_weight:g}")
-    return records, reg_dataset_metadata(scan.records)
+    return records, scan.records
 
 
 def data_options(config: TrainConfig, step: int) -> DataOptions:

@@ -27,7 +27,7 @@ from .compiling import check_compiler  # noqa: E402
 from .config import TrainConfig, load_config, output_name_length_problem  # noqa: E402
 from .demo.defaults import announce_demo, is_demo_base  # noqa: E402
 from .options import DEFAULT_RANK  # noqa: E402
-from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint  # noqa: E402
+from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, reg_dataset_metadata  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
 from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, scan_training_data, split_validation,  # noqa: E402
                          stop_workers, vae_encoder)
@@ -177,7 +177,7 @@ def train_lora(config: TrainConfig) -> TrainResult:
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)
     train_records, validation_records = split_validation(config, scan, show=process.is_main_process)
-    prior_records, reg_meta = regularization_set(config, train_records, show=process.is_main_process)
+    prior_records, reg_found = regularization_set(config, train_records, show=process.is_main_process)
     model = load_base_model(
         config.model, prediction_type=config.prediction_type, vae=config.vae, zero_terminal_snr=config.zero_terminal_snr,
         allow_unsafe_pickle=config.allow_unsafe_pickle, model_config=str(config.model_config) if config.model_config else None,
@@ -336,7 +336,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma, prior_loss_weight=config.prior_loss_weight,
     )
-    dataset_meta = {**dataset_metadata(train_records), **reg_meta, "ss_bucket_info": json.dumps(dataset.bucket_info()),
+    dataset_meta = {**dataset_metadata(train_records, reg_found), **reg_dataset_metadata(reg_found),
+                    "ss_bucket_info": json.dumps(dataset.bucket_info()),
                     "ss_num_batches_per_epoch": str(len(batch_sampler))}  # kohya's: one process's batches
     with StopRequest() as stop:
         outputs = RunOutputs(

@@ -169,6 +169,7 @@ resolution = 32
     assert meta["ss_num_train_images"] == "18" and meta["ss_num_reg_images"] == "2"
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_zkchar": {"n_repeats": 1, "img_count": 2}}
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 3, "img_count": 6}}  # no local path
+    assert set(json.loads(meta["ss_tag_frequency"])) == {"2_zkchar", "1_zkchar"}  # as kohya's, is_reg folders too
 
 
 def _unet_and_te_outputs(unet, text_encoder, seed=0):

@@ -196,16 +196,18 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     return ScanResult(records=records, skipped=skipped, warnings=warnings)
 
 
-def dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
-    """kohya's dataset metadata, as JSON strings ready for a .safetensors header.
+def dataset_metadata(records: list[ImageRecord], reg_records: list[ImageRecord] = ()) -> dict[str, str]:
+    """kohya's dataset metadata of the training images `records`, as JSON strings ready for a .safetensors header.
 
     `ss_tag_frequency`: {folder: {tag: times it occurs}}, tags lower-cased like kohya, counted in the captions as
-    read (`caption_as_read`: no caption_prefix / caption_suffix); each image counts once, not once per repeat. `ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`:
-    images per epoch, repeats included.
+    read (`caption_as_read`: no caption_prefix / caption_suffix); each image counts once, not once per repeat. Like
+    kohya's, it counts the regularisation images `reg_records` (as found, before balancing) too, a folder label of
+    both in one entry. `ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`: images per
+    epoch, repeats included. (The regularisation folders' own keys: `reg_dataset_metadata`.)
     """
     tag_frequency: dict[str, Counter] = {}
     counted = set()
-    for record in records:
+    for record in [*records, *reg_records]:
         if record.path in counted:  # a folder in two kohya datasets: its tags once, under its first label, as kohya's
             continue
         counted.add(record.path)

@@ -11,6 +11,7 @@ import pytest
 
 from sd_lora.config import load_config
 from sd_lora.data.kohya_dataset_config import read_dataset_config, run_options, scan_subsets
+from sd_lora.data.scan import reg_dataset_metadata
 from sd_lora.data_setup import regularization_set, scan_training_data
 from sd_lora.errors import ConfigError, UserError
 from .conftest import write_image
@@ -66,13 +67,13 @@ def test_two_subsets_give_the_records_of_data_and_reg_data_folders(tmp_path, mon
     assert summary(train_toml) == summary(train_folders)
     assert [(r.path.name, r.caption, r.repeats) for r in train_toml] == [
         ("0.png", "token, red", 3), ("1.png", "token, blue", 3), ("2.png", "token", 3)]
-    prior_folders, meta_folders = regularization_set(folders, train_folders, show=False)
-    prior_toml, meta_toml = regularization_set(toml, train_toml, show=False)
+    prior_folders, found_folders = regularization_set(folders, train_folders, show=False)
+    prior_toml, found_toml = regularization_set(toml, train_toml, show=False)
     assert summary(prior_toml) == summary(prior_folders)
     assert [(r.caption, r.repeats, r.prior) for r in prior_toml] == [("a person 0", 5, True), ("a person 1", 4, True)]
     # kohya's metadata counts the images as found (2 x 1 repeat), not the 9 balanced samples
-    assert meta_toml == {"ss_reg_dataset_dirs": '{"reg": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
-    assert meta_folders == {"ss_reg_dataset_dirs": '{".": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
+    assert reg_dataset_metadata(found_toml) == {"ss_reg_dataset_dirs": '{"reg": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
+    assert reg_dataset_metadata(found_folders) == {"ss_reg_dataset_dirs": '{".": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
 
 
 def test_subset_values_fall_back_to_the_dataset_then_general(tmp_path, monkeypatch):
@@ -500,6 +501,27 @@ def test_tag_frequency_counts_the_captions_as_read_without_caption_prefix_and_su
     assert json.loads(dataset_metadata(records)["ss_tag_frequency"]) == {"a": {"red hair": 1, "smile": 1, "zk": 1}}
 
 
+def test_tag_frequency_counts_the_regularisation_images_as_found(tmp_path, monkeypatch):
+    """kohya counts the tags of every subset it reads, is_reg ones (and --reg_data_dir's folders) included
+    (train_util's load_dreambooth_dir); ours left the regularisation folders out of ss_tag_frequency."""
+    from sd_lora.data.scan import dataset_metadata
+
+    write_layout(tmp_path)
+    write_image(tmp_path / "reg" / "r2.png")  # uncaptioned: --reg-data captions it by its folder name, the config by its (empty) class tokens
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "kohya.toml", TWO_SUBSETS)
+    for argv in (["--dataset-config", "kohya.toml"], ["--data", "data", "--reg-data", "reg"]):
+        config = load_config([*MODEL, *argv])
+        train = scan_training_data(config).records
+        prior, found = regularization_set(config, train, show=False)
+        assert len(found) == 3 and len(prior) == 3
+        reg_label = "reg" if config.dataset_config else "."
+        assert json.loads(dataset_metadata(train, found)["ss_tag_frequency"]) == {
+            "3_token": {"token": 3, "red": 1, "blue": 1},
+            reg_label: {"a person 0": 1, "a person 1": 1, **({} if config.dataset_config else {"reg": 1})},
+        }
+
+
 def test_is_reg_images_balance_against_the_training_images_of_their_own_dataset(tmp_path, monkeypatch, capsys):
     """As kohya's: dataset 1's 2 regularisation images were balanced against all 14 training samples of the run
     (7 repeats each) instead of dataset 1's 2; a dataset without training images leaves its own unused."""
@@ -530,9 +552,9 @@ caption_extension = ".txt"
     config = load_config([*MODEL, "--dataset-config", "kohya.toml"])
     train = scan_training_data(config).records
     assert sum(r.repeats for r in train) == 3 + 12
-    prior, meta = regularization_set(config, train)
+    prior, found = regularization_set(config, train)
     assert [(r.path.name, r.repeats) for r in prior] == [("r0.png", 2), ("r1.png", 1)]
-    assert meta["ss_num_reg_images"] == "5"  # the images as found, as kohya counts them
+    assert reg_dataset_metadata(found)["ss_num_reg_images"] == "5"  # the images as found, as kohya counts them
     assert ("warning: --dataset-config: kohya.toml: [[datasets]] #3: its is_reg images are not used: the dataset has no "
             "training images to balance them against (as in kohya); move them to the dataset of the images they "
             "regularise") in capsys.readouterr().err
