@@ -7,6 +7,7 @@ format module itself (`formats.kohya`) knows nothing about training.
 from __future__ import annotations
 
 import json
+import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,14 @@ def sgm_paths(model) -> dict[str, str] | None:
     return sgm_module_map(model.unet) if model.family == "sdxl" else None
 
 
+def new_session_id() -> int:
+    """kohya's `ss_session_id`: a random integer in [0, 2**32] per training process, which tells the files of one
+    session from another's; a resumed run is a new session, as in kohya (unlike `ss_training_started_at`, which
+    keeps the run's first start). Drawn from the OS: the `random` module is seeded with --seed, so every run of a
+    seed would share its id."""
+    return random.SystemRandom().randint(0, 2**32)
+
+
 def training_metadata(
     config: TrainConfig,
     *,
@@ -57,11 +66,12 @@ def training_metadata(
     total_epochs: int | None = None,
     targets: str | None = None,
     processes: int = 1,
+    session_id: int | None = None,
 ) -> dict[str, str]:
     """All metadata strings for one saved file: options, dataset, family/modelspec, progress. `total_steps` and
     `total_epochs`: the run's length as trained (kohya writes both, whichever option set it); `targets`: the
     preset the U-Net modules match (default: --targets); `processes`: the run's processes (GPUs), which multiply
-    the images per optimizer step (kohya's `ss_total_batch_size`)."""
+    the images per optimizer step (kohya's `ss_total_batch_size`); `session_id`: the process's `new_session_id`."""
     resolution = (config.resolution, config.resolution)
     meta = config.ss_metadata()
     meta.update(dataset_metadata)
@@ -89,6 +99,8 @@ def training_metadata(
             "sd_lora_config": json.dumps(config.to_dict(public=True), default=str),  # basenames: files get shared
         }
     )
+    if session_id is not None:
+        meta["ss_session_id"] = str(session_id)
     if total_steps is not None:
         meta["ss_max_train_steps"] = str(total_steps)
     if total_epochs is not None:

@@ -40,7 +40,8 @@ FORMAT_NAMES = {
 TRAINING_KEYS = {
     "ss_output_name": "output name", "ss_sd_model_name": "trained on", "ss_network_module": "network module",
     "ss_network_dim": "network dim (rank)", "ss_network_alpha": "network alpha", "ss_network_args": "network args",
-    "ss_training_started_at": "started", "ss_training_finished_at": "finished", "ss_resolution": "resolution",
+    "ss_training_started_at": "started", "ss_training_finished_at": "finished", "ss_session_id": "session id",
+    "ss_resolution": "resolution",
     "ss_num_train_images": "training images", "ss_num_reg_images": "regularisation images",
     "ss_steps": "steps", "ss_max_train_steps": "max steps", "ss_epoch": "epoch", "ss_num_epochs": "epochs",
     "ss_batch_size_per_device": "batch size", "ss_gradient_accumulation_steps": "gradient accumulation",

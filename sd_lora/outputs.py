@@ -22,7 +22,7 @@ from . import checkpoint, loop, memory, tensorboard_log
 from .compiling import eager
 from .config import TrainConfig
 from .errors import UserError
-from .export import export_lora, lora_components, sgm_paths, trained_modules, training_metadata
+from .export import export_lora, lora_components, new_session_id, sgm_paths, trained_modules, training_metadata
 from .fsio import atomic_write_text
 from .models.load import BaseModel
 from .lora.inject import set_lora_enabled
@@ -138,6 +138,7 @@ class RunOutputs:
         # ss_training_started_at: the run's first start, also after a resume; elapsed counts training time only
         self.started_at = progress.started_at if progress and progress.started_at is not None else time.time()
         self.elapsed_before = progress.elapsed if progress and progress.elapsed is not None else 0.0
+        self.session_id = new_session_id()  # ss_session_id: this process's, a resume is a new session as in kohya
         self.process_started = time.time()
         self.out = config.output_dir
         self.total_steps, self.total_epochs = total_steps, total_epochs
@@ -387,7 +388,7 @@ class RunOutputs:
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
             dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
             epoch=state.epoch + (1 if state.batch_in_epoch else 0), total_steps=self.total_steps,
-            total_epochs=self.total_epochs, targets=self.targets, processes=self.acc.num_processes,
+            total_epochs=self.total_epochs, targets=self.targets, processes=self.acc.num_processes, session_id=self.session_id,
         )
         if self.best_validation_step is not None:
             meta["ss_validation_loss_best"] = str(self.best_validation)

@@ -54,3 +54,21 @@ def test_the_total_batch_size_counts_accumulation_and_processes(tmp_path):
                             processes=2)
     assert (one["ss_total_batch_size"], two["ss_total_batch_size"]) == ("6", "12")
     assert one["ss_batch_size_per_device"] == "3" and one["ss_gradient_accumulation_steps"] == "2"
+
+
+def test_each_training_process_writes_its_own_session_id(tmp_path):
+    """kohya's ss_session_id (a random integer per training session) was not written; it must not follow --seed,
+    which seeds the random module, or every run of one seed would share it."""
+    import random
+
+    from sd_lora.export import new_session_id
+
+    config = load_config(["--data", str(tmp_path), "--output-name", "zk", "--resolution", "64"])
+    meta = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0, step=1, epoch=1,
+                             session_id=4294967296)
+    assert meta["ss_session_id"] == "4294967296"
+    ids = []
+    for _ in range(2):
+        random.seed(42)
+        ids.append(new_session_id())
+    assert ids[0] != ids[1] and all(0 <= i <= 2**32 for i in ids)

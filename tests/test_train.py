@@ -170,6 +170,7 @@ resolution = 32
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_zkchar": {"n_repeats": 1, "img_count": 2}}
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_zkchar": {"n_repeats": 3, "img_count": 6}}  # no local path
     assert set(json.loads(meta["ss_tag_frequency"])) == {"2_zkchar", "1_zkchar"}  # as kohya's, is_reg folders too
+    assert 0 <= int(meta["ss_session_id"]) <= 2**32
 
 
 def _unet_and_te_outputs(unet, text_encoder, seed=0):
