@@ -43,6 +43,7 @@ TRAINING_KEYS = {
     "ss_training_started_at": "started", "ss_training_finished_at": "finished", "ss_session_id": "session id",
     "ss_resolution": "resolution",
     "ss_num_train_images": "training images", "ss_num_reg_images": "regularisation images",
+    "ss_num_validation_images": "validation images",
     "ss_steps": "steps", "ss_max_train_steps": "max steps", "ss_epoch": "epoch", "ss_num_epochs": "epochs",
     "ss_batch_size_per_device": "batch size", "ss_gradient_accumulation_steps": "gradient accumulation",
     "ss_learning_rate": "learning rate", "ss_unet_lr": "U-Net lr", "ss_text_encoder_lr": "text encoder lr",

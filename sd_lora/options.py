@@ -172,7 +172,8 @@ class TrainConfig:
                                    "behaviour while the LoRA learns (kohya's reg_data_dir). Each epoch sees as many of them as training images.", group="data", fixed=True)
     prior_loss_weight: float = option(1.0, "Loss weight of the regularisation images against the training images.", min=0, min_exclusive=True, max=100,
                                       ss="ss_prior_loss_weight", fixed=True)
-    validation_split: float = option(0.0, "Hold out this fraction of the images (chosen by --seed) for a validation loss.", min=0, max=0.5, group="reliability", fixed=True)
+    validation_split: float = option(0.0, "Hold out this fraction of the images (chosen by --seed) for a validation loss.", min=0, max=0.5,
+                                     ss="ss_validation_split", group="reliability", fixed=True)
     validation_data: Path | None = option(None, "Folder of captioned images used only for the validation loss.", group="reliability", fixed=True)
     validate_every: int = option(50, "Compute the validation loss every N steps (and at the end) when validation images exist.", min=1, group="reliability")
     config: Path | None = option(None, "TOML file with any of these options (kebab-case keys); flags override it.", metavar="FILE", group="output")
@@ -244,6 +245,8 @@ class TrainConfig:
         out["ss_network_alpha"] = _ss_value(self.effective_alpha)
         out["ss_text_encoder_lr"] = _ss_value(self.effective_text_encoder_lr if self.train_text_encoder else None)
         out["ss_unet_lr"] = _ss_value(self.learning_rate)
+        validates = bool(self.validation_split or self.validation_data)  # (kohya writes None unless it was asked to)
+        out["ss_validate_every_n_steps"] = _ss_value(self.validate_every if validates else None)
         return out
 
 

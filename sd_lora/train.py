@@ -338,7 +338,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
     )
     dataset_meta = {**dataset_metadata(train_records, reg_found), **reg_dataset_metadata(reg_found),
                     "ss_bucket_info": json.dumps(dataset.bucket_info()),
-                    "ss_num_batches_per_epoch": str(len(batch_sampler))}  # kohya's: one process's batches
+                    "ss_num_batches_per_epoch": str(len(batch_sampler)),  # kohya's: one process's batches
+                    "ss_num_validation_images": str(len(validation_records))}
     with StopRequest() as stop:
         outputs = RunOutputs(
             config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_meta,

@@ -463,6 +463,10 @@ def test_validation_loss_is_deterministic_and_best_step_recorded(tiny_dataset, t
     with safe_open(str(result.path), "pt") as f:
         meta = f.metadata()
     assert meta["ss_validation_best_step"] == str(best_step) and float(meta["ss_validation_loss_best"]) == best
+    # kohya's validation keys (they were not written): the held-out images, the split and the steps between losses
+    held = len(result.outputs.validation_items)
+    assert (meta["ss_num_validation_images"], meta["ss_validation_split"], meta["ss_validate_every_n_steps"]) == (str(held), "0.3", "2")
+    assert held and int(meta["ss_num_train_images"]) // 2 + held == 6  # tiny_dataset: 6 images, 2 repeats
 
 
 def test_validation_split_is_seeded_and_never_empty():

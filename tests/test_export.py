@@ -72,3 +72,16 @@ def test_each_training_process_writes_its_own_session_id(tmp_path):
         random.seed(42)
         ids.append(new_session_id())
     assert ids[0] != ids[1] and all(0 <= i <= 2**32 for i in ids)
+
+
+def test_the_validation_options_are_written_as_kohya_writes_them(tmp_path):
+    """kohya's ss_validation_split and ss_validate_every_n_steps were not written; without validation images kohya's
+    ss_validate_every_n_steps is None (its default), not our unused default of 50."""
+    base = ["--data", str(tmp_path), "--output-name", "zk", "--resolution", "64"]
+    plain = load_config(base).ss_metadata()
+    assert (plain["ss_validation_split"], plain["ss_validate_every_n_steps"]) == ("0.0", "None")
+    split = load_config([*base, "--validation-split", "0.2", "--validate-every", "10"]).ss_metadata()
+    assert (split["ss_validation_split"], split["ss_validate_every_n_steps"]) == ("0.2", "10")
+    (tmp_path / "val").mkdir()
+    held = load_config([*base, "--validation-data", str(tmp_path / "val")]).ss_metadata()
+    assert (held["ss_validation_split"], held["ss_validate_every_n_steps"]) == ("0.0", "50")

@@ -32,7 +32,7 @@ def _write_trained_file(path, clean):
     metadata = {
         "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_network_dim": "4", "ss_network_alpha": "2",
         "ss_learning_rate": "0.0001", "ss_training_started_at": "1700000000", "ss_output_name": "zkchar",
-        "ss_max_token_length": "225", "ss_session_id": "1234567",
+        "ss_max_token_length": "225", "ss_session_id": "1234567", "ss_num_validation_images": "3",
         "ss_tag_frequency": json.dumps({"10_zkchar": {"zkchar": 12, "red background": 3, "orange circle": 7}}),
         "ss_dataset_dirs": json.dumps({"10_zkchar": {"n_repeats": 10, "img_count": 12}}),
         "modelspec.architecture": "stable-diffusion-v1/lora",
@@ -57,6 +57,7 @@ def test_cli_report(clean, tiny_dir, tmp_path, capsys):
     settings = section[:next(i for i, line in enumerate(section) if not line.startswith("    "))]
     assert any(re.fullmatch(r" +max token length +225", line) for line in settings)  # with the other training settings, not under "Other"
     assert any(re.fullmatch(r" +session id +1234567", line) for line in settings)
+    assert any(re.fullmatch(r" +validation images +3", line) for line in settings)
 
 
 def test_cli_model_mismatch_and_errors(clean, tmp_path, capsys):
