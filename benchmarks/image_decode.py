@@ -73,10 +73,10 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
         (folder / f"photo_{i:02d}.txt").write_text("a photo")
 
 
-def full_decode(path, cover):
-    """The baseline: the whole picture, as `open_image` decodes it; the same return shape as the reduced one."""
+def full_decode(path, size):
+    """The baseline: the whole picture, as `open_image` decodes it, resized; the same return shape as the reduced one."""
     image = open_image(path)
-    return image, image.size
+    return image.resize(size, Image.Resampling.LANCZOS), image.size
 
 
 def seconds(fn) -> float:
@@ -101,28 +101,28 @@ def main(argv: list[str] | None = None) -> None:
                                                min_bucket_side=max(64, args.resolution // 128 * 64),
                                                max_bucket_side=args.resolution * 2))
         plans = [ds.crop_plan(i) for i in range(len(ds))]
-        reduced = dataset_module.open_image_to_shrink
+        reduced = dataset_module.open_image_resized
         times: dict[str, list[float]] = {k: [] for k in ("check full", "check", "load full", "load")}
         differences = []  # mean |reduced - full| per image, in 8-bit levels
         rates: dict[str, list[float]] = {"full": [], "reduced": []}
         batches = [list(range(i, min(i + 2, len(ds)))) for i in range(0, len(ds), 2)]
         for i in range(len(ds)):
-            dataset_module.open_image_to_shrink = full_decode
+            dataset_module.open_image_resized = full_decode
             full = ds.load_pixels(i, plans[i])
-            dataset_module.open_image_to_shrink = reduced
+            dataset_module.open_image_resized = reduced
             differences.append(float((ds.load_pixels(i, plans[i]) - full).abs().mean()) * 127.5)
         for repeat in range(args.repeats):
             for i, record in enumerate(records):
                 times["check full"].append(seconds(lambda: open_image(record.path)))
                 times["check"].append(seconds(lambda: check_image(record.path)))
-                dataset_module.open_image_to_shrink = full_decode
+                dataset_module.open_image_resized = full_decode
                 times["load full"].append(seconds(lambda: ds.load_pixels(i, plans[i])))
-                dataset_module.open_image_to_shrink = reduced
+                dataset_module.open_image_resized = reduced
                 times["load"].append(seconds(lambda: ds.load_pixels(i, plans[i])))
             for name in ("full", "reduced") if repeat % 2 == 0 else ("reduced", "full"):
-                dataset_module.open_image_to_shrink = full_decode if name == "full" else reduced
+                dataset_module.open_image_resized = full_decode if name == "full" else reduced
                 rates[name].append(len(ds) / seconds(lambda: sum(1 for _ in _prefetched_pixels(ds, batches))))
-            dataset_module.open_image_to_shrink = reduced
+            dataset_module.open_image_resized = reduced
 
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
     rate = {k: statistics.median(v) for k, v in rates.items()}

@@ -24,7 +24,7 @@ from PIL import Image
 
 from sd_lora.data.buckets import CropPlan, Size, choose_bucket, make_buckets, plan_crop, square_bucket
 from sd_lora.data.captions import process_caption
-from sd_lora.data.images import ImageProblem, open_image_to_shrink
+from sd_lora.data.images import ImageProblem, open_image_resized
 from sd_lora.data.scan import ImageRecord
 from sd_lora.errors import UserError
 
@@ -137,7 +137,7 @@ class ImageDataset(torch.utils.data.Dataset):
         """Record `index` resized and cropped per `plan`, as float32 (3, H, W) in [-1, 1]."""
         record = self.records[index]
         try:
-            image, size = open_image_to_shrink(record.path, cover=(plan.resize_width, plan.resize_height))
+            image, size = open_image_resized(record.path, (plan.resize_width, plan.resize_height))
         except ImageProblem as e:
             # Re-raised as a plain UserError: DataLoader workers rebuild exceptions from one message
             # argument, and would turn an ImageProblem(path, problem) into a RuntimeError.
@@ -148,9 +148,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 f"{record.height}, now {size[0]}x{size[1]}); restart training to rescan it"
             )
         bucket_width, bucket_height = self.bucket_of[index]
-        image = image.resize(
-            (plan.resize_width, plan.resize_height), Image.Resampling.LANCZOS,
-        ).crop((plan.left, plan.top, plan.left + bucket_width, plan.top + bucket_height))
+        image = image.crop((plan.left, plan.top, plan.left + bucket_width, plan.top + bucket_height))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)

@@ -30,6 +30,7 @@ MIN_IMAGE_SIDE = 16
 """Images with a side shorter than this (after EXIF rotation) are refused: too little survives resizing."""
 
 _WHITE = (255, 255, 255)
+Box = tuple[float, float, float, float]  # (left, top, right, bottom), as `Image.resize(box=...)` takes it
 _ORIENTATION = 0x0112  # the EXIF tag `ImageOps.exif_transpose` applies
 _QUARTER_TURNS = (5, 6, 7, 8)  # orientations that swap width and height
 REDUCING_GAP = 2
@@ -51,12 +52,13 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int], Box]:
     """Decode `path` and apply its EXIF orientation; raises ImageProblem for anything that fails.
 
-    Returns the image and the picture's full upright (width, height). With `cover` (an upright width, height),
-    a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 and 1/8 of its size that is at least `cover` on both
-    sides, so the image can be smaller than the picture; other formats decode whole.
+    Returns the image, the picture's full upright (width, height) and the box of the image that holds the picture
+    (for `Image.resize(box=...)`). With `cover` (an upright width, height), a JPEG is decoded at the smallest of 1/1,
+    1/2, 1/4 and 1/8 of its size that is at least `cover` on both sides, so the image can be smaller than the
+    picture; other formats decode whole, and their box is the whole image.
     """
     try:
         if os.path.getsize(path) == 0:
@@ -81,17 +83,36 @@ def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[I
         raise ImageProblem(path, _bomb(pixels, limit))
     try:
         with img:
-            turned = img.getexif().get(_ORIENTATION) in _QUARTER_TURNS
+            orientation = img.getexif().get(_ORIENTATION)
+            turned = orientation in _QUARTER_TURNS
             size = (img.height, img.width) if turned else img.size
-            if cover is not None:  # a no-op for every format but JPEG; draft takes the stored orientation's sides
-                img.draft(img.mode, (cover[1], cover[0]) if turned else cover)
+            # draft is a no-op (None) for every format but JPEG; it takes the stored orientation's sides
+            drafted = img.draft(img.mode, (cover[1], cover[0]) if turned else cover) if cover is not None else None
             img.load()
             upright = ImageOps.exif_transpose(img)
             if upright is img:  # no orientation tag: detach from the file before it closes
                 upright = img.copy()
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... for bad data
         raise ImageProblem(path, _describe(e)) from e
-    return upright, size
+    box = _upright_box(drafted[1], img.size, orientation) if drafted else (0, 0, *upright.size)
+    return upright, size, box
+
+
+def _upright_box(box: Box, decoded: tuple[int, int], orientation: int | None) -> Box:
+    """Where the picture lies in a JPEG decoded at reduced scale, once it is turned upright.
+
+    libjpeg rounds each reduced side up, so when a side is not a multiple of the scale the last column (row) holds
+    only its last few pixels: the picture spans `box` = (0, 0, width / scale, height / scale) of the `decoded`
+    (width, height). Resized without that box, the picture is stretched by up to a reduced pixel (Pillow's
+    `thumbnail` passes it too). Turning the image upright moves that column (row) to the other side when the
+    orientation reverses the stored x (y) axis, and to the other axis for a quarter turn.
+    """
+    spill_x, spill_y = decoded[0] - box[2], decoded[1] - box[3]  # of the stored image's last column and row
+    left = spill_x if orientation in (2, 3, 7, 8) else 0  # stored x reversed (shown right to left, or bottom to top)
+    top = spill_y if orientation in (3, 4, 6, 7) else 0  # stored y reversed
+    if orientation in _QUARTER_TURNS:  # stored x is shown vertically, stored y horizontally
+        return (top, left, top + box[3], left + box[2])
+    return (left, top, left + box[2], top + box[3])
 
 
 def _bomb(pixels: int, limit: int) -> str:
@@ -118,7 +139,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     non-image files, decompression bombs, and images smaller than `MIN_IMAGE_SIDE` on a side.
     """
     path = Path(path)
-    _, (width, height) = _decode_upright(path, cover=(1, 1))
+    _, (width, height), _ = _decode_upright(path, cover=(1, 1))
     if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
         raise ImageProblem(
             path, f"image too small: {width}x{height} px (the minimum is {MIN_IMAGE_SIDE} px per side)"
@@ -138,15 +159,15 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return to_rgb(_decode_upright(path)[0], path)
 
 
-def open_image_to_shrink(path: str | os.PathLike, cover: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
-    """`open_image` for a caller that will resize the picture to `cover` (width, height) or smaller.
+def open_image_resized(path: str | os.PathLike, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """`open_image(path).resize(size, LANCZOS)` (`size` an upright width, height), and the picture's full upright size.
 
-    A JPEG is decoded at 1/2, 1/4 or 1/8 scale where the result is still `REDUCING_GAP` times `cover`, so the
-    image returned can be smaller than the picture. Returns the image and the picture's full upright size.
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale where the result is still `REDUCING_GAP` times `size`: within a
+    pixel value or so of the full decode, not equal to it.
     """
     path = Path(path)
-    image, size = _decode_upright(path, (cover[0] * REDUCING_GAP, cover[1] * REDUCING_GAP))
-    return to_rgb(image, path), size
+    image, full_size, box = _decode_upright(path, (size[0] * REDUCING_GAP, size[1] * REDUCING_GAP))
+    return to_rgb(image, path).resize(size, Image.Resampling.LANCZOS, box=box), full_size
 
 
 def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:

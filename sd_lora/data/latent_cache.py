@@ -36,7 +36,7 @@ from sd_lora.fsio import atomic_write_bytes, readable
 Encode = Callable[[torch.Tensor], torch.Tensor]
 # Part of every disk key: bump it when the pixels an entry is encoded from change for the same file and
 # crop plan (image decoding, resampling filter, value range), so older entries stop matching.
-CACHE_FORMAT = "sd_lora-latents-v3 lanczos [-1,1]"  # v2: PNG colour-key transparency on white; v3: JPEG DCT scaling
+CACHE_FORMAT = "sd_lora-latents-v4 lanczos [-1,1]"  # v2: PNG colour-key transparency on white; v3: JPEG DCT scaling; v4: its partial last block unstretched
 SHOWN_CORRUPT = 5  # corrupt entries named in the warning; the rest are counted
 
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from sd_lora.data.images import (
-    MIN_IMAGE_SIDE, ImageProblem, check_image, is_image_file, open_image, open_image_to_shrink, to_rgb,
+    MIN_IMAGE_SIDE, REDUCING_GAP, ImageProblem, _decode_upright, check_image, is_image_file, open_image,
+    open_image_resized, to_rgb,
 )
 from sd_lora.errors import UserError
 
@@ -184,34 +185,57 @@ def photo(path, size, orientation=None):
     return path
 
 
+def decode_for(path, target):
+    """What `open_image_resized(path, target)` decodes: (image, full upright size, the picture's box in the image)."""
+    return _decode_upright(path, (target[0] * REDUCING_GAP, target[1] * REDUCING_GAP))
+
+
 @pytest.mark.parametrize("cover,decoded", [((100, 75), (200, 150)), ((99, 50), (200, 150)), ((101, 75), (400, 300)),
                                            ((201, 150), (800, 600)), ((1600, 1200), (800, 600)), ((1, 1), (100, 75))])
 def test_a_jpeg_to_shrink_is_decoded_at_the_smallest_scale_that_leaves_twice_the_target(tmp_path, cover, decoded):
-    image, size = open_image_to_shrink(photo(tmp_path / "a.jpg", (800, 600)), cover)
-    assert size == (800, 600) and image.size == decoded and image.mode == "RGB"
+    image, size, box = decode_for(photo(tmp_path / "a.jpg", (800, 600)), cover)
+    assert size == (800, 600) and image.size == decoded and box == (0, 0, *decoded)
 
 
-def test_a_jpeg_decoded_small_then_resized_matches_the_full_decode(tmp_path):
+def test_a_jpeg_resized_from_a_reduced_decode_matches_the_full_decode(tmp_path):
     path = photo(tmp_path / "a.jpg", (800, 600))
     target = (100, 75)
-    small, _ = open_image_to_shrink(path, target)
-    assert small.size == (200, 150)
-    reduced = np.asarray(small.resize(target, Image.Resampling.LANCZOS), np.float64)
+    resized, size = open_image_resized(path, target)  # decoded at 1/4 scale, 200x150
+    assert resized.size == target and resized.mode == "RGB" and size == (800, 600)
+    reduced = np.asarray(resized, np.float64)
     full = np.asarray(open_image(path).resize(target, Image.Resampling.LANCZOS), np.float64)
     assert np.abs(reduced - full).mean() < 1.0 and np.abs(reduced - full).max() <= 8
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpeg_whose_sides_are_no_multiple_of_the_scale_is_not_stretched(tmp_path, orientation):
+    # 1001x667 at 1/4 scale decodes to 251x167 (libjpeg rounds up): the picture spans 250.25x166.75 of it, its last
+    # column and row half empty. Resized whole, the picture was stretched by up to a reduced pixel: 3.3 levels of 255
+    # off on average, up to 63 on the texture. Each orientation turns that column and row to another side.
+    path = photo(tmp_path / "a.jpg", (1001, 667), orientation)
+    upright = open_image(path)
+    target = (120, 80) if upright.width > upright.height else (80, 120)
+    _, _, box = decode_for(path, target)
+    assert (box[2] - box[0], box[3] - box[1]) == (upright.width / 4, upright.height / 4)
+    resized, size = open_image_resized(path, target)
+    assert size == upright.size
+    difference = np.abs(np.asarray(resized, np.float64) - np.asarray(upright.resize(target, Image.Resampling.LANCZOS)))
+    assert difference.mean() < 1.0 and difference.max() <= 16
+
+
 def test_a_png_to_shrink_decodes_whole(tmp_path):
-    image, size = open_image_to_shrink(write_halves(tmp_path / "a.png", (64, 32)), (8, 4))
-    assert image.size == size == (64, 32)
+    image, size, box = decode_for(write_halves(tmp_path / "a.png", (64, 32)), (8, 4))
+    assert image.size == size == (64, 32) and box == (0, 0, 64, 32)
+    resized, size = open_image_resized(tmp_path / "a.png", (8, 4))
+    assert resized.size == (8, 4) and size == (64, 32)
 
 
 def test_the_cover_of_a_turned_jpeg_is_read_upright(tmp_path):
     # Stored 800x400, displayed 400x800 (orientation 6). Cover 200x25 upright needs the stored width 800 whole:
     # read in the stored orientation, it would allow 1/2 scale and return an image 200 px wide, not 400.
     path = photo(tmp_path / "a.jpg", (800, 400), orientation=6)
-    image, size = open_image_to_shrink(path, (200, 25))
+    image, size, _ = decode_for(path, (200, 25))
     assert size == (400, 800) and image.size == (400, 800)
-    image, size = open_image_to_shrink(path, (50, 100))
+    image, size, _ = decode_for(path, (50, 100))
     assert size == (400, 800) and image.size == (100, 200)
     assert check_image(path) == (400, 800)
