@@ -112,11 +112,18 @@ def vae_identity(name: str, config: Mapping, dtype: torch.dtype | str, tensors: 
 
 
 def content_sha256(path: Path) -> str:
-    """sha256 of the file's bytes (hashlib releases the GIL, so threads hash files in parallel)."""
+    """sha256 of the file's bytes (hashlib releases the GIL, so threads hash files in parallel).
+
+    Raises `UserError` when the file cannot be read: an image deleted, moved or locked since the scan.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the image to key its latent cache entries ({e.strerror or e}); it was "
+                        "readable when the data folder was scanned. Restore it, or restart training to rescan") from None
     return h.hexdigest()
 
 

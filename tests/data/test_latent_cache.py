@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -158,6 +159,19 @@ def test_changed_image_is_encoded_again(mixed_folder, tmp_path):
     assert encoded == 1 and cache.reused == 2
     index = [r.path.name for r in dataset(mixed_folder).records].index("square.png")
     assert cache.get(index, False)[1].mean() > 0.9  # green, not the stale red/blue halves
+
+
+def test_image_gone_since_the_scan_names_the_file(mixed_folder, tmp_path):
+    # Hashing it for the disk key raised a bare FileNotFoundError with a traceback; in memory the load names it.
+    ds = dataset(mixed_folder)
+    gone = ds.records[1].path
+    gone.unlink()
+    with pytest.raises(UserError, match=re.escape(
+            f"{gone}: cannot read the image to key its latent cache entries (No such file or directory); it was "
+            "readable when the data folder was scanned. Restore it, or restart training to rescan")):
+        disk_build(ds, tmp_path / "cache")
+    with pytest.raises(UserError, match=re.escape(f"{gone}: cannot read file (No such file or directory)")):
+        build_latent_cache(ds, fake_encode([]), batch_size=2, progress=False)
 
 
 def test_changed_bucket_flip_or_vae_is_encoded_again(mixed_folder, tmp_path):
