@@ -142,11 +142,16 @@ def entry_path(cache_dir: Path, key: str) -> Path:
 
 
 def write_entry(path: Path, key: str, latent: torch.Tensor, source: Path) -> None:
-    """Atomically write one (C, h, w) latent; `key` is stored too, so a renamed file is not trusted."""
+    """Atomically write one (C, h, w) latent; `key` is stored too, so a renamed file is not trusted. A failed write
+    is a `UserError` naming the entry and the image."""
     from safetensors.torch import save
 
     data = save({"latent": latent.detach().to("cpu").contiguous()}, metadata={"key": key, "image": readable(source)})
-    atomic_write_bytes(path, data)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:  # a full disk, a folder made read-only or unmounted since the run started
+        raise UserError(f"could not write latent cache entry {path} (for {source}): {e.strerror or e}; free some space "
+                        f"or fix the permissions of {path.parent.parent}, or cache in another folder") from None
 
 
 def read_entry(path: Path, key: str | None = None) -> torch.Tensor:

@@ -228,6 +228,25 @@ def test_entry_unreadable_during_training_names_the_file(mixed_folder, tmp_path)
         cache.get(0, False)
 
 
+def test_full_disk_while_caching_names_the_entry_and_the_fix(mixed_folder, tmp_path, monkeypatch):
+    # An OSError from the write (ENOSPC, EROFS) ended the run with a traceback an hour into caching.
+    import errno
+
+    from sd_lora.data import latent_cache
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(latent_cache, "atomic_write_bytes", full)
+    ds = dataset(mixed_folder)
+    with pytest.raises(UserError, match=re.escape(
+            "): No space left on device; free some space or fix the permissions of "
+            f"{tmp_path / 'cache'}, or cache in another folder")) as caught:
+        disk_build(ds, tmp_path / "cache")
+    assert str(caught.value).startswith(f"could not write latent cache entry {tmp_path / 'cache'}/")
+    assert any(f".safetensors (for {r.path}): " in str(caught.value) for r in ds.records)
+
+
 def test_disk_cache_needs_a_vae_id(mixed_folder, tmp_path):
     with pytest.raises(ValueError, match="needs vae_id"):
         build_latent_cache(dataset(mixed_folder), fake_encode([]), batch_size=2, progress=False, cache_dir=tmp_path)
