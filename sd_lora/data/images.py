@@ -58,7 +58,7 @@ def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[I
     Returns the image, the picture's full upright (width, height) and the box of the image that holds the picture
     (for `Image.resize(box=...)`). With `cover` (an upright width, height), a JPEG is decoded at the smallest of 1/1,
     1/2, 1/4 and 1/8 of its size that is at least `cover` on both sides, so the image can be smaller than the
-    picture; other formats decode whole, and their box is the whole image.
+    picture; other formats (and lossless JPEGs) decode whole, and their box is the whole image.
     """
     try:
         if os.path.getsize(path) == 0:
@@ -86,8 +86,11 @@ def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[I
             orientation = img.getexif().get(_ORIENTATION)
             turned = orientation in _QUARTER_TURNS
             size = (img.height, img.width) if turned else img.size
-            # draft is a no-op (None) for every format but JPEG; it takes the stored orientation's sides
-            drafted = img.draft(img.mode, (cover[1], cover[0]) if turned else cover) if cover is not None else None
+            # draft is a no-op (None) for every format but JPEG; it takes the stored orientation's sides. A lossless
+            # JPEG (SOF3: no quantization tables) has no DCT to scale: libjpeg returns it whole, into Pillow's reduced
+            # buffer, and the decode fails ("broken data stream"), so it is decoded whole.
+            scalable = cover is not None and bool(getattr(img, "quantization", None))
+            drafted = img.draft(img.mode, (cover[1], cover[0]) if turned else cover) if scalable else None
             img.load()
             upright = ImageOps.exif_transpose(img)
             if upright is img:  # no orientation tag: detach from the file before it closes

@@ -239,3 +239,46 @@ def test_the_cover_of_a_turned_jpeg_is_read_upright(tmp_path):
     image, size, _ = decode_for(path, (50, 100))
     assert size == (400, 800) and image.size == (100, 200)
     assert check_image(path) == (400, 800)
+
+
+def lossless_jpeg(path, pixels):
+    """A lossless JPEG (SOF3, predictor 1: the left neighbour) of 8-bit grey `pixels`, as some scanners and medical
+    imaging write; Pillow reads them but cannot write one."""
+    import struct
+
+    pixels = np.asarray(pixels, np.int64)
+    height, width = pixels.shape
+    bits = ""
+    for y in range(height):
+        for x in range(width):
+            predicted = 128 if x == y == 0 else pixels[y, x - 1] if x else pixels[y - 1, x]
+            difference = int(pixels[y, x] - predicted)
+            category = abs(difference).bit_length()  # SSSS: the difference's size in bits
+            bits += f"{category:05b}"  # its Huffman code: canonical, 5 bits for each of the 17 categories
+            if category:  # then the difference's low bits, one less if negative (JPEG's ones' complement)
+                bits += f"{difference if difference > 0 else difference - 1 + (1 << category):0{category}b}"
+    bits += "1" * (-len(bits) % 8)  # pad the last byte with ones
+    data = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")  # byte stuffing
+
+    def segment(marker, payload):
+        return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+    huffman = bytes([0x00, 0, 0, 0, 0, 17] + [0] * 11 + list(range(17)))  # DC table 0: 17 codes of 5 bits
+    frame = struct.pack(">BHHB", 8, height, width, 1) + bytes([1, 0x11, 0])
+    scan = bytes([1, 1, 0x00, 1, 0, 0])  # component 1, table 0, predictor 1
+    path.write_bytes(b"\xff\xd8" + segment(0xFFC4, huffman) + segment(0xFFC3, frame) + segment(0xFFDA, scan) + data
+                     + b"\xff\xd9")
+    return path
+
+
+def test_a_lossless_jpeg_is_decoded_whole(tmp_path):
+    # libjpeg has no DCT to scale in a lossless JPEG: with draft it returned the picture whole into Pillow's reduced
+    # buffer, and the scan refused a valid file ("cannot decode image (broken data stream ...)").
+    y, x = np.mgrid[0:60, 0:80]
+    pixels = ((x + y) * 2 + np.random.default_rng(0).integers(0, 20, (60, 80))).clip(0, 255).astype(np.uint8)
+    path = lossless_jpeg(tmp_path / "a.jpg", pixels)
+    assert np.array_equal(np.asarray(open_image(path))[..., 0], pixels)  # the writer is right: Pillow decodes it
+    assert check_image(path) == (80, 60)
+    resized, size = open_image_resized(path, (20, 15))
+    assert size == (80, 60)
+    assert resized.tobytes() == Image.fromarray(pixels).convert("RGB").resize((20, 15), Image.Resampling.LANCZOS).tobytes()
