@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,14 +285,16 @@ def _labels(image_dirs: list[Path]) -> list[str]:
     are not merged into one. A folder that is a subset of several datasets is `name (2)`, `name (3)` after the
     first, as in kohya's `ss_dataset_dirs`. Never the whole local path."""
     parts = [Path(os.path.abspath(d)).parts[1:] for d in image_dirs]
-    labels = []
-    for i, own in enumerate(parts):
-        others = {p for p in parts if p != own}
+    # How many distinct folders end in each run of names: counted once, not by comparing every pair of folders
+    # (4,000 subsets took 12 s that way).
+    sharing = Counter(p[-n:] for p in set(parts) for n in range(1, len(p) + 1))
+    labels, seen = [], Counter()
+    for own in parts:
         n = 1
-        while n < len(own) and any(p[-n:] == own[-n:] for p in others):
+        while n < len(own) and sharing[own[-n:]] > 1:  # another folder ends in the same names
             n += 1
-        earlier = parts[:i].count(own)
-        labels.append("/".join(own[-n:]) + (f" ({earlier + 1})" if earlier else ""))
+        seen[own] += 1
+        labels.append("/".join(own[-n:]) + (f" ({seen[own]})" if seen[own] > 1 else ""))
     return labels
 
 

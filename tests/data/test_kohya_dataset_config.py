@@ -522,6 +522,17 @@ def test_tag_frequency_counts_the_regularisation_images_as_found(tmp_path, monke
         }
 
 
+def test_labels_take_as_many_parent_folders_as_tell_image_dirs_apart(tmp_path, monkeypatch):
+    from sd_lora.data.kohya_dataset_config import _labels
+
+    dirs = ["/d/char_a/images", "/d/char_b/images", "/d/x/a/images", "/d/y/a/images", "/d/char_a/images", "/d/solo",
+            "/images", "/d/images", "/d/char_a/images", "/d/solo"]
+    assert _labels(dirs) == ["char_a/images", "char_b/images", "x/a/images", "y/a/images", "char_a/images (2)", "solo",
+                             "images", "d/images", "char_a/images (3)", "solo (2)"]
+    monkeypatch.chdir(tmp_path)  # a relative image_dir is the same folder as its absolute path
+    assert _labels(["rel/set", str(tmp_path / "rel" / "set"), "other/set"]) == ["rel/set", "rel/set (2)", "other/set"]
+
+
 def test_is_reg_images_balance_against_the_training_images_of_their_own_dataset(tmp_path, monkeypatch, capsys):
     """As kohya's: dataset 1's 2 regularisation images were balanced against all 14 training samples of the run
     (7 repeats each) instead of dataset 1's 2; a dataset without training images leaves its own unused."""
