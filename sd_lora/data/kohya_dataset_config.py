@@ -23,7 +23,7 @@ import difflib
 import json
 import os
 import tomllib
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,13 +269,18 @@ def balance_regularization(config: KohyaDatasetConfig, train_records: list[Image
     images against the training images of the same dataset only (repeats counted), not of the whole run; a
     dataset without training images leaves its is_reg images unused, as in kohya."""
     dataset_of = dict(zip(_labels([subset.image_dir for subset in config.subsets]), (s.dataset for s in config.subsets)))
+    samples_of, priors_of = Counter(), defaultdict(list)  # per dataset: training samples, is_reg records in order
+    for record in train_records:
+        if record.folder in dataset_of:
+            samples_of[dataset_of[record.folder]] += record.repeats
+    for record in prior_records:
+        priors_of[dataset_of[record.folder]].append(record)
     out, warnings = [], []
-    for number in sorted({dataset_of[record.folder] for record in prior_records}):
-        samples = sum(record.repeats for record in train_records if dataset_of.get(record.folder) == number)
-        if not samples:
+    for number in sorted(priors_of):
+        if not samples_of[number]:
             warnings.append(f"{config.path}: {DATASET} #{number}: its is_reg images are not used: the dataset has no training "
                             "images to balance them against (as in kohya); move them to the dataset of the images they regularise")
-        out += regularization_records([record for record in prior_records if dataset_of[record.folder] == number], samples)
+        out += regularization_records(priors_of[number], samples_of[number])
     return out, warnings
 
 

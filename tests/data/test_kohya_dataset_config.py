@@ -571,6 +571,27 @@ caption_extension = ".txt"
             "regularise") in capsys.readouterr().err
 
 
+def test_balance_keeps_each_datasets_is_reg_images_together_in_their_order(tmp_path):
+    """is_reg subsets of two [[datasets]], interleaved in the file: dataset 1's images first, each in scan order."""
+    from sd_lora.data.kohya_dataset_config import KohyaDatasetConfig, KohyaSubset, balance_regularization
+    from sd_lora.data.scan import ImageRecord
+
+    subsets = [KohyaSubset("s1", 2, tmp_path / "t2"), KohyaSubset("s2", 1, tmp_path / "r1", is_reg=True),
+               KohyaSubset("s3", 2, tmp_path / "r2", is_reg=True), KohyaSubset("s4", 1, tmp_path / "t1"),
+               KohyaSubset("s5", 1, tmp_path / "r1b", is_reg=True)]
+    config = KohyaDatasetConfig(tmp_path / "k.toml", subsets, {})
+
+    def record(folder, name, repeats=1):
+        return ImageRecord(tmp_path / folder / name, name, "sidecar", repeats, folder, 32, 32)
+
+    train = [record("t1", "a.png", 2), record("t2", "b.png", 3), record("t1", "c.png", 3)]
+    prior = [record("r2", "x.png"), record("r1", "y.png"), record("r1b", "z.png"), record("r2", "w.png"), record("r1", "v.png")]
+    out, warnings = balance_regularization(config, train, prior)
+    assert [(r.path.name, r.repeats, r.prior) for r in out] == [("y.png", 2, True), ("z.png", 2, True), ("v.png", 1, True),
+                                                               ("x.png", 2, True), ("w.png", 1, True)]
+    assert not warnings
+
+
 def test_token_warmup_step_at_zero_is_accepted_written_as_a_share_too(tmp_path, monkeypatch):
     # kohya reads token_warmup_step as steps, or below 1 as a share of the run's steps: 0.0 is as much a no-op as 0.
     write_layout(tmp_path)
