@@ -48,8 +48,8 @@ def optimizer_state_bytes(optimizer: str, shape: torch.Size, element_size: int =
 def estimate(frozen: list[torch.nn.Module], trainable: list[torch.nn.Parameter], cache_bytes: int,
              optimizer: str = "adamw", text_cache_bytes: int = 0) -> dict[str, int]:
     """Bytes the run holds for certain: frozen weights as placed, LoRA weights + grads + `optimizer`'s state, cached
-    latents, cached text-encoder outputs (`text_cache_bytes`, on the device). Activations come on top and grow with
-    batch size and resolution (gradient checkpointing cuts them).
+    latents, cached text-encoder outputs (`text_cache_bytes`, in host memory as the latents). Activations come on top
+    and grow with batch size and resolution (gradient checkpointing cuts them).
     The LoRA layers sit inside the `frozen` modules: their weights are counted once, as LoRA weights."""
     lora = sum(2 * p.numel() * p.element_size() + optimizer_state_bytes(optimizer, p.shape, p.element_size())
                for p in trainable)

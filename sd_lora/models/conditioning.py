@@ -78,8 +78,8 @@ class Conditioner:
         return release_modules(self.text_encoders)
 
     def cache_bytes(self) -> int:
-        """Bytes of the cached outputs, held on the device they were encoded for (SDXL at 77 tokens: about 0.3 MiB
-        a caption in bf16)."""
+        """Bytes of the cached outputs, held in host memory (SDXL at 77 tokens: about 0.3 MiB a caption in bf16); a
+        batch's rows are copied to the device when it trains."""
         return sum(t.numel() * t.element_size() for row in self._cache.values() for t in row if t is not None)
 
     def _cached(self, captions: list[str], batch: dict, device, dtype) -> dict:
@@ -90,13 +90,18 @@ class Conditioner:
         if missing:
             with torch.no_grad():
                 kwargs = self._encode(missing, batch_for_text_only(len(missing)), device, dtype)
+            # Kept in host memory, as the latent cache: an entry per distinct caption, and datasets of tagged images have
+            # one per image (50,000 SDXL captions: about 15 GiB, which would not fit beside the U-Net on most GPUs).
+            hidden = kwargs["encoder_hidden_states"].cpu()
             pooled = kwargs.get("added_cond_kwargs", {}).get("text_embeds")
+            pooled = None if pooled is None else pooled.cpu()
             for i, caption in enumerate(missing):
-                self._cache[caption] = (kwargs["encoder_hidden_states"][i], None if pooled is None else pooled[i])
+                self._cache[caption] = (hidden[i], None if pooled is None else pooled[i])
         rows = [self._cache[c] for c in captions]
-        kwargs = {"encoder_hidden_states": torch.stack([r[0] for r in rows])}
+        kwargs = {"encoder_hidden_states": to_device(torch.stack([r[0] for r in rows]), device)}
         if self.family == "sdxl":
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.stack([r[1] for r in rows]), "time_ids": batch_time_ids(batch, device, dtype)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": to_device(torch.stack([r[1] for r in rows]), device),
+                                           "time_ids": batch_time_ids(batch, device, dtype)}
         return kwargs
 
     def _encode(self, captions: list[str], batch: dict, device, dtype) -> dict:

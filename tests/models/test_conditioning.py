@@ -60,6 +60,26 @@ def test_cache_encodes_each_caption_once_in_batches_then_never_calls_the_encoder
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_cached_outputs_stay_in_host_memory_and_a_batch_goes_to_the_device(request, model_fixture, monkeypatch):
+    """An entry per distinct caption (a tagged dataset: per image) is kept on the host; a batch's rows are stacked
+    and copied to the device through `memory.to_device` as it trains."""
+    import sd_lora.models.conditioning as conditioning
+
+    model = load_base_model(str(request.getfixturevalue(model_fixture)))
+    cached = Conditioner(model.family, model.tokenizers, model.text_encoders, cache_outputs=True)
+    cached.cache(CAPTIONS, "cpu", torch.float32)
+    assert all(t.device.type == "cpu" for row in cached._cache.values() for t in row if t is not None)
+    sent, original = [], conditioning.to_device
+    monkeypatch.setattr(conditioning, "to_device",
+                        lambda t, device, dtype=None: sent.append(tuple(t.shape)) or original(t, device, dtype))
+    out = cached(CAPTIONS[:3], _sizes(3), "cpu", torch.float32)
+    expected = [tuple(out["encoder_hidden_states"].shape)]
+    if model.family == "sdxl":  # then the pooled embeddings, then the three size tensors of the time ids
+        expected += [tuple(out["added_cond_kwargs"]["text_embeds"].shape)] + [(3, 2)] * 3
+    assert sent == expected and expected[0][0] == 3
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
 def test_token_ids_go_to_the_text_encoders_without_a_wait(request, model_fixture, monkeypatch):
     """Captions encoded at each step (a trained text encoder, shuffled tags) send their token ids as the batches go,
     through `memory.to_device` (pinned, asynchronous on a GPU): a plain `.to(device)` of the tokenizer's pageable ids
