@@ -18,8 +18,11 @@ from pathlib import Path, PureWindowsPath
 from sd_lora.errors import UserError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically; the previous file (if any) survives any failure before the rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync_folder: bool = True) -> Path:
+    """Write `data` to `path` atomically; the previous file (if any) survives any failure before the rename.
+
+    `sync_folder=False` skips the fsync of the folder after the rename, for a cache that writes many files and makes
+    a missing one again: after a power cut the file may then be absent (or still the previous one), never partial."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -38,7 +41,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    if sync_folder:
+        _fsync_dir(path.parent)
     return path
 
 

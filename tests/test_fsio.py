@@ -16,6 +16,16 @@ def test_writes_and_replaces(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["f.bin"]  # no temporary left behind
 
 
+def test_folder_sync_can_be_left_out(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(fsio, "_fsync_dir", synced.append)
+    fsio.atomic_write_bytes(tmp_path / "a" / "f.bin", b"one", sync_folder=False)
+    assert synced == [] and (tmp_path / "a" / "f.bin").read_bytes() == b"one"
+    fsio.atomic_write_bytes(tmp_path / "a" / "f.bin", b"two")
+    assert synced == [tmp_path / "a"] and (tmp_path / "a" / "f.bin").read_bytes() == b"two"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.bin"]
+
+
 def test_failure_mid_write_keeps_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "lora.safetensors"
     fsio.atomic_write_bytes(target, b"previous")

@@ -147,8 +147,10 @@ def write_entry(path: Path, key: str, latent: torch.Tensor, source: Path) -> Non
     from safetensors.torch import save
 
     data = save({"latent": latent.detach().to("cpu").contiguous()}, metadata={"key": key, "image": readable(source)})
+    # The file is fsync'd before its rename, so an entry is complete or absent; the folder is not (one fsync an entry
+    # instead of two): an entry a power cut loses is encoded again by the next run.
     try:
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, sync_folder=False)
     except OSError as e:  # a full disk, a folder made read-only or unmounted since the run started
         raise UserError(f"could not write latent cache entry {path} (for {source}): {e.strerror or e}; free some space "
                         f"or fix the permissions of {path.parent.parent}, or cache in another folder") from None

@@ -141,6 +141,18 @@ def test_second_disk_build_encodes_nothing(mixed_folder, tmp_path):
     assert second.memory_bytes() == 0 and len(second) == 6 and (0, True) in second
 
 
+def test_disk_entries_are_synced_but_not_their_folders(mixed_folder, tmp_path, monkeypatch):
+    """Each entry is fsync'd before its rename (complete or absent after a crash); its folder is not: a lost entry is
+    encoded again, and the second fsync per entry doubled the writes' time."""
+    from sd_lora import fsio
+
+    files, folders, fsync = [], [], os.fsync
+    monkeypatch.setattr(fsio.os, "fsync", lambda fd: files.append(fd) or fsync(fd))
+    monkeypatch.setattr(fsio, "_fsync_dir", folders.append)
+    disk_build(dataset(mixed_folder, flip=True), tmp_path / "cache")
+    assert len(files) == 6 and folders == []
+
+
 def test_disk_cache_feeds_samples(mixed_folder, tmp_path):
     ds = dataset(mixed_folder, flip=True)
     ds.latent_cache, _ = disk_build(ds, tmp_path / "cache")
