@@ -246,7 +246,7 @@ def test_full_disk_while_caching_names_the_entry_and_the_fix(mixed_folder, tmp_p
 
     from sd_lora.data import latent_cache
 
-    def full(path, data):
+    def full(path, data, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(latent_cache, "atomic_write_bytes", full)
