@@ -17,6 +17,7 @@ interleaved. Last line: `scan_check_speedup=X load_speedup=Y pipeline_images_per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -79,6 +80,19 @@ def full_decode(path, size):
     return image.resize(size, Image.Resampling.LANCZOS), image.size
 
 
+REDUCED = dataset_module.open_image_resized
+
+
+@contextlib.contextmanager
+def full_decodes():
+    """Inside: `ImageDataset.load_pixels` decodes whole pictures (the baseline); outside: sd_lora's reduced decode."""
+    dataset_module.open_image_resized = full_decode
+    try:
+        yield
+    finally:
+        dataset_module.open_image_resized = REDUCED
+
+
 def seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -101,28 +115,24 @@ def main(argv: list[str] | None = None) -> None:
                                                min_bucket_side=max(64, args.resolution // 128 * 64),
                                                max_bucket_side=args.resolution * 2))
         plans = [ds.crop_plan(i) for i in range(len(ds))]
-        reduced = dataset_module.open_image_resized
         times: dict[str, list[float]] = {k: [] for k in ("check full", "check", "load full", "load")}
         differences = []  # mean |reduced - full| per image, in 8-bit levels
         rates: dict[str, list[float]] = {"full": [], "reduced": []}
         batches = [list(range(i, min(i + 2, len(ds)))) for i in range(0, len(ds), 2)]
         for i in range(len(ds)):
-            dataset_module.open_image_resized = full_decode
-            full = ds.load_pixels(i, plans[i])
-            dataset_module.open_image_resized = reduced
+            with full_decodes():
+                full = ds.load_pixels(i, plans[i])
             differences.append(float((ds.load_pixels(i, plans[i]) - full).abs().mean()) * 127.5)
         for repeat in range(args.repeats):
             for i, record in enumerate(records):
                 times["check full"].append(seconds(lambda: open_image(record.path)))
                 times["check"].append(seconds(lambda: check_image(record.path)))
-                dataset_module.open_image_resized = full_decode
-                times["load full"].append(seconds(lambda: ds.load_pixels(i, plans[i])))
-                dataset_module.open_image_resized = reduced
+                with full_decodes():
+                    times["load full"].append(seconds(lambda: ds.load_pixels(i, plans[i])))
                 times["load"].append(seconds(lambda: ds.load_pixels(i, plans[i])))
             for name in ("full", "reduced") if repeat % 2 == 0 else ("reduced", "full"):
-                dataset_module.open_image_resized = full_decode if name == "full" else reduced
-                rates[name].append(len(ds) / seconds(lambda: sum(1 for _ in _prefetched_pixels(ds, batches))))
-            dataset_module.open_image_resized = reduced
+                with full_decodes() if name == "full" else contextlib.nullcontext():
+                    rates[name].append(len(ds) / seconds(lambda: sum(1 for _ in _prefetched_pixels(ds, batches))))
 
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
     rate = {k: statistics.median(v) for k, v in rates.items()}
