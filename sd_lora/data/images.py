@@ -85,7 +85,7 @@ def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[I
         with img:
             orientation = img.getexif().get(_ORIENTATION)
             turned = orientation in _QUARTER_TURNS
-            size = (img.height, img.width) if turned else img.size
+            stored = img.size  # before draft shrinks it
             # draft is a no-op (None) for every format but JPEG; it takes the stored orientation's sides. A lossless
             # JPEG (SOF3: no quantization tables) has no DCT to scale: libjpeg returns it whole, into Pillow's reduced
             # buffer, and the decode fails ("broken data stream"), so it is decoded whole.
@@ -97,8 +97,9 @@ def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[I
                 upright = img.copy()
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... for bad data
         raise ImageProblem(path, _describe(e)) from e
-    box = _upright_box(drafted[1], img.size, orientation) if drafted else (0, 0, *upright.size)
-    return upright, size, box
+    if not drafted:  # the decoded image itself: a TIFF is turned upright by Pillow as it loads, not by exif_transpose
+        return upright, upright.size, (0, 0, *upright.size)
+    return upright, (stored[1], stored[0]) if turned else stored, _upright_box(drafted[1], img.size, orientation)
 
 
 def _upright_box(box: Box, decoded: tuple[int, int], orientation: int | None) -> Box:

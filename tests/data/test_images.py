@@ -127,6 +127,20 @@ def test_exif_orientation_applied(tmp_path):
     assert bottom[2] > 200 and bottom[0] < 60, bottom
 
 
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_turned_tiff_reports_its_upright_size(tmp_path, orientation):
+    # Pillow turns a TIFF upright as it loads it (its size is upright from the start, the orientation tag still
+    # there until the load): the size was turned a second time, 64x32 read as 32x64, and the image trained
+    # squeezed into a bucket of the wrong aspect.
+    write_halves(tmp_path / "src.png", (64, 32))
+    Image.open(tmp_path / "src.png").save(tmp_path / "a.tiff", tiffinfo={0x0112: orientation})
+    upright = open_image(tmp_path / "a.tiff")
+    assert upright.size == (32, 64)
+    assert check_image(tmp_path / "a.tiff") == (32, 64)
+    resized, size = open_image_resized(tmp_path / "a.tiff", (16, 32))
+    assert size == (32, 64) and resized.size == (16, 32)
+
+
 def test_check_image_returns_size(tmp_path):
     assert check_image(write_image(tmp_path / "a.webp", (40, 24))) == (40, 24)
 
