@@ -29,6 +29,20 @@ def write_halves(path: Path, size: tuple[int, int]) -> Path:
     return path
 
 
+def photo(path, size, orientation=None):
+    """A JPEG with smooth gradients and texture (a stand-in for a photo), stored at `size` (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    texture = np.asarray(Image.effect_noise((width // 8, height // 8), 60).resize(size, Image.Resampling.BICUBIC))
+    pixels = np.stack([x * 255 / width, y * 255 / height, texture], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=92, exif=exif)
+    return path
+
+
 def write_text(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, str):

@@ -11,7 +11,7 @@ from sd_lora.data.latent_cache import LatentCache
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 
-from .conftest import write_halves
+from .conftest import photo, write_halves
 
 TINY = dict(resolution=64, step=16, min_bucket_side=32, max_bucket_side=128)
 
@@ -254,9 +254,6 @@ def test_a_large_jpeg_loads_as_the_full_decode_would(tmp_path):
     # 640x480 -> bucket 80x48 (resized to 80x60): the JPEG is decoded at 1/4 scale, 160x120, then resized.
     from PIL import Image
 
-    from .test_images import photo
-
-    (tmp_path / "data").mkdir()
     path = photo(tmp_path / "data" / "a.jpg", (640, 480))
     ds = dataset(tmp_path / "data", flip=False)
     plan = ds.crop_plan(0)
@@ -278,9 +275,6 @@ def test_a_jpeg_whose_sides_are_no_multiple_of_the_decode_scale_loads_as_the_ful
     # reduced pixel (3.3 levels of 255 off on average); EXIF orientations put that column and row on other sides.
     from PIL import Image, ImageOps
 
-    from .test_images import photo
-
-    (tmp_path / "data").mkdir()
     path = photo(tmp_path / "data" / "a.jpg", (1001, 667), orientation)
     ds = dataset(tmp_path / "data", flip=False)
     plan = ds.crop_plan(0)

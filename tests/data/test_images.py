@@ -12,7 +12,7 @@ from sd_lora.data.images import (
 )
 from sd_lora.errors import UserError
 
-from .conftest import BLUE, RED, write_halves, write_image, write_text
+from .conftest import BLUE, RED, photo, write_halves, write_image, write_text
 
 
 def pixel(img: Image.Image, xy=(0, 0)) -> tuple[int, int, int]:
@@ -184,19 +184,6 @@ def test_decompression_bomb_is_an_error(tmp_path, monkeypatch):
 def test_open_image_plain_rgb_unchanged(tmp_path):
     out = open_image(write_halves(tmp_path / "a.png", (32, 16)))
     assert out.mode == "RGB" and pixel(out, (0, 0)) == RED and pixel(out, (31, 0)) == BLUE
-
-
-def photo(path, size, orientation=None):
-    """A JPEG with smooth gradients and texture (a stand-in for a photo), stored at `size`."""
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width]
-    texture = np.asarray(Image.effect_noise((width // 8, height // 8), 60).resize(size, Image.Resampling.BICUBIC))
-    pixels = np.stack([x * 255 / width, y * 255 / height, texture], axis=-1).astype(np.uint8)
-    exif = Image.Exif()
-    if orientation is not None:
-        exif[0x0112] = orientation
-    Image.fromarray(pixels).save(path, quality=92, exif=exif)
-    return path
 
 
 def decode_for(path, target):
