@@ -47,6 +47,9 @@ class Progress:
     # How many processes trained: a step's global batch is --batch-size x processes, and `batch_in_epoch` counts
     # those batches, so a resume must use as many (`load_state`). Older states: None, not checked.
     processes: int | None = None
+    # ss_session_id of the process that trained the state's weights: a resume's files of this very step (the
+    # scheduled ones a finished run left to its final file, a stop before any new step) keep it. Older states: None.
+    session_id: int | None = None
 
 
 def state_dir_name(step: int) -> str:

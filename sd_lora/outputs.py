@@ -139,6 +139,9 @@ class RunOutputs:
         self.started_at = progress.started_at if progress and progress.started_at is not None else time.time()
         self.elapsed_before = progress.elapsed if progress and progress.elapsed is not None else 0.0
         self.session_id = new_session_id()  # ss_session_id: this process's, a resume is a new session as in kohya
+        # the session that trained the resumed step's weights (None: unknown, a state from before ss_session_id)
+        self.resumed_session = progress.session_id if progress else self.session_id
+        self.start_step = start_step
         self.process_started = time.time()
         self.out = config.output_dir
         self.total_steps, self.total_epochs = total_steps, total_epochs
@@ -388,7 +391,8 @@ class RunOutputs:
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
             dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
             epoch=state.epoch + (1 if state.batch_in_epoch else 0), total_steps=self.total_steps,
-            total_epochs=self.total_epochs, targets=self.targets, processes=self.acc.num_processes, session_id=self.session_id,
+            total_epochs=self.total_epochs, targets=self.targets, processes=self.acc.num_processes,
+            session_id=self.session_of(state.step),
         )
         if self.best_validation_step is not None:
             meta["ss_validation_loss_best"] = str(self.best_validation)
@@ -402,6 +406,12 @@ class RunOutputs:
         self.weights_saved_at = state.step
         self.progress.write(f"saved {', '.join(map(str, written))}")
         return written
+
+    def session_of(self, step: int) -> int | None:
+        """ss_session_id of the weights at `step`: this process's for a step it trained; a resumed step's (a finished
+        run extended, a stop before the first new step) are the earlier session's, as in kohya, whose id says which
+        session a file's weights came from and which never writes an earlier session's step again."""
+        return self.session_id if step > self.start_step else self.resumed_session
 
     def save_scheduled(self, path: Path, state: loop.TrainState) -> None:
         """An intermediate save of --save-every or --save-every-epochs. With --keep-saves K the files of this
@@ -463,6 +473,7 @@ class RunOutputs:
             best_validation=self.best_validation, best_validation_step=self.best_validation_step, log_run=self.log_run,
             loss_average=self.smoothed, started_at=self.started_at, elapsed=self.elapsed(),
             saves=[[str(p) for p in save] for save in self.scheduled_saves], processes=self.acc.num_processes,
+            session_id=self.session_of(state.step),
         )
         after = state.step if self.states_after is None else self.states_after
         later = checkpoint.later_states(self.out, after)  # set aside by save_state: another run's (its docstring)

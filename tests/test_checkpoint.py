@@ -285,6 +285,11 @@ def test_a_finished_run_saves_its_last_state_so_extending_it_trains_no_step_twic
     assert steps == [1, 2, 3, 4, 5]
 
 
+def session_id(path) -> str:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["ss_session_id"]
+
+
 def test_extending_a_finished_run_writes_the_epoch_file_its_end_left_to_the_final_file(tiny_dataset, tiny_model_dir, tmp_path):
     # As kohya, the last epoch is the final <name>.safetensors, not also <name>-000002. Extended to 3 epochs, the run
     # overwrote that final file at its new end: epoch 2's weights were lost.
@@ -292,6 +297,7 @@ def test_extending_a_finished_run_writes_the_epoch_file_its_end_left_to_the_fina
     common = ["--save-every-epochs", "1", "--save-state-every", "100", "--output-name", "x"]
     assert main(args(tiny_dataset, tiny_model_dir, out, "--epochs", "2", *common)) == 0
     epoch_2 = load_file(str(out / "x.safetensors"))
+    first_session = session_id(out / "x.safetensors")
     assert sorted(p.name for p in out.glob("x*.safetensors")) == ["x-000001.safetensors", "x.safetensors"]
     assert main(args(tiny_dataset, tiny_model_dir, out, "--epochs", "3", *common, "--resume", "latest")) == 0
     assert sorted(p.name for p in out.glob("x*.safetensors")) == ["x-000001.safetensors", "x-000002.safetensors", "x.safetensors"]
@@ -299,6 +305,10 @@ def test_extending_a_finished_run_writes_the_epoch_file_its_end_left_to_the_fina
     assert kept.keys() == epoch_2.keys() and all(torch.equal(kept[k], epoch_2[k]) for k in kept)
     up = next(k for k in kept if k.endswith(".lora_up.weight"))
     assert not torch.equal(load_file(str(out / "x.safetensors"))[up], kept[up])  # the final file trained on
+    # ss_session_id says which session trained a file's weights: epoch 2's are the first run's, as its final file said
+    # (they were written with the resumed run's id), and the resumed run's own end has an id of its own.
+    sessions = {name: session_id(out / name) for name in ("x-000001.safetensors", "x-000002.safetensors", "x.safetensors")}
+    assert sessions["x-000001.safetensors"] == sessions["x-000002.safetensors"] == first_session != sessions["x.safetensors"]
 
 
 def test_a_resume_with_another_lr_schedule_trains_its_first_step_at_the_new_schedules_rate(tiny_dataset, tiny_model_dir, tmp_path):
