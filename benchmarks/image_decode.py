@@ -35,6 +35,8 @@ from sd_lora.data.images import check_image, open_image  # noqa: E402
 from sd_lora.data.latent_cache import _prefetched_pixels  # noqa: E402
 from sd_lora.data.scan import scan_dataset  # noqa: E402
 
+from data_scaling import positive  # noqa: E402  (the sibling benchmark's --images/--repeats check)
+
 
 def size_arg(text: str) -> tuple[int, int]:
     try:
@@ -50,13 +52,6 @@ def bucket_resolution(text: str) -> int:
     value = int(text)
     if value < 64 or value % 64:
         raise argparse.ArgumentTypeError(f"a multiple of 64 px (SD's bucket step), got {value}")
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
