@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,11 +29,10 @@ from sd_lora.formats.readers import read_any_lora, require_exact, shape_mismatch
 from sd_lora.fsio import public_name, temp_folder
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
+from sd_lora.models.load import CHECKPOINT_SUFFIXES, HUB_ID, is_checkpoint_file
 
 BAKE_RECORD = "sd_lora_baked_loras.json"  # in a diffusers folder output: which LoRAs, which weights
 BAKE_METADATA_KEY = "sd_lora_baked_loras"  # the same record in a single-file output's metadata
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def lora_components(pipe) -> dict[str, nn.Module]:
@@ -102,7 +100,7 @@ def load_pipeline(model: str, *, config_dir: str | Path | None = None, allow_uns
         raise UserError(
             f"--model {model}: not a diffusers model folder (no model_index.json); pass the folder that holds it"
         )
-    if not path.exists() and not _HUB_ID.match(model):
+    if not path.exists() and not HUB_ID.match(model):
         raise UserError(f"--model {model}: no such file or folder, and not a Hugging Face id of the form 'org/name'")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model)  # float32 by default
@@ -138,11 +136,6 @@ def config_dir_problems(model: str | None, config_dir: Path | None, *, flag: str
                         f"diffusers folder or Hub id brings its own configs); drop {config_flag}")
     return problems
 
-
-def is_checkpoint_file(model: str) -> bool:
-    """Whether `load_pipeline` reads `model` as a single-file checkpoint (else a diffusers folder or Hub id)."""
-    path = Path(model).expanduser()
-    return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
 
 
 def _pipeline_from_single_file(path: Path, config_dir, allow_unsafe_pickle: bool):

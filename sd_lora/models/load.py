@@ -24,7 +24,13 @@ from .streaming import load_cast, parameter_count
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_checkpoint_file(model: str) -> bool:
+    """Whether `model` (as the user passed it) names a single-file checkpoint, else a diffusers folder or Hub id."""
+    path = Path(model).expanduser()
+    return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
 
 
 @dataclass
@@ -173,7 +179,7 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+    if is_checkpoint_file(name):
         return _load_checkpoint_file(name, path, prediction_type=prediction_type, vae=vae, zero_terminal_snr=zero_terminal_snr,
                                      allow_unsafe_pickle=allow_unsafe_pickle, model_config=model_config, dtype_for=dtype_for)
     if not path.exists() and path.suffix.lower() in CHECKPOINT_SUFFIXES:  # not a Hub id: a mistyped file name
@@ -182,7 +188,7 @@ def load_base_model(name: str, *, prediction_type: str | None = None, vae: str |
         _check_local_folder(path)
         source = str(path)
         model_index = _read_model_index(path)
-    elif _HUB_ID.match(name):
+    elif HUB_ID.match(name):
         source = name
         model_index = {}
     else:
