@@ -58,7 +58,7 @@ def training_metadata(
     *,
     family: str,
     prediction_type: str,
-    dataset_metadata: dict[str, str],
+    run_metadata: dict[str, str],
     started_at: float,
     step: int,
     epoch: int,
@@ -68,13 +68,14 @@ def training_metadata(
     processes: int = 1,
     session_id: int | None = None,
 ) -> dict[str, str]:
-    """All metadata strings for one saved file: options, dataset, family/modelspec, progress. `total_steps` and
-    `total_epochs`: the run's length as trained (kohya writes both, whichever option set it); `targets`: the
-    preset the U-Net modules match (default: --targets); `processes`: the run's processes (GPUs), which multiply
-    the images per optimizer step (kohya's `ss_total_batch_size`); `session_id`: the process's `new_session_id`."""
+    """All metadata strings for one saved file: options, the run's own (`run_metadata`: the dataset's, the base
+    model file's hashes), family/modelspec, progress. `total_steps` and `total_epochs`: the run's length as
+    trained (kohya writes both, whichever option set it); `targets`: the preset the U-Net modules match (default:
+    --targets); `processes`: the run's processes (GPUs), which multiply the images per optimizer step (kohya's
+    `ss_total_batch_size`); `session_id`: the process's `new_session_id`."""
     resolution = (config.resolution, config.resolution)
     meta = config.ss_metadata()
-    meta.update(dataset_metadata)
+    meta.update(run_metadata)
     meta.update(
         family_metadata(
             family=family,

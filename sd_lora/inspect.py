@@ -38,7 +38,8 @@ FORMAT_NAMES = {
 # --- the report -------------------------------------------------------------------------------------------------
 
 TRAINING_KEYS = {
-    "ss_output_name": "output name", "ss_sd_model_name": "trained on", "ss_network_module": "network module",
+    "ss_output_name": "output name", "ss_sd_model_name": "trained on", "ss_sd_model_hash": "base model hash (old)",
+    "ss_new_sd_model_hash": "base model SHA-256", "ss_network_module": "network module",
     "ss_network_dim": "network dim (rank)", "ss_network_alpha": "network alpha", "ss_network_args": "network args",
     "ss_training_started_at": "started", "ss_training_finished_at": "finished", "ss_session_id": "session id",
     "ss_resolution": "resolution",

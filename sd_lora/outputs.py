@@ -127,13 +127,13 @@ class RunOutputs:
     """Implements `loop.Hooks` for a real run."""
 
     def __init__(self, config: TrainConfig, model: BaseModel, accelerator, *, trainee: loop.Trainee, objective: loop.Objective,
-                 dataset_meta: dict, prompts, total_steps: int, total_epochs: int, targets: str, start_step: int,
+                 run_meta: dict, prompts, total_steps: int, total_epochs: int, targets: str, start_step: int,
                  data_fingerprint: str, validation_items: list, stop: StopRequest, progress: checkpoint.Progress | None = None):
         from tqdm.auto import tqdm
 
         self.config, self.model, self.acc = config, model, accelerator
         self.trainee, self.objective = trainee, objective
-        self.dataset_meta, self.prompts = dataset_meta, prompts
+        self.run_meta, self.prompts = run_meta, prompts
         self.main = accelerator.is_main_process
         # ss_training_started_at: the run's first start, also after a resume; elapsed counts training time only
         self.started_at = progress.started_at if progress and progress.started_at is not None else time.time()
@@ -389,7 +389,7 @@ class RunOutputs:
         components = lora_components(self.model, self.config.train_text_encoder)
         meta = training_metadata(
             self.config, family=self.model.family, prediction_type=self.model.prediction_type,
-            dataset_metadata=self.dataset_meta, started_at=self.started_at, step=state.step,
+            run_metadata=self.run_meta, started_at=self.started_at, step=state.step,
             epoch=state.epoch + (1 if state.batch_in_epoch else 0), total_steps=self.total_steps,
             total_epochs=self.total_epochs, targets=self.targets, processes=self.acc.num_processes,
             session_id=self.session_of(state.step),

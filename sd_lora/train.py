@@ -37,7 +37,8 @@ from .outputs import RunOutputs, StopRequest, is_run_save  # noqa: E402
 from .lora.inject import trainable_parameters  # noqa: E402
 from .lora.targets import matching_preset  # noqa: E402
 from .models.conditioning import Conditioner  # noqa: E402
-from .models.load import BaseModel, load_base_model  # noqa: E402
+from .models.load import BaseModel, is_checkpoint_file, load_base_model  # noqa: E402
+from .models.single_file import webui_hashes  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer, check_available, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
 from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, check_xformers, read_sample_prompts, summary, warn_long_captions, warn_long_sample_prompts  # noqa: E402
@@ -336,13 +337,15 @@ def train_lora(config: TrainConfig) -> TrainResult:
         prediction_type=model.prediction_type, vae_scaling_factor=float(model.vae.config.scaling_factor), noise_offset=config.noise_offset,
         min_snr_gamma=config.min_snr_gamma, prior_loss_weight=config.prior_loss_weight,
     )
-    dataset_meta = {**dataset_metadata(train_records, reg_found), **reg_dataset_metadata(reg_found),
-                    "ss_bucket_info": json.dumps(dataset.bucket_info()),
-                    "ss_num_batches_per_epoch": str(len(batch_sampler)),  # kohya's: one process's batches
-                    "ss_num_validation_images": str(len(validation_records))}
+    run_meta = {**dataset_metadata(train_records, reg_found), **reg_dataset_metadata(reg_found),
+                "ss_bucket_info": json.dumps(dataset.bucket_info()),
+                "ss_num_batches_per_epoch": str(len(batch_sampler)),  # kohya's: one process's batches
+                "ss_num_validation_images": str(len(validation_records))}
+    if is_checkpoint_file(config.model) and accelerator.is_main_process:  # as kohya; a diffusers folder or Hub id has none
+        run_meta.update(webui_hashes(Path(config.model).expanduser()))
     with StopRequest() as stop:
         outputs = RunOutputs(
-            config, model, accelerator, trainee=trainee, objective=objective, dataset_meta=dataset_meta,
+            config, model, accelerator, trainee=trainee, objective=objective, run_meta=run_meta,
             prompts=prompts, total_steps=total_steps, total_epochs=epochs, targets=targets, start_step=state.step, data_fingerprint=data_id,
             validation_items=validation_items, stop=stop, progress=resumed.progress if resumed else None,
         )

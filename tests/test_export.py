@@ -15,7 +15,7 @@ def test_training_metadata_holds_no_local_paths(tmp_path):
     config = load_config(["--data", str(tmp_path / "chars"), "--model", str(model), "--output-dir", str(tmp_path / "o"),
                           "--output-name", "zk", "--resolution", "512",
                           "--sample-prompts", str(tmp_path / "prompts.txt")])  # fmt: skip
-    meta = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0,
+    meta = training_metadata(config, family="sd1", prediction_type="epsilon", run_metadata={}, started_at=0.0,
                              step=1, epoch=1)  # fmt: skip
     assert meta["ss_sd_model_name"] == "base"
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"  # as kohya writes it
@@ -49,8 +49,8 @@ def test_the_total_batch_size_counts_accumulation_and_processes(tmp_path):
     """kohya's ss_total_batch_size: images per optimizer step over every GPU (it was not written)."""
     config = load_config(["--data", str(tmp_path), "--batch-size", "3", "--gradient-accumulation-steps", "2", "--output-name", "zk",
                           "--resolution", "64"])
-    one = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0, step=1, epoch=1)
-    two = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0, step=1, epoch=1,
+    one = training_metadata(config, family="sd1", prediction_type="epsilon", run_metadata={}, started_at=0.0, step=1, epoch=1)
+    two = training_metadata(config, family="sd1", prediction_type="epsilon", run_metadata={}, started_at=0.0, step=1, epoch=1,
                             processes=2)
     assert (one["ss_total_batch_size"], two["ss_total_batch_size"]) == ("6", "12")
     assert one["ss_batch_size_per_device"] == "3" and one["ss_gradient_accumulation_steps"] == "2"
@@ -64,7 +64,7 @@ def test_each_training_process_writes_its_own_session_id(tmp_path):
     from sd_lora.export import new_session_id
 
     config = load_config(["--data", str(tmp_path), "--output-name", "zk", "--resolution", "64"])
-    meta = training_metadata(config, family="sd1", prediction_type="epsilon", dataset_metadata={}, started_at=0.0, step=1, epoch=1,
+    meta = training_metadata(config, family="sd1", prediction_type="epsilon", run_metadata={}, started_at=0.0, step=1, epoch=1,
                              session_id=4294967296)
     assert meta["ss_session_id"] == "4294967296"
     ids = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -17,6 +18,7 @@ from safetensors import safe_open
 
 from sd_lora import precision
 from sd_lora import train as train_module
+from sd_lora.inspect import main as inspect_main
 from sd_lora.config import load_config
 from sd_lora.precision import FULL_SIZE_PARAMETERS, Hardware
 from sd_lora.train import main, run
@@ -75,6 +77,7 @@ def test_cli_end_to_end(tiny_dataset, tiny_model_dir, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "32x32"
     # shared files name no local folders (basenames only); config.toml keeps the full paths for resuming
     assert meta["ss_sd_model_name"] == Path(tiny_model_dir).name
+    assert "ss_sd_model_hash" not in meta and "ss_new_sd_model_hash" not in meta  # a folder: no file to hash (kohya: "IsADirectory")
     assert not [k for k, v in meta.items() for p in (tiny_dataset, tiny_model_dir, out) if str(p) in v]
     assert json.loads(meta["sd_lora_config"])["data"] == Path(tiny_dataset).name
     assert config["data"] == str(tiny_dataset)
@@ -434,7 +437,13 @@ def test_trains_from_a_single_file_checkpoint(tiny_dataset, tiny_model_dir, tmp_
     assert code == 0, out
     assert "sd1" in out and "epsilon" in out  # what was detected is printed
     with safe_open(str(tmp_path / "o" / "data.safetensors"), "pt") as f:
-        assert f.metadata()["ss_base_model_version"] == "sd_v1"
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1"
+    data = checkpoint.read_bytes()  # the WebUIs' hashes of the base model file, as kohya records them
+    assert len(data) > 0x110000 and meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert inspect_main([str(tmp_path / "o" / "data.safetensors")]) == 0
+    assert re.search(rf"base model SHA-256 +{meta['ss_new_sd_model_hash']}\n", capsys.readouterr().out)
 
 
 @pytest.mark.slow

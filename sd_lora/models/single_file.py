@@ -14,6 +14,7 @@ into the original layout; a written file loads back bit-exactly through diffuser
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from .checkpoint_layout import FAMILIES, TEXT_ENCODERS, checkpoint_state_dict
 from .streaming import parameter_count
 
 __all__ = ["CheckpointInfo", "checkpoint_state_dict", "detect_checkpoint", "detect_from_shapes", "infer_family",
-           "load_single_file", "read_safetensors_header", "save_single_file", "write_skeleton"]
+           "load_single_file", "read_safetensors_header", "save_single_file", "webui_hashes", "write_skeleton"]
 SKELETONS = Path(__file__).parent / "skeletons"
 
 _TOKENIZER_PAD = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}  # SD2's only tokenizer also pads with "!"
@@ -51,6 +52,21 @@ ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+
+def webui_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """A checkpoint file's hashes as kohya records its base model in a LoRA's metadata, by which the WebUIs match
+    the LoRA to the model: `ss_sd_model_hash`, AUTOMATIC1111's old short hash (8 hex digits of the SHA-256 of the
+    64 KiB from 1 MiB on), and `ss_new_sd_model_hash`, the SHA-256 of the whole file (whose first 10 digits are
+    the WebUI's short hash now)."""
+    whole = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        old = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            whole.update(chunk)
+    return {"ss_sd_model_hash": old, "ss_new_sd_model_hash": whole.hexdigest()}
 
 
 def write_skeleton(family: str, directory: str | os.PathLike, *, prediction_type: str, resolution: int,
