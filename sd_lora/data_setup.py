@@ -27,11 +27,12 @@ from .models.load import BaseModel
 from .validation import build_validation_set, split_records
 
 
-def scan_option(flag: str, folder, config: TrainConfig):
-    """scan_dataset for a second image folder (--validation-data, --reg-data): its problems name the option."""
+def scan_option(flag: str, folder, config: TrainConfig, taken_labels=()):
+    """scan_dataset for a second image folder (--validation-data, --reg-data): its problems name the option.
+    `taken_labels`: the training images' folder labels, which its folders' labels must not repeat."""
     try:
         return scan_dataset(folder, caption_extension=config.caption_extension, skip_bad_images=config.skip_bad_images,
-                            exclude=run_folders(config))
+                            exclude=run_folders(config), taken_labels=taken_labels)
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
 
@@ -92,7 +93,9 @@ def regularization_set(config: TrainConfig, train_records: list, show: bool = Tr
     elif config.reg_data is None:
         return [], []
     else:
-        scan, source, flag = scan_option("--reg-data", config.reg_data, config), config.reg_data, "--reg-data"
+        # (labels apart from the training folders': a root-level "reg" beside "train", or "reg/1_person" beside "1_person")
+        scan = scan_option("--reg-data", config.reg_data, config, taken_labels={r.folder for r in train_records})
+        source, flag = config.reg_data, "--reg-data"
         records = regularization_records(scan.records, sum(r.repeats for r in train_records))
     for warning in scan.warnings if show else []:
         print(f"warning: {flag}: {warning}", file=sys.stderr)

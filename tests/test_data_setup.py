@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import psutil
@@ -141,3 +142,41 @@ def test_the_validation_folders_scan_warnings_are_printed(tmp_path, capsys):
     assert "set the caption extension to '.caption'" in err
     split_validation(config, scan_training_data(config), show=False)  # (processes other than the main one)
     assert "--validation-data" not in capsys.readouterr().err
+
+
+def test_root_level_data_and_reg_images_are_labelled_apart_in_the_metadata(tmp_path, monkeypatch):
+    """--data train --reg-data reg, images directly in each: both were labelled "." in ss_dataset_dirs and
+    ss_reg_dataset_dirs, and the regularisation captions' tags were counted in ss_tag_frequency as the training
+    folder's. Each is labelled by its folder's name, as kohya labels an image_dir; folders of the same name by
+    as many parent folders as tell them apart (in a dataset config, too)."""
+    from PIL import Image
+
+    from sd_lora.data import dataset_metadata, reg_dataset_metadata
+    from sd_lora.data_setup import regularization_set, scan_training_data
+
+    for folder, caption in (("train", "zk, smile"), ("reg", "a person"), ("a/images", "zk, smile"), ("b/images", "a person")):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32)).save(tmp_path / folder / f"{i}.png")
+            (tmp_path / folder / f"{i}.txt").write_text(caption)
+    (tmp_path / "same.toml").write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                                        '  [[datasets.subsets]]\n  image_dir = "a/images"\n'
+                                        '  [[datasets.subsets]]\n  image_dir = "b/images"\n  is_reg = true\n')
+    monkeypatch.chdir(tmp_path)
+
+    def metadata(args):
+        config = load_config(args)
+        train = scan_training_data(config).records
+        found = regularization_set(config, train, show=False)[1]
+        meta = {**dataset_metadata(train, found), **reg_dataset_metadata(found)}
+        return [json.loads(meta[key]) for key in ("ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency")]
+
+    assert metadata(["--data", "train", "--reg-data", "reg"]) == [
+        {"train": {"n_repeats": 1, "img_count": 2}}, {"reg": {"n_repeats": 1, "img_count": 2}},
+        {"train": {"zk": 2, "smile": 2}, "reg": {"a person": 2}}]
+    assert metadata(["--data", "a/images", "--reg-data", "b/images"]) == [
+        {"images": {"n_repeats": 1, "img_count": 2}}, {"b/images": {"n_repeats": 1, "img_count": 2}},
+        {"images": {"zk": 2, "smile": 2}, "b/images": {"a person": 2}}]
+    assert metadata(["--dataset-config", "same.toml"]) == [
+        {"a/images": {"n_repeats": 1, "img_count": 2}}, {"b/images": {"n_repeats": 1, "img_count": 2}},
+        {"a/images": {"zk": 2, "smile": 2}, "b/images": {"a person": 2}}]

@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -47,8 +48,9 @@ class ImageRecord:
     repeats: int
     """Times the image is seen per epoch (kohya `N_name` folders; 1 otherwise)."""
     folder: str
-    """Dataset folder label, relative to the root in posix form ("." for the root): the repeat folder, else
-    the image's own folder. It keys kohya's `ss_dataset_dirs` and `ss_tag_frequency` metadata."""
+    """Dataset folder label (`_folder_labels`): the repeat folder, else the image's own folder, relative to the root
+    in posix form, or the root's own name for the images directly in it. It keys kohya's `ss_dataset_dirs`,
+    `ss_reg_dataset_dirs` and `ss_tag_frequency` metadata."""
     width: int
     height: int
     """Size after EXIF orientation."""
@@ -77,7 +79,8 @@ class _Problems:
 
 
 def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images: bool = False, recursive: bool = True,
-                 default_caption: str | None = None, exclude: dict[Path, str] | None = None) -> ScanResult:
+                 default_caption: str | None = None, exclude: dict[Path, str] | None = None,
+                 taken_labels: Collection[str] = ()) -> ScanResult:
     """Find every image under `root` (recursively, sorted, hidden names skipped) and caption it.
 
     Caption priority: sidecar `<stem><caption_extension>` (in any letter case), then a `metadata.jsonl` or
@@ -86,7 +89,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     (metadata file and folder-name errors still raise). `recursive=False` reads only the images directly in
     `root`, as kohya reads a dataset config's image_dir (sub-folders are counted in a warning). The folders of
     `exclude`, {folder: why it is not read} (a run's output folders, its held-out and regularisation images, when
-    they lie inside `root`), are not entered, with a warning saying why.
+    they lie inside `root`), are not entered, with a warning saying why. `taken_labels`: the folder labels of another
+    image set of the run (--data's, for --reg-data's), which this one's must not repeat (`_folder_labels`).
     """
     shown_root = Path(root)
     root_abs = _check_root(shown_root)
@@ -108,6 +112,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     metadata, metadata_problems = read_metadata(root_abs, shown_root, metadata_files, set(images), recursive)
     problems.setup.extend(metadata_problems)
     folders = {image: _dataset_folder(root_abs, shown_root, image, problems) for image in images}
+    labels = _folder_labels(root_abs, {folder for folder, _, _ in folders.values()}, taken_labels)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         sizes = list(pool.map(_checked_size, images))
@@ -120,7 +125,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
         if isinstance(size, ImageProblem):
             problems.files.append((image, shown, size.problem))
             continue
-        folder_label, repeats, folder_caption = folders[image]
+        folder, repeats, folder_caption = folders[image]
         try:
             sidecar = _read_sidecar(_sidecar_path(image, caption_extension, listings))
         except UserError as e:
@@ -145,7 +150,7 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
             caption, source = folder_caption, "folder"
             fallback.append((shown, caption))
         records.append(
-            ImageRecord(image.resolve(), caption, source, repeats, folder_label, size[0], size[1])
+            ImageRecord(image.resolve(), caption, source, repeats, labels[folder], size[0], size[1])
         )
 
     _raise_if_problems(problems, skip_bad_images)
@@ -201,9 +206,10 @@ def dataset_metadata(records: list[ImageRecord], reg_records: list[ImageRecord] 
 
     `ss_tag_frequency`: {folder: {tag: times it occurs}}, tags lower-cased like kohya, counted in the captions as
     read (`caption_as_read`: no caption_prefix / caption_suffix); each image counts once, not once per repeat. Like
-    kohya's, it counts the regularisation images `reg_records` (as found, before balancing) too, a folder label of
-    both in one entry. `ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`: images per
-    epoch, repeats included. (The regularisation folders' own keys: `reg_dataset_metadata`.)
+    kohya's, it counts the regularisation images `reg_records` (as found, before balancing) too, each folder under its
+    own label (--reg-data's are labelled apart from --data's: `scan_dataset`'s `taken_labels`). `ss_dataset_dirs`:
+    {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`: images per epoch, repeats included. (The
+    regularisation folders' own keys: `reg_dataset_metadata`.)
     """
     tag_frequency: dict[str, Counter] = {}
     counted = set()
@@ -320,13 +326,14 @@ def _not_a_file(path: Path) -> str:
     return "not a regular file (a pipe, socket or device); replace it with the image file"
 
 
-def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Problems) -> tuple[str, int, str]:
-    """(folder label, repeats, fallback caption) for an image, from its nearest kohya `N_name` folder."""
+def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Problems) -> tuple[tuple[str, ...], int, str]:
+    """(dataset folder relative to `root`, as readable names; () for `root` itself, repeats, fallback caption) for an
+    image, from its nearest kohya `N_name` folder."""
     folders = tuple(map(readable, image.relative_to(root).parts[:-1]))
     for depth in range(len(folders), 0, -1):
         match = _REPEAT_FOLDER.match(folders[depth - 1])
         if match:
-            label = PurePosixPath(*folders[:depth]).as_posix()
+            label = PurePosixPath(*folders[:depth]).as_posix()  # (for the messages)
             repeats = int(match[1])
             problem = None
             if repeats < 1:
@@ -338,11 +345,31 @@ def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Proble
                            f"1_{folders[depth - 1]}, else use a smaller count")
             if problem and problem not in problems.setup:
                 problems.setup.append(problem)
-            return label, max(repeats, 1), match[2]
-    label = PurePosixPath(*folders).as_posix() if folders else "."
+            return folders[:depth], max(repeats, 1), match[2]
     name = folders[-1] if folders else readable(root.name)
     match = _REPEAT_FOLDER.match(name)
-    return label, 1, match[2] if match else name.replace("_", " ")
+    return folders, 1, match[2] if match else name.replace("_", " ")
+
+
+def _folder_labels(root: Path, folders: set[tuple[str, ...]], taken: Collection[str]) -> dict[tuple[str, ...], str]:
+    """{dataset folder relative to `root` (`_dataset_folder`): its label in kohya's metadata}: its path relative to
+    `root` (`10_zk`, `chars/3_me`), and for `root` itself its name, as kohya labels an image_dir by its name ("."
+    labelled --data's and --reg-data's images alike, and their tags were counted as one folder's). Where labels
+    would clash (a folder inside `root` named as `root`; a label in `taken`, another image set's), parent folders are
+    added until they don't (`char/images` beside `images`), as a dataset config's image_dirs are told apart. Never
+    the whole local path while a part of it tells the folders apart."""
+    root_names = tuple(map(readable, root.parts[1:]))  # (its anchor, "/" or a drive, is not a folder name)
+    parts = {folder: root_names + folder for folder in folders}
+    names = {folder: max(len(folder), 1) for folder in folders}  # how many of the path's last names label it
+    while True:
+        labels = {folder: "/".join(parts[folder][-n:]) or "." for folder, n in names.items()}  # ("." : `root` is "/")
+        counts = Counter(labels.values())
+        clashing = [folder for folder, label in labels.items()
+                    if (counts[label] > 1 or label in taken) and names[folder] < len(parts[folder])]
+        if not clashing:
+            return labels
+        for folder in clashing:
+            names[folder] += 1
 
 
 def _root_name_warning(shown_root: Path, root: Path) -> list[str]:

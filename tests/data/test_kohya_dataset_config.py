@@ -73,7 +73,7 @@ def test_two_subsets_give_the_records_of_data_and_reg_data_folders(tmp_path, mon
     assert [(r.caption, r.repeats, r.prior) for r in prior_toml] == [("a person 0", 5, True), ("a person 1", 4, True)]
     # kohya's metadata counts the images as found (2 x 1 repeat), not the 9 balanced samples
     assert reg_dataset_metadata(found_toml) == {"ss_reg_dataset_dirs": '{"reg": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
-    assert reg_dataset_metadata(found_folders) == {"ss_reg_dataset_dirs": '{".": {"n_repeats": 1, "img_count": 2}}', "ss_num_reg_images": "2"}
+    assert reg_dataset_metadata(found_folders) == reg_dataset_metadata(found_toml)  # "reg", the folder's name, as kohya's
 
 
 def test_subset_values_fall_back_to_the_dataset_then_general(tmp_path, monkeypatch):
@@ -515,10 +515,9 @@ def test_tag_frequency_counts_the_regularisation_images_as_found(tmp_path, monke
         train = scan_training_data(config).records
         prior, found = regularization_set(config, train, show=False)
         assert len(found) == 3 and len(prior) == 3
-        reg_label = "reg" if config.dataset_config else "."
         assert json.loads(dataset_metadata(train, found)["ss_tag_frequency"]) == {
             "3_token": {"token": 3, "red": 1, "blue": 1},
-            reg_label: {"a person 0": 1, "a person 1": 1, **({} if config.dataset_config else {"reg": 1})},
+            "reg": {"a person 0": 1, "a person 1": 1, **({} if config.dataset_config else {"reg": 1})},
         }
 
 

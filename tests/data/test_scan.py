@@ -41,7 +41,7 @@ def test_kohya_repeat_folders_and_folder_captions(tmp_path):
         "b.png": (10, "10_zk char", "zk char", "folder"),
         "c.png": (3, "chars/3_me", "me", "folder"),
         "d.png": (1, "my_pets", "my pets", "folder"),
-        "e.png": (1, ".", "data", "folder"),
+        "e.png": (1, "data", "data", "folder"),  # the images directly in it: the folder's name, as kohya's image_dir
         "f.png": (2, "10_zk char/2_closeup", "closeup", "folder"),
     }
     assert result.warnings == [
@@ -382,3 +382,19 @@ def test_kohyas_caption_files_under_another_extension_are_pointed_out(tmp_path):
         f"(e.g. {tmp_path / '10_zk' / 'a.png'} -> 'zk'); they have .caption files beside them: set the caption extension "
         "to '.caption'"]
     assert [r.caption for r in scan_dataset(tmp_path, caption_extension=".caption").records] == ["zk, red hair"]
+
+
+def test_folder_labels_name_the_root_and_never_clash(tmp_path):
+    """The images directly in the data folder were labelled ".", in --data's scan and --reg-data's alike, so the two
+    merged into one ss_tag_frequency entry. The root is labelled by its name, as kohya labels an image_dir; where a
+    label would clash (a sub-folder named as the root; a label another image set took), parent folders are added."""
+    write_image(tmp_path / "data" / "a.png")
+    write_image(tmp_path / "data" / "data" / "b.png")  # a sub-folder named as the root
+    write_image(tmp_path / "data" / "1_p" / "c.png")
+    labels = {r.path.name: r.folder for r in scan_dataset(tmp_path / "data").records}
+    assert labels == {"a.png": f"{tmp_path.name}/data", "b.png": "data/data", "c.png": "1_p"}
+    write_image(tmp_path / "reg" / "r.png")
+    write_image(tmp_path / "reg" / "1_p" / "s.png")
+    reg = scan_dataset(tmp_path / "reg", taken_labels=set(labels.values()) | {"reg"})
+    assert {r.path.name: r.folder for r in reg.records} == {"r.png": f"{tmp_path.name}/reg", "s.png": "reg/1_p"}
+    assert not any(str(tmp_path) in r.folder for r in reg.records)  # names, never the local path
