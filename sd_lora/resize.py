@@ -9,7 +9,8 @@ values (`--rank` then caps it), so ranks vary per module. Reported: retained ene
 error ||delta - delta_new||_F / ||delta||_F, measured on the factors as stored (rounding included).
 
 Metadata is kept (`ss_base_model_version` / `ss_v2` added for the detected family when missing, as `convert` and
-`merge` do), except the input's own file hashes (`formats.kohya.FILE_HASH_KEYS`) and a diffusers input's
+`merge` do), except the input's own file hashes (`formats.kohya.FILE_HASH_KEYS`), what was measured on its weights
+(`formats.kohya.MEASURED_KEYS`: the best validation loss; the resized LoRA's loss is not that) and a diffusers input's
 `lora_adapter_metadata` (its PEFT config: the old ranks and alphas; diffusers refuses a kohya file that has both it
 and alpha tensors); ss_network_dim / ss_network_alpha are updated, and when ranks vary per module ss_network_dim
 is "Dynamic" and the ranks are listed under `sd_lora_module_ranks` (JSON). `sd_lora_resize` records how.
@@ -25,7 +26,7 @@ import torch
 
 from sd_lora.errors import UserError
 from sd_lora.formats.diffusers_format import ADAPTER_METADATA_KEY
-from sd_lora.formats.kohya import FILE_HASH_KEYS
+from sd_lora.formats.kohya import FILE_HASH_KEYS, MEASURED_KEYS
 from sd_lora.formats.modelspec import missing_family_metadata
 from sd_lora.fsio import check_output_file
 from sd_lora.lora import maths
@@ -74,7 +75,9 @@ def resize_file(
     dtype = SAVE_DTYPES[save_precision] if save_precision else lora.dtype
     modules, errors, retained = resize_modules(lora.modules, rank, energy, dtype)
 
-    metadata = {k: v for k, v in lora.metadata.items() if k not in (*FILE_HASH_KEYS, ADAPTER_METADATA_KEY, RANKS_NOTE_KEY)}
+    stale = (*FILE_HASH_KEYS, *MEASURED_KEYS, ADAPTER_METADATA_KEY, RANKS_NOTE_KEY)  # true of the input only
+    metadata = {k: v for k, v in lora.metadata.items() if k not in stale}
+    unmeasured = [k for k in MEASURED_KEYS if k in lora.metadata]
     added = missing_family_metadata(metadata, lora.family)
     metadata.update(added)
     metadata.update(rank_metadata(modules))
@@ -94,6 +97,9 @@ def resize_file(
     print(error_summary(errors, verbose))
     if added:
         print(f"added metadata: {', '.join(f'{k}={v}' for k, v in added.items())}")
+    if unmeasured:
+        print(f"dropped metadata: {', '.join(unmeasured)} (the input's validation loss, not the "
+              "resized LoRA's)")
     print(f"wrote {dst}")
     return dst
 

@@ -218,3 +218,39 @@ def test_the_input_files_own_hashes_are_not_copied(tmp_path, capsys):
     metadata = read_lora_file(tmp_path / "b.safetensors")[1]
     assert "sshs_legacy_hash" not in metadata and "modelspec.hash_sha256" not in metadata
     assert metadata["ss_seed"] == "7"
+
+
+@pytest.mark.slow
+def test_a_trained_files_validation_loss_is_dropped_by_resize_and_kept_by_convert(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """A trained LoRA resized to rank 1 kept ss_validation_loss_best / ss_validation_best_step: the held-out loss of
+    the trained weights, which the approximation does not have. `convert` keeps them (the same weight changes, bit
+    for bit at alpha = rank) and `merge` writes none; the run's own keys (rank-free history) stay."""
+    from sd_lora.train import main as train_main
+    from sd_lora.convert import convert_lora
+    from sd_lora.formats.architecture import architecture_from_model_dir
+    from sd_lora.merge import main as merge_main
+
+    out = tmp_path / "run"
+    assert train_main(["--data", str(tiny_dataset), "--model", str(tiny_model_dir), "--output-dir", str(out),
+                       "--resolution", "32", "--batch-size", "2", "--rank", "4", "--max-steps", "2", "--sample-every", "0",
+                       "--validation-split", "0.3", "--validate-every", "1", "--output-name", "trained"]) == 0
+    trained = read_lora_file(out / "trained.safetensors")[1]
+    assert {"ss_validation_loss_best", "ss_validation_best_step", "ss_num_validation_images"} <= trained.keys()
+    capsys.readouterr()
+
+    assert main([str(out / "trained.safetensors"), str(tmp_path / "r.safetensors"), "--rank", "1"]) == 0
+    resized = read_lora_file(tmp_path / "r.safetensors")[1]
+    assert "ss_validation_loss_best" not in resized and "ss_validation_best_step" not in resized
+    assert "dropped metadata: ss_validation_loss_best, ss_validation_best_step" in capsys.readouterr().out
+    assert (resized["ss_network_dim"], resized["ss_network_alpha"]) == ("1", "1")
+    for key in ("ss_num_validation_images", "ss_validation_split", "ss_steps", "ss_tag_frequency", "sd_lora_config"):
+        assert resized[key] == trained[key], key  # what the run was, still true
+
+    convert_lora(out / "trained.safetensors", tmp_path / "c.safetensors", "kohya",
+                 architecture=architecture_from_model_dir(tiny_model_dir))
+    converted = read_lora_file(tmp_path / "c.safetensors")[1]
+    assert converted["ss_validation_loss_best"] == trained["ss_validation_loss_best"]
+
+    assert merge_main(["--lora", f"{out / 'trained.safetensors'}:0.5", "--lora", str(tmp_path / "r.safetensors"),
+                       "--output", str(tmp_path / "m.safetensors")]) == 0
+    assert not {"ss_validation_loss_best", "ss_validation_best_step"} & read_lora_file(tmp_path / "m.safetensors")[1].keys()

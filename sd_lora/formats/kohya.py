@@ -48,6 +48,9 @@ HASH_KEY = "sshs_model_hash"
 # Hashes of one file's bytes: written for the file they describe, never copied to another (convert, resize). kohya's
 # sshs_legacy_hash (read by sd-webui-additional-networks in place of hashing the file) and modelspec.hash_sha256.
 FILE_HASH_KEYS = (HASH_KEY, "sshs_legacy_hash", "modelspec.hash_sha256")
+# Measured on the trained weight changes themselves (the best validation loss and its step): still true of a file
+# that holds the same changes (convert), not of an approximation of them (resize), so never copied to one.
+MEASURED_KEYS = ("ss_validation_loss_best", "ss_validation_best_step")
 
 # Top-level children of `CLIPTextTransformer`; in a flattened CLIPTextModel they sit at the model root.
 _FLATTENED_CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
