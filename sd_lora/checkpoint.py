@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import FIELDS, TrainConfig, read_toml
 from .errors import UserError
-from .fsio import temp_folder, usual_permissions
+from .fsio import temporary_beside, usual_permissions
 
 STATE_PREFIX = "state-"
 
@@ -174,8 +174,7 @@ def save_state(
     also one at this very step, which would be replaced. `rng`: `rng_states` of every process, in rank order
     (one entry with one process)."""
     final = output_dir / state_dir_name(progress.step)
-    tmp = temp_folder(output_dir, final.name)
-    try:
+    with temporary_beside(final, folder=True) as tmp:  # removed if anything below fails
         save_file(trainable_tensors(modules), str(tmp / "lora_params.safetensors"))
         training = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": list(rng)}
         scaler = getattr(optimizer, "scaler", None)  # fp16's loss scale (accelerate's optimizer wrapper holds it)
@@ -192,9 +191,6 @@ def save_state(
         for later in later_states(output_dir, progress.step if after is None else after):
             set_aside(later)
         _swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_states(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -216,6 +212,11 @@ def _swap_in(new: Path, final: Path) -> None:
         replaced.rename(final)
         raise
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def is_state_name(name: str) -> bool:
+    """Whether `name` is a state folder's (`state_dir_name`)."""
+    return name.startswith(STATE_PREFIX) and name[len(STATE_PREFIX):].isdigit()
 
 
 def state_step(path: Path) -> int:
@@ -247,7 +248,7 @@ def list_states(output_dir: Path) -> list[Path]:
     """Complete state folders in `output_dir`, oldest first (temporary folders are ignored)."""
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX) and p.name[len(STATE_PREFIX):].isdigit()]
+    found = [p for p in output_dir.iterdir() if p.is_dir() and is_state_name(p.name)]
     return sorted(found, key=state_step)
 
 

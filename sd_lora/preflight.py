@@ -1,5 +1,6 @@
 """Before training: the checks a run makes while nothing slow has happened yet (options that need the
-machine, the output folder, the prompt file, captions, free space), and the summary it prints.
+machine, the output folder, the prompt file, captions, free space), the clean-up of what a killed run left
+half-written, and the summary it prints.
 
 The checks raise a `UserError` that names the option or file and the fix; none needs more of the model than
 its tokenizer.
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import is_state_name
 from .config import TrainConfig
 from .data import ImageDataset
+from .data.latent_cache import remove_abandoned_entries
 from .errors import UserError
+from .fsio import remove_abandoned
 from .models.load import BaseModel
 from .models.text import too_long
 from .precision import cpu_has_bf16
@@ -61,6 +65,40 @@ def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+
+
+SHOWN_REMOVED = 3  # removed temporaries named in the line; the rest are counted
+
+
+def remove_abandoned_saves(config: TrainConfig, started: float) -> str | None:
+    """Delete what an earlier run killed mid-save (`kill -9`, the OOM killer, a power cut) left half-written in the
+    folders this run writes: the hidden `.<name>.XXXXXXXX.tmp` temporaries of LoRA files, training states, config.toml
+    and metrics.jsonl in --output-dir, of sample grids, and of --latent-cache-dir's entries. `fsio.remove_abandoned`
+    decides which are abandoned (never one a live writer holds, such as another run's in a shared folder); `started` is
+    when this process started. Call it on the main process only. Returns the line that says what went and the space
+    freed, or None when nothing did."""
+    removed = remove_abandoned(config.output_dir, owns=_run_output, before=started)
+    removed += remove_abandoned(config.samples_dir, owns=lambda name: name.endswith(".png"), before=started)
+    if config.latent_cache_dir is not None:
+        removed += remove_abandoned_entries(config.latent_cache_dir, started)
+    if not removed:
+        return None
+    names = ", ".join(str(path) for path, _ in removed[:SHOWN_REMOVED])
+    more = f" and {len(removed) - SHOWN_REMOVED} more" if len(removed) > SHOWN_REMOVED else ""
+    saves = "half-written save" if len(removed) == 1 else "half-written saves"
+    return f"removed {len(removed)} {saves} that a killed run left behind, freeing {_size(sum(n for _, n in removed))}: {names}{more}"
+
+
+def _run_output(name: str) -> bool:
+    """Whether a run writes files named `name` in --output-dir: LoRA files, state folders, config.toml, metrics.jsonl."""
+    return name.endswith(".safetensors") or is_state_name(name) or name in ("config.toml", "metrics.jsonl")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def read_sample_prompts(config: TrainConfig):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # hack: see sd_lora.demo.pretrain (before torch loads)
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from . import checkpoint, loop, memory, tensorboard_log  # noqa: E402
@@ -41,7 +42,8 @@ from .models.load import BaseModel, is_checkpoint_file, load_base_model  # noqa:
 from .models.single_file import webui_hashes  # noqa: E402
 from .optim import build_lr_scheduler, build_optimizer, check_available, restore_lr_scheduler  # noqa: E402
 from .precision import choose_mixed_precision, probe_hardware  # noqa: E402
-from .preflight import check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, check_xformers, read_sample_prompts, summary, warn_long_captions, warn_long_sample_prompts  # noqa: E402
+from .preflight import (check_epoch_schedules, check_zero_snr_samplers, check_free_space, check_output_dir, check_precision, check_xformers,  # noqa: E402
+                        read_sample_prompts, remove_abandoned_saves, summary, warn_long_captions, warn_long_sample_prompts)
 from .sampling.prompts import SIZE_STEP, default_prompts  # noqa: E402
 from .trainee_setup import (WEIGHT_DTYPES, cache_text_conditioning, check_step_memory, cpu_threads, make_accelerator, release_text_encoders,  # noqa: E402
                             prepare_models, read_init_weights)
@@ -174,6 +176,8 @@ def train_lora(config: TrainConfig) -> TrainResult:
         check_output_dir(config.latent_cache_dir, "--latent-cache-dir")
     if config.log_with == "tensorboard":
         check_output_dir(tensorboard_log.logging_dir(config), "--logging-dir")
+    if process.is_main_process and (removed := remove_abandoned_saves(config, started=psutil.Process().create_time())):
+        print(removed)  # (only the main process writes files)
     scan = scan_training_data(config)
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -506,6 +507,29 @@ def test_a_second_run_in_the_folder_says_it_replaces_the_first_runs_files(tiny_d
     assert main(args[:-1] + ["other"]) == 0
     assert (f"warning: {tmp_path / 'o'} holds an earlier run's config.toml and metrics.jsonl (one per folder); this run "
             "replaces them" in capsys.readouterr().err)
+
+
+def test_a_run_removes_what_a_killed_run_left_half_written(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """kill -9 (or the OOM killer) mid-save leaves hidden .<name>.XXXXXXXX.tmp temporaries behind, a LoRA file's or a
+    state's hundreds of MB; the next run in the folders deletes them and says so. Nothing else is touched."""
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    state = out / ".state-00000004.k2j4h6g8.tmp"
+    leftovers = {out / ".zk.safetensors.abcd1234.tmp": 1024, state / "training_state.pt": 512,
+                 out / "samples" / ".zk-step00000001.png.x_y_z_12.tmp": 512, cache / "ab" / f".{'ab' * 32}.safetensors.qwertyui.tmp": 1024}
+    kept = {out / "notes.txt": 10, out / ".notes.txt.abcd1234.tmp": 10, cache / "ab" / ".other.safetensors.abcd1234.tmp": 10}
+    for path, size in {**leftovers, **kept}.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+    for path in [*leftovers, *kept, state]:
+        os.utime(path, (1_000_000_000, 1_000_000_000))  # (2001: older than this process)
+    args = train_args(tiny_dataset, tiny_model_dir, out, "--max-steps", "1", "--sample-every", "0", "--output-name", "zk",
+                      "--latent-cache-dir", str(cache))
+    assert main(args) == 0
+    assert (f"removed 4 half-written saves that a killed run left behind, freeing 3.0 KiB: {state}, {out / '.zk.safetensors.abcd1234.tmp'}, "
+            f"{out / 'samples' / '.zk-step00000001.png.x_y_z_12.tmp'} and 1 more\n") in capsys.readouterr().out
+    assert not any(path.exists() for path in [*leftovers, state]) and all(path.exists() for path in kept)
+    assert main(args) == 0
+    assert "half-written" not in capsys.readouterr().out
 
 
 def test_init_weights_of_no_preset_train_and_are_summarised_as_custom(tiny_dataset, tiny_model_dir, tmp_path, capsys):

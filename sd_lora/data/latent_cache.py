@@ -12,7 +12,8 @@ On disk every entry is one safetensors file, `cache_dir/ab/abcdef....safetensors
 everything that decides its latent: the image file's content, the bucket, the crop plan, the flip, the VAE's
 identity and `CACHE_FORMAT`. A changed image or setting therefore never meets a stale entry: it looks up
 another name, and a second run with the same inputs encodes nothing. Old entries are never deleted (delete
-the folder to reclaim the space). Entries are read back lazily, one file per sample, so a disk cache keeps
+the folder to reclaim the space); the temporary file of an entry whose writer was killed is
+(`remove_abandoned_entries`). Entries are read back lazily, one file per sample, so a disk cache keeps
 the training process's memory flat however large the dataset.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sd_lora.data.dataset import ImageDataset
 from sd_lora.errors import UserError
-from sd_lora.fsio import atomic_write_bytes, readable
+from sd_lora.fsio import atomic_write_bytes, readable, remove_abandoned
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 # Part of every disk key: bump it when the pixels an entry is encoded from change for the same file and
@@ -137,8 +139,23 @@ def entry_key(content: str, dataset: ImageDataset, index: int, flipped: bool, va
     return hashlib.sha256("\0".join(fields).encode()).hexdigest()
 
 
+_SUBFOLDER = re.compile(r"[0-9a-f]{2}")  # entry_path's folders and names
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
+
+
 def entry_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / key[:2] / f"{key}.safetensors"  # 256 sub-folders keep each folder small
+
+
+def remove_abandoned_entries(cache_dir: Path, before: float) -> list[tuple[Path, int]]:
+    """Delete the temporary files of entries whose writer was killed (`fsio.remove_abandoned`: those of a live
+    writer, such as another run sharing the folder, stay), in the sub-folders `entry_path` makes; (path, bytes) of each."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    folders = sorted(p for p in cache_dir.iterdir() if _SUBFOLDER.fullmatch(p.name) and p.is_dir())
+    return [removed for folder in folders
+            for removed in remove_abandoned(folder, owns=lambda name: _ENTRY_NAME.fullmatch(name) is not None, before=before)]
 
 
 def write_entry(path: Path, key: str, latent: torch.Tensor, source: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from sd_lora.errors import UserError
 from sd_lora.export import SAVE_DTYPES
 from sd_lora.formats.architecture import architecture_of_pipeline, family_of_config
 from sd_lora.formats.readers import read_any_lora, require_exact, shape_mismatches
-from sd_lora.fsio import public_name, temp_folder
+from sd_lora.fsio import public_name, temporary_beside
 from sd_lora.lora import maths
 from sd_lora.lora.inject import LoraModuleWeights
 from sd_lora.models.load import CHECKPOINT_SUFFIXES, HUB_ID, is_checkpoint_file
@@ -161,16 +160,12 @@ def save_pipeline(pipe, output: Path, record: dict) -> Path:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"--output {output}: already exists; choose a new folder name or remove it first")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(output.parent, output.name)  # not mkdtemp's 0700: the model is for others to read too
-    try:
+    with temporary_beside(output, folder=True) as tmp:  # not mkdtemp's 0700: the model is for others to read too
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / BAKE_RECORD).write_text(json.dumps(record, indent=2))
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..fsio import readable, usual_permissions
+from ..fsio import readable, temporary_beside, usual_permissions
 from ..precision import vae_dtype
 from .checkpoint_detect import (
     SAFE_SUFFIXES,
@@ -338,15 +338,13 @@ def _for_saving(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+    # In a temporary folder, not a temporary file: save_file replaces the file it is given (a new inode), which would
+    # drop the lock that tells `fsio.remove_abandoned` the write is alive; the folder keeps it.
+    with temporary_beside(path, folder=True) as tmp:  # removed if the save fails
+        saved = tmp / path.name
+        save_file(tensors, str(saved), metadata=metadata)
+        with open(saved, "rb") as f:
             os.fsync(f.fileno())
-        usual_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        usual_permissions(saved)
+        os.replace(saved, path)
+        tmp.rmdir()

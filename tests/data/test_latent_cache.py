@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sd_lora.data.dataset import DataOptions, ImageDataset
-from sd_lora.data.latent_cache import LatentCache, build_latent_cache, read_entry, write_entry
+from sd_lora.data.latent_cache import LatentCache, build_latent_cache, read_entry, remove_abandoned_entries, write_entry
 from sd_lora.data.scan import scan_dataset
 from sd_lora.errors import UserError
 
@@ -151,6 +151,25 @@ def test_disk_entries_are_synced_but_not_their_folders(mixed_folder, tmp_path, m
     monkeypatch.setattr(fsio, "_fsync_dir", folders.append)
     disk_build(dataset(mixed_folder, flip=True), tmp_path / "cache")
     assert len(files) == 6 and folders == []
+
+
+def test_a_killed_writers_entry_temporaries_are_removed_and_nothing_else(mixed_folder, tmp_path):
+    """An entry's temporary (.<key>.safetensors.XXXXXXXX.tmp in its sub-folder) outlives a writer killed by kill -9;
+    the next run deletes it. Entries, other names and other folders stay."""
+    cache = tmp_path / "cache"
+    disk_build(dataset(mixed_folder), cache)
+    entries = sorted(cache.rglob("*.safetensors"))
+    key = "cd" * 32
+    leftover = cache / "cd" / f".{key}.safetensors.a1b2c3d4.tmp"
+    others = [cache / "cd" / f".{key}.txt.a1b2c3d4.tmp", cache / "cd" / ".short.safetensors.a1b2c3d4.tmp",
+              cache / "other" / f".{key}.safetensors.a1b2c3d4.tmp", cache / f".{key}.safetensors.a1b2c3d4.tmp"]
+    for path in [leftover, *others]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert remove_abandoned_entries(cache, before=2_000_000_000) == [(leftover, 4)]
+    assert all(p.exists() for p in [*entries, *others]) and not leftover.exists()
+    assert remove_abandoned_entries(tmp_path / "none", before=2_000_000_000) == []
 
 
 def test_disk_cache_feeds_samples(mixed_folder, tmp_path):
