@@ -20,7 +20,7 @@ import torch
 from . import loop
 from .config import TrainConfig
 from .errors import UserError
-from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate,
+from .data import (BucketBatchSampler, DataOptions, ImageDataset, build_latent_cache, collate, image_warnings,
                    regularization_records, scan_dataset)
 from .data.kohya_dataset_config import balance_regularization, read_dataset_config, scan_subsets
 from .models.load import BaseModel
@@ -162,6 +162,7 @@ def data_loader(config: TrainConfig, dataset: ImageDataset, accelerator) -> torc
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,  # not re-forked (and re-imported) at every epoch
+        worker_init_fn=image_warnings.drop_in_worker,  # the scan reported Pillow's warnings about these images
         generator=torch.Generator().manual_seed(config.seed),
         pin_memory=accelerator.device.type == "cuda",  # page-locked batches reach the GPU without a wait
     )

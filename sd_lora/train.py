@@ -28,7 +28,7 @@ from .compiling import check_compiler  # noqa: E402
 from .config import TrainConfig, load_config, output_name_length_problem  # noqa: E402
 from .demo.defaults import announce_demo, is_demo_base  # noqa: E402
 from .options import DEFAULT_RANK  # noqa: E402
-from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, reg_dataset_metadata  # noqa: E402
+from .data import ImageDataset, build_latent_cache, dataset_metadata, fingerprint, image_warnings, reg_dataset_metadata  # noqa: E402
 from .data.latent_cache import vae_identity  # noqa: E402
 from .data_setup import (Prefetch, build_validation, data_loader, data_options, regularization_set, scan_training_data, split_validation,  # noqa: E402
                          stop_workers, vae_encoder)
@@ -347,7 +347,9 @@ def train_lora(config: TrainConfig) -> TrainResult:
                 "ss_num_validation_images": str(len(validation_records))}
     if is_checkpoint_file(config.model) and accelerator.is_main_process:  # as kohya; a diffusers folder or Hub id has none
         run_meta.update(webui_hashes(Path(config.model).expanduser()))
-    with StopRequest() as stop:
+    # image_warnings.collect: the batches decode the images again (in this process without --num-workers), and Pillow's
+    # warnings about their metadata, which the scan reported, are dropped.
+    with StopRequest() as stop, image_warnings.collect():
         outputs = RunOutputs(
             config, model, accelerator, trainee=trainee, objective=objective, run_meta=run_meta,
             prompts=prompts, total_steps=total_steps, total_epochs=epochs, targets=targets, start_step=state.step, data_fingerprint=data_id,

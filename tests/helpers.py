@@ -25,6 +25,25 @@ def write_dataset(root: Path, count: int = 6, repeats: int = 2, sizes=((48, 64),
     return root
 
 
+def odd_exif_photo(path: Path, size=(64, 48), entries: int = 3, truncated: bool = False) -> Path:
+    """A JPEG whose EXIF block says orientation 6 (turn 90 degrees: the picture is `size` swapped) and then has a tag
+    Pillow cannot read: ResolutionUnit with `entries` values where the spec has one (Pillow keeps the first and warns
+    "Metadata Warning, tag 296 had too many entries: <entries>, expected 1", a text per count), or with `truncated`
+    values that run off the end of the block (Pillow skips the tag: "Tag data larger than file. Skipping tag 296").
+    Phones write such blocks."""
+    import struct
+
+    from PIL import Image
+
+    values_at = 8 + 2 + 2 * 12 + 4  # after the header, the entry count, two entries and the next-IFD offset
+    ifd = (struct.pack("<H", 2) + struct.pack("<HHLHH", 0x0112, 3, 1, 6, 0)
+           + struct.pack("<HHLL", 0x0128, 3, entries + 64 * truncated, values_at) + struct.pack("<L", 0))
+    block = b"II*\x00" + struct.pack("<L", 8) + ifd + struct.pack(f"<{entries}H", *[2] * entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 120, 40)).save(path, exif=b"Exif\x00\x00" + block)
+    return path
+
+
 def random_lora_components(pipe, *, rank, alpha, seed, unet_every=1, te_every=1, scale=0.2) -> dict:
     """{component: {module path: LoraModuleWeights}} with random down/up factors (N(0, scale^2)) on every
     `unet_every`-th attn-mlp U-Net module and every `te_every`-th text-encoder linear (SDXL: both encoders)."""

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -530,6 +531,28 @@ def test_a_run_removes_what_a_killed_run_left_half_written(tiny_dataset, tiny_mo
     assert not any(path.exists() for path in [*leftovers, state]) and all(path.exists() for path in kept)
     assert main(args) == 0
     assert "half-written" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-cache-latents",), ("--no-cache-latents", "--num-workers", "1")],
+                         ids=["cached", "uncached-thread", "uncached-worker"])
+def test_photos_with_a_broken_exif_block_train_with_one_warning(tmp_path, tiny_model_dir, capfd, extra):
+    """The scan sums Pillow's per-image EXIF warnings up in one line; decoding the photos again (the latent cache, the
+    batches in this process or in a worker) says nothing more. The photos train, turned upright."""
+    from helpers import odd_exif_photo
+
+    for i in range(4):
+        odd_exif_photo(tmp_path / "data" / "1_zk" / f"{i}.jpg", entries=3 + i)
+    out = tmp_path / "o"
+    with warnings.catch_warnings():  # every warning printed, each time (pytest would record them): as Pillow's were
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, *_: print(f"{filename}: {message}", file=sys.stderr)
+        assert main(train_args(tmp_path / "data", tiny_model_dir, out, "--max-steps", "2", "--sample-every", "0", *extra)) == 0
+    err = capfd.readouterr().err  # (also a worker process's)
+    [line] = [line for line in err.splitlines() if "Metadata Warning" in line or "Pillow" in line or "PIL" in line]
+    assert line.startswith("warning: 4 images have EXIF or other metadata that Pillow could not fully read")
+    with safe_open(str(out / "data.safetensors"), "pt") as f:
+        [bucket] = json.loads(f.metadata()["ss_bucket_info"])["buckets"].values()
+    assert bucket["resolution"][0] < bucket["resolution"][1]  # upright: the 64x48 pictures turned to portrait
 
 
 def test_init_weights_of_no_preset_train_and_are_summarised_as_custom(tiny_dataset, tiny_model_dir, tmp_path, capsys):

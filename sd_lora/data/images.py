@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sd_lora.data.image_warnings import decoding
 from sd_lora.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".gif")
@@ -59,8 +60,14 @@ def _decode_upright(path: Path, cover: tuple[int, int] | None = None) -> tuple[I
     Returns the image, the picture's full upright (width, height) and the box of the image that holds the picture
     (for `Image.resize(box=...)`). With `cover` (an upright width, height), a JPEG is decoded at the smallest of 1/1,
     1/2, 1/4 and 1/8 of its size that is at least `cover` on both sides, so the image can be smaller than the
-    picture; other formats (and lossless JPEGs) decode whole, and their box is the whole image.
+    picture; other formats (and lossless JPEGs) decode whole, and their box is the whole image. Pillow's warnings
+    meanwhile (a damaged EXIF block) are this file's, for `image_warnings.collect` to count.
     """
+    with decoding(path):
+        return _decode(path, cover)
+
+
+def _decode(path: Path, cover: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int], Box]:
     try:
         if os.path.getsize(path) == 0:
             raise ImageProblem(path, "image is empty (0 bytes)")

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from sd_lora.data import image_warnings
 from sd_lora.data.dataset import ImageDataset
 from sd_lora.errors import UserError
 from sd_lora.fsio import atomic_write_bytes, readable, remove_abandoned
@@ -231,8 +232,9 @@ def build_latent_cache(
         indices = by_bucket[bucket]
         batches.extend(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
 
-    with tqdm(total=len(dataset) * len(variants), initial=cache.reused, desc="caching latents", unit="img",
-              disable=not progress) as bar:
+    # Pillow's warnings about the images' metadata are dropped: the scan, which decoded every one, reported them.
+    with image_warnings.collect(), tqdm(total=len(dataset) * len(variants), initial=cache.reused, desc="caching latents",
+                                        unit="img", disable=not progress) as bar:
         for batch, pixels in zip(batches, _prefetched_pixels(dataset, batches)):  # pixels: (B, 3, H, W)
             for flipped in variants:
                 rows = [j for j, index in enumerate(batch) if flipped in todo[index]]

@@ -8,7 +8,8 @@ Layouts understood (they can be mixed):
     `metadata.csv` with `file_name` and `text` columns (see `metadata`).
 
 Every image is fully decoded once here, and every problem in the folder is reported in one error, so a
-broken file surfaces before training starts and the user can fix all of them in one pass.
+broken file surfaces before training starts and the user can fix all of them in one pass. Pillow's warnings
+about the files' metadata (a damaged EXIF block) are summarised in one line of the scan's warnings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from sd_lora.data import image_warnings
 from sd_lora.data.captions import split_tags
 from sd_lora.data.images import IMAGE_EXTENSIONS, ImageProblem, check_image, is_image_file
 from sd_lora.data.metadata import METADATA_FILES, read_metadata
@@ -114,8 +116,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     folders = {image: _dataset_folder(root_abs, shown_root, image, problems) for image in images}
     labels = _folder_labels(root_abs, {folder for folder, _, _ in folders.values()}, taken_labels)
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        sizes = list(pool.map(_checked_size, images))
+    with image_warnings.collect() as odd, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        sizes = list(pool.map(_checked_size, images))  # (odd: Pillow's warnings about their metadata, per image)
 
     records: list[ImageRecord] = []
     fallback, empty, empty_metadata, multiline = [], [], [], []
@@ -190,6 +192,8 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     if aliased_dirs:
         warnings.append(f"{_count(len(aliased_dirs), 'folder is', 'folders are')} the same folder as one "
                         f"already scanned (symlinks, e.g. {aliased_dirs[0]}); scanned once")
+    if odd_metadata := odd.summary(lambda image: shown_root / image.relative_to(root_abs)):
+        warnings.append(odd_metadata)
     if problems.files:
         warnings.append(f"skipped {_count(len(problems.files), 'bad file', 'bad files')} "
                         f"(--skip-bad-images), e.g. {_file_line(problems.files[0])}")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 
@@ -398,3 +399,26 @@ def test_folder_labels_name_the_root_and_never_clash(tmp_path):
     reg = scan_dataset(tmp_path / "reg", taken_labels=set(labels.values()) | {"reg"})
     assert {r.path.name: r.folder for r in reg.records} == {"r.png": f"{tmp_path.name}/reg", "s.png": "reg/1_p"}
     assert not any(str(tmp_path) in r.folder for r in reg.records)  # names, never the local path
+
+
+@pytest.mark.parametrize("truncated", [False, True], ids=["odd-tag", "truncated-tag"])
+def test_images_with_a_broken_exif_block_are_one_warning_with_the_count(tmp_path, truncated):
+    """Pillow warns once per image (each text names its numbers, so Python shows them all) and names no file: a folder
+    of 500 phone photos printed 500 lines. The scan says it once, with the count, the first files and what to do; the
+    images still train, turned upright by the orientation tag read before the broken one."""
+    from helpers import odd_exif_photo
+
+    for i in range(5):
+        odd_exif_photo(tmp_path / "data" / f"{i}.jpg", entries=3 + i, truncated=truncated)
+    write_image(tmp_path / "data" / "plain.png", (40, 40))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        result = scan_dataset(tmp_path / "data")
+    assert [str(w.message) for w in shown] == []
+    lines = [w for w in result.warnings if "Pillow" in w]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"5 images have EXIF or other metadata that Pillow could not fully read ({tmp_path / 'data' / '0.jpg'}, "
+        f"{tmp_path / 'data' / '1.jpg'}, {tmp_path / 'data' / '2.jpg'} and 2 more; Pillow: ")
+    assert "rotate any that show on their side" in lines[0] and "exiftool -all= FILE" in lines[0]
+    assert {(r.path.name, r.width, r.height) for r in result.records} == {
+        *((f"{i}.jpg", 48, 64) for i in range(5)), ("plain.png", 40, 40)}
