@@ -10,7 +10,8 @@ from sd_lora.data.dataset import BucketBatchSampler, DataOptions, ImageDataset, 
 from sd_lora.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, ImageProblem, check_image, open_image
 from sd_lora.data.latent_cache import LatentCache, build_latent_cache
 from sd_lora.data.regularization import regularization_records
-from sd_lora.data.scan import ImageRecord, ScanResult, dataset_metadata, fingerprint, reg_dataset_metadata, scan_dataset
+from sd_lora.data.scan import ImageRecord, ScanResult, fingerprint, scan_dataset
+from sd_lora.data.ss_metadata import dataset_metadata, reg_dataset_metadata
 
 __all__ = [
     "IMAGE_EXTENSIONS",

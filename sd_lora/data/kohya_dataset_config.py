@@ -31,6 +31,7 @@ from typing import Any
 from sd_lora.data.images import IMAGE_EXTENSIONS
 from sd_lora.data.regularization import regularization_records
 from sd_lora.data.scan import MAX_REPEATS, ImageRecord, ScanResult, scan_dataset
+from sd_lora.data.ss_metadata import distinct_labels
 from sd_lora.errors import ConfigError, UserError
 
 KOHYA_CAPTION_EXTENSION = ".caption"  # kohya's default when neither the file nor --caption_extension sets one
@@ -285,21 +286,16 @@ def balance_regularization(config: KohyaDatasetConfig, train_records: list[Image
 
 
 def _labels(image_dirs: list[Path]) -> list[str]:
-    """Each image_dir's label in the metadata: its name, as kohya's; where two folders share a name (`char_a/images`,
-    `char_b/images`), as many parent folders as tell them apart, so their entries (each with its own num_repeats)
+    """Each image_dir's label in the metadata: its name, as kohya's, with as many parent folders as tell it apart from
+    the others' (`distinct_labels`: `char_a/images`, `char_b/images`), so their entries (each with its own num_repeats)
     are not merged into one. A folder that is a subset of several datasets is `name (2)`, `name (3)` after the
-    first, as in kohya's `ss_dataset_dirs`. Never the whole local path."""
+    first, as in kohya's `ss_dataset_dirs`."""
     parts = [Path(os.path.abspath(d)).parts[1:] for d in image_dirs]
-    # How many distinct folders end in each run of names: counted once, not by comparing every pair of folders
-    # (4,000 subsets took 12 s that way).
-    sharing = Counter(p[-n:] for p in set(parts) for n in range(1, len(p) + 1))
-    labels, seen = [], Counter()
-    for own in parts:
-        n = 1
-        while n < len(own) and sharing[own[-n:]] > 1:  # another folder ends in the same names
-            n += 1
+    seen = Counter()
+    labels = []
+    for own, label in zip(parts, distinct_labels(parts)):
         seen[own] += 1
-        labels.append("/".join(own[-n:]) + (f" ({seen[own]})" if seen[own] > 1 else ""))
+        labels.append(label + (f" ({seen[own]})" if seen[own] > 1 else ""))
     return labels
 
 

@@ -15,10 +15,8 @@ about the files' metadata (a damaged EXIF block) are summarised in one line of t
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
-from collections import Counter
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from sd_lora.data import image_warnings
 from sd_lora.data.captions import split_tags
 from sd_lora.data.images import IMAGE_EXTENSIONS, ImageProblem, check_image, is_image_file
 from sd_lora.data.metadata import METADATA_FILES, read_metadata
+from sd_lora.data.ss_metadata import distinct_labels
 from sd_lora.errors import UserError
 from sd_lora.fsio import readable
 
@@ -205,46 +204,6 @@ def scan_dataset(root: Path, *, caption_extension: str = ".txt", skip_bad_images
     return ScanResult(records=records, skipped=skipped, warnings=warnings)
 
 
-def dataset_metadata(records: list[ImageRecord], reg_records: list[ImageRecord] = ()) -> dict[str, str]:
-    """kohya's dataset metadata of the training images `records`, as JSON strings ready for a .safetensors header.
-
-    `ss_tag_frequency`: {folder: {tag: times it occurs}}, tags lower-cased like kohya, counted in the captions as
-    read (`caption_as_read`: no caption_prefix / caption_suffix); each image counts once, not once per repeat. Like
-    kohya's, it counts the regularisation images `reg_records` (as found, before balancing) too, each folder under its
-    own label (--reg-data's are labelled apart from --data's: `scan_dataset`'s `taken_labels`). `ss_dataset_dirs`:
-    {folder: {"n_repeats", "img_count"}}. `ss_num_train_images`: images per epoch, repeats included. (The
-    regularisation folders' own keys: `reg_dataset_metadata`.)
-    """
-    tag_frequency: dict[str, Counter] = {}
-    counted = set()
-    for record in [*records, *reg_records]:
-        if record.path in counted:  # a folder in two kohya datasets: its tags once, under its first label, as kohya's
-            continue
-        counted.add(record.path)
-        tags = tag_frequency.setdefault(record.folder, Counter())
-        caption = record.caption if record.caption_as_read is None else record.caption_as_read
-        tags.update(tag.lower() for tag in split_tags(caption))
-    return {
-        "ss_tag_frequency": json.dumps({folder: dict(tags) for folder, tags in tag_frequency.items()}),
-        "ss_dataset_dirs": json.dumps(_dataset_dirs(records)),
-        "ss_num_train_images": str(sum(record.repeats for record in records)),
-    }
-
-
-def reg_dataset_metadata(records: list[ImageRecord]) -> dict[str, str]:
-    """kohya's metadata of the regularisation images as scanned (before they are balanced against the training
-    images): `ss_reg_dataset_dirs` {folder: {"n_repeats", "img_count"}} and `ss_num_reg_images`, images x repeats."""
-    return {"ss_reg_dataset_dirs": json.dumps(_dataset_dirs(records)),
-            "ss_num_reg_images": str(sum(record.repeats for record in records))}
-
-
-def _dataset_dirs(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
-    dirs: dict[str, dict[str, int]] = {}
-    for record in records:
-        dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})["img_count"] += 1
-    return dirs
-
-
 def _check_root(root: Path) -> Path:
     if not root.exists():
         raise UserError(f"{root}: data folder does not exist ({Path(os.path.abspath(root))}); check the path")
@@ -358,22 +317,12 @@ def _dataset_folder(root: Path, shown_root: Path, image: Path, problems: _Proble
 def _folder_labels(root: Path, folders: set[tuple[str, ...]], taken: Collection[str]) -> dict[tuple[str, ...], str]:
     """{dataset folder relative to `root` (`_dataset_folder`): its label in kohya's metadata}: its path relative to
     `root` (`10_zk`, `chars/3_me`), and for `root` itself its name, as kohya labels an image_dir by its name ("."
-    labelled --data's and --reg-data's images alike, and their tags were counted as one folder's). Where labels
-    would clash (a folder inside `root` named as `root`; a label in `taken`, another image set's), parent folders are
-    added until they don't (`char/images` beside `images`), as a dataset config's image_dirs are told apart. Never
-    the whole local path while a part of it tells the folders apart."""
+    labelled --data's and --reg-data's images alike, and their tags were counted as one folder's); parent folders
+    are added where that would not tell it from another folder or from a label in `taken` (`ss_metadata.distinct_labels`)."""
     root_names = tuple(map(readable, root.parts[1:]))  # (its anchor, "/" or a drive, is not a folder name)
-    parts = {folder: root_names + folder for folder in folders}
-    names = {folder: max(len(folder), 1) for folder in folders}  # how many of the path's last names label it
-    while True:
-        labels = {folder: "/".join(parts[folder][-n:]) or "." for folder, n in names.items()}  # ("." : `root` is "/")
-        counts = Counter(labels.values())
-        clashing = [folder for folder, label in labels.items()
-                    if (counts[label] > 1 or label in taken) and names[folder] < len(parts[folder])]
-        if not clashing:
-            return labels
-        for folder in clashing:
-            names[folder] += 1
+    order = sorted(folders)
+    labels = distinct_labels([root_names + folder for folder in order], [len(folder) for folder in order], taken)
+    return dict(zip(order, labels))
 
 
 def _root_name_warning(shown_root: Path, root: Path) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from sd_lora.config import load_config
 from sd_lora.data.kohya_dataset_config import read_dataset_config, run_options, scan_subsets
-from sd_lora.data.scan import reg_dataset_metadata
+from sd_lora.data.ss_metadata import reg_dataset_metadata
 from sd_lora.data_setup import regularization_set, scan_training_data
 from sd_lora.errors import ConfigError, UserError
 from .conftest import write_image
@@ -425,7 +425,7 @@ def test_image_dirs_of_one_name_keep_their_own_dataset_dirs_entries(tmp_path, mo
     """char_a/images (3 repeats, 2 images) and char_b/images (1 repeat, 1 image) were merged under "images" in
     ss_dataset_dirs: 3 repeats of 3 images, 9 samples where the run had 7 (ss_num_train_images)."""
 
-    from sd_lora.data.scan import dataset_metadata
+    from sd_lora.data.ss_metadata import dataset_metadata
 
     for folder, count in (("char_a", 2), ("char_b", 1)):
         for i in range(count):
@@ -454,7 +454,7 @@ def test_an_image_dir_in_two_datasets_keeps_one_dataset_dirs_entry_each(tmp_path
     """The same folder in two [[datasets]] (2 and 5 repeats) was one "a" entry with 2 repeats of 4 images, 8 samples
     where the run had 14; kohya names the second "a (2)" and counts its tags once."""
 
-    from sd_lora.data.scan import dataset_metadata
+    from sd_lora.data.ss_metadata import dataset_metadata
 
     for i in range(2):
         write_image(tmp_path / "a" / f"{i}.png")
@@ -481,7 +481,7 @@ caption_extension = ".txt"
 def test_tag_frequency_counts_the_captions_as_read_without_caption_prefix_and_suffix(tmp_path, monkeypatch):
     """kohya counts ss_tag_frequency when it reads the caption files (train_util's set_tag_frequency) and adds
     caption_prefix / caption_suffix only when it draws a sample; ours counted them in every image's tags."""
-    from sd_lora.data.scan import dataset_metadata
+    from sd_lora.data.ss_metadata import dataset_metadata
 
     write_image(tmp_path / "a" / "0.png")
     (tmp_path / "a" / "0.txt").write_text("Red Hair, smile")
@@ -504,7 +504,7 @@ def test_tag_frequency_counts_the_captions_as_read_without_caption_prefix_and_su
 def test_tag_frequency_counts_the_regularisation_images_as_found(tmp_path, monkeypatch):
     """kohya counts the tags of every subset it reads, is_reg ones (and --reg_data_dir's folders) included
     (train_util's load_dreambooth_dir); ours left the regularisation folders out of ss_tag_frequency."""
-    from sd_lora.data.scan import dataset_metadata
+    from sd_lora.data.ss_metadata import dataset_metadata
 
     write_layout(tmp_path)
     write_image(tmp_path / "reg" / "r2.png")  # uncaptioned: --reg-data captions it by its folder name, the config by its (empty) class tokens

@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 
-from sd_lora.data.scan import MAX_LISTED_PROBLEMS, dataset_metadata, fingerprint, scan_dataset
+from sd_lora.data.scan import MAX_LISTED_PROBLEMS, fingerprint, scan_dataset
+from sd_lora.data.ss_metadata import dataset_metadata
 from sd_lora.errors import UserError
 
 from .conftest import write_image, write_text
