@@ -279,7 +279,7 @@ class RunOutputs:
         return self.elapsed_before + time.time() - self.process_started
 
     def validate(self, step: int) -> float:
-        with eager():
+        with eager():  # on every process: each runs its share of the images, all get the same mean
             value = validation_loss(self.trainee, self.objective, self.validation_items, self.config.batch_size)
         # A NaN never becomes the best: no later loss compares below it, so the best step would stay stuck there.
         if math.isfinite(value) and (self.best_validation is None or value < self.best_validation):

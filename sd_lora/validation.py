@@ -53,18 +53,51 @@ def build_validation_set(latents: list[torch.Tensor], captions: list[str], sizes
     return items
 
 
+def shard(items: list[ValidationItem], rank: int, world_size: int) -> dict[tuple, list[ValidationItem]]:
+    """Process `rank`'s share of `items`, grouped by latent shape (one batch never mixes bucket sizes): every
+    `world_size`-th item of the items ordered by shape, so the ranks' item counts differ by at most one and
+    each gets about its share of every bucket. Fixed by the items' order, the same on every rank."""
+    by_shape: dict[tuple, list[ValidationItem]] = {}
+    for item in items:
+        by_shape.setdefault(tuple(item.latents.shape), []).append(item)
+    mine: dict[tuple, list[ValidationItem]] = {}
+    for item in [item for group in by_shape.values() for item in group][rank::world_size]:
+        mine.setdefault(tuple(item.latents.shape), []).append(item)
+    return mine
+
+
 def validation_loss(trainee, objective, items: list[ValidationItem], batch_size: int) -> float:
-    """Mean (unweighted) noise-prediction MSE over `items`, in eval mode, with gradients off."""
+    """Mean (unweighted) noise-prediction MSE over `items`, in eval mode, with gradients off.
+
+    With several processes each computes its share of the items (`shard`) and the sums are added up across
+    them: every process returns the same mean, which differs from one process's only in the order of the
+    float sums (each item's noise and timestep are its own, whichever process runs it). Every process must
+    call this at the same point, as for any collective."""
+    acc = trainee.accelerator
+    total, count = loss_sum(trainee, objective, shard(items, acc.process_index, acc.num_processes), batch_size)
+    if acc.num_processes > 1:
+        sums = acc.reduce(torch.tensor([total, count], dtype=torch.float64, device=acc.device), reduction="sum")
+        total, count = sums.tolist()
+    return total / count
+
+
+def loss_sum(trainee, objective, by_shape: dict[tuple, list[ValidationItem]], batch_size: int) -> tuple[float, int]:
+    """(sum of the items' losses, number of items), `batch_size` items of one shape at a time.
+
+    The modules run unwrapped (`unwrap_model`): a DDP wrapper's forward may broadcast the module's buffers (the
+    first one after a training step; the text encoders have position ids), a collective that a process with
+    fewer or no items would not join: the run would hang, or its collectives would pair up wrongly. No
+    gradients flow here, so there is nothing for DDP to synchronise."""
     acc = trainee.accelerator
     device = acc.device
-    modules = [trainee.unet, *trainee.text_encoders]
+    unet = acc.unwrap_model(trainee.unet)
+    text_encoders = [acc.unwrap_model(m) for m in trainee.text_encoders]
+    conditioner = trainee.conditioner.with_encoders(text_encoders)
+    modules = [unet, *text_encoders]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
     total, count = 0.0, 0
-    by_shape: dict[tuple, list[ValidationItem]] = {}
-    for item in items:
-        by_shape.setdefault(tuple(item.latents.shape), []).append(item)
     try:
         with torch.no_grad(), acc.autocast(), autocast_casts_lora_inputs(modules, device.type):
             for group in by_shape.values():
@@ -74,13 +107,13 @@ def validation_loss(trainee, objective, items: list[ValidationItem], batch_size:
                     noise = torch.stack([c.noise for c in chunk]).to(device, trainee.weight_dtype)
                     timesteps = torch.tensor([c.timestep for c in chunk], device=device)
                     sizes = {k: torch.stack([c.sizes[k] for c in chunk]) for k in chunk[0].sizes}
-                    cond = trainee.conditioner([c.caption for c in chunk], sizes, device, trainee.weight_dtype)
+                    cond = conditioner([c.caption for c in chunk], sizes, device, trainee.weight_dtype)
                     noisy = diffusion.add_noise(latents, noise, timesteps, objective.alphas_cumprod)
-                    prediction = trainee.unet(noisy, timesteps, **cond).sample
+                    prediction = unet(noisy, timesteps, **cond).sample
                     target = diffusion.training_target(objective.prediction_type, latents, noise, timesteps, objective.alphas_cumprod)
                     total += diffusion.diffusion_loss(prediction, target).item() * len(chunk)
                     count += len(chunk)
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
-    return total / count
+    return total, count

@@ -243,3 +243,89 @@ def test_an_image_only_one_process_fails_on_is_reported_by_it_without_a_hang(tin
     assert proc.returncode != 0
     assert proc.stderr.count("sd_lora: error: ") == 1 and proc.stderr.count("cannot decode image (truncated file)") == 1, proc.stderr[-3000:]
     assert time.monotonic() - started < 100  # the other process was not left waiting, nor this one held back
+
+
+# Runs sd_lora.train and, before the first step, the validation loss of the first 1, 3 and all held-out images,
+# recording into $PROBE_OUT/<rank>.pt (<rank>: "single" without accelerate) each loss, the images the U-Net saw
+# in this process and the seconds it took; the calls of a DDP wrapper's forward during those losses; and the loss
+# each RunOutputs.validate returned.
+VALIDATION_PROBE = """
+import os, sys, time
+from pathlib import Path
+import torch
+from torch.nn.parallel import DistributedDataParallel
+import sd_lora.train as train
+from sd_lora.outputs import RunOutputs
+from sd_lora.validation import validation_loss
+
+record = {"subsets": {}, "validate": [], "ddp_forwards": 0}
+loop_train, validate, ddp_forward = train.loop.train, RunOutputs.validate, DistributedDataParallel.forward
+
+def count_ddp_forward(self, *args, **kwargs):
+    record["ddp_forwards"] += record.get("validating", 0)
+    return ddp_forward(self, *args, **kwargs)
+
+def train_and_record(trainee, objective, state, *, hooks, **kwargs):
+    rows = []
+    unet = trainee.accelerator.unwrap_model(trainee.unet)
+    hook = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    items = hooks.validation_items
+    record["validating"] = 1
+    for n in sorted({1, 3, len(items)}):
+        rows.clear()
+        started = time.perf_counter()
+        loss = validation_loss(trainee, objective, items[:n], hooks.config.batch_size)
+        record["subsets"][n] = (loss, sum(rows), time.perf_counter() - started)
+    hook.remove()
+    record["validating"] = 0
+    try:
+        return loop_train(trainee, objective, state, hooks=hooks, **kwargs)
+    finally:
+        torch.save(record, Path(os.environ["PROBE_OUT"]) / (os.environ.get("RANK", "single") + ".pt"))
+
+def validate_and_record(self, step):
+    value = validate(self, step)
+    record["validate"].append(value)
+    return value
+
+train.loop.train, RunOutputs.validate = train_and_record, validate_and_record
+DistributedDataParallel.forward = count_ddp_forward
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_validation_images_and_agree_on_one_loss(tiny_model_dir, tmp_path, monkeypatch):
+    """Each process runs the U-Net on about half the held-out images, also with fewer images than processes
+    (a process with none still joins the sum), and both get the one-process loss. With --train-text-encoder the
+    text encoders run in validation too; they and the U-Net are DDP-wrapped for training, and validation must
+    not go through the wrappers: a wrapper's forward may broadcast buffers, a collective that a process with
+    fewer or no images would not join."""
+    from helpers import write_dataset
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(VALIDATION_PROBE)
+    data = write_dataset(tmp_path / "data", count=10)  # 5 held out, in 3 bucket shapes
+    args = ["--data", str(data), "--model", str(tiny_model_dir), "--batch-size", "2", "--resolution", "32", "--rank", "4",
+            "--max-steps", "1", "--sample-every", "0", "--validation-split", "0.5", "--train-text-encoder"]
+    monkeypatch.setenv("PROBE_OUT", str(tmp_path))
+    proc = launch_two(str(probe), *args, "--output-dir", str(tmp_path / "two"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(probe), *args, "--output-dir", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    single = torch.load(tmp_path / "single.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in ("0", "1")]
+    assert sorted(single["subsets"]) == [1, 3, 5]
+    assert [rank["ddp_forwards"] for rank in ranks] == [0, 0]
+    for n, (loss, rows, _) in single["subsets"].items():
+        assert rows == n
+        shares = [rank["subsets"][n] for rank in ranks]
+        assert [rows for _, rows, _ in shares] == [(n + 1) // 2, n // 2]  # every image once, split evenly
+        assert shares[0][0] == shares[1][0]  # one number on both processes
+        assert shares[0][0] == pytest.approx(loss, rel=1e-6)
+    # The end's validation: the same loss on both processes, logged once (by the main process).
+    assert len(ranks[0]["validate"]) == 1 and ranks[0]["validate"] == ranks[1]["validate"]
+    logged = [json.loads(line)["val_loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert logged == ranks[0]["validate"]

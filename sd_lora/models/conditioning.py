@@ -12,6 +12,8 @@ With `max_tokens` 150 or 225 each caption is read in 77-token windows (`text.py`
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..memory import release_modules, to_device
@@ -81,6 +83,13 @@ class Conditioner:
         """Bytes of the cached outputs, held in host memory (SDXL at 77 tokens: about 0.3 MiB a caption in bf16); a
         batch's rows are copied to the device when it trains."""
         return sum(t.numel() * t.element_size() for row in self._cache.values() for t in row if t is not None)
+
+    def with_encoders(self, text_encoders: list) -> Conditioner:
+        """This conditioner over other modules holding the same weights (the text encoders without their DDP
+        wrappers): it shares the tokenizers and the cache of caption outputs with this one."""
+        other = copy.copy(self)
+        other.text_encoders = text_encoders
+        return other
 
     def _cached(self, captions: list[str], batch: dict, device, dtype) -> dict:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
