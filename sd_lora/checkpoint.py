@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,9 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from .config import FIELDS, TrainConfig, read_toml
 from .errors import UserError
-from .fsio import temporary_beside, usual_permissions
+from .fsio import TEMPORARY_NAME, held_by_writer, temporary_beside, usual_permissions
 
 STATE_PREFIX = "state-"
+REPLACED_NAME = re.compile(rf"\.(?P<state>{STATE_PREFIX}\d+)\.replaced")
+"""Where `_swap_in` moves the state folder it replaces while the new one is renamed into place."""
 
 
 @dataclass
@@ -203,7 +206,7 @@ def _swap_in(new: Path, final: Path) -> None:
     if not final.exists():
         os.replace(new, final)
         return
-    replaced = final.with_name(f".{final.name}.replaced")
+    replaced = final.with_name(f".{final.name}.replaced")  # REPLACED_NAME: `finish_swaps` knows it
     shutil.rmtree(replaced, ignore_errors=True)
     final.rename(replaced)
     try:
@@ -212,6 +215,41 @@ def _swap_in(new: Path, final: Path) -> None:
         replaced.rename(final)
         raise
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def finish_swaps(output_dir: Path) -> str | None:
+    """Finish the `_swap_in`s that a run killed outright (`kill -9`, the OOM killer, a power cut) while re-saving a step
+    left undone in `output_dir`. A `.state-N.replaced` without its `state-N` is that step's only complete state (killed
+    between the two renames; the new one is a temporary `remove_abandoned_saves` deletes): it is put back as `state-N`,
+    or `--resume latest` would not find it. One beside its `state-N` is the old copy the swap replaced (killed before
+    the last delete): it is deleted. A state another live run is saving is left alone. Call it on the main process,
+    before `remove_abandoned_saves` and before a resume looks for states; it returns the line that says what was done,
+    or None when nothing was."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(output_dir) if entry.is_dir(follow_symlinks=False))
+    except OSError:  # missing, or not a folder this process may list
+        return None
+    restored, removed = [], []
+    for name in names:
+        match = REPLACED_NAME.fullmatch(name)
+        if not match or _being_saved(output_dir, match["state"], names):
+            continue
+        replaced, final = output_dir / name, output_dir / match["state"]
+        if not os.path.lexists(final):
+            replaced.rename(final)
+            restored.append(final.name)
+        elif final.is_dir() and not final.is_symlink():
+            shutil.rmtree(replaced, ignore_errors=True)
+            removed.append(name)
+    done = [f"put back {name} from .{name}.replaced (the newer save never finished)" for name in restored]
+    done += [f"deleted {name}, the older copy of a state saved again" for name in removed]
+    return f"finished what a run killed while re-saving a training state left in {output_dir}: {'; '.join(done)}" if done else None
+
+
+def _being_saved(output_dir: Path, state: str, names: list[str]) -> bool:
+    """Whether a live run holds the lock of `state`'s temporary in `output_dir` (or of `state`, renamed from one)."""
+    temporaries = [n for n in names if (m := TEMPORARY_NAME.fullmatch(n)) and m["target"] == state]
+    return any(held_by_writer(output_dir / n) for n in [state, *temporaries])
 
 
 def is_state_name(name: str) -> bool:

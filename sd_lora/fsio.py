@@ -140,6 +140,21 @@ def remove_abandoned(folder: Path, *, owns: Callable[[str], bool], before: float
     return removed
 
 
+def held_by_writer(path: Path) -> bool:
+    """Whether a live process holds `path`'s lock, as `temporary_beside` does on its temporary until its block ends
+    (False where locks cannot tell: Windows, a file system without `flock`; or where `path` cannot be opened)."""
+    try:
+        lock = _open_to_lock(path)
+    except OSError:
+        return False
+    if lock is None:
+        return False
+    try:
+        return _lock(lock) is False
+    finally:
+        os.close(lock)
+
+
 def _open_to_lock(path: Path) -> int | None:
     """A descriptor of file or folder `path` to `flock`; None where a folder cannot be opened (Windows)."""
     try:

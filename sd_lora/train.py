@@ -176,8 +176,12 @@ def train_lora(config: TrainConfig) -> TrainResult:
         check_output_dir(config.latent_cache_dir, "--latent-cache-dir")
     if config.log_with == "tensorboard":
         check_output_dir(tensorboard_log.logging_dir(config), "--logging-dir")
+    if process.is_main_process and (finished := checkpoint.finish_swaps(config.output_dir)):
+        print(finished)  # first: a state a killed re-save left only under its .replaced name is back before anything looks
     if process.is_main_process and (removed := remove_abandoned_saves(config, started=psutil.Process().create_time())):
         print(removed)  # (only the main process writes files)
+    if config.resume:
+        process.wait_for_everyone()  # every rank looks for the state to resume only once the main process put it back
     scan = scan_training_data(config)
     for warning in scan.warnings if process.is_main_process else []:
         print(f"warning: {warning}", file=sys.stderr)

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd_lora import checkpoint, outputs
+from sd_lora import checkpoint, fsio, outputs
 from sd_lora import train as train_module
 from sd_lora.config import load_config
 from sd_lora.errors import Interrupted, UserError
@@ -402,6 +402,73 @@ def test_a_failed_resave_of_the_same_step_keeps_the_state_there(tmp_path, monkey
         checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=3), **kwargs)
     assert checkpoint.load_state(saved, config, "x").progress.nan_steps == 2  # the earlier save, in its place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000003"]
+
+
+def killed_mid_swap(folder: Path, step: int) -> Path:
+    """Leave `folder` as a run killed between `_swap_in`'s two renames while re-saving state `step` does: the saved
+    state only as `.state-N.replaced`, the new one a hidden temporary. Returns the temporary."""
+    state = folder / checkpoint.state_dir_name(step)
+    state.rename(folder / f".{state.name}.replaced")
+    temporary = folder / f".{state.name}.k2j4h6g8.tmp"
+    temporary.mkdir()
+    (temporary / "lora_params.safetensors").write_bytes(b"half")
+    return temporary
+
+
+def test_a_state_a_killed_resave_left_aside_is_put_back(tmp_path):
+    """kill -9 between _swap_in's renames left state 3 only as .state-00000003.replaced, which list_states and
+    --resume latest pass over (and the new copy as a temporary the next run deletes): the run's last state was lost."""
+    config, kwargs = small_state(tmp_path, keep=2)
+    checkpoint.save_state(tmp_path, progress=checkpoint.Progress(1, 0, 1), **kwargs)
+    saved = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=1), **kwargs)
+    temporary = killed_mid_swap(tmp_path, 3)
+    line = checkpoint.finish_swaps(tmp_path)
+    assert line == (f"finished what a run killed while re-saving a training state left in {tmp_path}: put back state-00000003 "
+                    "from .state-00000003.replaced (the newer save never finished)")
+    assert checkpoint.resolve_resume("latest", tmp_path) == saved
+    assert checkpoint.load_state(saved, config, "x").progress.nan_steps == 1  # the earlier save's content
+    assert temporary.is_dir()  # remove_abandoned_saves' to delete
+    assert checkpoint.finish_swaps(tmp_path) is None
+
+
+def test_the_old_copy_a_killed_resave_left_is_deleted(tmp_path):
+    """Killed after the swap but before the old copy's delete: the new state is in place, the old one only wastes space."""
+    config, kwargs = small_state(tmp_path, keep=2)
+    saved = checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3, nan_steps=1), **kwargs)
+    (tmp_path / ".state-00000003.replaced").mkdir()
+    (tmp_path / ".state-00000003.replaced" / "progress.json").write_text("{}")
+    (tmp_path / ".state-00000007.replaced.bak").mkdir()  # not our name: left alone
+    assert checkpoint.finish_swaps(tmp_path) == (f"finished what a run killed while re-saving a training state left in {tmp_path}: "
+                                                 "deleted .state-00000003.replaced, the older copy of a state saved again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state-00000007.replaced.bak", "state-00000003"]
+    assert checkpoint.load_state(saved, config, "x").progress.nan_steps == 1
+
+
+def test_a_state_another_live_run_is_saving_is_left_alone(tmp_path):
+    """Another run saving into the same folder, between its two renames, holds its temporary's lock."""
+    config, kwargs = small_state(tmp_path, keep=2)
+    checkpoint.save_state(tmp_path, progress=checkpoint.Progress(3, 0, 3), **kwargs)
+    (tmp_path / "state-00000003").rename(tmp_path / ".state-00000003.replaced")
+    with fsio.temporary_beside(tmp_path / "state-00000003", folder=True):
+        assert checkpoint.finish_swaps(tmp_path) is None
+        assert not (tmp_path / "state-00000003").exists()
+    assert checkpoint.finish_swaps(tmp_path) is not None and (tmp_path / "state-00000003").is_dir()
+
+
+@pytest.mark.slow
+def test_resume_latest_finds_the_state_a_killed_resave_left_aside(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """The real CLI puts the state back before it deletes the half-written temporary and resumes from it."""
+    out = tmp_path / "o"
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "2", "--save-state-every", "2")) == 0
+    temporary = killed_mid_swap(out, 2)
+    os.utime(temporary, (1_000_000_000, 1_000_000_000))
+    os.utime(temporary / "lora_params.safetensors", (1_000_000_000, 1_000_000_000))
+    capsys.readouterr()
+    assert main(args(tiny_dataset, tiny_model_dir, out, "--max-steps", "3", "--resume", "latest")) == 0
+    printed = capsys.readouterr().out
+    assert "put back state-00000002 from .state-00000002.replaced" in printed
+    assert "resuming from" in printed and "at step 2 " in printed
+    assert not temporary.exists() and not (out / ".state-00000002.replaced").exists()
 
 
 @pytest.mark.slow
