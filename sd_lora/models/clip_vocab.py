@@ -117,19 +117,27 @@ def clip_tokenizer_dir(pad: str = EOS, cache_dir: str | os.PathLike | None = Non
         raise ValueError(f"pad must be one of {sorted(PAD_TOKENS)}, got {pad!r}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / PAD_TOKENS[pad]
-    if all((target / name).is_file() for name in TOKENIZER_FILES):
+    if _complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
         write_clip_tokenizer_files(staging, pad=pad)
+        # Checked again: another process (each rank of a multi-GPU run loads the model) may have finished first, and
+        # deleting its folder would pull the files from under it while it copies them. Its files are identical.
+        if _complete(target):
+            return target
         if target.exists():  # incomplete leftover from an older version: replace it
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(staging, target)
-        except OSError:  # another process finished first; its files are identical
-            if not all((target / name).is_file() for name in TOKENIZER_FILES):
+        except OSError:  # another process finished in between
+            if not _complete(target):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in TOKENIZER_FILES)

@@ -76,3 +76,21 @@ def test_written_once_into_the_cache(cache, monkeypatch):
     assert find_bpe_file().name == "bpe_simple_vocab_16e6.txt.gz"
     with pytest.raises(ValueError, match="pad"):
         clip_tokenizer_dir("<pad>", cache_dir=cache)
+
+
+def test_a_tokenizer_another_process_finished_first_is_left_in_place(tmp_path, monkeypatch):
+    """Two ranks of a multi-GPU run build the tokenizer on first use at once: the one that finished second deleted the
+    first one's folder (taking it for an older version's leftover) while that one was copying its files."""
+    from sd_lora.models import clip_vocab
+
+    write, cache = clip_vocab.write_clip_tokenizer_files, tmp_path
+
+    def other_process_finishes_meanwhile(directory, **kwargs):
+        write(directory, **kwargs)
+        write(cache / "clip", **kwargs)  # the other process's folder, renamed into place
+        (cache / "clip" / "in-use").write_text("")
+
+    monkeypatch.setattr(clip_vocab, "write_clip_tokenizer_files", other_process_finishes_meanwhile)
+    folder = clip_tokenizer_dir(cache_dir=cache)
+    assert (folder / "in-use").is_file() and (folder / "vocab.json").is_file()
+    assert [p.name for p in cache.iterdir()] == ["clip"]  # this process's copy is gone
