@@ -127,6 +127,9 @@ def remove_abandoned(folder: Path, *, owns: Callable[[str], bool], before: float
             cutoff = before if held else min(before, time.time() - UNLOCKED_MIN_AGE)
             if changed >= cutoff:
                 continue
+            if not held and lock is not None:  # no lock to keep, and Windows cannot delete a file that is open
+                os.close(lock)
+                lock = None
             if stat.S_ISDIR(info.st_mode):
                 shutil.rmtree(path)
             else:

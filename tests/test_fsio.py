@@ -195,3 +195,33 @@ def test_temporary_beside_removes_its_temporary_when_the_block_fails(tmp_path):
                 assert tmp.is_dir() == folder and fsio.TEMPORARY_NAME.fullmatch(tmp.name)["target"] == "x"
                 raise KeyboardInterrupt
         assert list(tmp_path.iterdir()) == []
+
+
+def test_without_locks_the_temporary_is_closed_before_it_is_deleted(tmp_path, monkeypatch):
+    """Windows has no flock and cannot delete a file that is open (PermissionError): the descriptor opened to try the
+    lock must be closed before the abandoned temporary is deleted, or it is never removed there."""
+    monkeypatch.setattr(fsio, "fcntl", None)
+    opened, real_open, real_close, real_unlink = {}, os.open, os.close, os.unlink
+
+    def tracking_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def tracking_close(fd):
+        opened.pop(fd, None)
+        real_close(fd)
+
+    def windows_unlink(path, *args, **kwargs):
+        if os.fspath(path) in opened.values():
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_unlink(path, *args, **kwargs)
+
+    old = tmp_path / ".b.safetensors.bbbbbbbb.tmp"
+    old.write_bytes(b"22")
+    _old(old)
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "close", tracking_close)
+    monkeypatch.setattr(os, "unlink", windows_unlink)
+    assert fsio.remove_abandoned(tmp_path, owns=_owns_lora, before=time.time()) == [(old, 2)]
+    assert not old.exists() and opened == {}
