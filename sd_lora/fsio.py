@@ -12,6 +12,7 @@ temporary behind: `remove_abandoned` deletes those when the next run starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -195,6 +196,16 @@ def _size_and_last_change(path: Path) -> tuple[int, float]:
             child = os.lstat(os.path.join(root, name))
             changed, size = max(changed, child.st_mtime), size + child.st_size
     return size, changed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of the file's bytes, read a MiB at a time (hashlib releases the GIL: threads hash files in
+    parallel)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def usual_permissions(path: Path) -> None:

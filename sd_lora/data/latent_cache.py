@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from sd_lora.data import image_warnings
 from sd_lora.data.dataset import ImageDataset
 from sd_lora.errors import UserError
-from sd_lora.fsio import atomic_write_bytes, readable, remove_abandoned
+from sd_lora.fsio import atomic_write_bytes, file_sha256, readable, remove_abandoned
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 # Part of every disk key: bump it when the pixels an entry is encoded from change for the same file and
@@ -115,19 +115,13 @@ def vae_identity(name: str, config: Mapping, dtype: torch.dtype | str, tensors: 
 
 
 def content_sha256(path: Path) -> str:
-    """sha256 of the file's bytes (hashlib releases the GIL, so threads hash files in parallel).
-
-    Raises `UserError` when the file cannot be read: an image deleted, moved or locked since the scan.
-    """
-    h = hashlib.sha256()
+    """`fsio.file_sha256` of the image; a `UserError` when the file cannot be read: an image deleted, moved or
+    locked since the scan."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as e:
         raise UserError(f"{path}: cannot read the image to key its latent cache entries ({e.strerror or e}); it was "
                         "readable when the data folder was scanned. Restore it, or restart training to rescan") from None
-    return h.hexdigest()
 
 
 def entry_key(content: str, dataset: ImageDataset, index: int, flipped: bool, vae_id: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..fsio import readable, temporary_beside, usual_permissions
+from ..fsio import file_sha256, readable, temporary_beside, usual_permissions
 from ..precision import vae_dtype
 from .checkpoint_detect import (
     SAFE_SUFFIXES,
@@ -59,14 +59,10 @@ def webui_hashes(path: str | os.PathLike) -> dict[str, str]:
     the LoRA to the model: `ss_sd_model_hash`, AUTOMATIC1111's old short hash (8 hex digits of the SHA-256 of the
     64 KiB from 1 MiB on), and `ss_new_sd_model_hash`, the SHA-256 of the whole file (whose first 10 digits are
     the WebUI's short hash now)."""
-    whole = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(0x100000)
         old = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-        f.seek(0)
-        while chunk := f.read(1 << 20):
-            whole.update(chunk)
-    return {"ss_sd_model_hash": old, "ss_new_sd_model_hash": whole.hexdigest()}
+    return {"ss_sd_model_hash": old, "ss_new_sd_model_hash": file_sha256(path)}
 
 
 def write_skeleton(family: str, directory: str | os.PathLike, *, prediction_type: str, resolution: int,
