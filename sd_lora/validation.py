@@ -57,13 +57,16 @@ def shard(items: list[ValidationItem], rank: int, world_size: int) -> dict[tuple
     """Process `rank`'s share of `items`, grouped by latent shape (one batch never mixes bucket sizes): every
     `world_size`-th item of the items ordered by shape, so the ranks' item counts differ by at most one and
     each gets about its share of every bucket. Fixed by the items' order, the same on every rank."""
-    by_shape: dict[tuple, list[ValidationItem]] = {}
+    ordered = [item for group in _by_shape(items).values() for item in group]
+    return _by_shape(ordered[rank::world_size])
+
+
+def _by_shape(items: list[ValidationItem]) -> dict[tuple, list[ValidationItem]]:
+    """{latent shape: its items, in order}, the shapes in the order they first occur."""
+    groups: dict[tuple, list[ValidationItem]] = {}
     for item in items:
-        by_shape.setdefault(tuple(item.latents.shape), []).append(item)
-    mine: dict[tuple, list[ValidationItem]] = {}
-    for item in [item for group in by_shape.values() for item in group][rank::world_size]:
-        mine.setdefault(tuple(item.latents.shape), []).append(item)
-    return mine
+        groups.setdefault(tuple(item.latents.shape), []).append(item)
+    return groups
 
 
 def validation_loss(trainee, objective, items: list[ValidationItem], batch_size: int) -> float:
